@@ -1,0 +1,91 @@
+"""Metrics (accuracy with a 95% interval, per-class precision/recall/F1, confusion matrix) and ``evaluate``."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .events import Callbacks, CancelToken, EngineError
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for an accuracy: honest on small validation sets, unlike +-1.96*sqrt(p(1-p)/n)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Plain-dict metrics (JSON-ready; None where undefined)."""
+    k = len(classes)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    n = int(cm.sum())
+    correct = int(np.trace(cm))
+    per_class = {}
+    for i, c in enumerate(classes):
+        tp = int(cm[i, i])
+        support = int(cm[i].sum())
+        predicted = int(cm[:, i].sum())
+        prec = tp / predicted if predicted else 0.0
+        rec = tp / support if support else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[c] = {"precision": round(prec, 6), "recall": round(rec, 6), "f1": round(f1, 6), "support": support}
+    lo, hi = wilson_interval(correct, n)
+    supported = [v for v in per_class.values() if v["support"]]
+    return {
+        "accuracy": round(correct / n, 6) if n else None,
+        "accuracy_ci95": [round(lo, 6), round(hi, 6)] if n else None,
+        "n": n,
+        "correct": correct,
+        "macro_f1": round(float(np.mean([v["f1"] for v in supported])), 6) if supported else None,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict
+    skipped: list[tuple[str, str]]
+    cancelled: bool = False
+
+
+def evaluate(run_dir: str, data_dir: str, device: str = "auto", batch_size: int | None = None,
+             callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> EvaluateResult:
+    """Score a labelled folder (either layout; every image counts) with a saved run."""
+    from .data import scan_folder
+    from .events import Cancelled
+    from .model import load_model
+    from .predict import predict_paths
+    from .train import resolve_device
+
+    cb = callbacks or Callbacks()
+    cancel = cancel or CancelToken()
+    loaded = load_model(run_dir)
+    try:
+        ds = scan_folder(data_dir, val_split=0.0, test_split=0.0, cancel=cancel, progress=cb.on_progress)
+    except Cancelled:
+        return EvaluateResult({}, [], cancelled=True)
+    unknown = [c for c in ds.classes if c not in loaded.classes]
+    if unknown:
+        raise EngineError(f"{data_dir} has classes the model does not know: {', '.join(unknown)}. "
+                          f"The model knows: {', '.join(loaded.classes)}.")
+    index = {c: i for i, c in enumerate(loaded.classes)}
+    paths = [s.path for s in ds.samples]
+    labels = np.array([index[ds.classes[s.label]] for s in ds.samples])
+    probs, kept, errors, cancelled = predict_paths(loaded, paths, resolve_device(device), batch_size, cb, cancel)
+    if cancelled:
+        return EvaluateResult({}, ds.skipped + errors, cancelled=True)
+    m = classification_metrics(labels[kept], probs.argmax(1), loaded.classes)
+    m["classes"] = loaded.classes
+    m["data"] = os.path.abspath(data_dir)
+    return EvaluateResult(m, ds.skipped + errors)

@@ -1,0 +1,136 @@
+"""Progress events, the callbacks protocol and the cancel token.
+
+Everything that crosses from the engine to a caller (the CLI, the GUI worker, a test) is a frozen dataclass of
+plain Python numbers and strings: safe to send through a Qt signal, to print, or to write to CSV.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+class Phase:
+    """Names of the phases a job goes through (plain strings so they print and pickle)."""
+
+    SCANNING = "scanning"
+    DECODING = "decoding"
+    EMBEDDING = "embedding"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    SAVING = "saving"
+    PREDICTING = "predicting"
+    EXPORTING = "exporting"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Work done in the current phase. ``total`` is 0 when unknown."""
+
+    phase: str
+    done: int
+    total: int
+    images_per_s: float = 0.0
+    eta_s: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class BatchMetrics:
+    """One training step: lets plots move while an epoch is still running."""
+
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+    accuracy: float
+    images_per_s: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One finished epoch (also a row of history.csv)."""
+
+    epoch: int
+    epochs: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    seconds: float
+    images_per_s: float
+    is_best: bool
+
+    def as_row(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "train_loss": round(self.train_loss, 6),
+            "train_accuracy": round(self.train_accuracy, 6),
+            "val_loss": round(self.val_loss, 6),
+            "val_accuracy": round(self.val_accuracy, 6),
+            "lr": self.lr,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 1),
+            "is_best": int(self.is_best),
+        }
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One predicted file (the GUI streams these into its table)."""
+
+    path: str
+    prediction: str
+    confidence: float
+    probabilities: tuple[float, ...] = field(default_factory=tuple)
+    error: str = ""
+
+
+class Callbacks:
+    """Hooks a job calls; every method is a no-op by default (the Lightning convention).
+
+    Jobs call them from the thread they run in. Implementations must be quick: the GUI adapter only re-emits them
+    as queued Qt signals.
+    """
+
+    def on_log(self, message: str) -> None:
+        """A human-readable line (what the CLI prints, what the GUI log panel shows)."""
+
+    def on_progress(self, progress: Progress) -> None:
+        """Work done within a phase (scanning, decoding, embedding, evaluating, predicting)."""
+
+    def on_train_batch_end(self, metrics: BatchMetrics) -> None:
+        """After each optimiser step."""
+
+    def on_train_epoch_end(self, metrics: EpochMetrics) -> None:
+        """After each epoch, once validation is done."""
+
+    def on_predictions(self, rows: list[PredictionRow]) -> None:
+        """A chunk of prediction rows, in file order."""
+
+
+class CancelToken:
+    """Cooperative cancel: jobs check it between batches, finish the batch, keep what is worth keeping."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+class Cancelled(Exception):
+    """Raised inside a job when its token was cancelled; jobs turn it into a result with ``cancelled=True``."""
+
+
+class EngineError(Exception):
+    """An error a user can act on: the message says what went wrong and what to change."""

@@ -1,0 +1,72 @@
+"""Export a run's network (normalised image tensor -> logits) to ONNX or TorchScript, plus a JSON sidecar."""
+from __future__ import annotations
+
+import json
+import os
+
+from .events import EngineError
+from .runs import atomic_write_text
+
+FORMATS = ("onnx", "torchscript")
+
+
+def export_model(run_dir: str, fmt: str, out: str) -> dict:
+    """Write ``out`` and ``out + '.json'`` (classes and preprocessing). Returns what was written.
+
+    The exported network takes a float tensor (N, 3, size, size) already normalised with the run's mean/std and
+    returns logits; prediction's top-1 equals the run's on the same tensors (tested).
+    """
+    import torch
+
+    from .model import load_model
+
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise EngineError(f"Unknown export format '{fmt}': use onnx or torchscript.")
+    loaded = load_model(run_dir)
+    model = loaded.model.float().eval()
+    size = loaded.preprocessing.size
+    example = torch.zeros(2, 3, size, size)
+    folder = os.path.dirname(os.path.abspath(out)) or "."
+    if not os.path.isdir(folder):
+        raise EngineError(f"Folder not found: {folder}")
+    tmp = os.path.join(folder, f".tmp-export-{os.getpid()}-{os.path.basename(out)}")
+    try:
+        if fmt == "onnx":
+            _export_onnx(model, example, tmp)
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                traced = torch.jit.trace(model, example, check_trace=False)
+            traced.save(tmp)
+        os.replace(tmp, out)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(f"Export to {fmt} failed: {exc.__class__.__name__}: {str(exc)[:300]}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    sidecar = {"format": fmt, "classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
+               "input": {"name": "images", "shape": ["N", 3, size, size], "dtype": "float32",
+                         "note": "RGB, resized per preprocessing.mode, (x/255 - mean) / std"},
+               "output": {"name": "logits", "shape": ["N", len(loaded.classes)]},
+               "backbone": loaded.meta["backbone"], "mode": loaded.meta["mode"]}
+    atomic_write_text(out + ".json", json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
+    return {"model": out, "sidecar": out + ".json"}
+
+
+def _export_onnx(model, example, path: str) -> None:
+    import torch
+
+    kwargs = dict(input_names=["images"], output_names=["logits"], opset_version=17,
+                  dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}})
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise EngineError("ONNX export needs the onnx package: pip install onnx onnxscript") from exc
+    # The TorchScript-based exporter is the one that exists on every torch we support and needs no onnxscript;
+    # newer torch prefers dynamo=True, which we fall back to when the old path is gone.
+    try:
+        torch.onnx.export(model, (example,), path, dynamo=False, **kwargs)
+    except TypeError:
+        torch.onnx.export(model, (example,), path, **kwargs)

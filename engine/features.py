@@ -1,0 +1,171 @@
+"""Embed once: frozen-backbone features for a list of files, cached on disk across runs.
+
+The cache is keyed by each file's content hash, the backbone, the identity of its weights and the preprocessing,
+so renaming or moving files costs nothing and only new or changed images are embedded. The cache file is a
+safetensors file replaced atomically; a damaged one is detected, deleted and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backbones import LoadedBackbone, Preprocessing
+from .events import CancelToken, Phase, Progress
+from .pixels import content_hash, iter_decoded, read_bytes
+from .runs import atomic_write_bytes
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("TRANSFER_STUDIO_CACHE")
+    if env:
+        return env
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA", os.path.expanduser("~"))
+    else:
+        base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(base, "transfer-studio", "embeddings")
+
+
+class EmbeddingCache:
+    """``content hash -> feature vector`` for one (backbone, weights, preprocessing)."""
+
+    def __init__(self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing) -> None:
+        key = hashlib.blake2b(f"{backbone}|{weights_id}|{pre.key()}".encode(), digest_size=8).hexdigest()
+        self.path = os.path.join(folder, f"{backbone}-{key}.safetensors") if folder else None
+        self.vectors: dict[str, np.ndarray] = {}
+        self.dirty = False
+        self.rebuilt_reason = ""
+        if self.path and os.path.exists(self.path):
+            self._load()
+
+    def _load(self) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.path, framework="numpy") as f:
+                keys = json.loads(f.metadata()["keys"])
+                feats = f.get_tensor("features")
+            if feats.ndim != 2 or feats.shape[0] != len(keys) or not np.isfinite(feats).all():
+                raise ValueError("shape or values do not match the index")
+            self.vectors = {k: feats[i] for i, k in enumerate(keys)}
+        except Exception as exc:  # a torn or tampered cache is never trusted
+            self.rebuilt_reason = f"embedding cache {self.path} was damaged ({exc.__class__.__name__}); rebuilding it"
+            self.vectors = {}
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.vectors.get(key)
+
+    def put(self, key: str, vec: np.ndarray) -> None:
+        self.vectors[key] = vec
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.path or not self.dirty:
+            return
+        from safetensors.numpy import save
+
+        keys = list(self.vectors)
+        feats = np.stack([self.vectors[k] for k in keys]).astype(np.float32)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic_write_bytes(self.path, save({"features": feats}, metadata={"keys": json.dumps(keys)}))
+        self.dirty = False
+
+
+def pick_batch_size(device) -> int:
+    # Small batches keep a 2-core CPU's caches warm (measured on 2 cores: batch 4 ~42 img/s, 16 ~32 img/s); GPUs want big ones.
+    return 4 if device.type == "cpu" else 128
+
+
+def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache_dir: str | None = None,
+                backbone_name: str = "", batch_size: int | None = None, cancel: CancelToken | None = None,
+                progress: Callable[[Progress], None] | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]], dict]:
+    """Features for ``paths``. Returns (features (K,D) float32, indices of the K readable files, errors, stats)."""
+    import torch
+
+    from .backbones import fold_batchnorm
+
+    pre = backbone.preprocessing
+    cache = EmbeddingCache(cache_dir, backbone_name or "backbone", backbone.weights_id, pre)
+    if cache.rebuilt_reason and log:
+        log(cache.rebuilt_reason)
+    n = len(paths)
+    dim = backbone.net.feature_dim
+    feats = np.zeros((n, dim), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    errors: list[tuple[str, str]] = []
+
+    # Pass 1: hash file contents and take what the cache already has.
+    hashes: list[str | None] = [None] * n
+    todo: list[int] = []
+    for i, p in enumerate(paths):
+        if cancel is not None and i % 256 == 0:
+            cancel.raise_if_cancelled()
+        try:
+            h = content_hash(read_bytes(p))
+        except OSError as exc:
+            errors.append((p, f"cannot read file: {exc.strerror or exc}"))
+            continue
+        hashes[i] = h
+        vec = cache.get(h)
+        if vec is not None:
+            feats[i] = vec
+            ok[i] = True
+        else:
+            todo.append(i)
+    stats = {"cached": int(ok.sum()), "embedded": 0, "embed_seconds": 0.0}
+    if todo:
+        if log:
+            log(f"Embedding {len(todo)} image(s) with the frozen backbone ({n - len(todo)} already cached)")
+        net = fold_batchnorm(backbone.net).to(device)
+        if device.type != "mps":
+            net = net.to(memory_format=torch.channels_last)
+        bs = batch_size or pick_batch_size(device)
+        mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+        use_amp = device.type == "cuda"
+        t0 = time.perf_counter()
+        done = 0
+        todo_paths = [paths[i] for i in todo]
+        with torch.inference_mode():
+            for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
+                                      overlap=device.type != "cpu"):
+                good = [(todo[j], arr) for j, arr, err in group if arr is not None]
+                errors.extend((todo_paths[j], err) for j, arr, err in group if arr is None)
+                for s in range(0, len(good), bs):
+                    part = good[s:s + bs]
+                    x = torch.from_numpy(np.stack([a for _, a in part])).to(device, non_blocking=True)
+                    x = x.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+                    if device.type != "mps":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        out = net(x)
+                    out = out.float().cpu().numpy()
+                    for (i, _), vec in zip(part, out):
+                        feats[i] = vec
+                        ok[i] = True
+                        cache.put(hashes[i], vec.copy())
+                done += len(group)
+                if progress is not None:
+                    el = time.perf_counter() - t0
+                    rate = done / el if el > 0 else 0.0
+                    progress(Progress(Phase.EMBEDDING, done, len(todo), rate,
+                                      (len(todo) - done) / rate if rate else 0.0))
+        stats["embedded"] = int(len(todo) - sum(1 for p, _ in errors if p in set(todo_paths)))
+        stats["embed_seconds"] = time.perf_counter() - t0
+        try:
+            cache.save()
+        except OSError as exc:  # a read-only or full cache disk must not fail the run
+            if log:
+                log(f"Could not save the embedding cache ({exc.strerror or exc}); continuing without it")
+    kept = [i for i in range(n) if ok[i]]
+    return feats[kept], kept, errors, stats

@@ -1,0 +1,58 @@
+"""Synthetic image folders for tests: classes that differ in colour and shape, so a pretrained backbone
+separates them after a few images (tests can then assert real accuracy, not only that files exist)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+CLASS_STYLES = {
+    "circles": ((220, 40, 40), "ellipse"),
+    "squares": ((40, 60, 220), "rectangle"),
+    "stripes": ((40, 170, 60), "stripes"),
+    "triangles": ((230, 200, 30), "polygon"),
+}
+
+
+def draw_image(style: str, seed: int, size: int = 96) -> Image.Image:
+    rng = random.Random(seed)
+    colour, shape = CLASS_STYLES[style]
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    im = Image.new("RGB", (size + rng.randint(0, 40), size + rng.randint(0, 30)), bg)
+    d = ImageDraw.Draw(im)
+    w, h = im.size
+    jitter = lambda c: tuple(max(0, min(255, v + rng.randint(-30, 30))) for v in c)  # noqa: E731
+    x0, y0 = rng.randint(5, w // 4), rng.randint(5, h // 4)
+    x1, y1 = rng.randint(3 * w // 4, w - 5), rng.randint(3 * h // 4, h - 5)
+    if shape == "ellipse":
+        d.ellipse([x0, y0, x1, y1], fill=jitter(colour))
+    elif shape == "rectangle":
+        d.rectangle([x0, y0, x1, y1], fill=jitter(colour))
+    elif shape == "polygon":
+        d.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=jitter(colour))
+    else:
+        for x in range(0, w, 12):
+            d.rectangle([x, 0, x + 5, h], fill=jitter(colour))
+    return im
+
+
+def make_flat_dataset(root: Path, n_per_class: int = 12, classes=("circles", "squares", "stripes"),
+                      ext: str = ".jpg", seed: int = 0) -> Path:
+    root = Path(root)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            draw_image(c, seed * 10000 + ci * 1000 + i).save(root / c / f"{c}_{i:03d}{ext}")
+    return root
+
+
+def make_split_dataset(root: Path, names=("train", "val"), n=(10, 4), classes=("circles", "squares")) -> Path:
+    root = Path(root)
+    for split, count in zip(names, n):
+        for ci, c in enumerate(classes):
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                draw_image(c, hash((split, c, i)) % 100000).save(folder / f"{i}.png")
+    return root

@@ -1,0 +1,354 @@
+"""Engine behaviour a user relies on: layouts, split, both modes, cancel, predict CSV, evaluate, export, safety."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import CancelToken, EngineError, TrainConfig, fit
+from engine.data import scan_folder, stratified_split
+from engine.events import Callbacks
+from tests.imagegen import draw_image, make_flat_dataset, make_split_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_importing_engine_loads_no_qt():
+    code = ("import sys, engine, engine.train, engine.predict, engine.evaluate, engine.export, engine.__main__;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_flat_split_is_stratified_and_reproducible(flat_data):
+    a = scan_folder(flat_data, val_split=0.25, test_split=0.15, seed=3)
+    b = scan_folder(flat_data, val_split=0.25, test_split=0.15, seed=3)
+    c = scan_folder(flat_data, val_split=0.25, test_split=0.15, seed=4)
+    assert a.layout == "flat" and a.classes == ["circles", "squares", "stripes"]
+    assert [(s.path, s.split) for s in a.samples] == [(s.path, s.split) for s in b.samples]
+    assert [(s.path, s.split) for s in a.samples] != [(s.path, s.split) for s in c.samples]
+    for cls, counts in a.counts().items():
+        assert counts == {"train": 8, "val": 4, "test": 2}, cls
+
+
+def test_split_keeps_a_training_image_for_tiny_classes():
+    labels = [0] * 1 + [1] * 2 + [2] * 30
+    out = stratified_split(labels, 0.2, 0.1, seed=0)
+    assert out[0] == "train"
+    assert sorted(out[1:3]) == ["train", "val"]
+    assert out[3:].count("val") == 6 and out[3:].count("test") == 3
+
+
+def test_presplit_layout_with_other_spellings(tmp_path):
+    make_split_dataset(tmp_path, names=("Training", "VALID", "testing"), n=(6, 3, 2))
+    ds = scan_folder(tmp_path)
+    assert ds.layout == "pre-split"
+    assert ds.counts() == {"circles": {"train": 6, "val": 3, "test": 2}, "squares": {"train": 6, "val": 3, "test": 2}}
+
+
+def test_unreadable_files_are_listed_not_fatal(tmp_path):
+    root = make_flat_dataset(tmp_path / "d", n_per_class=4, classes=("circles", "squares"))
+    (root / "circles" / "empty.jpg").write_bytes(b"")
+    (root / "circles" / "notes.png").write_text("this is not an image")
+    good = (root / "squares" / "squares_000.jpg").read_bytes()
+    (root / "squares" / "cut.JPG").write_bytes(good[: len(good) * 2 // 3])
+    (root / "squares" / "readme.txt").write_text("ignored: not an image extension")
+    (root / "squares" / ".DS_Store").write_bytes(b"\0\0")
+    ds = scan_folder(root, val_split=0.25)
+    reasons = dict((Path(p).name, r) for p, r in ds.skipped)
+    assert {"empty.jpg", "notes.png"} <= set(reasons)
+    assert "0 bytes" in reasons["empty.jpg"]
+    # A truncated JPEG may pass the header check; then decoding drops it and says why.
+    res = fit(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=3, cache=False))
+    skipped = {Path(p).name: r for p, r in res.skipped}
+    assert {"empty.jpg", "notes.png", "cut.JPG"} <= set(skipped)
+    with open(tmp_path / "run" / "skipped.csv", encoding="utf-8") as f:
+        assert {Path(r["path"]).name for r in csv.DictReader(f)} == {"empty.jpg", "notes.png", "cut.JPG"}
+
+
+def test_folder_errors_say_what_to_change(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EngineError, match="No readable images"):
+        scan_folder(tmp_path / "empty")
+    make_flat_dataset(tmp_path / "one", n_per_class=3, classes=("circles",))
+    with pytest.raises(EngineError, match="Only one class"):
+        scan_folder(tmp_path / "one")
+
+
+def test_feature_extraction_run_folder(fe_run):
+    run = Path(fe_run.run_dir)
+    for name in ("model.safetensors", "model.json", "metrics.json", "history.csv", "split.csv", "skipped.csv",
+                 "val_predictions.csv"):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "model.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert meta["classes"] == ["circles", "squares", "stripes"] and meta["mode"] == "feature-extraction"
+    assert meta["preprocessing"]["size"] == 224 and meta["versions"]["torch"]
+    assert metrics["status"] == "completed"
+    assert metrics["val_accuracy"] >= 0.85  # the synthetic classes are easy for an ImageNet backbone
+    lo, hi = metrics["val_accuracy_ci95"]
+    assert lo <= metrics["val_accuracy"] <= hi
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["val_n"] == 9
+    assert set(metrics["per_class"]) == set(meta["classes"])
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["epochs_run"] and {"train_loss", "val_loss", "val_accuracy", "lr", "seconds"} <= set(rows[0])
+    with open(run / "split.csv") as f:
+        assert len(list(csv.DictReader(f))) == 42
+
+
+def test_fine_tuning_learns_and_saves(flat_data, tmp_path):
+    epochs = []
+
+    class Rec(Callbacks):
+        def on_train_epoch_end(self, m):
+            epochs.append(m)
+
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=2,
+                          batch_size=8, unfreeze=1, seed=0), Rec())
+    assert res.run_dir and not res.cancelled
+    assert [m.epoch for m in epochs] == [1, 2]
+    assert res.metrics["val_accuracy"] >= 0.75
+    from engine.model import load_model
+
+    loaded = load_model(res.run_dir)
+    assert loaded.meta["mode"] == "fine-tuning" and loaded.meta["config"]["unfreeze"] == 1
+
+
+def test_cancel_during_training_keeps_best_epoch(flat_data, tmp_path):
+    cancel = CancelToken()
+
+    class StopAfterFirstEpoch(Callbacks):
+        def on_train_batch_end(self, m):
+            if m.epoch == 2:
+                cancel.cancel()
+
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "c"), mode="fine-tuning", epochs=4, batch_size=8,
+                          unfreeze=1, linear_probe_init=False), StopAfterFirstEpoch(), cancel)
+    assert res.cancelled and res.run_dir
+    metrics = json.loads(Path(res.run_dir, "metrics.json").read_text())
+    assert metrics["status"] == "cancelled" and metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1
+
+
+def test_cancel_before_any_epoch_saves_nothing(flat_data, tmp_path):
+    cancel = CancelToken()
+    cancel.cancel()
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "none")), cancel=cancel)
+    assert res.cancelled and res.run_dir is None and "nothing was saved" in res.message
+    assert not (tmp_path / "none").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
+    from engine.predict import predict_folder
+
+    folder = tmp_path / "new"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    draw_image("circles", 999).save(folder / "a circle é.png")
+    draw_image("squares", 998).save(folder / "sub" / "b.JPEG")
+    draw_image("stripes", 997).save(folder / "sub" / "deeper" / "c.webp")
+    (folder / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred.csv"
+    res = predict_folder(fe_run.run_dir, str(folder), str(out), top_k=2)
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "prediction", "confidence", "p_circles", "p_squares", "p_stripes", "top_k",
+                             "error"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert set(by_name) == {"a circle é.png", "b.JPEG", "c.webp", "broken.jpg"}
+    assert by_name["broken.jpg"]["error"] and by_name["broken.jpg"]["prediction"] == ""
+    assert by_name["a circle é.png"]["prediction"] == "circles"
+    assert by_name["b.JPEG"]["prediction"] == "squares"
+    assert by_name["c.webp"]["prediction"] == "stripes"
+    for r in rows:
+        if not r["error"]:
+            probs = [float(r[f"p_{c}"]) for c in ("circles", "squares", "stripes")]
+            assert abs(sum(probs) - 1) < 1e-4 and float(r["confidence"]) == pytest.approx(max(probs), abs=1e-6)
+    assert all(r["path"].startswith(str(folder)) for r in rows)
+    assert len(res.rows) == 4 and res.n_errors == 1
+
+
+def test_evaluate_scores_a_labelled_folder(fe_run, tmp_path):
+    from engine.evaluate import evaluate
+
+    data = make_flat_dataset(tmp_path / "holdout", n_per_class=4, seed=7)
+    res = evaluate(fe_run.run_dir, str(data))
+    m = res.metrics
+    assert m["n"] == 12 and m["accuracy"] >= 0.8
+    assert np.array(m["confusion_matrix"]).shape == (3, 3)
+    bad = make_flat_dataset(tmp_path / "other", n_per_class=2, classes=("circles", "triangles"))
+    with pytest.raises(EngineError, match="does not know: triangles"):
+        evaluate(fe_run.run_dir, str(bad))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_gives_the_same_top1(fe_run, tmp_path, fmt):
+    import torch
+
+    from engine.export import export_model
+    from engine.model import load_model
+
+    out = tmp_path / f"model.{fmt}"
+    export_model(fe_run.run_dir, fmt, str(out))
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["classes"] == ["circles", "squares", "stripes"]
+    loaded = load_model(fe_run.run_dir)
+    x = torch.randn(5, 3, 224, 224) * 0.5
+    with torch.inference_mode():
+        ref = loaded.model(x).argmax(1).numpy()
+    if fmt == "onnx":
+        ort = pytest.importorskip("onnxruntime")
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"images": x.numpy()})[0].argmax(1)
+    else:
+        m = torch.jit.load(str(out))
+        with torch.inference_mode():
+            got = m(x).argmax(1).numpy()
+    assert (got == ref).all()
+
+
+def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(cache))
+    first = fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
+    assert first.metrics["embeddings_from_cache"] == 0
+    second = fit(TrainConfig(out=str(tmp_path / "r2"), **cfg))
+    assert second.metrics["embeddings_from_cache"] == 42
+    assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
+    (cache_file,) = list(cache.iterdir())
+    cache_file.write_bytes(cache_file.read_bytes()[:200])  # torn write
+    logs = []
+
+    class Log(Callbacks):
+        def on_log(self, m):
+            logs.append(m)
+
+    third = fit(TrainConfig(out=str(tmp_path / "r3"), **cfg), Log())
+    assert third.metrics["embeddings_from_cache"] == 0
+    assert any("damaged" in m for m in logs)
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    import pickle
+
+    from engine.backbones import load_state_dict_file
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(EngineError, match="Refused"):
+        load_state_dict_file(str(bad))
+    assert not marker.exists()
+
+
+def test_tampered_model_json_is_rejected(fe_run, tmp_path):
+    import shutil
+
+    from engine.model import load_model
+
+    run = tmp_path / "run"
+    shutil.copytree(fe_run.run_dir, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["classes"] = meta["classes"][:2]
+    (run / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match="does not match model.json"):
+        load_model(str(run))
+    (run / "model.json").write_text("{not json")
+    with pytest.raises(EngineError, match="damaged"):
+        load_model(str(run))
+
+
+def test_torchvision_backbone_from_a_local_weights_file(flat_data, tmp_path):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "r"), backbone="resnet18", weights=str(weights),
+                          epochs=3, cache=False))
+    meta = json.loads(Path(res.run_dir, "model.json").read_text())
+    assert meta["backbone"] == "resnet18" and meta["preprocessing"]["mode"] == "center-crop"
+    assert meta["feature_dim"] == 512
+
+
+def test_missing_torchvision_weights_say_how_to_proceed(flat_data, tmp_path):
+    with pytest.raises(EngineError, match="not on this machine.*efficientnet_lite0.*--weights"):
+        fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "r"), backbone="resnet18"))
+
+
+def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkeypatch):
+    import torch
+
+    import engine.train as tr
+
+    real = tr._forward_backward
+    calls = {"n": 0}
+
+    def flaky(model, x, *a, **k):
+        calls["n"] += 1
+        if len(x) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(model, x, *a, **k)
+
+    monkeypatch.setattr(tr, "_forward_backward", flaky)
+    logs = []
+
+    class Log(Callbacks):
+        def on_log(self, m):
+            logs.append(m)
+
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "oom"), mode="fine-tuning", epochs=1,
+                          batch_size=16, unfreeze=1, linear_probe_init=False), Log())
+    assert res.run_dir
+    assert any("retrying this epoch with batch size 8" in m for m in logs)
+    assert any("retrying this epoch with batch size 4" in m for m in logs)
+
+
+def test_exception_in_training_loop_leaves_nothing_half_written(flat_data, tmp_path, monkeypatch):
+    import engine.train as tr
+
+    def boom(*a, **k):
+        raise ValueError("simulated failure inside the loop")
+
+    monkeypatch.setattr(tr, "_forward_backward", boom)
+    with pytest.raises(ValueError, match="simulated"):
+        fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "x"), mode="fine-tuning", epochs=1))
+    assert not (tmp_path / "x").exists()
+    monkeypatch.undo()
+    # and the engine is usable for the next job
+    assert fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "y"), epochs=2)).run_dir
+
+
+def test_cli_train_predict_export(flat_data, tmp_path):
+    env = dict(os.environ)
+    run = tmp_path / "cli-run"
+    r = subprocess.run([sys.executable, "-m", "engine", "train", str(flat_data), "--out", str(run), "--epochs", "5"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["run"] == str(run) and summary["status"] == "completed"
+    assert "epoch 1/5" in r.stderr and "img/s" in r.stderr
+    out_csv = tmp_path / "p.csv"
+    r = subprocess.run([sys.executable, "-m", "engine", "predict", str(run), str(flat_data / "circles"),
+                        "--csv", str(out_csv)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with open(out_csv, encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 14
+    r = subprocess.run([sys.executable, "-m", "engine", "train", str(tmp_path / "nope")], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "error: Folder not found" in r.stderr and "Traceback" not in r.stderr
