@@ -1,0 +1,73 @@
+"""Live loss/accuracy plots: signals append to buffers, a QTimer redraws at ~15 Hz with ``setData``."""
+from __future__ import annotations
+
+import pyqtgraph as pg
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QHBoxLayout, QWidget
+
+from engine.events import BatchMetrics, EpochMetrics
+
+pg.setConfigOptions(antialias=True, background="w", foreground="k")
+
+
+class LivePlots(QWidget):
+    """Two plots (loss, accuracy) with a running train curve per step and train/val points per epoch."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.loss_plot = pg.PlotWidget(title="Loss")
+        self.acc_plot = pg.PlotWidget(title="Accuracy")
+        for p in (self.loss_plot, self.acc_plot):
+            p.showGrid(x=True, y=True, alpha=0.3)
+            p.setLabel("bottom", "epoch")
+            p.addLegend(offset=(-10, 10))
+            lay.addWidget(p)
+        self.acc_plot.setYRange(0, 1.0)
+        blue, orange = (31, 119, 180), (255, 127, 14)
+        self.curves = {
+            "train_loss_live": self.loss_plot.plot(pen=pg.mkPen(blue + (90,), width=1)),
+            "train_loss": self.loss_plot.plot(pen=pg.mkPen(blue, width=2), symbol="o", symbolSize=5, name="train"),
+            "val_loss": self.loss_plot.plot(pen=pg.mkPen(orange, width=2), symbol="o", symbolSize=5, name="validation"),
+            "train_acc_live": self.acc_plot.plot(pen=pg.mkPen(blue + (90,), width=1)),
+            "train_acc": self.acc_plot.plot(pen=pg.mkPen(blue, width=2), symbol="o", symbolSize=5, name="train"),
+            "val_acc": self.acc_plot.plot(pen=pg.mkPen(orange, width=2), symbol="o", symbolSize=5, name="validation"),
+        }
+        self.clear()
+        self.timer = QTimer(self)
+        self.timer.setInterval(66)
+        self.timer.timeout.connect(self.redraw)
+        self.timer.start()
+
+    def clear(self) -> None:
+        self.data = {k: ([], []) for k in self.curves}
+        self.dirty = True
+        self.updates = 0
+
+    def add_batch(self, m: BatchMetrics) -> None:
+        x = (m.epoch - 1) + m.step / max(1, m.steps)
+        for key, y in (("train_loss_live", m.loss), ("train_acc_live", m.accuracy)):
+            self.data[key][0].append(x)
+            self.data[key][1].append(y)
+        self.dirty = True
+
+    def add_epoch(self, m: EpochMetrics) -> None:
+        for key, y in (("train_loss", m.train_loss), ("val_loss", m.val_loss),
+                       ("train_acc", m.train_accuracy), ("val_acc", m.val_accuracy)):
+            if y == y:  # skip NaN (no validation split)
+                self.data[key][0].append(float(m.epoch))
+                self.data[key][1].append(y)
+        self.dirty = True
+
+    def point_count(self) -> int:
+        return sum(len(x) for x, _ in self.data.values())
+
+    def redraw(self) -> None:
+        if not self.dirty:
+            return
+        for key, curve in self.curves.items():
+            xs, ys = self.data[key]
+            curve.setData(xs, ys)
+        self.dirty = False
+        self.updates += 1

@@ -1,0 +1,279 @@
+"""Predict tab: predict a folder in the background, stream rows into a sortable/filterable table, export CSV
+(byte-for-byte the engine's format) and export the model to ONNX/TorchScript."""
+from __future__ import annotations
+
+import os
+
+from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
+                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox,
+                               QTableView, QVBoxLayout, QWidget)
+
+from engine.events import PredictionRow
+from engine.predict import predictions_csv
+from engine.runs import atomic_write_text
+from gui.thumbs import ThumbnailLoader
+
+COLUMNS = ["", "Path", "Prediction", "Confidence", "Top-k", "Error"]
+
+
+class PredictionModel(QAbstractTableModel):
+    def __init__(self, loader: ThumbnailLoader, parent=None) -> None:
+        super().__init__(parent)
+        self.loader = loader
+        self.rows: list[PredictionRow] = []
+        self.classes: list[str] = []
+        self.top_k = 3
+        self.row_of: dict[str, int] = {}
+        loader.ready.connect(self._thumb)
+
+    def reset(self, classes: list[str], top_k: int) -> None:
+        self.beginResetModel()
+        self.rows, self.classes, self.top_k, self.row_of = [], list(classes), top_k, {}
+        self.endResetModel()
+
+    def append(self, rows: list[PredictionRow]) -> None:
+        if not rows:
+            return
+        start = len(self.rows)
+        self.beginInsertRows(QModelIndex(), start, start + len(rows) - 1)
+        for i, r in enumerate(rows):
+            self.row_of[r.path] = start + i
+        self.rows.extend(rows)
+        self.endInsertRows()
+
+    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: N802
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: N802
+        return len(COLUMNS)
+
+    def headerData(self, section, orientation, role=Qt.DisplayRole):  # noqa: N802
+        if role == Qt.DisplayRole and orientation == Qt.Horizontal:
+            return COLUMNS[section]
+        return None
+
+    def topk_text(self, r: PredictionRow) -> str:
+        if r.error or not r.probabilities:
+            return ""
+        order = sorted(range(len(r.probabilities)), key=lambda i: -r.probabilities[i])[: self.top_k]
+        return ", ".join(f"{self.classes[i]} {r.probabilities[i]:.0%}" for i in order)
+
+    def data(self, index, role=Qt.DisplayRole):
+        if not index.isValid():
+            return None
+        r = self.rows[index.row()]
+        col = index.column()
+        if role == Qt.DecorationRole and col == 0:
+            return self.loader.icon(r.path)
+        if role == Qt.DisplayRole:
+            return [None, r.path, r.prediction, f"{r.confidence:.3f}" if not r.error else "", self.topk_text(r),
+                    r.error][col]
+        if role == Qt.UserRole:  # sort keys
+            return [index.row(), r.path, r.prediction, r.confidence if not r.error else -1.0, "", r.error][col]
+        if role == Qt.ToolTipRole:
+            return r.path
+        return None
+
+    def _thumb(self, path: str) -> None:
+        row = self.row_of.get(path)
+        if row is not None:
+            idx = self.index(row, 0)
+            self.dataChanged.emit(idx, idx, [Qt.DecorationRole])
+
+
+class PredictionFilter(QSortFilterProxyModel):
+    """Filter by predicted class and a minimum confidence; errors stay visible unless a class is chosen."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.cls: str | None = None
+        self.min_conf = 0.0
+        self.setSortRole(Qt.UserRole)
+
+    def set_filter(self, cls: str | None, min_conf: float) -> None:
+        self.cls, self.min_conf = cls, min_conf
+        self.invalidateFilter()
+
+    def filterAcceptsRow(self, row, parent) -> bool:  # noqa: N802
+        r = self.sourceModel().rows[row]
+        if r.error:
+            return self.cls is None and self.min_conf <= 0
+        if self.cls is not None and r.prediction != self.cls:
+            return False
+        return r.confidence >= self.min_conf
+
+
+class ExportDialog(QDialog):
+    def __init__(self, parent=None, start_dir: str = "") -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Export model")
+        form = QFormLayout(self)
+        self.fmt = QComboBox()
+        self.fmt.addItem("ONNX (.onnx) — ONNX Runtime, OpenCV, TensorRT…", "onnx")
+        self.fmt.addItem("TorchScript (.pt) — PyTorch / LibTorch without Python code", "torchscript")
+        self.path = QLineEdit(os.path.join(start_dir, "model.onnx"))
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse)
+        self.fmt.currentIndexChanged.connect(self._fmt_changed)
+        row = QHBoxLayout()
+        row.addWidget(self.path)
+        row.addWidget(browse)
+        form.addRow("Format", self.fmt)
+        form.addRow("File", row)
+        note = QLabel("The exported network takes a normalised float image tensor and returns logits; the classes "
+                      "and preprocessing are written next to it as .json.")
+        note.setWordWrap(True)
+        form.addRow(note)
+        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        bb.accepted.connect(self.accept)
+        bb.rejected.connect(self.reject)
+        form.addRow(bb)
+
+    def _fmt_changed(self) -> None:
+        base, _ = os.path.splitext(self.path.text())
+        self.path.setText(base + (".onnx" if self.fmt.currentData() == "onnx" else ".pt"))
+
+    def _browse(self) -> None:
+        p, _ = QFileDialog.getSaveFileName(self, "Export model", self.path.text())
+        if p:
+            self.path.setText(p)
+
+
+class PredictTab(QWidget):
+    start_requested = Signal(str, int)  # folder, top_k
+    stop_requested = Signal()
+    export_model_requested = Signal(str, str)  # format, path
+
+    def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.run_dir: str | None = None
+        self.classes: list[str] = []
+        root = QVBoxLayout(self)
+        self.run_label = QLabel("No model yet: train one, or open a saved run (File ▸ Open run…).")
+        root.addWidget(self.run_label)
+        top = QHBoxLayout()
+        self.folder = QLineEdit()
+        self.folder.setPlaceholderText("Folder of images to classify (searched recursively)")
+        browse = QPushButton("Choose folder…")
+        browse.clicked.connect(self._browse)
+        self.top_k = QSpinBox(minimum=1, maximum=20, value=3)
+        self.top_k.setToolTip("How many of the most likely classes to list per image")
+        self.start_btn = QPushButton("Predict")
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.setEnabled(False)
+        self.start_btn.clicked.connect(lambda: self.start_requested.emit(self.folder.text().strip(),
+                                                                         self.top_k.value()))
+        self.stop_btn.clicked.connect(self.stop_requested)
+        for w in (self.folder, browse, QLabel("Top-k"), self.top_k, self.start_btn, self.stop_btn):
+            top.addWidget(w, 1 if w is self.folder else 0)
+        root.addLayout(top)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.status = QLabel("")
+        root.addWidget(self.progress)
+        root.addWidget(self.status)
+        fl = QHBoxLayout()
+        self.class_filter = QComboBox()
+        self.class_filter.addItem("All predictions", None)
+        self.min_conf = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0, singleStep=0.05, value=0.0)
+        self.min_conf.setToolTip("Hide predictions below this confidence (e.g. to review only uncertain ones, "
+                                 "sort by confidence instead)")
+        self.class_filter.currentIndexChanged.connect(self._filter)
+        self.min_conf.valueChanged.connect(self._filter)
+        self.export_csv_btn = QPushButton("Export CSV…")
+        self.export_csv_btn.clicked.connect(self._export_csv_dialog)
+        self.export_model_btn = QPushButton("Export model…")
+        self.export_model_btn.clicked.connect(self._export_model_dialog)
+        for w in (QLabel("Show"), self.class_filter, QLabel("min. confidence"), self.min_conf):
+            fl.addWidget(w)
+        fl.addStretch(1)
+        fl.addWidget(self.export_csv_btn)
+        fl.addWidget(self.export_model_btn)
+        root.addLayout(fl)
+        self.model = PredictionModel(loader, self)
+        self.proxy = PredictionFilter(self)
+        self.proxy.setSourceModel(self.model)
+        self.table = QTableView()
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.verticalHeader().setDefaultSectionSize(52)
+        self.table.setIconSize(loader.placeholder.availableSizes()[0] * 0.5 if loader.placeholder.availableSizes()
+                               else self.table.iconSize())
+        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
+        self.table.setColumnWidth(0, 60)
+        self.table.setColumnWidth(2, 120)
+        self.table.setColumnWidth(4, 260)
+        root.addWidget(self.table, 1)
+        self._enable(False)
+
+    def _enable(self, has_model: bool) -> None:
+        self.start_btn.setEnabled(has_model)
+        self.export_model_btn.setEnabled(has_model)
+        self.export_csv_btn.setEnabled(bool(self.model.rows))
+
+    def set_run(self, run_dir: str, classes: list[str]) -> None:
+        self.run_dir, self.classes = run_dir, list(classes)
+        self.run_label.setText(f"Model: <b>{run_dir}</b> ({len(classes)} classes: {', '.join(classes)})")
+        self.class_filter.blockSignals(True)
+        self.class_filter.clear()
+        self.class_filter.addItem("All predictions", None)
+        for c in classes:
+            self.class_filter.addItem(c, c)
+        self.class_filter.blockSignals(False)
+        self._enable(True)
+
+    def _browse(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Folder to classify", self.folder.text())
+        if d:
+            self.folder.setText(d)
+
+    def _filter(self) -> None:
+        self.proxy.set_filter(self.class_filter.currentData(), self.min_conf.value())
+
+    def job_started(self, top_k: int) -> None:
+        self.model.reset(self.classes, top_k)
+        self.start_btn.setEnabled(False)
+        self.stop_btn.setEnabled(True)
+        self.export_csv_btn.setEnabled(False)
+        self.progress.setRange(0, 0)
+        self.status.setText("Predicting…")
+
+    def on_progress(self, p) -> None:
+        if p.total:
+            self.progress.setRange(0, p.total)
+            self.progress.setValue(p.done)
+            self.status.setText(f"{p.done}/{p.total} files, {p.images_per_s:.1f} images/s"
+                                + (f", ETA {p.eta_s:.0f} s" if p.eta_s else ""))
+
+    def add_rows(self, rows: list[PredictionRow]) -> None:
+        self.model.append(rows)
+
+    def job_ended(self, text: str) -> None:
+        self.start_btn.setEnabled(self.run_dir is not None)
+        self.stop_btn.setEnabled(False)
+        self.export_csv_btn.setEnabled(bool(self.model.rows))
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        self.status.setText(text)
+
+    def csv_text(self) -> str:
+        return predictions_csv(self.model.rows, self.classes, self.model.top_k)
+
+    def export_csv(self, path: str) -> None:
+        atomic_write_text(path, self.csv_text())
+
+    def _export_csv_dialog(self) -> None:
+        start = os.path.join(self.folder.text() or os.path.expanduser("~"), "predictions.csv")
+        path, _ = QFileDialog.getSaveFileName(self, "Export predictions", start, "CSV (*.csv)")
+        if path:
+            try:
+                self.export_csv(path)
+                self.status.setText(f"Wrote {len(self.model.rows)} rows to {path}")
+            except OSError as exc:
+                self.status.setText(f"Could not write {path}: {exc.strerror or exc}")
+
+    def _export_model_dialog(self) -> None:
+        dlg = ExportDialog(self, os.path.expanduser("~"))
+        if dlg.exec() == QDialog.Accepted and dlg.path.text().strip():
+            self.export_model_requested.emit(dlg.fmt.currentData(), dlg.path.text().strip())

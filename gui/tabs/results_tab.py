@@ -1,0 +1,248 @@
+"""Results tab: accuracy with its 95% interval, per-class table, clickable confusion matrix, mistakes gallery,
+and the runs folder with overlaid validation curves. Reads run folders only (no torch needed)."""
+from __future__ import annotations
+
+import os
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QSplitter,
+                               QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+
+from engine.events import EngineError
+from engine.runs import list_runs, read_history, read_json, read_predictions
+from gui.thumbs import ThumbnailLoader
+from gui.widgets import ImageGrid, reveal_in_file_manager
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+class ResultsTab(QWidget):
+    run_opened = Signal(str)
+
+    def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.run_dir: str | None = None
+        self.classes: list[str] = []
+        self.preds: list[dict] = []
+        self.runs_dir = ""
+        root = QHBoxLayout(self)
+        outer = QSplitter(Qt.Horizontal)
+
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(0, 0, 0, 0)
+        hl = QHBoxLayout()
+        hl.addWidget(QLabel("<b>Runs</b> (select several to compare)"))
+        self.refresh_btn = QPushButton("Refresh")
+        self.refresh_btn.clicked.connect(self.refresh_runs)
+        hl.addStretch(1)
+        hl.addWidget(self.refresh_btn)
+        ll.addLayout(hl)
+        self.runs_table = QTableWidget(0, 5)
+        self.runs_table.setHorizontalHeaderLabels(["Date", "Backbone", "Mode", "Val acc", "Time"])
+        self.runs_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.runs_table.verticalHeader().setVisible(False)
+        self.runs_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.runs_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.runs_table.itemSelectionChanged.connect(self._runs_selected)
+        ll.addWidget(self.runs_table, 1)
+        self.compare = pg.PlotWidget(title="Validation accuracy per epoch")
+        self.compare.showGrid(x=True, y=True, alpha=0.3)
+        self.compare.setLabel("bottom", "epoch")
+        self.compare.addLegend(offset=(-10, -10))
+        ll.addWidget(self.compare, 1)
+        outer.addWidget(left)
+
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(0, 0, 0, 0)
+        self.summary = QLabel("Train a model, or open a saved run (File ▸ Open run…).")
+        self.summary.setWordWrap(True)
+        self.summary.setTextFormat(Qt.RichText)
+        rl.addWidget(self.summary)
+        top = QSplitter(Qt.Horizontal)
+        self.per_class = QTableWidget(0, 5)
+        self.per_class.setHorizontalHeaderLabels(["Class", "Precision", "Recall", "F1", "Support"])
+        self.per_class.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
+        self.per_class.verticalHeader().setVisible(False)
+        self.per_class.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        top.addWidget(self.per_class)
+        cmw = QWidget()
+        cml = QVBoxLayout(cmw)
+        cml.setContentsMargins(0, 0, 0, 0)
+        cml.addWidget(QLabel("Confusion matrix (rows: true class, columns: predicted). Click a cell to see its "
+                             "images."))
+        self.cm = QTableWidget(0, 0)
+        self.cm.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.cm.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.cm.cellClicked.connect(self.show_cell)
+        self.cm.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        cml.addWidget(self.cm)
+        top.addWidget(cmw)
+        top.setSizes([380, 420])
+        rl.addWidget(top, 1)
+
+        self.galleries = QTabWidget()
+        cell_w = QWidget()
+        cl = QVBoxLayout(cell_w)
+        cl.setContentsMargins(0, 0, 0, 0)
+        self.cell_label = QLabel("Click a cell of the confusion matrix.")
+        cl.addWidget(self.cell_label)
+        self.cell_grid = ImageGrid(loader)
+        cl.addWidget(self.cell_grid)
+        self.galleries.addTab(cell_w, "Images in the selected cell")
+        mis_w = QWidget()
+        ml = QVBoxLayout(mis_w)
+        ml.setContentsMargins(0, 0, 0, 0)
+        mh = QHBoxLayout()
+        self.mistakes_label = QLabel("")
+        self.reveal_btn = QPushButton("Reveal in file manager")
+        self.reveal_btn.setToolTip("Confident mistakes are often mislabelled files: check them where they live")
+        self.reveal_btn.clicked.connect(self._reveal)
+        mh.addWidget(self.mistakes_label, 1)
+        mh.addWidget(self.reveal_btn)
+        ml.addLayout(mh)
+        self.mistakes = ImageGrid(loader)
+        ml.addWidget(self.mistakes)
+        self.galleries.addTab(mis_w, "Mistakes, most confident first")
+        rl.addWidget(self.galleries, 1)
+        outer.addWidget(right)
+        outer.setSizes([380, 900])
+        root.addWidget(outer)
+
+    # ---------------------------------------------------------------------------------------------- runs list
+    def set_runs_dir(self, path: str) -> None:
+        self.runs_dir = path
+        self.refresh_runs()
+
+    def refresh_runs(self) -> None:
+        self.runs = list_runs(self.runs_dir) if self.runs_dir else []
+        self.runs_table.blockSignals(True)
+        self.runs_table.setRowCount(len(self.runs))
+        for r, run in enumerate(self.runs):
+            acc = run["val_accuracy"]
+            secs = run["train_seconds"]
+            vals = [run["created"].replace("T", " ")[:16], run["backbone"], run["mode"],
+                    f"{acc:.3f}" if isinstance(acc, (int, float)) else "-",
+                    f"{secs:.0f} s" if isinstance(secs, (int, float)) else "-"]
+            for c, v in enumerate(vals):
+                item = QTableWidgetItem(v)
+                item.setData(Qt.UserRole, run["path"])
+                item.setToolTip(run["path"] + ("  (stopped early by the user)" if run["status"] == "cancelled" else ""))
+                self.runs_table.setItem(r, c, item)
+        self.runs_table.blockSignals(False)
+
+    def _runs_selected(self) -> None:
+        rows = sorted({i.row() for i in self.runs_table.selectedIndexes()})
+        paths = [self.runs_table.item(r, 0).data(Qt.UserRole) for r in rows]
+        self.overlay(paths)
+        if len(paths) == 1 and paths[0] != self.run_dir:
+            self.open_run(paths[0])
+
+    def overlay(self, paths: list[str]) -> int:
+        """Overlay the validation-accuracy curves of several runs; returns how many curves were drawn."""
+        self.compare.clear()
+        n = 0
+        for i, p in enumerate(paths):
+            hist = read_history(p)
+            if not hist:
+                continue
+            try:
+                meta = read_json(os.path.join(p, "model.json"))
+                name = f"{meta.get('backbone')} {meta.get('mode')}"
+            except EngineError:
+                name = os.path.basename(p)
+            self.compare.plot([h["epoch"] for h in hist], [h["val_accuracy"] for h in hist],
+                              pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2), name=name)
+            n += 1
+        return n
+
+    # ---------------------------------------------------------------------------------------------- one run
+    def open_run(self, run_dir: str) -> None:
+        """Show a saved run. Raises EngineError when the folder is not a complete run."""
+        meta = read_json(os.path.join(run_dir, "model.json"))
+        metrics = read_json(os.path.join(run_dir, "metrics.json"))
+        self.run_dir = run_dir
+        self.classes = list(meta.get("classes", []))
+        self.metrics = metrics
+        self.preds = [p for p in read_predictions(run_dir) if p.get("split") == "val"]
+        acc, ci, n = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95"), metrics.get("val_n", 0)
+        parts = [f"<b>{os.path.basename(run_dir)}</b> — {meta.get('backbone')}, {meta.get('mode')}"
+                 + (" (stopped early by the user)" if metrics.get("status") == "cancelled" else "")]
+        if acc is not None and ci:
+            parts.append(f"<span style='font-size:16px'>Validation accuracy <b>{100 * acc:.1f}%</b></span> "
+                         f"(95% interval {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, {n} images: "
+                         f"± about {50 * (ci[1] - ci[0]):.0f} points)")
+        if metrics.get("test_accuracy") is not None:
+            tci = metrics.get("test_accuracy_ci95") or [0, 0]
+            parts.append(f"Test accuracy <b>{100 * metrics['test_accuracy']:.1f}%</b> "
+                         f"(95% interval {100 * tci[0]:.1f}–{100 * tci[1]:.1f}%, {metrics.get('test_n')} images)")
+        parts.append(f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
+                     f"{metrics.get('train_seconds', 0):.0f} s on {metrics.get('device', '?')}")
+        self.summary.setText("<br>".join(parts))
+        pc = metrics.get("per_class", {})
+        self.per_class.setRowCount(len(self.classes))
+        for r, c in enumerate(self.classes):
+            v = pc.get(c, {})
+            for col, val in enumerate([c, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]):
+                text = val if isinstance(val, str) else ("-" if val is None else
+                                                         (str(val) if isinstance(val, int) else f"{val:.3f}"))
+                self.per_class.setItem(r, col, QTableWidgetItem(text))
+        cm = metrics.get("confusion_matrix") or []
+        k = len(self.classes)
+        self.cm.clear()
+        self.cm.setRowCount(k)
+        self.cm.setColumnCount(k)
+        self.cm.setHorizontalHeaderLabels([f"→ {c}" for c in self.classes])
+        self.cm.setVerticalHeaderLabels(self.classes)
+        for i in range(k):
+            row_total = sum(cm[i]) if i < len(cm) else 0
+            for j in range(k):
+                v = cm[i][j] if i < len(cm) and j < len(cm[i]) else 0
+                frac = v / row_total if row_total else 0.0
+                item = QTableWidgetItem(str(v))
+                item.setTextAlignment(Qt.AlignCenter)
+                base = (46, 125, 50) if i == j else (198, 40, 40)
+                alpha = int(30 + 200 * frac) if v else 0
+                item.setBackground(QBrush(QColor(*base, alpha)))
+                if frac > 0.6:
+                    item.setForeground(QBrush(QColor("white")))
+                item.setToolTip(f"true {self.classes[i]}, predicted {self.classes[j]}: {v} ({100 * frac:.0f}% of row)")
+                self.cm.setItem(i, j, item)
+        self.cell_grid.set_items([])
+        self.cell_label.setText("Click a cell of the confusion matrix.")
+        self._fill_mistakes()
+        self.run_opened.emit(run_dir)
+
+    def cell_paths(self, true_idx: int, pred_idx: int) -> list[str]:
+        t, p = self.classes[true_idx], self.classes[pred_idx]
+        rows = [r for r in self.preds if r["label"] == t and r["prediction"] == p]
+        rows.sort(key=lambda r: -float(r["confidence"]))
+        return [r["path"] for r in rows]
+
+    def show_cell(self, i: int, j: int) -> None:
+        t, p = self.classes[i], self.classes[j]
+        rows = [r for r in self.preds if r["label"] == t and r["prediction"] == p]
+        rows.sort(key=lambda r: -float(r["confidence"]))
+        self.cell_grid.set_items([(r["path"], f"{float(r['confidence']):.0%}",
+                                   f"{r['path']}\ntrue: {t}\npredicted: {p} ({float(r['confidence']):.1%})")
+                                  for r in rows])
+        self.cell_label.setText(f"True <b>{t}</b>, predicted <b>{p}</b>: {len(rows)} image(s). "
+                                "Double-click to open one.")
+        self.galleries.setCurrentIndex(0)
+
+    def _fill_mistakes(self) -> None:
+        wrong = [r for r in self.preds if r["label"] != r["prediction"]]
+        wrong.sort(key=lambda r: -float(r["confidence"]))
+        self.mistakes.set_items([(r["path"], f"{r['prediction']} {float(r['confidence']):.0%}",
+                                  f"{r['path']}\nlabelled: {r['label']}\npredicted: {r['prediction']} "
+                                  f"({float(r['confidence']):.1%})") for r in wrong])
+        self.mistakes_label.setText(f"{len(wrong)} validation image(s) misclassified. Confident mistakes are often "
+                                    "mislabelled files.")
+
+    def _reveal(self) -> None:
+        paths = self.mistakes.selected_paths()
+        if paths:
+            reveal_in_file_manager(paths[0])

@@ -1,0 +1,76 @@
+"""Lazy thumbnails: decoded at thumbnail size in a QThreadPool, turned into icons on the GUI thread, cached."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, Signal
+from PySide6.QtGui import QColor, QIcon, QImage, QImageReader, QPixmap
+
+THUMB = 96
+
+
+class _Emitter(QObject):
+    loaded = Signal(str, QImage)
+
+
+class _LoadThumb(QRunnable):
+    def __init__(self, path: str, size: int, emitter: _Emitter) -> None:
+        super().__init__()
+        self.path, self.size, self.emitter = path, size, emitter
+
+    def run(self) -> None:
+        reader = QImageReader(self.path)
+        reader.setAutoTransform(True)  # EXIF orientation
+        src = reader.size()
+        if src.isValid() and src.width() > 0 and src.height() > 0:
+            # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
+            reader.setScaledSize(src.scaled(self.size, self.size, Qt.KeepAspectRatio))
+        img = reader.read()
+        if img.isNull():
+            img = QImage()
+        self.emitter.loaded.emit(self.path, img)
+
+
+class ThumbnailLoader(QObject):
+    """``icon(path)`` returns a cached icon or a placeholder and loads the real one in the background;
+    ``ready(path)`` fires when it arrives."""
+
+    ready = Signal(str)
+
+    def __init__(self, parent: QObject | None = None, size: int = THUMB, capacity: int = 4000) -> None:
+        super().__init__(parent)
+        self.size = size
+        self.capacity = capacity
+        self.cache: OrderedDict[str, QIcon] = OrderedDict()
+        self.pending: set[str] = set()
+        self.pool = QThreadPool(self)
+        self.pool.setMaxThreadCount(2)
+        self.emitter = _Emitter()
+        self.emitter.loaded.connect(self._on_loaded)
+        ph = QPixmap(QSize(size, size))
+        ph.fill(QColor(225, 225, 225))
+        self.placeholder = QIcon(ph)
+        broken = QPixmap(QSize(size, size))
+        broken.fill(QColor(240, 200, 200))
+        self.broken = QIcon(broken)
+
+    def icon(self, path: str) -> QIcon:
+        icon = self.cache.get(path)
+        if icon is not None:
+            self.cache.move_to_end(path)
+            return icon
+        if path not in self.pending:
+            self.pending.add(path)
+            self.pool.start(_LoadThumb(path, self.size, self.emitter))
+        return self.placeholder
+
+    def _on_loaded(self, path: str, img: QImage) -> None:
+        self.pending.discard(path)
+        self.cache[path] = self.broken if img.isNull() else QIcon(QPixmap.fromImage(img))
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        self.ready.emit(path)
+
+    def shutdown(self) -> None:
+        self.pool.clear()
+        self.pool.waitForDone(3000)

@@ -1,0 +1,112 @@
+"""Run one engine job in a QThread and turn its callbacks into Qt signals (STYLE.md §2.5).
+
+The worker is a parentless QObject moved to a QThread; ``thread.started -> worker.run``; when the job returns,
+``finished``/``failed`` fire and the thread quits. Cancel sets the engine's CancelToken directly from the GUI thread
+(a queued slot would never run while ``run`` blocks). Widgets are never touched from the worker thread.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+from engine.events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, PredictionRow, Progress
+
+
+class _SignalCallbacks(Callbacks):
+    def __init__(self, worker: "JobWorker") -> None:
+        self.w = worker
+
+    def on_log(self, message: str) -> None:
+        self.w.log.emit(message)
+
+    def on_progress(self, progress: Progress) -> None:
+        self.w.progress.emit(progress)
+
+    def on_train_batch_end(self, metrics: BatchMetrics) -> None:
+        self.w.batch.emit(metrics)
+
+    def on_train_epoch_end(self, metrics: EpochMetrics) -> None:
+        self.w.epoch.emit(metrics)
+
+    def on_predictions(self, rows: list[PredictionRow]) -> None:
+        self.w.predictions.emit(list(rows))
+
+
+class JobWorker(QObject):
+    """Calls ``fn(*args, callbacks=..., cancel=...)`` in its thread and reports through signals."""
+
+    log = Signal(str)
+    progress = Signal(object)
+    batch = Signal(object)
+    epoch = Signal(object)
+    predictions = Signal(object)
+    finished = Signal(object)  # the job's return value
+    failed = Signal(str, str)  # user message, details
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.cancel_token = CancelToken()
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            result = self.fn(*self.args, callbacks=_SignalCallbacks(self), cancel=self.cancel_token, **self.kwargs)
+        except EngineError as exc:
+            self.failed.emit(str(exc), "")
+        except MemoryError:
+            self.failed.emit("Ran out of memory. Try a smaller batch size or fewer images.", traceback.format_exc())
+        except Exception as exc:  # any bug or library error becomes a message; the app stays usable
+            msg = str(exc)
+            if "out of memory" in msg.lower():
+                msg = "The GPU ran out of memory. Lower the batch size, or train on the CPU."
+            else:
+                msg = f"The job failed: {exc.__class__.__name__}: {msg[:300]}"
+            self.failed.emit(msg, traceback.format_exc())
+        else:
+            self.finished.emit(result)
+
+
+class Job(QObject):
+    """Owns a worker and its thread. ``done`` fires once, after the thread has really finished."""
+
+    done = Signal()
+
+    def __init__(self, worker: JobWorker, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.worker = worker
+        self.thread = QThread()
+        self.thread.setObjectName(f"job-{getattr(worker.fn, '__name__', 'engine')}")
+        worker.moveToThread(self.thread)
+        self.thread.started.connect(worker.run)
+        worker.finished.connect(self.thread.quit)
+        worker.failed.connect(self.thread.quit)
+        self.thread.finished.connect(self._cleanup)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self.worker.cancel_token.cancel()
+
+    def is_running(self) -> bool:
+        return self.thread.isRunning()
+
+    def wait(self, ms: int = 30000) -> bool:
+        return self.thread.wait(ms)
+
+    @Slot()
+    def _cleanup(self) -> None:
+        self.worker.deleteLater()
+        self.done.emit()
+
+
+def start_job(parent: QObject, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+    """Create a job for ``fn``; connect its worker's signals, then call ``job.start()``.
+
+    Connect worker signals only to methods of QObjects that live in the GUI thread (never to a lambda): PySide
+    runs a lambda in the emitting thread, and touching a widget from the worker thread crashes.
+    """
+    return Job(JobWorker(fn, *args, **kwargs), parent)

@@ -1,0 +1,218 @@
+"""The desktop app driven like a user would, headless (pytest-qt, QT_QPA_PLATFORM=offscreen)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySide6")
+from PySide6.QtCore import QSettings  # noqa: E402
+
+from gui.main_window import MainWindow  # noqa: E402
+from tests.imagegen import draw_image, make_flat_dataset  # noqa: E402
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+
+
+@pytest.fixture
+def window(qtbot, settings, tmp_path):
+    settings.setValue("train/runs_dir", str(tmp_path / "runs"))
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    w.show()
+    qtbot.waitUntil(lambda: w.model_tab.table.rowCount() > 0, timeout=60000)  # backbones discovered
+    yield w
+    w.confirm = lambda *a: True
+    w.close()
+    for job in (w.job, w.scan, w.discovery):
+        if job is not None:
+            assert job.wait(60000), "a job thread was left running"
+
+
+def open_folder(qtbot, w, folder):
+    w.scan_folder(str(folder))
+    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(folder),
+                    timeout=30000)
+
+
+def wait_job(qtbot, w, timeout=300000):
+    qtbot.waitUntil(lambda: w.job is not None and not w.job.is_running(), timeout=timeout)
+    qtbot.wait(50)  # let the queued finished/failed signal land
+
+
+def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path):
+    w = window
+    open_folder(qtbot, w, flat_data)
+    t = w.dataset_tab.class_table
+    assert t.rowCount() == 3
+    assert [t.item(r, 0).text() for r in range(3)] == ["circles", "squares", "stripes"]
+    assert [int(t.item(r, 1).text()) for r in range(3)] == [14, 14, 14]
+    assert w.dataset_tab.grid.model().rowCount() == 42
+    w.dataset_tab.class_filter.setCurrentIndex(2)  # "squares"
+    assert w.dataset_tab.grid.model().rowCount() == 14
+    assert w.model_tab.backbone() == "efficientnet_lite0"
+    assert "feature extraction" in w.model_tab.advice.text()
+    w.model_tab.fe.setChecked(True)
+    w.training_tab.epochs.setValue(20)
+    w.start_training()
+    qtbot.waitUntil(lambda: w.training_tab.plots.point_count() > 0, timeout=120000)
+    wait_job(qtbot, w)
+    res = w.last_result
+    assert res is not None and res.run_dir and not res.cancelled
+    assert Path(res.run_dir, "model.safetensors").is_file()
+    assert Path(res.run_dir).parent == tmp_path / "runs"
+    w.training_tab.plots.redraw()
+    xs, _ = w.training_tab.plots.curves["val_acc"].getData()
+    assert xs is not None and len(xs) >= 1
+    # Results: accuracy with its interval, and a confusion-matrix cell leads to its images.
+    assert w.results_tab.run_dir == res.run_dir
+    assert "95% interval" in w.results_tab.summary.text()
+    assert w.results_tab.cm.rowCount() == 3
+    w.results_tab.show_cell(0, 0)
+    expected = w.results_tab.cell_paths(0, 0)
+    assert len(expected) == int(w.results_tab.cm.item(0, 0).text()) > 0
+    assert w.results_tab.cell_grid.model().rowCount() == len(expected)
+    assert w.results_tab.runs_table.rowCount() == 1
+    assert w.predict_tab.start_btn.isEnabled()
+
+
+def test_stop_midway_keeps_best_epoch(qtbot, window, flat_data):
+    w = window
+    open_folder(qtbot, w, flat_data)
+    w.model_tab.ft.setChecked(True)
+    w.model_tab.unfreeze.setValue(1)
+    w.training_tab.epochs.setValue(6)
+    w.training_tab.batch.setValue(8)
+    epochs = []
+    w.start_training()
+    w.job.worker.epoch.connect(epochs.append)
+    qtbot.waitUntil(lambda: len(epochs) >= 1, timeout=180000)
+    import time
+
+    t0 = time.perf_counter()
+    w.stop_job()
+    wait_job(qtbot, w)
+    stop_s = time.perf_counter() - t0
+    res = w.last_result
+    assert res.cancelled and res.run_dir, res.message
+    metrics = json.loads(Path(res.run_dir, "metrics.json").read_text())
+    assert metrics["status"] == "cancelled" and metrics["epochs_run"] < 6
+    assert stop_s < 30  # one batch + evaluation of the best epoch on a small CPU
+    assert w.training_tab.start_btn.isEnabled()
+
+
+def test_close_while_training_cancels_cleanly(qtbot, settings, flat_data, tmp_path):
+    settings.setValue("train/runs_dir", str(tmp_path / "runs"))
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    w.show()
+    open_folder(qtbot, w, flat_data)
+    w.model_tab.ft.setChecked(True)
+    w.training_tab.epochs.setValue(50)
+    w.start_training()
+    qtbot.waitUntil(lambda: w.training_tab.log.blockCount() > 3, timeout=60000)
+    asked = []
+    w.confirm = lambda *a: asked.append(a) or True
+    assert w.close()
+    assert asked, "closing during a job must ask first"
+    assert not w.job.is_running()
+    if w.discovery is not None:
+        assert w.discovery.wait(60000)
+
+
+def test_engine_errors_are_clear_messages_and_app_stays_usable(qtbot, window, tmp_path, flat_data):
+    w = window
+    make_flat_dataset(tmp_path / "one", n_per_class=3, classes=("circles",))
+    w.scan_folder(str(tmp_path / "one"))
+    qtbot.waitUntil(lambda: "Only one class" in w.last_error, timeout=30000)
+    open_folder(qtbot, w, flat_data)  # still usable
+    assert w.dataset_tab.class_table.rowCount() == 3
+
+
+def test_open_run_predict_folder_and_export_csv_like_the_engine(qtbot, window, fe_run, tmp_path):
+    from engine.predict import predict_folder
+
+    w = window
+    assert w.open_run(fe_run.run_dir)
+    assert w.results_tab.per_class.rowCount() == 3
+    folder = tmp_path / "to-predict"
+    (folder / "nested").mkdir(parents=True)
+    for i in range(5):
+        draw_image(("circles", "squares", "stripes")[i % 3], 500 + i).save(folder / f"img{i}.png")
+    draw_image("stripes", 77).save(folder / "nested" / "deep.jpg")
+    (folder / "nested" / "bad.jpg").write_bytes(b"not a jpeg")
+    w.start_prediction(str(folder), 2)
+    wait_job(qtbot, w)
+    assert w.predict_tab.model.rowCount() == 7
+    gui_csv = tmp_path / "gui.csv"
+    w.predict_tab.export_csv(str(gui_csv))
+    engine_csv = tmp_path / "engine.csv"
+    predict_folder(fe_run.run_dir, str(folder), str(engine_csv), top_k=2)
+    assert gui_csv.read_text(encoding="utf-8") == engine_csv.read_text(encoding="utf-8")
+    with open(gui_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(1 for r in rows if r["error"]) == 1
+    # filters: by class and by confidence
+    w.predict_tab.min_conf.setValue(0.0)
+    w.predict_tab.class_filter.setCurrentIndex(w.predict_tab.class_filter.findData("stripes"))
+    shown = w.predict_tab.proxy.rowCount()
+    assert shown == sum(1 for r in rows if r["prediction"] == "stripes")
+    w.predict_tab.class_filter.setCurrentIndex(0)
+    w.predict_tab.min_conf.setValue(1.0)
+    assert w.predict_tab.proxy.rowCount() == sum(1 for r in rows if r["confidence"] and float(r["confidence"]) >= 1.0)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_model_from_the_app(qtbot, window, fe_run, tmp_path, fmt):
+    w = window
+    assert w.open_run(fe_run.run_dir)
+    out = tmp_path / f"m.{fmt}"
+    w.export_model(fmt, str(out))
+    wait_job(qtbot, w)
+    assert out.is_file() and out.stat().st_size > 1_000_000
+    assert json.loads(Path(str(out) + ".json").read_text())["format"] == fmt
+
+
+def test_open_broken_run_shows_message(qtbot, window, tmp_path):
+    bad = tmp_path / "not-a-run"
+    bad.mkdir()
+    assert not window.open_run(str(bad))
+    assert "Cannot open this run" in window.last_error
+
+
+def test_settings_persist_between_launches(qtbot, settings, tmp_path):
+    w = MainWindow(settings)
+    qtbot.addWidget(w)
+    w.training_tab.epochs.setValue(17)
+    w.dataset_tab.val_pct.setValue(30)
+    w.model_tab.ft.setChecked(True)
+    w.recent = [str(tmp_path)]
+    w.close()
+    if w.discovery is not None:
+        w.discovery.wait(60000)
+    w2 = MainWindow(QSettings(settings.fileName(), QSettings.IniFormat))
+    qtbot.addWidget(w2)
+    assert w2.training_tab.epochs.value() == 17
+    assert w2.dataset_tab.val_pct.value() == 30
+    assert w2.model_tab.mode() == "fine-tuning"
+    assert w2.dataset_tab.recent.itemData(0) == str(tmp_path)
+    w2.close()
+    if w2.discovery is not None:
+        w2.discovery.wait(60000)
+
+
+def test_compare_runs_overlays_curves(qtbot, window, flat_data, tmp_path):
+    from engine import TrainConfig, fit
+
+    runs = tmp_path / "runs"
+    a = fit(TrainConfig(data=str(flat_data), out=str(runs / "a"), epochs=5))
+    b = fit(TrainConfig(data=str(flat_data), out=str(runs / "b"), epochs=8, lr=0.01))
+    window.results_tab.set_runs_dir(str(runs))
+    assert window.results_tab.runs_table.rowCount() == 2
+    assert window.results_tab.overlay([a.run_dir, b.run_dir]) == 2
