@@ -149,6 +149,22 @@ def _train_head(Xtr, ytr, Xva, yva, num_classes: int, cfg: TrainConfig, cb: Call
     from torch import nn
     import torch.nn.functional as F
 
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # Tiny matrices: one thread is as fast, and idle OpenMP workers spinning on every core starved the GUI
+        # thread (event-loop stalls of 150 ms on 2 cores, measured).
+        torch.set_num_threads(1)
+    try:
+        return _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit, epoch_offset)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit, epoch_offset):
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     Xtr, ytr = Xtr.to(device), ytr.to(device)

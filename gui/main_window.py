@@ -65,6 +65,9 @@ class StallMeter(QObject):
 class MainWindow(QMainWindow):
     def __init__(self, settings: QSettings | None = None) -> None:
         super().__init__()
+        # The worker thread runs Python between PyTorch calls; each PySide call from the GUI thread releases the
+        # GIL and may wait a whole switch interval to get it back. 1 ms (default 5) keeps repaints short.
+        sys.setswitchinterval(0.001)
         self.setWindowTitle("Transfer Studio")
         self.settings = settings or QSettings("TransferStudio", "Transfer Studio")
         self.job: Job | None = None  # training, prediction or export: one at a time

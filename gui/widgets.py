@@ -85,7 +85,7 @@ class ImageGrid(QListView):
         self.setLayoutMode(QListView.Batched)
         self.setBatchSize(200)
         self.setIconSize(QSize(loader.size, loader.size))
-        self.setGridSize(QSize(loader.size + 24, loader.size + 30))
+        self.setGridSize(QSize(loader.size + 24, loader.size + 40))
         self.setWordWrap(False)
         self.setTextElideMode(Qt.ElideMiddle)
         self.setSelectionMode(QListView.ExtendedSelection)

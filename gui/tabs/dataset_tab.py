@@ -76,8 +76,11 @@ class DatasetTab(QWidget):
         ll.setContentsMargins(0, 0, 0, 0)
         self.class_table = QTableWidget(0, 6)
         self.class_table.setHorizontalHeaderLabels(["Class", "Images", "Train", "Val", "Test", "Share"])
-        self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
-        self.class_table.horizontalHeader().setSectionResizeMode(5, QHeaderView.Stretch)
+        hh = self.class_table.horizontalHeader()
+        hh.setSectionResizeMode(QHeaderView.ResizeToContents)
+        hh.setSectionResizeMode(0, QHeaderView.Stretch)
+        hh.setSectionResizeMode(5, QHeaderView.Fixed)
+        self.class_table.setColumnWidth(5, 90)
         self.class_table.verticalHeader().setVisible(False)
         self.class_table.setEditTriggers(QTableWidget.NoEditTriggers)
         ll.addWidget(QLabel("Classes"))
@@ -107,7 +110,7 @@ class DatasetTab(QWidget):
         self.grid = ImageGrid(loader)
         rl.addWidget(self.grid)
         splitter.addWidget(right)
-        splitter.setSizes([420, 760])
+        splitter.setSizes([520, 740])
         root.addWidget(splitter, 1)
 
     # ------------------------------------------------------------------------------------------------ actions

@@ -110,8 +110,9 @@ class ModelTab(QWidget):
             self.table.setItem(r, 0, name)
             self.table.setItem(r, 1, QTableWidgetItem(f"{b.params_m:.1f} M"))
             self.table.setItem(r, 2, QTableWidgetItem(f"{b.input_size} px"))
-            ok = QTableWidgetItem("yes" if b.weights_available else "no (file or download)")
+            ok = QTableWidgetItem("yes" if b.weights_available else "no")
             ok.setForeground(Qt.darkGreen if b.weights_available else Qt.darkRed)
+            ok.setToolTip("" if b.weights_available else "Not on this machine: pick a weights file, or allow the download")
             self.table.setItem(r, 3, ok)
             if b.name == DEFAULT_BACKBONE:
                 select = r

@@ -49,7 +49,6 @@ class ResultsTab(QWidget):
         self.runs_table.itemSelectionChanged.connect(self._runs_selected)
         ll.addWidget(self.runs_table, 1)
         self.compare = pg.PlotWidget(title="Validation accuracy per epoch")
-        self.compare.showGrid(x=True, y=True, alpha=0.3)
         self.compare.setLabel("bottom", "epoch")
         self.compare.addLegend(offset=(-10, -10))
         ll.addWidget(self.compare, 1)
@@ -65,6 +64,7 @@ class ResultsTab(QWidget):
         top = QSplitter(Qt.Horizontal)
         self.per_class = QTableWidget(0, 5)
         self.per_class.setHorizontalHeaderLabels(["Class", "Precision", "Recall", "F1", "Support"])
+        self.per_class.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.per_class.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
         self.per_class.verticalHeader().setVisible(False)
         self.per_class.setEditTriggers(QAbstractItemView.NoEditTriggers)
@@ -109,7 +109,7 @@ class ResultsTab(QWidget):
         self.galleries.addTab(mis_w, "Mistakes, most confident first")
         rl.addWidget(self.galleries, 1)
         outer.addWidget(right)
-        outer.setSizes([380, 900])
+        outer.setSizes([360, 920])
         root.addWidget(outer)
 
     # ---------------------------------------------------------------------------------------------- runs list

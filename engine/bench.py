@@ -1,0 +1,182 @@
+"""``python -m engine bench DATA``: the engine against a PyTorch-tutorial-style loop, on the same machine, data and
+backbone, in one run. Each phase runs in its own process so that wall time includes start-up and peak memory
+(max RSS) belongs to that phase alone.
+
+Phases:
+  reference  tutorial-style fixed feature extractor: ImageFolder-like dataset + PIL transforms every epoch,
+             DataLoader(batch 32), frozen backbone run every epoch, new linear head (written here, as the tutorial
+             does it)
+  fe-first   engine feature extraction, empty embedding cache
+  fe-second  engine feature extraction again (embeddings cached)
+  fine-tune  engine fine-tuning
+  limit      the backbone's forward pass on synthetic tensors already in memory (what the hardware allows)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _rss_mb() -> float:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
+    except ImportError:  # Windows
+        return float("nan")
+
+
+def _phase(name: str, args: dict) -> dict:
+    t0 = time.perf_counter()
+    import numpy as np
+    import torch
+
+    from .train import TrainConfig, fit, resolve_device
+
+    device = resolve_device(args["device"])
+    data = args["data"]
+    out: dict = {"phase": name}
+    if name == "reference":
+        from PIL import Image
+        from torch import nn
+        from torch.utils.data import DataLoader, Dataset
+        from torchvision import transforms
+
+        from .backbones import load_backbone
+        from .data import scan_folder
+
+        ds = scan_folder(data, val_split=0.2, seed=0)
+        items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
+        if args["max_images"]:
+            items = items[: args["max_images"]]
+        tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
+                                 transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+        class Folder(Dataset):
+            def __len__(self):
+                return len(items)
+
+            def __getitem__(self, i):
+                p, y = items[i]
+                return tf(Image.open(p).convert("RGB")), y
+
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else min(2, os.cpu_count() or 1)
+        loader = DataLoader(Folder(), batch_size=32, shuffle=True, num_workers=workers)
+        net = load_backbone().net.to(device)
+        for p in net.parameters():
+            p.requires_grad = False
+        head = nn.Linear(net.feature_dim, len(ds.classes)).to(device)
+        opt = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
+        net.eval()
+        seen = 0
+        first = None
+        t_train = time.perf_counter()
+        for epoch in range(args["epochs"]):
+            te = time.perf_counter()
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                with torch.no_grad():
+                    f = net(x)
+                loss = nn.functional.cross_entropy(head(f), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                seen += len(y)
+            if first is None:
+                first = time.perf_counter() - te
+        out["images"] = seen
+        out["images_per_s"] = seen / (time.perf_counter() - t_train)
+        out["first_epoch_s"] = first
+    elif name in ("fe-first", "fe-second", "fine-tune"):
+        mode = "fine-tuning" if name == "fine-tune" else "feature-extraction"
+        with tempfile.TemporaryDirectory() as runs:
+            res = fit(TrainConfig(data=data, out=os.path.join(runs, "r"), mode=mode, device=args["device"],
+                                  epochs=args["ft_epochs"] if mode == "fine-tuning" else None,
+                                  cache_dir=args["cache_dir"], patience=0 if mode == "fine-tuning" else None))
+        m = res.metrics
+        out["val_accuracy"] = m.get("val_accuracy")
+        n = m["n_train"] + m["n_val"] + m["n_test"]
+        if mode == "feature-extraction":
+            out["images"] = n
+            out["images_per_s"] = (n - m.get("embeddings_from_cache", 0)) / m["embed_seconds"] \
+                if m.get("embed_seconds") and m.get("embeddings_from_cache", 0) < n else float("nan")
+        else:
+            out["images"] = m["n_train"] * m["epochs_run"]
+            out["images_per_s"] = m["train_images_per_s"]
+    elif name == "limit":
+        from .backbones import fold_batchnorm, load_backbone
+        from .features import pick_batch_size
+
+        net = fold_batchnorm(load_backbone().net).to(device).to(memory_format=torch.channels_last)
+        bs = pick_batch_size(device)
+        x = torch.randn(bs, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        n = 0
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for _ in range(3):
+                net(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts = time.perf_counter()
+            while time.perf_counter() - ts < 8.0:
+                net(x)
+                n += bs
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        out["images"] = n
+        out["images_per_s"] = n / (time.perf_counter() - ts)
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = _rss_mb()
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["gpu"] = torch.cuda.get_device_name(device)
+    np.random.seed(0)
+    return out
+
+
+def run_bench(a) -> int:
+    data = a.data or os.path.join("..", "shared", "datasets", "hymenoptera")
+    if not os.path.isdir(data):
+        print(f"skipped: {data} not found (the shared datasets are not on this machine); pass a folder of images.")
+        return 0
+    cache = tempfile.mkdtemp(prefix="ts-bench-cache-")
+    args = {"data": data, "device": a.device, "epochs": a.epochs, "ft_epochs": a.ft_epochs, "cache_dir": cache,
+            "max_images": a.max_images}
+    rows = {}
+    for name in ("limit", "reference", "fe-first", "fe-second", "fine-tune"):
+        code = ("import json,sys; from engine.bench import _phase; "
+                f"print('BENCH'+json.dumps(_phase({name!r}, json.loads(sys.argv[1]))))")
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        line = next((l for l in r.stdout.splitlines() if l.startswith("BENCH")), None)
+        if r.returncode or not line:
+            print(f"{name}: failed\n{r.stderr[-2000:]}")
+            return 1
+        rows[name] = json.loads(line[5:])
+        rows[name]["process_s"] = time.perf_counter() - t0
+        print(f"  {name}: {rows[name]['process_s']:.1f} s", file=sys.stderr, flush=True)
+    ref, lim = rows["reference"], rows["limit"]
+    print(f"\nData: {data}; device: {rows['limit'].get('gpu', 'cpu')}; backbone efficientnet_lite0; "
+          f"reference = {a.epochs} epochs of the tutorial-style fixed feature extractor\n")
+    print(f"{'phase':12} {'wall s':>8} {'img/s':>8} {'peak RSS MB':>12} {'val acc':>8} {'vs reference':>13} "
+          f"{'vs limit':>9}")
+    for name, r in rows.items():
+        speed = ref["process_s"] / r["process_s"] if name != "limit" else float("nan")
+        lim_ratio = r["images_per_s"] / lim["images_per_s"] if r.get("images_per_s") else float("nan")
+        acc = r.get("val_accuracy")
+        print(f"{name:12} {r['process_s']:8.1f} {r.get('images_per_s', float('nan')):8.1f} "
+              f"{r['peak_rss_mb']:12.0f} {'' if acc is None else f'{acc:.3f}':>8} "
+              f"{'' if name in ('limit', 'reference') else f'{speed:.2f}x faster':>13} "
+              f"{'' if name == 'limit' else f'{lim_ratio:.0%}':>9}")
+    print(f"\nfe-second vs fe-first: {rows['fe-first']['process_s'] / rows['fe-second']['process_s']:.1f}x faster; "
+          f"reference first epoch {ref['first_epoch_s']:.1f} s")
+    if a.json:
+        from .runs import atomic_write_json
+
+        atomic_write_json(a.json, rows)
+    return 0

@@ -1,0 +1,100 @@
+"""Drive the real app on real data and save a screenshot of each tab (run under xvfb-run for a real X window).
+
+    xvfb-run -s "-screen 0 1280x800x24" python tools/screenshots.py ../shared/datasets/flowers \
+        ../shared/datasets/hymenoptera docs/screenshots
+
+Also prints the worst GUI event-loop stall measured while training (a 10 ms QTimer's longest gap).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from PySide6.QtCore import QSettings
+from PySide6.QtWidgets import QApplication
+
+
+def wait(app, cond, timeout=900.0):
+    t = time.time()
+    while not cond():
+        app.processEvents()
+        time.sleep(0.01)
+        if time.time() - t > timeout:
+            raise TimeoutError
+    return time.time() - t
+
+
+def main() -> int:
+    if len(sys.argv) != 4:
+        print(__doc__)
+        return 2
+    browse_data, train_data, out = sys.argv[1:]
+    for d in (browse_data, train_data):
+        if not os.path.isdir(d):
+            print(f"skipped: {d} not found (the shared datasets are not on this machine)")
+            return 0
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="ts-shots-")
+    app = QApplication(sys.argv[:1])
+    from gui.main_window import MainWindow
+
+    settings = QSettings(os.path.join(tmp, "s.ini"), QSettings.IniFormat)
+    settings.setValue("train/runs_dir", os.path.join(tmp, "runs"))
+    w = MainWindow(settings)
+    w.resize(1280, 800)
+    w.show()
+    wait(app, lambda: w.model_tab.table.rowCount() > 0)
+
+    def shot(name):
+        for _ in range(30):
+            app.processEvents()
+            time.sleep(0.02)
+        w.grab().save(os.path.join(out, name))
+        print("saved", name)
+
+    w.scan_folder(os.path.abspath(browse_data))
+    s = wait(app, lambda: w.dataset_tab.dataset is not None)
+    print(f"scanned {len(w.dataset_tab.dataset.samples)} images in {s:.1f} s")
+    wait(app, lambda: len(w.loader.pending) == 0, 60)
+    shot("1-dataset.png")
+    w.scan_folder(os.path.abspath(train_data))
+    wait(app, lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == os.path.abspath(train_data))
+    w.tabs.setCurrentWidget(w.model_tab)
+    shot("2-model.png")
+    w.model_tab.ft.setChecked(True)
+    w.training_tab.epochs.setValue(3)
+    w.start_training()
+    wait(app, lambda: len(w.training_tab.plots.data["val_acc"][0]) >= 2)
+    shot("3-training.png")
+    wait(app, lambda: not w.busy())
+    print("fine-tuning:", w.status_label.text(), "|", w.last_result.message)
+    w.model_tab.fe.setChecked(True)
+    w.training_tab.epochs.setValue(0)
+    w.start_training()
+    wait(app, lambda: not w.busy())
+    print("feature extraction:", w.status_label.text(), "|", w.last_result.message)
+    w.results_tab.refresh_runs()
+    w.results_tab.runs_table.selectAll()
+    w.results_tab.open_run(w.last_result.run_dir)
+    w.results_tab.show_cell(0, 1)
+    w.results_tab.galleries.setCurrentIndex(1)
+    w.tabs.setCurrentWidget(w.results_tab)
+    wait(app, lambda: len(w.loader.pending) == 0, 60)
+    shot("4-results.png")
+    w.tabs.setCurrentWidget(w.predict_tab)
+    val = os.path.join(os.path.abspath(train_data), "val")
+    w.predict_tab.folder.setText(val)
+    w.start_prediction(val, 2)
+    wait(app, lambda: not w.busy())
+    print("prediction:", w.status_label.text(), "|", w.predict_tab.status.text())
+    w.predict_tab.table.sortByColumn(3, w.predict_tab.table.horizontalHeader().sortIndicatorOrder().AscendingOrder)
+    wait(app, lambda: len(w.loader.pending) == 0, 60)
+    shot("5-predict.png")
+    w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
