@@ -169,14 +169,16 @@ def run_bench(a) -> int:
         speed = ref["process_s"] / r["process_s"] if name != "limit" else float("nan")
         lim_ratio = r["images_per_s"] / lim["images_per_s"] if r.get("images_per_s") else float("nan")
         acc = r.get("val_accuracy")
-        print(f"{name:12} {r['process_s']:8.1f} {r.get('images_per_s', float('nan')):8.1f} "
+        ips = r.get("images_per_s", float("nan"))
+        print(f"{name:12} {r['process_s']:8.1f} {'-' if ips != ips else f'{ips:.1f}':>8} "
               f"{r['peak_rss_mb']:12.0f} {'' if acc is None else f'{acc:.3f}':>8} "
               f"{'' if name in ('limit', 'reference') else f'{speed:.2f}x faster':>13} "
-              f"{'' if name == 'limit' else f'{lim_ratio:.0%}':>9}")
+              f"{'' if name == 'limit' or lim_ratio != lim_ratio else f'{lim_ratio:.0%}':>9}")
     print(f"\nfe-second vs fe-first: {rows['fe-first']['process_s'] / rows['fe-second']['process_s']:.1f}x faster; "
           f"reference first epoch {ref['first_epoch_s']:.1f} s")
     if a.json:
         from .runs import atomic_write_json
+        from .train import _json_safe
 
-        atomic_write_json(a.json, rows)
+        atomic_write_json(a.json, _json_safe(rows))
     return 0
