@@ -124,6 +124,8 @@ def check_image(path: str) -> str | None:
             return f"image too large to decode safely ({w}x{h} pixels)"
         if w < 1 or h < 1:
             return "image has no pixels"
+    except Image.DecompressionBombError as exc:
+        return f"image too large to decode safely ({str(exc).split(' exceeds')[0]})"
     except UnidentifiedImageError:
         return "not a readable image (unknown or corrupt format)"
     except FileNotFoundError:
@@ -350,8 +352,10 @@ def open_rgb(source: str | bytes, draft_size: int | None = None):
 
 
 def describe_error(exc: BaseException) -> str:
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
+    if isinstance(exc, Image.DecompressionBombError):
+        return "image too large to decode safely"
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image (unknown or corrupt format)"
     if isinstance(exc, FileNotFoundError):
