@@ -142,6 +142,47 @@ class _Throttle:
 
 # ---------------------------------------------------------------------------------------------------------- head
 
+class _HeadAdamW:
+    """AdamW with cosine decay for the two tensors of a linear head: the same update as ``torch.optim.AdamW``.
+
+    Why not torch.optim: every torch.optim step imports ``torch._dynamo`` first (2 s here, measured), which was most
+    of a cached feature-extraction run; the head itself trains in well under a second. Fine-tuning keeps
+    torch.optim (its cost is amortised there).
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float, total_steps: int,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        import torch
+
+        self.params, self.base_lr, self.wd, self.total = params, lr, weight_decay, max(1, total_steps)
+        self.b1, self.b2, self.eps = betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+        self.lr = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        self.t += 1
+        lr = self.lr
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                g = p.grad
+                p.mul_(1 - lr * self.wd)
+                m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+                v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+                mhat = m / (1 - self.b1 ** self.t)
+                vhat = v / (1 - self.b2 ** self.t)
+                p.addcdiv_(mhat, vhat.sqrt_().add_(self.eps), value=-lr)
+        # cosine annealing to 0 over the planned steps (as CosineAnnealingLR(T_max=total_steps))
+        self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * min(self.t, self.total) / self.total))
+
+
 def _train_head(Xtr, ytr, Xva, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks, cancel: CancelToken,
                 device, emit: bool = True, epoch_offset: int = 0):
     """Train a linear head on fixed features. Returns (best head state, history rows, best epoch)."""
@@ -173,11 +214,10 @@ def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, e
         Xva, yva = Xva.to(device), yva.to(device)
     head = nn.Linear(Xtr.shape[1], num_classes).to(device)
     drop = nn.Dropout(0.2)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(Xtr)
     bs = min(cfg.batch_size, n)
     steps = math.ceil(n / bs)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
+    opt = _HeadAdamW(list(head.parameters()), cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * steps)
     best = (math.inf, None, 0)
     history, bad_epochs = [], 0
     throttle = _Throttle(0.2)
@@ -192,10 +232,9 @@ def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, e
             idx = perm[step * bs:(step + 1) * bs]
             logits = head(drop(Xtr[idx]))
             loss = F.cross_entropy(logits, ytr[idx])
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
             tot_loss += float(loss.detach()) * len(idx)
             tot_correct += int((logits.argmax(1) == ytr[idx]).sum())
             seen = min((step + 1) * bs, n)
@@ -218,7 +257,7 @@ def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, e
             bad_epochs += 1
         secs = time.perf_counter() - t0
         m = EpochMetrics(epoch + epoch_offset, cfg.epochs, tot_loss / n, tot_correct / n, vloss, vacc,
-                         opt.param_groups[0]["lr"], secs, n / secs if secs else 0.0, improved)
+                         opt.lr, secs, n / secs if secs else 0.0, improved)
         history.append(m.as_row())
         if emit:
             cb.on_train_epoch_end(m)
@@ -321,7 +360,8 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
     cancel = cancel or CancelToken()
     cfg = config.resolved()
     t_start = time.perf_counter()
-    _warm_optimizer_imports()
+    if cfg.mode == "fine-tuning":
+        _warm_optimizer_imports()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
 
@@ -613,13 +653,17 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
 
 def _versions() -> dict:
     import sys
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
-    import torchvision
 
     from . import __version__
 
-    return {"transfer_studio": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:  # metadata, not `import torchvision`: that import alone took 1.9 s here and most runs never need it
+        tv = version("torchvision")
+    except PackageNotFoundError:
+        tv = "not installed"
+    return {"transfer_studio": __version__, "torch": torch.__version__, "torchvision": tv,
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 

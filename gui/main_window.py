@@ -34,7 +34,12 @@ def discover(callbacks=None, cancel=None):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append(("Apple GPU (MPS)", "mps"))
     devices.append((f"CPU ({os.cpu_count()} cores)", "cpu"))
-    return list_backbones(), devices
+    backbones = list_backbones()
+    # torch.optim imports torch._dynamo (and sympy) on its first step: ~2 s of imports that hold the GIL in long
+    # stretches and stalled the GUI by ~120 ms at the start of every first training. Pay it here, at start-up.
+    import torch._dynamo  # noqa: F401
+
+    return backbones, devices
 
 
 class StallMeter(QObject):

@@ -352,3 +352,26 @@ def test_cli_train_predict_export(flat_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "engine", "train", str(tmp_path / "nope")], cwd=ROOT,
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "error: Folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_head_optimizer_matches_torch_adamw():
+    """The head's AdamW (which avoids torch.optim's 2 s import) must be the same update as torch.optim.AdamW."""
+    import torch
+
+    from engine.train import _HeadAdamW
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+    b.load_state_dict(a.state_dict())
+    oa = _HeadAdamW(list(a.parameters()), 3e-3, 1e-4, total_steps=20)
+    ob = torch.optim.AdamW(b.parameters(), lr=3e-3, weight_decay=1e-4)
+    sb = torch.optim.lr_scheduler.CosineAnnealingLR(ob, T_max=20)
+    for _ in range(20):
+        x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        sb.step()
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-6
+    assert abs(oa.lr - sb.get_last_lr()[0]) < 1e-12

@@ -17,12 +17,20 @@ from PySide6.QtWidgets import QApplication
 
 
 def wait(app, cond, timeout=900.0):
+    """Run the real event loop until ``cond()`` holds (a sleep/processEvents loop would distort stall figures)."""
+    from PySide6.QtCore import QEventLoop, QTimer
+
     t = time.time()
-    while not cond():
-        app.processEvents()
-        time.sleep(0.01)
-        if time.time() - t > timeout:
-            raise TimeoutError
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: (cond() or time.time() - t > timeout) and loop.quit())
+    timer.start()
+    if not cond():
+        loop.exec()
+    timer.stop()
+    if not cond():
+        raise TimeoutError
     return time.time() - t
 
 
