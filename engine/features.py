@@ -134,38 +134,52 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
         std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
         use_amp = device.type == "cuda"
         t0 = time.perf_counter()
-        done = 0
         todo_paths = [paths[i] for i in todo]
-        with torch.inference_mode():
-            for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
-                                      overlap=device.type != "cpu"):
-                good = [(todo[j], arr) for j, arr, err in group if arr is not None]
-                errors.extend((todo_paths[j], err) for j, arr, err in group if arr is None)
-                for s in range(0, len(good), bs):
-                    part = good[s:s + bs]
-                    x = torch.from_numpy(np.stack([a for _, a in part])).to(device, non_blocking=True)
-                    x = x.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
-                    if device.type != "mps":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        out = net(x)
-                    out = out.float().cpu().numpy()
-                    for (i, _), vec in zip(part, out):
-                        feats[i] = vec
-                        ok[i] = True
-                        cache.put(hashes[i], vec.copy())
-                done += len(group)
-                if progress is not None:
+        try:
+            _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feats, ok, hashes, cache, errors,
+                        cancel, progress, t0)
+        finally:
+            # Also on cancel or error: what was embedded so far is kept for the next run.
+            try:
+                cache.save()
+            except OSError as exc:  # a read-only or full cache disk must not fail the run
+                if log:
+                    log(f"Could not save the embedding cache ({exc.strerror or exc}); continuing without it")
+        stats["embedded"] = int(sum(ok[i] for i in todo))
+        stats["embed_seconds"] = time.perf_counter() - t0
+    kept = [i for i in range(n) if ok[i]]
+    return feats[kept], kept, errors, stats
+
+
+def _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feats, ok, hashes, cache, errors, cancel,
+                progress, t0) -> None:
+    import torch
+
+    done = 0
+    with torch.inference_mode():
+        for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
+                                  overlap=device.type != "cpu"):
+            good = [(todo[j], arr) for j, arr, err in group if arr is not None]
+            errors.extend((todo_paths[j], err) for j, arr, err in group if arr is None)
+            done += len(group) - len(good)
+            for s in range(0, len(good), bs):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                part = good[s:s + bs]
+                x = torch.from_numpy(np.stack([a for _, a in part])).to(device, non_blocking=True)
+                x = x.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+                if device.type != "mps":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    out = net(x)
+                out = out.float().cpu().numpy()
+                for (i, _), vec in zip(part, out):
+                    feats[i] = vec
+                    ok[i] = True
+                    cache.put(hashes[i], vec.copy())
+                done += len(part)
+                if progress is not None:  # per batch, so a bar moves and Stop is honoured within a batch
                     el = time.perf_counter() - t0
                     rate = done / el if el > 0 else 0.0
                     progress(Progress(Phase.EMBEDDING, done, len(todo), rate,
                                       (len(todo) - done) / rate if rate else 0.0))
-        stats["embedded"] = int(len(todo) - sum(1 for p, _ in errors if p in set(todo_paths)))
-        stats["embed_seconds"] = time.perf_counter() - t0
-        try:
-            cache.save()
-        except OSError as exc:  # a read-only or full cache disk must not fail the run
-            if log:
-                log(f"Could not save the embedding cache ({exc.strerror or exc}); continuing without it")
-    kept = [i for i in range(n) if ok[i]]
-    return feats[kept], kept, errors, stats
