@@ -18,6 +18,11 @@ from .events import CancelToken
 
 
 def decode_workers() -> int:
+    """Decoding threads: one per core (up to 8), or TRANSFER_STUDIO_DECODE_THREADS (the GUI sets it lower on
+    small machines so its own thread keeps a core)."""
+    env = os.environ.get("TRANSFER_STUDIO_DECODE_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, min(8, (os.cpu_count() or 2)))
 
 

@@ -44,7 +44,7 @@ class ThumbnailLoader(QObject):
         self.cache: OrderedDict[str, QIcon] = OrderedDict()
         self.pending: set[str] = set()
         self.pool = QThreadPool(self)
-        self.pool.setMaxThreadCount(2)
+        self.pool.setMaxThreadCount(1)
         self.emitter = _Emitter()
         self.emitter.loaded.connect(self._on_loaded)
         ph = QPixmap(QSize(size, size))
