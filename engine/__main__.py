@@ -164,6 +164,8 @@ def cmd_train(a) -> int:
                       device=a.device, cache=a.cache, cache_dir=a.cache_dir, overwrite=a.overwrite,
                       linear_probe_init=a.linear_probe_init)
     res = fit(cfg, TerminalProgress(a.quiet), cancel)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports and saves
     if res.run_dir is None:
         _err(res.message)
         return 130

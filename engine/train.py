@@ -356,9 +356,22 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
     """Train a classifier on ``config.data`` and save a run folder. See the module docstring for cancel rules."""
     import torch
 
-    cb = callbacks or Callbacks()
-    cancel = cancel or CancelToken()
+    from .distributed import setup
+
     cfg = config.resolved()
+    dist = setup(cfg.device)
+    try:
+        return _fit(cfg, dist, callbacks, cancel)
+    finally:
+        dist.close()
+
+
+def _fit(cfg: TrainConfig, dist, callbacks: Callbacks | None, cancel: CancelToken | None) -> FitResult:
+    import torch
+
+    # Under torchrun only rank 0 reports and writes; the other ranks compute.
+    cb = (callbacks or Callbacks()) if dist.is_main else Callbacks()
+    cancel = cancel or CancelToken()
     t_start = time.perf_counter()
     if cfg.mode == "fine-tuning":
         _warm_optimizer_imports()
@@ -379,21 +392,26 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
         cb.on_log(f"Skipped {len(ds.skipped)} unreadable file(s); see skipped.csv in the run folder")
 
     device = resolve_device(cfg.device)
-    cb.on_log(f"Device: {device_label(device)}")
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    cb.on_log(f"Device: {device_label(device)}"
+              + (f"; {dist.world} processes ({dist.backend}) under torchrun" if dist.enabled else ""))
     backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
     cb.on_log(f"Backbone: {cfg.backbone} ({sum(p.numel() for p in backbone.net.parameters()) / 1e6:.2f} M "
               f"parameters, {backbone.net.feature_dim}"
               f"-d features), weights from {backbone.weights_source}")
     try:
         if cfg.mode == "feature-extraction":
-            state = _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel)
+            state = _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel, dist)
         else:
-            state = _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel)
+            state = _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist)
     except Cancelled:
         return FitResult(None, True, skipped=ds.skipped,
                          message="Cancelled before the first epoch finished; nothing was saved.")
     if state is None:
         return FitResult(None, True, skipped=ds.skipped, message="Cancelled; nothing was saved.")
+    if not dist.is_main:
+        return FitResult(None, state.get("cancelled", False), message=f"rank {dist.rank}: done (rank 0 saves)")
     return _finish(cfg, ds, backbone, device, state, cb, t_start)
 
 
@@ -402,7 +420,7 @@ def _labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
     return [s.path for s in items], np.array([s.label for s in items], dtype=np.int64)
 
 
-def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel):
+def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel, dist):
     import torch
 
     paths = [s.path for s in ds.samples]
@@ -414,9 +432,32 @@ def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel):
     t0 = time.perf_counter()
     from .features import embed_files
 
-    feats, kept, errors, stats = embed_files(paths, backbone, device, cache_dir=cache_dir,
-                                             backbone_name=cfg.backbone, cancel=cancel,
-                                             progress=cb.on_progress, log=cb.on_log)
+    if dist.enabled:
+        # Each rank embeds every world-th image; rank 0 gathers them, keeps the cache and trains the head.
+        mine = list(range(dist.rank, len(paths), dist.world))
+        f, k, errors, stats = embed_files([paths[i] for i in mine], backbone, device,
+                                          cache_dir=cache_dir if dist.is_main else None,
+                                          backbone_name=cfg.backbone, cancel=cancel, progress=cb.on_progress,
+                                          log=cb.on_log)
+        parts = dist.gather(([mine[j] for j in k], f, errors, stats))
+        if not dist.is_main:
+            return {"cancelled": False}
+        kept = [i for part in parts for i in part[0]]
+        feats = np.concatenate([part[1] for part in parts]) if kept else np.zeros((0, f.shape[1]), np.float32)
+        errors = [e for part in parts for e in part[2]]
+        stats = {"cached": sum(p[3]["cached"] for p in parts), "embedded": sum(p[3]["embedded"] for p in parts)}
+        if cache_dir:
+            from .features import EmbeddingCache
+            from .pixels import content_hash, read_bytes
+
+            cache = EmbeddingCache(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)
+            for i, vec in zip(kept, feats):
+                cache.put(content_hash(read_bytes(paths[i])), vec)
+            cache.save()
+    else:
+        feats, kept, errors, stats = embed_files(paths, backbone, device, cache_dir=cache_dir,
+                                                 backbone_name=cfg.backbone, cancel=cancel,
+                                                 progress=cb.on_progress, log=cb.on_log)
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s ({stats['cached']} from cache, {stats['embedded']} embedded)")
     ds.drop(errors)
@@ -454,7 +495,7 @@ def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel):
             "embed_seconds": embed_s, "embed_stats": stats, "train_images_per_s": 0.0}
 
 
-def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
+def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
     import torch
     import torch.nn.functional as F
 
@@ -512,7 +553,7 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
 
     # LP-FT: start the new head from a linear probe on frozen features, so the first fine-tuning steps do not
     # push random-head gradients into the pretrained layers (Kumar et al., 2022).
-    if cfg.linear_probe_init:
+    if cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
         cb.on_log("Initialising the head with a linear probe on frozen features")
         eval_bs = 8 if device.type == "cpu" else 256
         ftr = _predict_u8(model, decoded["train"], pre, device, eval_bs, amp_dtype, cancel, features=True).cpu()
@@ -524,6 +565,14 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
                                        torch.device("cpu"), emit=False)
         model.head.load_state_dict(head_state)
 
+    train_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Broadcasts rank 0's weights (head included) to every rank, then averages gradients each step.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        cb.on_log(f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
+                  f"({cfg.batch_size // dist.world} per process)")
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     groups = [{"params": model.head.parameters(), "lr": cfg.lr}]
     if backbone_params:
@@ -546,6 +595,8 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
     cancelled = False
     while epoch < cfg.epochs:
         steps = math.ceil(n / bs)
+        if dist.enabled and n % bs and n % bs < dist.world:
+            steps -= 1  # a last batch smaller than the number of processes would leave a rank with nothing
         if sched is None:
             total_steps = cfg.epochs * steps
             warm = max(1, steps // 2)
@@ -559,9 +610,13 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
         seen = 0
         try:
             for step in range(steps):
-                if cancel.cancelled:
+                if dist.any(cancel.cancelled, device):  # every rank stops on the same step (no hang)
                     raise Cancelled()
                 idx = perm[step * bs:(step + 1) * bs]
+                if dist.enabled:
+                    # Same global batch as one process: every rank draws the same permutation (same seed) and
+                    # takes its share of each batch; DDP averages the gradients.
+                    idx = idx[dist.rank::dist.world]
                 src = decoded["train"]
                 xb = src[idx.to(src.device)].to(device, non_blocking=True).float()
                 yb = ytr[idx].to(device, non_blocking=True)
@@ -573,7 +628,7 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
                 if device.type != "mps":
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)
-                logits, loss = _forward_backward(model, xb, yb, scaler, amp_dtype, device)
+                logits, loss = _forward_backward(train_model, xb, yb, scaler, amp_dtype, device)
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -593,7 +648,7 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
             cancelled = True
             break
         except Exception as exc:
-            if not is_oom(exc) or bs <= 1:
+            if not is_oom(exc) or bs <= 1 or dist.enabled:  # ranks must keep the same batch: no retry under DDP
                 raise
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -603,9 +658,14 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel):
             cb.on_log(f"Out of memory at batch size {bs * 2}: retrying this epoch with batch size {bs}")
             continue
         train_s = time.perf_counter() - t0
+        if dist.enabled:  # epoch metrics over the whole global batch, not rank 0's share
+            ls, cs, ss = dist.sum([float(loss_sum), float(correct), float(seen)], device)
+            loss_sum, correct, seen = torch.tensor(ls), torch.tensor(int(cs)), int(ss)
         try:
             if decoded["val"] is not None and len(decoded["val"]):
-                lv = _predict_u8(model, decoded["val"], pre, device, eval_bs, amp_dtype, cancel)
+                # Under DDP a rank must not stop alone between collectives: cancel is only checked per step.
+                lv = _predict_u8(model, decoded["val"], pre, device, eval_bs, amp_dtype,
+                                 None if dist.enabled else cancel)
                 vloss = float(F.cross_entropy(lv, yva_dev))
                 vacc = float((lv.argmax(1) == yva_dev).float().mean())
             else:

@@ -104,6 +104,7 @@ class MainWindow(QMainWindow):
         self.training_tab.start_requested.connect(self.start_training)
         self.training_tab.stop_requested.connect(self.stop_job)
         self.training_tab.copy_command_requested.connect(self.copy_command)
+        self.training_tab.copy_cluster_requested.connect(self.copy_cluster_command)
         self.predict_tab.start_requested.connect(self.start_prediction)
         self.predict_tab.stop_requested.connect(self.stop_job)
         self.predict_tab.export_model_requested.connect(self.export_model)
@@ -317,9 +318,16 @@ class MainWindow(QMainWindow):
             self.job.cancel()
             self.training_tab.phase.setText("Stopping after this batch…")
 
-    def copy_command(self) -> None:
+    def copy_cluster_command(self) -> None:
+        self.copy_command(cluster=True)
+
+    def copy_command(self, cluster: bool = False) -> str:
+        """Put the CLI command for the current settings on the clipboard; ``cluster``: the torchrun form for a
+        multi-GPU machine (one process per GPU; add --nnodes/--rdzv-endpoint for several machines)."""
         cfg = self.train_config()
-        args = [sys.executable, "-m", "engine", "train", cfg.data or "DATA", "--mode", cfg.mode, "--backbone",
+        launcher = (["torchrun", "--nproc_per_node=gpu", "-m", "engine"] if cluster
+                    else [sys.executable, "-m", "engine"])
+        args = [*launcher, "train", cfg.data or "DATA", "--mode", cfg.mode, "--backbone",
                 cfg.backbone, "--val-split", str(cfg.val_split), "--test-split", str(cfg.test_split), "--seed",
                 str(cfg.seed), "--out", cfg.out]
         for flag, v in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--lr", cfg.lr),
@@ -330,11 +338,14 @@ class MainWindow(QMainWindow):
             args += ["--unfreeze", str(cfg.unfreeze)]
         if not cfg.augment:
             args.append("--no-augment")
-        if cfg.device != "auto":
+        if cluster:
+            args += ["--device", "cuda"]
+        elif cfg.device != "auto":
             args += ["--device", cfg.device]
         cmd = shlex.join(args)
         QApplication.clipboard().setText(cmd)
         self.training_tab.add_log("Copied: " + cmd)
+        return cmd
 
     # ------------------------------------------------------------------------------------------------ runs
     def _choose_run(self) -> None:

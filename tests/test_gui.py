@@ -216,3 +216,54 @@ def test_compare_runs_overlays_curves(qtbot, window, flat_data, tmp_path):
     window.results_tab.set_runs_dir(str(runs))
     assert window.results_tab.runs_table.rowCount() == 2
     assert window.results_tab.overlay([a.run_dir, b.run_dir]) == 2
+
+
+def test_copy_commands_reproduce_the_settings(qtbot, window, flat_data):
+    import shlex
+
+    from PySide6.QtWidgets import QApplication
+
+    w = window
+    open_folder(qtbot, w, flat_data)
+    w.model_tab.ft.setChecked(True)
+    w.training_tab.epochs.setValue(7)
+    qtbot.mouseClick(w.training_tab.cluster_btn, __import__("PySide6.QtCore").QtCore.Qt.LeftButton)
+    args = shlex.split(QApplication.clipboard().text())
+    assert args[:5] == ["torchrun", "--nproc_per_node=gpu", "-m", "engine", "train"]
+    assert args[5] == str(flat_data)
+    assert args[args.index("--mode") + 1] == "fine-tuning" and args[args.index("--epochs") + 1] == "7"
+    assert args[args.index("--device") + 1] == "cuda"
+    local = shlex.split(w.copy_command())
+    assert local[1:4] == ["-m", "engine", "train"] and "--unfreeze" in local
+
+
+def test_self_test_mode_passes(tmp_path):
+    """`transfer-studio --self-test` (what the packaged app runs in CI) trains both modes and checks a CSV."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "gui", "--self-test"], cwd=Path(__file__).resolve().parents[1],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "self-test: passed" in r.stdout and "CSV ok" in r.stdout
+
+
+def test_clicking_through_tabs_while_a_job_runs(qtbot, window, flat_data):
+    """The user keeps using the window during training: every tab paints and the job still finishes cleanly."""
+    w = window
+    open_folder(qtbot, w, flat_data)
+    w.model_tab.ft.setChecked(True)
+    w.training_tab.epochs.setValue(2)
+    w.training_tab.batch.setValue(8)
+    w.start_training()
+    switches = 0
+    while w.busy():
+        for i in range(w.tabs.count()):
+            w.tabs.setCurrentIndex(i)
+            w.tabs.currentWidget().grab()  # force a real paint of the tab
+            qtbot.wait(30)
+            switches += 1
+    wait_job(qtbot, w)
+    assert switches >= 5
+    assert w.last_result is not None and w.last_result.run_dir and not w.last_result.cancelled

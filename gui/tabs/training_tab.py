@@ -18,6 +18,7 @@ class TrainingTab(QWidget):
     start_requested = Signal()
     stop_requested = Signal()
     copy_command_requested = Signal()
+    copy_cluster_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -76,7 +77,14 @@ class TrainingTab(QWidget):
         self.copy_btn.setToolTip("The `python -m engine train …` command for these settings, to run the same job "
                                  "on another machine or in a script")
         self.copy_btn.clicked.connect(self.copy_command_requested)
-        side.addWidget(self.copy_btn)
+        self.cluster_btn = QPushButton("Copy command for a cluster")
+        self.cluster_btn.setToolTip("The same job as a `torchrun` command: one process per GPU on a multi-GPU "
+                                    "machine (see README, Scaling out)")
+        self.cluster_btn.clicked.connect(self.copy_cluster_requested)
+        cb = QHBoxLayout()
+        cb.addWidget(self.copy_btn)
+        cb.addWidget(self.cluster_btn)
+        side.addLayout(cb)
         self.phase = QLabel("Ready.")
         self.phase.setWordWrap(True)
         self.progress = QProgressBar()
