@@ -34,8 +34,10 @@ def _make_images(root: str) -> None:
 
 
 def run_self_test(timeout_s: float = 600.0) -> int:
-    from PySide6.QtCore import QEventLoop, QSettings, QTimer
+    from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
+
+    from gui.eventloop import wait_until
 
     t0 = time.perf_counter()
     app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])
@@ -46,16 +48,7 @@ def run_self_test(timeout_s: float = 600.0) -> int:
     os.environ["TRANSFER_STUDIO_CACHE"] = os.path.join(tmp, "cache")
 
     def wait(cond, what: str) -> None:
-        start = time.perf_counter()
-        loop = QEventLoop()
-        timer = QTimer()
-        timer.setInterval(20)
-        timer.timeout.connect(lambda: (cond() or time.perf_counter() - start > timeout_s) and loop.quit())
-        timer.start()
-        if not cond():
-            loop.exec()
-        timer.stop()
-        if not cond():
+        if not wait_until(cond, timeout_s):
             raise RuntimeError(f"timed out waiting for {what}")
 
     win = None

@@ -13,20 +13,14 @@ import tempfile
 import time
 
 import gui  # noqa: F401  (sets the GUI's OpenMP policy before torch loads)
-from PySide6.QtCore import QEventLoop, QSettings, QTimer
+from PySide6.QtCore import QSettings, QTimer
 from PySide6.QtWidgets import QApplication
 
 
 def wait(cond, timeout=1800.0):
-    t = time.time()
-    loop = QEventLoop()
-    timer = QTimer()
-    timer.setInterval(20)
-    timer.timeout.connect(lambda: (cond() or time.time() - t > timeout) and loop.quit())
-    timer.start()
-    if not cond():
-        loop.exec()
-    timer.stop()
+    from gui.eventloop import wait_until
+
+    wait_until(cond, timeout)
 
 
 def main() -> int:

@@ -17,19 +17,10 @@ from PySide6.QtWidgets import QApplication
 
 
 def wait(app, cond, timeout=900.0):
-    """Run the real event loop until ``cond()`` holds (a sleep/processEvents loop would distort stall figures)."""
-    from PySide6.QtCore import QEventLoop, QTimer
+    from gui.eventloop import wait_until
 
     t = time.time()
-    loop = QEventLoop()
-    timer = QTimer()
-    timer.setInterval(20)
-    timer.timeout.connect(lambda: (cond() or time.time() - t > timeout) and loop.quit())
-    timer.start()
-    if not cond():
-        loop.exec()
-    timer.stop()
-    if not cond():
+    if not wait_until(cond, timeout):
         raise TimeoutError
     return time.time() - t
 
