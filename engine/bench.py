@@ -33,7 +33,6 @@ def _rss_mb() -> float:
 
 def _phase(name: str, args: dict) -> dict:
     t0 = time.perf_counter()
-    import numpy as np
     import torch
 
     from .train import TrainConfig, fit, resolve_device
@@ -136,7 +135,6 @@ def _phase(name: str, args: dict) -> dict:
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name(device)
-    np.random.seed(0)
     return out
 
 

@@ -10,7 +10,6 @@ Files that cannot be read are reported as ``(path, reason)`` and skipped, never 
 """
 from __future__ import annotations
 
-import csv
 import io
 import os
 import random
@@ -295,22 +294,6 @@ def dataset_warnings(ds: Dataset) -> list[str]:
     if not ds.split("train"):
         out.append("No training images.")
     return out
-
-
-def write_split_csv(ds: Dataset, path: str) -> None:
-    from .runs import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "split", "class"])
-    for s in ds.samples:
-        w.writerow([s.path, s.split, ds.classes[s.label]])
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_split_csv(path: str) -> list[tuple[str, str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [(r["path"], r["split"], r["class"]) for r in csv.DictReader(f)]
 
 
 # --------------------------------------------------------------------------------------------------------------

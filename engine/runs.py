@@ -78,16 +78,6 @@ def unique_dir(path: str) -> str:
     return f"{path}-{i}"
 
 
-def safe_child(folder: str, name: str) -> str:
-    """``folder/name``, refusing names that would escape ``folder`` (``..``, absolute paths, separators)."""
-    if not name or name in (".", "..") or os.path.isabs(name) or any(s in name for s in ("/", "\\", "\x00")):
-        raise EngineError(f"'{name}' is not a valid file name.")
-    full = os.path.realpath(os.path.join(folder, name))
-    if os.path.dirname(full) != os.path.realpath(folder):
-        raise EngineError(f"'{name}' would be written outside {folder}.")
-    return full
-
-
 @dataclass
 class RunWriter:
     """Collects the files of a run in a temporary folder; :meth:`commit` moves it into place atomically."""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .backbones import DEFAULT_BACKBONE, load_backbone
-from .data import Dataset, scan_folder, write_split_csv
+from .data import Dataset, scan_folder
 from .evaluate import classification_metrics
 from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase, Progress
 
@@ -184,11 +184,9 @@ class _HeadAdamW:
 
 
 def _train_head(Xtr, ytr, Xva, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks, cancel: CancelToken,
-                device, emit: bool = True, epoch_offset: int = 0):
+                device, emit: bool = True):
     """Train a linear head on fixed features. Returns (best head state, history rows, best epoch)."""
     import torch
-    from torch import nn
-    import torch.nn.functional as F
 
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -196,12 +194,12 @@ def _train_head(Xtr, ytr, Xva, yva, num_classes: int, cfg: TrainConfig, cb: Call
         # thread (event-loop stalls of 150 ms on 2 cores, measured).
         torch.set_num_threads(1)
     try:
-        return _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit, epoch_offset)
+        return _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit, epoch_offset):
+def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit):
     import torch
     from torch import nn
     import torch.nn.functional as F
@@ -239,7 +237,7 @@ def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, e
             tot_correct += int((logits.argmax(1) == ytr[idx]).sum())
             seen = min((step + 1) * bs, n)
             if emit and throttle.ready():
-                cb.on_train_batch_end(BatchMetrics(epoch + epoch_offset, step + 1, steps, tot_loss / seen,
+                cb.on_train_batch_end(BatchMetrics(epoch, step + 1, steps, tot_loss / seen,
                                                    tot_correct / seen, 0.0, 0.0))
         head.eval()
         with torch.inference_mode():
@@ -256,7 +254,7 @@ def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, e
         else:
             bad_epochs += 1
         secs = time.perf_counter() - t0
-        m = EpochMetrics(epoch + epoch_offset, cfg.epochs, tot_loss / n, tot_correct / n, vloss, vacc,
+        m = EpochMetrics(epoch, cfg.epochs, tot_loss / n, tot_correct / n, vloss, vacc,
                          opt.lr, secs, n / secs if secs else 0.0, improved)
         history.append(m.as_row())
         if emit:
@@ -773,7 +771,8 @@ def _finish(cfg, ds, backbone, device, state, cb, t_start) -> FitResult:
         save_file(sd, writer.path("model.safetensors"), metadata={"format": "transfer-studio"})
         writer.write_csv("history.csv", list(state["history"][0].keys()) if state["history"] else ["epoch"],
                          [list(h.values()) for h in state["history"]])
-        write_split_csv(ds, writer.path("split.csv"))
+        writer.write_csv("split.csv", ["path", "split", "class"],
+                         ([x.path, x.split, classes[x.label]] for x in ds.samples))
         writer.write_csv("skipped.csv", ["path", "reason"], ds.skipped)
         writer.write_csv("val_predictions.csv", ["path", "split", "label", "prediction", "confidence"]
                          + [f"p_{c}" for c in classes], pred_rows)
