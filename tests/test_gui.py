@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("PySide6")
-from PySide6.QtCore import QSettings  # noqa: E402
+from PySide6.QtCore import QSettings, Qt  # noqa: E402
 
 from gui.main_window import MainWindow  # noqa: E402
 from tests.imagegen import draw_image, make_flat_dataset  # noqa: E402
@@ -150,6 +150,11 @@ def test_open_run_predict_folder_and_export_csv_like_the_engine(qtbot, window, f
     w.start_prediction(str(folder), 2)
     wait_job(qtbot, w)
     assert w.predict_tab.model.rowCount() == 7
+    # the rows on screen get their real thumbnails (a decoded image, not the grey placeholder)
+    w.tabs.setCurrentWidget(w.predict_tab)
+    first = w.predict_tab.model.rows.index(next(r for r in w.predict_tab.model.rows if not r.error))
+    qtbot.waitUntil(lambda: w.predict_tab.model.item(first, 0).data(Qt.UserRole + 1) is True, timeout=10000)
+    assert w.predict_tab.model.item(first, 0).icon().cacheKey() != w.loader.placeholder.cacheKey()
     gui_csv = tmp_path / "gui.csv"
     w.predict_tab.export_csv(str(gui_csv))
     engine_csv = tmp_path / "engine.csv"

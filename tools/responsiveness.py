@@ -4,6 +4,9 @@
 
 Trains feature extraction (empty embedding cache) and fine-tuning (2 epochs) on TRAIN_DATA, then predicts
 PREDICT_FOLDER, and prints the worst stall of each job plus the number of rows streamed before the job ended.
+
+TS_STALL_TRACE=MS: a watchdog thread samples the GUI thread's and the job thread's Python stacks whenever the event
+loop's heartbeat is more than MS late, and prints where each stall over MS was spent (to find what causes outliers).
 """
 from __future__ import annotations
 
@@ -15,6 +18,59 @@ import time
 import gui  # noqa: F401  (sets the GUI's OpenMP policy before torch loads)
 from PySide6.QtCore import QSettings, QTimer
 from PySide6.QtWidgets import QApplication
+
+
+class StallTracer:
+    """Heartbeat on a 5 ms QTimer; a daemon thread samples stacks while the heartbeat is late."""
+
+    def __init__(self, late_ms: float) -> None:
+        import threading
+
+        self.late = late_ms / 1000.0
+        self.beat = time.perf_counter()
+        self.stalls: list[tuple[float, list[str]]] = []
+        self.gui_id = threading.get_ident()
+        self.timer = QTimer()
+        self.timer.setInterval(5)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+        self.samples: list[str] = []
+        self.stop = False
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        gap = now - self.beat
+        if self.samples and gap > self.late:
+            self.stalls.append((gap * 1000, self.samples))
+        self.samples = []
+        self.beat = now
+
+    def _watch(self) -> None:
+        import traceback
+
+        while not self.stop:
+            time.sleep(0.004)
+            if time.perf_counter() - self.beat < self.late:
+                continue
+            frames = sys._current_frames()
+            parts = []
+            for tid, frame in frames.items():
+                stack = traceback.extract_stack(frame)[-6:]
+                who = "GUI" if tid == self.gui_id else f"t{tid % 10000}"
+                parts.append(who + ": " + " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                                      for f in reversed(stack)))
+            self.samples.append("\n    ".join(p for p in parts if "_watch" not in p))
+
+    def report(self, label: str) -> None:
+        from collections import Counter
+
+        print(f"--- {label}: {len(self.stalls)} stalls over {self.late * 1000:.0f} ms")
+        for gap, samples in sorted(self.stalls, reverse=True)[:6]:
+            print(f"  {gap:.0f} ms, {len(samples)} samples; most common:")
+            for text, n in Counter(samples).most_common(2):
+                print(f"   [{n}x]\n    {text}")
+        self.stalls = []
 
 
 def wait(cond, timeout=1800.0):
@@ -39,6 +95,7 @@ def main() -> int:
     w = MainWindow(s)
     w.resize(1280, 800)
     w.show()
+    tracer = StallTracer(float(os.environ["TS_STALL_TRACE"])) if os.environ.get("TS_STALL_TRACE") else None
     wait(lambda: w.model_tab.table.rowCount() > 0)
     w.scan_folder(train)
     wait(lambda: w.dataset_tab.dataset is not None)
@@ -50,6 +107,8 @@ def main() -> int:
         wait(lambda: not w.busy())
         wait(lambda: w.last_result is not None)
         print(f"{mode}: {time.time() - t0:.1f} s, {w.status_label.text()}")
+        if tracer:
+            tracer.report(mode)
         w.last_result = None
     if os.environ.get("TS_PREDICT_ONLY"):
         from engine import TrainConfig, fit
@@ -58,6 +117,8 @@ def main() -> int:
         w.open_run(res.run_dir)
     w.tabs.setCurrentWidget(w.predict_tab)
     streamed = []
+    if tracer:
+        tracer.stalls = []
     t0 = time.time()
     w.start_prediction(predict, 3)
     timer = QTimer()
@@ -69,6 +130,8 @@ def main() -> int:
     n = w.predict_tab.model.rowCount()
     print(f"predict: {n} files in {time.time() - t0:.1f} s, {w.status_label.text()}; rows visible at 0.5 s "
           f"intervals: {streamed[:3]} ... {streamed[-3:]}")
+    if tracer:
+        tracer.report("predict")
     w.close()
     return 0
 

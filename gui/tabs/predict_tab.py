@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer, Signal
+from PySide6.QtGui import QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox,
                                QTableView, QVBoxLayout, QWidget)
@@ -17,9 +18,18 @@ from gui.thumbs import ThumbnailLoader
 COLUMNS = ["", "Path", "Prediction", "Confidence", "Top-k", "Error"]
 
 
-class PredictionModel(QAbstractTableModel):
+class PredictionModel(QStandardItemModel):
+    """The streamed prediction rows, stored as Qt items so that painting and sorting the table stay in C++.
+
+    A Python ``data()`` would be called for every visible cell and role on each repaint; each of those calls has to
+    take the GIL back from the busy job thread, which stalled the window by ~100 ms while predicting on 2 cores.
+    ``rows`` keeps the engine's PredictionRow objects (CSV export, filtering); thumbnails are set on column 0 when
+    the view asks for them (``request_thumbs``) and when they arrive.
+    """
+
     def __init__(self, loader: ThumbnailLoader, parent=None) -> None:
-        super().__init__(parent)
+        super().__init__(0, len(COLUMNS), parent)
+        self.setHorizontalHeaderLabels(COLUMNS)
         self.loader = loader
         self.rows: list[PredictionRow] = []
         self.classes: list[str] = []
@@ -28,30 +38,8 @@ class PredictionModel(QAbstractTableModel):
         loader.ready.connect(self._thumb)
 
     def reset(self, classes: list[str], top_k: int) -> None:
-        self.beginResetModel()
+        self.removeRows(0, self.rowCount())
         self.rows, self.classes, self.top_k, self.row_of = [], list(classes), top_k, {}
-        self.endResetModel()
-
-    def append(self, rows: list[PredictionRow]) -> None:
-        if not rows:
-            return
-        start = len(self.rows)
-        self.beginInsertRows(QModelIndex(), start, start + len(rows) - 1)
-        for i, r in enumerate(rows):
-            self.row_of[r.path] = start + i
-        self.rows.extend(rows)
-        self.endInsertRows()
-
-    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: N802
-        return 0 if parent.isValid() else len(self.rows)
-
-    def columnCount(self, parent=QModelIndex()) -> int:  # noqa: N802
-        return len(COLUMNS)
-
-    def headerData(self, section, orientation, role=Qt.DisplayRole):  # noqa: N802
-        if role == Qt.DisplayRole and orientation == Qt.Horizontal:
-            return COLUMNS[section]
-        return None
 
     def topk_text(self, r: PredictionRow) -> str:
         if r.error or not r.probabilities:
@@ -59,27 +47,45 @@ class PredictionModel(QAbstractTableModel):
         order = sorted(range(len(r.probabilities)), key=lambda i: -r.probabilities[i])[: self.top_k]
         return ", ".join(f"{self.classes[i]} {r.probabilities[i]:.0%}" for i in order)
 
-    def data(self, index, role=Qt.DisplayRole):
-        if not index.isValid():
-            return None
-        r = self.rows[index.row()]
-        col = index.column()
-        if role == Qt.DecorationRole and col == 0:
-            return self.loader.icon(r.path)
-        if role == Qt.DisplayRole:
-            return [None, r.path, r.prediction, f"{r.confidence:.3f}" if not r.error else "", self.topk_text(r),
-                    r.error][col]
-        if role == Qt.UserRole:  # sort keys
-            return [index.row(), r.path, r.prediction, r.confidence if not r.error else -1.0, "", r.error][col]
-        if role == Qt.ToolTipRole:
-            return r.path
-        return None
+    def _items(self, n: int, r: PredictionRow) -> list[QStandardItem]:
+        conf = f"{r.confidence:.3f}" if not r.error else ""
+        texts = ["", r.path, r.prediction, conf, self.topk_text(r), r.error]
+        keys = [n, r.path, r.prediction, r.confidence if not r.error else -1.0, "", r.error]  # sort keys
+        items = []
+        for text, key in zip(texts, keys):
+            it = QStandardItem(text)
+            it.setData(key, Qt.UserRole)
+            it.setFlags(Qt.ItemIsSelectable | Qt.ItemIsEnabled)
+            items.append(it)
+        items[1].setToolTip(r.path)
+        items[0].setIcon(self.loader.placeholder)
+        return items
+
+    def append(self, rows: list[PredictionRow]) -> None:
+        for r in rows:
+            n = len(self.rows)
+            self.row_of[r.path] = n
+            self.rows.append(r)
+            self.appendRow(self._items(n, r))
+
+    def request_thumb(self, row: int) -> None:
+        """Ask for row ``row``'s thumbnail (the view calls this for the rows on screen)."""
+        it = self.item(row, 0)
+        if it is not None and it.data(Qt.UserRole + 1) is None:
+            icon = self.loader.icon(self.rows[row].path)
+            if icon is not self.loader.placeholder:
+                self._set_icon(it, icon)
+
+    def _set_icon(self, it: QStandardItem, icon) -> None:
+        it.setData(True, Qt.UserRole + 1)  # has its real thumbnail
+        it.setIcon(icon)
 
     def _thumb(self, path: str) -> None:
         row = self.row_of.get(path)
         if row is not None:
-            idx = self.index(row, 0)
-            self.dataChanged.emit(idx, idx, [Qt.DecorationRole])
+            icon = self.loader.cache.get(path)
+            if icon is not None:
+                self._set_icon(self.item(row, 0), icon)
 
 
 class PredictionFilter(QSortFilterProxyModel):
@@ -205,7 +211,25 @@ class PredictTab(QWidget):
         self.table.setColumnWidth(2, 120)
         self.table.setColumnWidth(4, 260)
         root.addWidget(self.table, 1)
+        # Thumbnails only for the rows on screen, asked for shortly after the view scrolls, sorts or gets rows.
+        self.thumb_timer = QTimer(self)
+        self.thumb_timer.setSingleShot(True)
+        self.thumb_timer.setInterval(60)
+        self.thumb_timer.timeout.connect(self._request_visible_thumbs)
+        self.table.verticalScrollBar().valueChanged.connect(self.thumb_timer.start)
+        self.proxy.layoutChanged.connect(self.thumb_timer.start)
+        self.proxy.rowsInserted.connect(self.thumb_timer.start)
         self._enable(False)
+
+    def _request_visible_thumbs(self) -> None:
+        n = self.proxy.rowCount()
+        if not n:
+            return
+        first = max(0, self.table.rowAt(0))
+        last = self.table.rowAt(self.table.viewport().height() - 1)
+        last = n - 1 if last < 0 else last
+        for r in range(first, min(last, first + 60) + 1):
+            self.model.request_thumb(self.proxy.mapToSource(self.proxy.index(r, 0)).row())
 
     def _enable(self, has_model: bool) -> None:
         self.start_btn.setEnabled(has_model)
