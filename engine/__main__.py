@@ -147,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--epochs", type=int, default=10, help="epochs of the reference fixed-feature loop")
     bench.add_argument("--ft-epochs", type=int, default=2)
-    bench.add_argument("--max-images", type=int, default=0, help="use at most this many images (0 = all)")
     bench.add_argument("--json", help="also write the table as JSON here")
     return p
 

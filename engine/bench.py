@@ -51,8 +51,6 @@ def _phase(name: str, args: dict) -> dict:
 
         ds = scan_folder(data, val_split=0.2, seed=0)
         items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
-        if args["max_images"]:
-            items = items[: args["max_images"]]
         tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
                                  transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
@@ -144,12 +142,14 @@ def run_bench(a) -> int:
         print(f"skipped: {data} not found (the shared datasets are not on this machine); pass a folder of images.")
         return 0
     cache = tempfile.mkdtemp(prefix="ts-bench-cache-")
-    args = {"data": data, "device": a.device, "epochs": a.epochs, "ft_epochs": a.ft_epochs, "cache_dir": cache,
-            "max_images": a.max_images}
+    args = {"data": data, "device": a.device, "epochs": a.epochs, "ft_epochs": a.ft_epochs, "cache_dir": cache}
     rows = {}
-    for name in ("limit", "reference", "fe-first", "fe-second", "fine-tune"):
+    # The limit is measured first and last: a shared machine's speed drifts during the ~5 minutes, and the faster
+    # of the two makes every "vs limit" ratio conservative.
+    for name in ("limit", "reference", "fe-first", "fe-second", "fine-tune", "limit-again"):
+        phase = "limit" if name == "limit-again" else name
         code = ("import json,sys; from engine.bench import _phase; "
-                f"print('BENCH'+json.dumps(_phase({name!r}, json.loads(sys.argv[1]))))")
+                f"print('BENCH'+json.dumps(_phase({phase!r}, json.loads(sys.argv[1]))))")
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -160,6 +160,11 @@ def run_bench(a) -> int:
         rows[name] = json.loads(line[5:])
         rows[name]["process_s"] = time.perf_counter() - t0
         print(f"  {name}: {rows[name]['process_s']:.1f} s", file=sys.stderr, flush=True)
+    again = rows.pop("limit-again")
+    limits = (rows["limit"]["images_per_s"], again["images_per_s"])
+    if again["images_per_s"] > rows["limit"]["images_per_s"]:
+        rows["limit"] = {**again, "process_s": rows["limit"]["process_s"]}
+    rows["limit"]["limit_runs_images_per_s"] = list(limits)
     ref, lim = rows["reference"], rows["limit"]
     print(f"\nData: {data}; device: {rows['limit'].get('gpu', 'cpu')}; backbone efficientnet_lite0; "
           f"reference = {a.epochs} epochs of the tutorial-style fixed feature extractor\n")
@@ -179,7 +184,8 @@ def run_bench(a) -> int:
     print(f"\nfe-second vs fe-first: {first['process_s'] / second['process_s']:.1f}x faster end to end (new process "
           f"each), {first['job_s'] / second['job_s']:.1f}x for the fit() call alone (PyTorch already loaded, as in "
           f"the app); reference first epoch {ref['first_epoch_s']:.1f} s")
-    print("wall s = the whole process (start-up, imports, job); job s = fit() only")
+    print("wall s = the whole process (start-up, imports, job); job s = fit() only; "
+          f"limit = the faster of its runs before and after the others ({limits[0]:.1f} and {limits[1]:.1f} img/s)")
     if a.json:
         from .runs import atomic_write_json
         from .train import _json_safe

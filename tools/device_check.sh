@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The CUDA checks the open issues ask for, in one go on the device machine (see tools/prepare_device.sh):
+# engine train in both modes on the GPU (#2), the benchmark table on the GPU (#5), and torchrun with one process
+# vs a plain run on the same GPU (#8). Everything goes to $OUT/log; JSON tables to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+exec > >(tee "$OUT/log") 2>&1
+export PYTHONUNBUFFERED=1 TRANSFER_STUDIO_CACHE=/tmp/ts-cache
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+D=.carry/hymenoptera
+nvidia-smi -L
+python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+DEV=${DEVICE:-cuda}; FT=${FT_EPOCHS:-3}   # DEVICE=cpu FT_EPOCHS=1 SKIP_BENCH=1: a quick rehearsal on the CPU
+TIMEFORMAT='WALL %R s'
+t() { echo "== $*"; time "$@"; }
+t python3 -m engine train $D --device $DEV --out /tmp/r-fe
+t python3 -m engine train $D --device $DEV --out /tmp/r-fe2            # embedding cache warm
+t python3 -m engine train $D --device $DEV --mode fine-tuning --epochs $FT --out /tmp/r-ft
+t torchrun --standalone --nproc_per_node=1 -m engine train $D --device $DEV --mode fine-tuning --epochs $FT --out /tmp/r-ft-ddp1
+for r in /tmp/r-fe /tmp/r-fe2 /tmp/r-ft /tmp/r-ft-ddp1; do
+  python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print(sys.argv[1], m['val_accuracy'], m['val_accuracy_ci95'], m['train_seconds'], 's', m['train_images_per_s'], 'img/s', m['device'])" $r
+done
+[ -n "${SKIP_BENCH:-}" ] || t python3 -m engine bench $D --device $DEV --json "$OUT/bench.json"
