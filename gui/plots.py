@@ -40,6 +40,8 @@ class LivePlots(QWidget):
         self.timer.timeout.connect(self.redraw)
         self.timer.start()
 
+    MAX_MARKERS = 40
+
     def clear(self) -> None:
         self.data = {k: ([], []) for k in self.curves}
         self.dirty = True
@@ -68,6 +70,12 @@ class LivePlots(QWidget):
             return
         for key, curve in self.curves.items():
             xs, ys = self.data[key]
+            if not key.endswith("_live"):
+                # Epoch markers only while they can be told apart: 4 x 200 markers made each repaint ~20 ms longer
+                # (50 -> 30 ms on a 2-core CPU, measured), which the event loop felt while training.
+                symbol = "o" if len(xs) <= self.MAX_MARKERS else None
+                if curve.opts["symbol"] != symbol:
+                    curve.setSymbol(symbol)
             curve.setData(xs, ys)
         self.dirty = False
         self.updates += 1
