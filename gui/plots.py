@@ -72,7 +72,7 @@ class LivePlots(QWidget):
             xs, ys = self.data[key]
             if not key.endswith("_live"):
                 # Epoch markers only while they can be told apart: 4 x 200 markers made each repaint ~20 ms longer
-                # (50 -> 30 ms on a 2-core CPU, measured), which the event loop felt while training.
+                # (50 -> 22-26 ms per repaint on a 2-core CPU, measured), which the event loop felt while training.
                 symbol = "o" if len(xs) <= self.MAX_MARKERS else None
                 if curve.opts["symbol"] != symbol:
                     curve.setSymbol(symbol)

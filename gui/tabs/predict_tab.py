@@ -24,7 +24,7 @@ class PredictionModel(QStandardItemModel):
     A Python ``data()`` would be called for every visible cell and role on each repaint; each of those calls has to
     take the GIL back from the busy job thread, which stalled the window by ~100 ms while predicting on 2 cores.
     ``rows`` keeps the engine's PredictionRow objects (CSV export, filtering); thumbnails are set on column 0 when
-    the view asks for them (``request_thumbs``) and when they arrive.
+    the view asks for them (``request_thumb``) and when they arrive.
     """
 
     def __init__(self, loader: ThumbnailLoader, parent=None) -> None:
