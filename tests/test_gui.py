@@ -289,3 +289,13 @@ def test_qt_calls_do_not_lose_references_to_none(qapp):
         bar.setValue(i % 100)
         item.setData(i, Qt.UserRole)
     assert sys.getrefcount(None) > before - 1000
+
+
+def test_start_up_imports_are_kept_out_of_garbage_collection(window):
+    """A full collection walks every tracked object: after PyTorch's imports that took 225-280 ms with the GIL held,
+    in whichever thread (the GUI's too). The app freezes what start-up left and keeps the collector on."""
+    import gc
+
+    assert window.discovery is not None and not window.discovery.is_running()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > 100_000

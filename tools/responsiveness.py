@@ -36,7 +36,20 @@ class StallTracer:
         self.timer.start()
         self.samples: list[str] = []
         self.stop = False
+        self.gcs: list[tuple[float, str]] = []  # full (generation 2) garbage collections: ms, thread
+        self._gc_start = 0.0
+        import gc
+
+        gc.callbacks.append(self._gc)
         threading.Thread(target=self._watch, daemon=True).start()
+
+    def _gc(self, phase: str, info: dict) -> None:
+        import threading
+
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif info["generation"] == 2:
+            self.gcs.append(((time.perf_counter() - self._gc_start) * 1000, threading.current_thread().name))
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -65,7 +78,9 @@ class StallTracer:
     def report(self, label: str) -> None:
         from collections import Counter
 
-        print(f"--- {label}: {len(self.stalls)} stalls over {self.late * 1000:.0f} ms")
+        print(f"--- {label}: {len(self.stalls)} stalls over {self.late * 1000:.0f} ms; full garbage collections: "
+              + (", ".join(f"{ms:.0f} ms ({who})" for ms, who in self.gcs) or "none"))
+        self.gcs = []
         for gap, samples in sorted(self.stalls, reverse=True)[:6]:
             print(f"  {gap:.0f} ms, {len(samples)} samples; most common:")
             for text, n in Counter(samples).most_common(2):
