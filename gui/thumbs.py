@@ -6,6 +6,8 @@ from collections import OrderedDict
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, Signal
 from PySide6.QtGui import QColor, QIcon, QImage, QImageReader, QPixmap
 
+from gui.worker import lower_this_thread_priority
+
 THUMB = 96
 
 
@@ -19,6 +21,9 @@ class _LoadThumb(QRunnable):
         self.path, self.size, self.emitter = path, size, emitter
 
     def run(self) -> None:
+        # Below the GUI thread: thumbnails decoding at full priority beside a job delayed repaints by ~100 ms
+        # (stall traces while a training job scanned its folder).
+        lower_this_thread_priority()
         reader = QImageReader(self.path)
         reader.setAutoTransform(True)  # EXIF orientation
         src = reader.size()

@@ -34,10 +34,10 @@ class _SignalCallbacks(Callbacks):
         self.w.predictions.emit(list(rows))
 
 
-def _lower_this_thread_priority() -> None:
-    """Give the job thread (and the PyTorch/decoding threads it starts, which inherit it) a lower CPU priority
-    than the GUI thread, so a busy 2-core machine still repaints promptly. Linux allows this per thread; elsewhere
-    it is a no-op."""
+def lower_this_thread_priority() -> None:
+    """Give the calling thread (a job thread and the PyTorch/decoding threads it starts, which inherit it; the
+    thumbnail loader) a lower CPU priority than the GUI thread, so a busy 2-core machine still repaints promptly.
+    Linux allows this per thread; elsewhere it is a no-op."""
     import os
     import sys
     import threading
@@ -67,7 +67,7 @@ class JobWorker(QObject):
 
     @Slot()
     def run(self) -> None:
-        _lower_this_thread_priority()
+        lower_this_thread_priority()
         try:
             result = self.fn(*self.args, callbacks=_SignalCallbacks(self), cancel=self.cancel_token, **self.kwargs)
         except EngineError as exc:
