@@ -33,8 +33,27 @@ def _make_images(root: str) -> None:
             im.save(os.path.join(root, name, f"{i}.png"))
 
 
-def run_self_test(timeout_s: float = 600.0) -> int:
+
+def scratch_window(tmp: str):
+    """The real main window with throwaway settings and runs folder under ``tmp``, 1280x800, shown (for the
+    self-test and the measuring tools in tools/)."""
     from PySide6.QtCore import QSettings
+
+    from gui.main_window import MainWindow
+
+    settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.IniFormat)
+    settings.setValue("train/runs_dir", os.path.join(tmp, "runs"))
+    win = MainWindow(settings)
+    win.resize(1280, 800)
+    win.show()
+    return win
+
+
+def backbones_listed(win) -> bool:
+    """The start-up discovery has filled the backbone list (or said why it could not)."""
+    return win.model_tab.table.rowCount() > 0 or "Backbones:" in win.model_tab.loading.text()
+
+def run_self_test(timeout_s: float = 600.0) -> int:
     from PySide6.QtWidgets import QApplication
 
     from gui.eventloop import wait_until
@@ -42,7 +61,6 @@ def run_self_test(timeout_s: float = 600.0) -> int:
     t0 = time.perf_counter()
     app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])
     from engine.predict import predict_folder
-    from gui.main_window import MainWindow
 
     tmp = tempfile.mkdtemp(prefix="ts-selftest-")
     os.environ["TRANSFER_STUDIO_CACHE"] = os.path.join(tmp, "cache")
@@ -55,12 +73,8 @@ def run_self_test(timeout_s: float = 600.0) -> int:
     try:
         data = os.path.join(tmp, "images")
         _make_images(data)
-        settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.IniFormat)
-        settings.setValue("train/runs_dir", os.path.join(tmp, "runs"))
-        win = MainWindow(settings)
-        win.show()
-        wait(lambda: win.model_tab.table.rowCount() > 0 or "Backbones:" in win.model_tab.loading.text(),
-             "the backbone list")
+        win = scratch_window(tmp)
+        wait(lambda: backbones_listed(win), "the backbone list")
         if win.model_tab.backbone() != "efficientnet_lite0":
             raise RuntimeError("the bundled EfficientNet-Lite0 is not available")
         win.scan_folder(data)

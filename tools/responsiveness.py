@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import gui  # noqa: F401  (sets the GUI's OpenMP policy before torch loads)
-from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 
@@ -103,16 +103,12 @@ def main() -> int:
             return 0
     tmp = tempfile.mkdtemp(prefix="ts-resp-")
     os.environ["TRANSFER_STUDIO_CACHE"] = os.path.join(tmp, "cache")
-    app = QApplication(sys.argv[:1])
-    from gui.main_window import MainWindow
+    app = QApplication(sys.argv[:1])  # noqa: F841
+    from gui.selftest import backbones_listed, scratch_window
 
-    s = QSettings(os.path.join(tmp, "s.ini"), QSettings.IniFormat)
-    s.setValue("train/runs_dir", os.path.join(tmp, "runs"))
-    w = MainWindow(s)
-    w.resize(1280, 800)
-    w.show()
+    w = scratch_window(tmp)
     tracer = StallTracer(float(os.environ["TS_STALL_TRACE"])) if os.environ.get("TS_STALL_TRACE") else None
-    wait(lambda: w.model_tab.table.rowCount() > 0)
+    wait(lambda: backbones_listed(w))
     w.scan_folder(train)
     wait(lambda: w.dataset_tab.dataset is not None)
     if os.environ.get("TS_SWITCH"):  # experiment: another GIL switch interval than the app's

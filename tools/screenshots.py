@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 
-from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QApplication
 
 
@@ -37,14 +36,10 @@ def main() -> int:
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="ts-shots-")
     app = QApplication(sys.argv[:1])
-    from gui.main_window import MainWindow
+    from gui.selftest import backbones_listed, scratch_window
 
-    settings = QSettings(os.path.join(tmp, "s.ini"), QSettings.IniFormat)
-    settings.setValue("train/runs_dir", os.path.join(tmp, "runs"))
-    w = MainWindow(settings)
-    w.resize(1280, 800)
-    w.show()
-    wait(app, lambda: w.model_tab.table.rowCount() > 0)
+    w = scratch_window(tmp)
+    wait(app, lambda: backbones_listed(w))
 
     def shot(name):
         for _ in range(30):
