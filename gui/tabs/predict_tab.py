@@ -74,18 +74,13 @@ class PredictionModel(QStandardItemModel):
         if it is not None and it.data(Qt.UserRole + 1) is None:
             icon = self.loader.icon(self.rows[row].path)
             if icon is not self.loader.placeholder:
-                self._set_icon(it, icon)
-
-    def _set_icon(self, it: QStandardItem, icon) -> None:
-        it.setData(True, Qt.UserRole + 1)  # has its real thumbnail
-        it.setIcon(icon)
+                it.setData(True, Qt.UserRole + 1)  # has its real thumbnail
+                it.setIcon(icon)
 
     def _thumb(self, path: str) -> None:
         row = self.row_of.get(path)
         if row is not None:
-            icon = self.loader.cache.get(path)
-            if icon is not None:
-                self._set_icon(self.item(row, 0), icon)
+            self.request_thumb(row)  # now cached: sets it
 
 
 class PredictionFilter(QSortFilterProxyModel):
