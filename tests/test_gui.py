@@ -83,15 +83,20 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path)
     assert w.predict_tab.start_btn.isEnabled()
 
 
+def start_fine_tuning(qtbot, w, data, epochs: int, batch: int | None = 8) -> None:
+    open_folder(qtbot, w, data)
+    w.model_tab.ft.setChecked(True)
+    w.training_tab.epochs.setValue(epochs)
+    if batch:
+        w.training_tab.batch.setValue(batch)
+    w.start_training()
+
+
 def test_stop_midway_keeps_best_epoch(qtbot, window, flat_data):
     w = window
-    open_folder(qtbot, w, flat_data)
-    w.model_tab.ft.setChecked(True)
     w.model_tab.unfreeze.setValue(1)
-    w.training_tab.epochs.setValue(6)
-    w.training_tab.batch.setValue(8)
     epochs = []
-    w.start_training()
+    start_fine_tuning(qtbot, w, flat_data, epochs=6)
     w.job.worker.epoch.connect(epochs.append)
     qtbot.waitUntil(lambda: len(epochs) >= 1, timeout=180000)
     import time
@@ -113,10 +118,7 @@ def test_close_while_training_cancels_cleanly(qtbot, settings, flat_data, tmp_pa
     w = MainWindow(settings)
     qtbot.addWidget(w)
     w.show()
-    open_folder(qtbot, w, flat_data)
-    w.model_tab.ft.setChecked(True)
-    w.training_tab.epochs.setValue(50)
-    w.start_training()
+    start_fine_tuning(qtbot, w, flat_data, epochs=50, batch=None)
     qtbot.waitUntil(lambda: w.training_tab.log.blockCount() > 3, timeout=60000)
     asked = []
     w.confirm = lambda *a: asked.append(a) or True
@@ -258,11 +260,7 @@ def test_self_test_mode_passes(tmp_path):
 def test_clicking_through_tabs_while_a_job_runs(qtbot, window, flat_data):
     """The user keeps using the window during training: every tab paints and the job still finishes cleanly."""
     w = window
-    open_folder(qtbot, w, flat_data)
-    w.model_tab.ft.setChecked(True)
-    w.training_tab.epochs.setValue(2)
-    w.training_tab.batch.setValue(8)
-    w.start_training()
+    start_fine_tuning(qtbot, w, flat_data, epochs=2)
     switches = 0
     while w.busy():
         for i in range(w.tabs.count()):
