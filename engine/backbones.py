@@ -72,6 +72,21 @@ class LoadedBackbone:
     extra: dict = field(default_factory=dict)
 
 
+# EfficientNet-Lite was trained on whole images squashed to 224 x 224, scaled to [-1, 1].
+LITE0_PREPROCESSING = Preprocessing(224, 224, "squash", (0.5,) * 3, (0.5,) * 3)
+
+
+def describe_without_torch(name: str, weights_file: str | None = None) -> tuple[Preprocessing, str, str] | None:
+    """(preprocessing, weights source, weights id) exactly as ``load_backbone`` would report them, found without
+    importing torch; None when that is not possible (torchvision backbones need torchvision to know theirs)."""
+    if name not in (DEFAULT_BACKBONE, "efficientnet-lite0"):
+        return None
+    path = weights_file or _lite0_weights_path()
+    if path is None or not os.path.isfile(path):
+        return None
+    return LITE0_PREPROCESSING, path, _file_id(path)
+
+
 # ------------------------------------------------------------------------------------------------ availability
 
 def _lite0_weights_path() -> str | None:
@@ -222,8 +237,7 @@ def _build_lite0(weights_file: str | None) -> LoadedBackbone:
         start += r
     stages = [["_conv_stem", "_bn0"], *groups, ["_conv_head", "_bn1"]]
     net = _feature_net_class()(body, 1280, stages, "lite")
-    return LoadedBackbone(net, Preprocessing(224, 224, "squash", (0.5,) * 3, (0.5,) * 3),
-                          weights_source=path, weights_id=_file_id(path))
+    return LoadedBackbone(net, LITE0_PREPROCESSING, weights_source=path, weights_id=_file_id(path))
 
 
 def _replace_last_linear(model) -> int:
@@ -259,7 +273,6 @@ def _tv_stages(name: str, model) -> list[list[str]]:
 
 
 def _build_torchvision(name: str, weights_file: str | None, allow_download: bool) -> LoadedBackbone:
-    import torch
     import torchvision.models as tvm
 
     w = _tv_weights(name)

@@ -16,7 +16,6 @@ import random
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
 from .events import CancelToken, EngineError, Phase, Progress

@@ -31,11 +31,15 @@ def default_cache_dir() -> str:
     return os.path.join(base, "transfer-studio", "embeddings")
 
 
+def _cache_key(backbone: str, weights_id: str, pre: Preprocessing) -> str:
+    return hashlib.blake2b(f"{backbone}|{weights_id}|{pre.key()}".encode(), digest_size=8).hexdigest()
+
+
 class EmbeddingCache:
     """``content hash -> feature vector`` for one (backbone, weights, preprocessing)."""
 
     def __init__(self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing) -> None:
-        key = hashlib.blake2b(f"{backbone}|{weights_id}|{pre.key()}".encode(), digest_size=8).hexdigest()
+        key = _cache_key(backbone, weights_id, pre)
         self.path = os.path.join(folder, f"{backbone}-{key}.safetensors") if folder else None
         self.vectors: dict[str, np.ndarray] = {}
         self.dirty = False
@@ -78,6 +82,43 @@ class EmbeddingCache:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         atomic_write_bytes(self.path, save({"features": feats}, metadata={"keys": json.dumps(keys)}))
         self.dirty = False
+
+
+class BackboneSnapshot:
+    """The frozen backbone's weights, keyed like its embeddings and stored beside them.
+
+    With every embedding cached and this file present, a feature-extraction run saves a complete model
+    (these tensors plus the new head) without importing torch. Written once, atomically; a damaged or mismatched
+    file is deleted and the caller takes the full path, which writes it again.
+    """
+
+    def __init__(self, folder: str, backbone: str, weights_id: str, pre: Preprocessing) -> None:
+        self.path = os.path.join(folder, f"{backbone}-{_cache_key(backbone, weights_id, pre)}.backbone.safetensors")
+        self.weights_id = weights_id
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.path)
+
+    def save(self, tensors: dict[str, np.ndarray]) -> None:
+        from safetensors.numpy import save
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic_write_bytes(self.path, save(tensors, metadata={"weights_id": self.weights_id}))
+
+    def load(self) -> dict[str, np.ndarray] | None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.path, framework="numpy") as f:
+                if (f.metadata() or {}).get("weights_id") != self.weights_id:
+                    raise ValueError("made from other weights")
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:  # torn, tampered or foreign: never trusted
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            return None
 
 
 def pick_batch_size(device) -> int:

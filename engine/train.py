@@ -142,129 +142,15 @@ class _Throttle:
 
 # ---------------------------------------------------------------------------------------------------------- head
 
-class _HeadAdamW:
-    """AdamW with cosine decay for the two tensors of a linear head: the same update as ``torch.optim.AdamW``.
-
-    Why not torch.optim: every torch.optim step imports ``torch._dynamo`` first (2 s here, measured), which was most
-    of a cached feature-extraction run; the head itself trains in well under a second. Fine-tuning keeps
-    torch.optim (its cost is amortised there).
-    """
-
-    def __init__(self, params, lr: float, weight_decay: float, total_steps: int,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        import torch
-
-        self.params, self.base_lr, self.wd, self.total = params, lr, weight_decay, max(1, total_steps)
-        self.b1, self.b2, self.eps = betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-        self.lr = lr
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def step(self) -> None:
-        import torch
-
-        self.t += 1
-        lr = self.lr
-        with torch.no_grad():
-            for p, m, v in zip(self.params, self.m, self.v):
-                g = p.grad
-                p.mul_(1 - lr * self.wd)
-                m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-                v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-                mhat = m / (1 - self.b1 ** self.t)
-                vhat = v / (1 - self.b2 ** self.t)
-                p.addcdiv_(mhat, vhat.sqrt_().add_(self.eps), value=-lr)
-        # cosine annealing to 0 over the planned steps (as CosineAnnealingLR(T_max=total_steps))
-        self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * min(self.t, self.total) / self.total))
-
-
 def _train_head(Xtr, ytr, Xva, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks, cancel: CancelToken,
-                device, emit: bool = True):
-    """Train a linear head on fixed features. Returns (best head state, history rows, best epoch)."""
-    import torch
+                emit: bool = True):
+    """A linear head on fixed features (NumPy; see engine/head.py). Returns a :class:`HeadResult`."""
+    from .head import train_linear_head
 
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # Tiny matrices: one thread is as fast, and idle OpenMP workers spinning on every core starved the GUI
-        # thread (event-loop stalls of 150 ms on 2 cores, measured).
-        torch.set_num_threads(1)
-    try:
-        return _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_head_loop(Xtr, ytr, Xva, yva, num_classes, cfg, cb, cancel, device, emit):
-    import torch
-    from torch import nn
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    Xtr, ytr = Xtr.to(device), ytr.to(device)
-    has_val = Xva is not None and len(Xva) > 0
-    if has_val:
-        Xva, yva = Xva.to(device), yva.to(device)
-    head = nn.Linear(Xtr.shape[1], num_classes).to(device)
-    drop = nn.Dropout(0.2)
-    n = len(Xtr)
-    bs = min(cfg.batch_size, n)
-    steps = math.ceil(n / bs)
-    opt = _HeadAdamW(list(head.parameters()), cfg.lr, cfg.weight_decay, total_steps=cfg.epochs * steps)
-    best = (math.inf, None, 0)
-    history, bad_epochs = [], 0
-    throttle = _Throttle(0.2)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        head.train()
-        perm = torch.randperm(n, generator=g).to(device)
-        tot_loss, tot_correct = 0.0, 0
-        for step in range(steps):
-            if cancel.cancelled:
-                raise Cancelled()
-            idx = perm[step * bs:(step + 1) * bs]
-            logits = head(drop(Xtr[idx]))
-            loss = F.cross_entropy(logits, ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot_loss += float(loss.detach()) * len(idx)
-            tot_correct += int((logits.argmax(1) == ytr[idx]).sum())
-            seen = min((step + 1) * bs, n)
-            if emit and throttle.ready():
-                cb.on_train_batch_end(BatchMetrics(epoch, step + 1, steps, tot_loss / seen,
-                                                   tot_correct / seen, 0.0, 0.0))
-        head.eval()
-        with torch.inference_mode():
-            if has_val:
-                lv = head(Xva)
-                vloss = float(F.cross_entropy(lv, yva))
-                vacc = float((lv.argmax(1) == yva).float().mean())
-            else:
-                vloss, vacc = tot_loss / n, float("nan")
-        improved = vloss < best[0] - 1e-6
-        if improved:
-            best = (vloss, copy.deepcopy(head.state_dict()), epoch)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        secs = time.perf_counter() - t0
-        m = EpochMetrics(epoch, cfg.epochs, tot_loss / n, tot_correct / n, vloss, vacc,
-                         opt.lr, secs, n / secs if secs else 0.0, improved)
-        history.append(m.as_row())
-        if emit:
-            cb.on_train_epoch_end(m)
-        if cfg.patience and has_val and bad_epochs >= cfg.patience:
-            if emit:
-                cb.on_log(f"Early stopping: validation loss has not improved for {cfg.patience} epochs "
-                          f"(best epoch {best[2]}).")
-            break
-    return best[1], history, best[2]
+    return train_linear_head(Xtr, ytr, Xva, yva, num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                             lr=cfg.lr, weight_decay=cfg.weight_decay, patience=cfg.patience, seed=cfg.seed,
+                             cancel=cancel, on_batch=cb.on_train_batch_end if emit else None,
+                             on_epoch=cb.on_train_epoch_end if emit else None, on_log=cb.on_log if emit else None)
 
 
 # --------------------------------------------------------------------------------------------------- fine-tuning
@@ -352,8 +238,6 @@ def _amp_setup(device):
 
 def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> FitResult:
     """Train a classifier on ``config.data`` and save a run folder. See the module docstring for cancel rules."""
-    import torch
-
     from .distributed import setup
 
     cfg = config.resolved()
@@ -364,16 +248,29 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
         dist.close()
 
 
-def _fit(cfg: TrainConfig, dist, callbacks: Callbacks | None, cancel: CancelToken | None) -> FitResult:
-    import torch
+@dataclass
+class _BackboneFacts:
+    """What the run folder records about the backbone (from a loaded backbone, or from the cache without torch)."""
 
+    preprocessing: object  # Preprocessing
+    feature_dim: int
+    weights_source: str
+    weights_id: str
+    device: str  # label for metrics.json
+
+    @classmethod
+    def of(cls, backbone, device) -> "_BackboneFacts":
+        return cls(backbone.preprocessing, int(backbone.net.feature_dim), backbone.weights_source,
+                   backbone.weights_id, device_label(device))
+
+
+def _fit(cfg: TrainConfig, dist, callbacks: Callbacks | None, cancel: CancelToken | None) -> FitResult:
     # Under torchrun only rank 0 reports and writes; the other ranks compute.
     cb = (callbacks or Callbacks()) if dist.is_main else Callbacks()
     cancel = cancel or CancelToken()
     t_start = time.perf_counter()
     if cfg.mode == "fine-tuning":
         _warm_optimizer_imports()
-    torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
 
     try:
@@ -389,6 +286,17 @@ def _fit(cfg: TrainConfig, dist, callbacks: Callbacks | None, cancel: CancelToke
     if ds.skipped:
         cb.on_log(f"Skipped {len(ds.skipped)} unreadable file(s); see skipped.csv in the run folder")
 
+    if cfg.mode == "feature-extraction" and not dist.enabled:
+        try:
+            done = _fit_from_cached_features(cfg, ds, cb, cancel, t_start)
+        except Cancelled:
+            return FitResult(None, True, skipped=ds.skipped, message="Cancelled; nothing was saved.")
+        if done is not None:
+            return done
+
+    import torch
+
+    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -410,7 +318,7 @@ def _fit(cfg: TrainConfig, dist, callbacks: Callbacks | None, cancel: CancelToke
         return FitResult(None, True, skipped=ds.skipped, message="Cancelled; nothing was saved.")
     if not dist.is_main:
         return FitResult(None, state.get("cancelled", False), message=f"rank {dist.rank}: done (rank 0 saves)")
-    return _finish(cfg, ds, backbone, device, state, cb, t_start)
+    return _finish(cfg, ds, _BackboneFacts.of(backbone, device), state, cb, t_start)
 
 
 def _labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
@@ -418,18 +326,100 @@ def _labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
     return [s.path for s in items], np.array([s.label for s in items], dtype=np.int64)
 
 
+def _cache_dir(cfg: TrainConfig) -> str | None:
+    if not cfg.cache:
+        return None
+    if cfg.cache_dir:
+        return cfg.cache_dir
+    from .features import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _fit_from_cached_features(cfg, ds, cb, cancel, t_start) -> FitResult | None:
+    """Feature extraction without PyTorch when every image's embedding and the backbone's weights are cached.
+
+    Returns None (and the caller takes the full path) when anything is missing. Only backbones whose identity is
+    known without torch qualify: the bundled default (see ``backbones.describe_without_torch``).
+    """
+    from .backbones import describe_without_torch
+    from .features import BackboneSnapshot, EmbeddingCache
+    from .pixels import content_hash, read_bytes
+
+    cache_dir = _cache_dir(cfg)
+    if not cache_dir:  # (any --device: the head trains on the CPU in every mode; the backbone is not run)
+        return None
+    facts = describe_without_torch(cfg.backbone, cfg.weights)
+    if facts is None:
+        return None
+    pre, source, wid = facts
+    snap = BackboneSnapshot(cache_dir, cfg.backbone, wid, pre)
+    if not snap.exists():
+        return None
+    t0 = time.perf_counter()
+    cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre)
+    if cache.rebuilt_reason:
+        cb.on_log(cache.rebuilt_reason)
+    by_path = {}
+    for i, s in enumerate(ds.samples):
+        if i % 256 == 0:
+            cancel.raise_if_cancelled()
+        try:
+            vec = cache.get(content_hash(read_bytes(s.path)))
+        except OSError:
+            return None
+        if vec is None:
+            return None
+        by_path[s.path] = vec
+    backbone_sd = snap.load()
+    if backbone_sd is None:
+        return None
+    dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
+    embed_s = time.perf_counter() - t0
+    cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
+    state = _head_on_features(cfg, ds, by_path, dim, cb, cancel)
+    if state is None:
+        return FitResult(None, True, skipped=ds.skipped, message="Cancelled; nothing was saved.")
+    state.update(embed_seconds=embed_s, embed_stats={"cached": len(by_path), "embedded": 0},
+                 weights={**backbone_sd, **{f"head.{k}": v for k, v in state["head"].items()}})
+    device = "cpu (head trained on cached features; backbone not run)"
+    return _finish(cfg, ds, _BackboneFacts(pre, dim, source, wid, device), state, cb, t_start)
+
+
+def _head_on_features(cfg, ds, by_path, dim: int, cb, cancel) -> dict | None:
+    """Train the head on each split's features; None when cancelled (an epoch takes milliseconds)."""
+    from .head import softmax
+
+    split_X = {}
+    for split in ("train", "val", "test"):
+        p, y = _labels(ds, split)
+        X = np.stack([by_path[q] for q in p]).astype(np.float32) if p else np.zeros((0, dim), np.float32)
+        split_X[split] = (X, y)
+    if len(split_X["train"][0]) == 0:
+        raise EngineError("No training images left after skipping unreadable files.")
+    cb.on_progress(Progress(Phase.TRAINING, 0, cfg.epochs))
+    cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
+    try:
+        res = _train_head(*split_X["train"], *split_X["val"], len(ds.classes), cfg, cb, cancel)
+    except Cancelled:
+        return None
+    # Feature-extraction predictions come straight from the cached features (identical to running the model).
+    probs = {}
+    for split in ("val", "test"):
+        X = split_X[split][0]
+        probs[split] = softmax(X @ res.head["weight"].T + res.head["bias"]) if len(X) else None
+    return {"head": res.head, "history": res.history, "best_epoch": res.best_epoch, "cancelled": False,
+            "probs": probs, "train_images_per_s": 0.0}
+
+
 def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel, dist):
     import torch
 
+    from .features import BackboneSnapshot, embed_files
+
     paths = [s.path for s in ds.samples]
-    cache_dir = (cfg.cache_dir or None) if cfg.cache else None
-    if cfg.cache and not cache_dir:
-        from .features import default_cache_dir
-
-        cache_dir = default_cache_dir()
+    cache_dir = _cache_dir(cfg)
     t0 = time.perf_counter()
-    from .features import embed_files
-
     if dist.enabled:
         # Each rank embeds every world-th image; rank 0 gathers them, keeps the cache and trains the head.
         mine = list(range(dist.rank, len(paths), dist.world))
@@ -461,36 +451,25 @@ def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel, dist):
     ds.drop(errors)
     if errors:
         cb.on_log(f"Skipped {len(errors)} file(s) that could not be decoded")
-    by_path = {paths[i]: feats[j] for j, i in enumerate(kept)}
-    split_X = {}
-    for split in ("train", "val", "test"):
-        p, y = _labels(ds, split)
-        X = np.stack([by_path[q] for q in p]) if p else np.zeros((0, feats.shape[1]), np.float32)
-        split_X[split] = (torch.from_numpy(X), torch.from_numpy(y))
-    if len(split_X["train"][0]) == 0:
-        raise EngineError("No training images left after skipping unreadable files.")
-    cb.on_progress(Progress(Phase.TRAINING, 0, cfg.epochs))
-    cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
-    try:
-        head_state, history, best_epoch = _train_head(*split_X["train"], *split_X["val"], len(ds.classes), cfg, cb,
-                                                      cancel, torch.device("cpu"))
-        cancelled = False
-    except Cancelled:
-        # The head trains in well under a second per epoch; a cancel here keeps nothing half-done.
-        return None
     from .model import make_classifier
 
     model = make_classifier(backbone.net, len(ds.classes))
-    model.head.load_state_dict(head_state)
-    model.eval()
-    # Feature-extraction predictions come straight from the cached features (identical to running the model).
-    probs = {}
-    with torch.inference_mode():
-        for split in ("val", "test"):
-            X, _ = split_X[split]
-            probs[split] = torch.softmax(model.head(X), 1).numpy() if len(X) else None
-    return {"model": model, "history": history, "best_epoch": best_epoch, "cancelled": cancelled, "probs": probs,
-            "embed_seconds": embed_s, "embed_stats": stats, "train_images_per_s": 0.0}
+    backbone_sd = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    if cache_dir:
+        # The backbone's weights next to its embeddings: the next run on these images can then save a complete
+        # model without loading torch (see _fit_from_cached_features).
+        snap = BackboneSnapshot(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)
+        if not snap.exists():
+            try:
+                snap.save({k: v.detach().cpu().contiguous().numpy() for k, v in backbone_sd.items()})
+            except OSError as exc:
+                cb.on_log(f"Could not save the backbone snapshot ({exc.strerror or exc}); continuing without it")
+    state = _head_on_features(cfg, ds, {paths[i]: feats[j] for j, i in enumerate(kept)}, feats.shape[1], cb, cancel)
+    if state is None:
+        return None
+    model.head.load_state_dict({k: torch.from_numpy(v) for k, v in state["head"].items()})
+    state.update(embed_seconds=embed_s, embed_stats=stats, weights=model.state_dict())
+    return state
 
 
 def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
@@ -559,9 +538,9 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
                if decoded["val"] is not None else None)
         probe_cfg = copy.copy(cfg)
         probe_cfg.epochs, probe_cfg.lr, probe_cfg.batch_size, probe_cfg.patience = 100, 3e-3, 64, 15
-        head_state, _, _ = _train_head(ftr, ytr, fva, yva, len(ds.classes), probe_cfg, cb, cancel,
-                                       torch.device("cpu"), emit=False)
-        model.head.load_state_dict(head_state)
+        probe = _train_head(ftr.numpy(), ytr.numpy(), None if fva is None else fva.numpy(), yva.numpy(),
+                            len(ds.classes), probe_cfg, cb, cancel, emit=False)
+        model.head.load_state_dict({k: torch.from_numpy(v).to(device) for k, v in probe.head.items()})
 
     train_model = model
     if dist.enabled:
@@ -702,7 +681,8 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
         else:
             probs[split] = None
     rates = [h["images_per_s"] for h in history]
-    return {"model": model.float().to("cpu").to(memory_format=torch.contiguous_format), "history": history,
+    model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
+    return {"weights": model.state_dict(), "history": history,
             "best_epoch": best["epoch"], "cancelled": cancelled, "probs": probs,
             "train_images_per_s": float(np.median(rates)) if rates else 0.0}
 
@@ -713,22 +693,37 @@ def _versions() -> dict:
     import sys
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
     from . import __version__
 
-    try:  # metadata, not `import torchvision`: that import alone took 1.9 s here and most runs never need it
-        tv = version("torchvision")
-    except PackageNotFoundError:
-        tv = "not installed"
-    return {"transfer_studio": __version__, "torch": torch.__version__, "torchvision": tv,
+    def installed(name: str) -> str:
+        # Metadata, not an import: `import torchvision` alone took 1.9 s here, and a run from cached features
+        # never imports torch at all.
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    torch = sys.modules.get("torch")  # its __version__ also names the CUDA build (e.g. 2.11.0+cu128)
+    return {"transfer_studio": __version__, "torch": torch.__version__ if torch else installed("torch"),
+            "torchvision": installed("torchvision"),
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
-def _finish(cfg, ds, backbone, device, state, cb, t_start) -> FitResult:
-    import torch
-    from safetensors.torch import save_file
+def _save_weights(path: str, weights: dict) -> None:
+    """model.safetensors from torch tensors, or from NumPy arrays when the run never imported torch."""
+    meta = {"format": "transfer-studio"}
+    if all(isinstance(v, np.ndarray) for v in weights.values()):
+        from safetensors.numpy import save_file
 
+        # (not np.ascontiguousarray: it turns 0-d arrays such as BatchNorm's num_batches_tracked into shape (1,))
+        save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, path, metadata=meta)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, path, metadata=meta)
+
+
+def _finish(cfg, ds, facts: _BackboneFacts, state, cb, t_start) -> FitResult:
     from .runs import RunWriter, default_runs_dir, new_run_name
 
     cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
@@ -756,7 +751,7 @@ def _finish(cfg, ds, backbone, device, state, cb, t_start) -> FitResult:
     metrics.update({
         "best_epoch": state["best_epoch"], "epochs_run": len(state["history"]),
         "train_seconds": round(total_s, 3), "n_train": len(ds.split("train")), "n_val": len(ds.split("val")),
-        "n_test": len(ds.split("test")), "n_skipped": len(ds.skipped), "device": device_label(device),
+        "n_test": len(ds.split("test")), "n_skipped": len(ds.skipped), "device": facts.device,
         "train_images_per_s": round(state.get("train_images_per_s", 0.0), 1),
     })
     if "embed_seconds" in state:
@@ -766,9 +761,7 @@ def _finish(cfg, ds, backbone, device, state, cb, t_start) -> FitResult:
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
     writer = RunWriter(out, overwrite=cfg.overwrite)
     try:
-        model = state["model"]
-        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, writer.path("model.safetensors"), metadata={"format": "transfer-studio"})
+        _save_weights(writer.path("model.safetensors"), state["weights"])
         writer.write_csv("history.csv", list(state["history"][0].keys()) if state["history"] else ["epoch"],
                          [list(h.values()) for h in state["history"]])
         writer.write_csv("split.csv", ["path", "split", "class"],
@@ -781,10 +774,10 @@ def _finish(cfg, ds, backbone, device, state, cb, t_start) -> FitResult:
         writer.write_json("model.json", {
             "format_version": 1, "app": "transfer-studio", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "classes": classes, "backbone": cfg.backbone, "mode": cfg.mode,
-            "preprocessing": backbone.preprocessing.to_dict(), "feature_dim": int(backbone.net.feature_dim),
-            "head": {"type": "linear", "in_features": int(backbone.net.feature_dim), "out_features": len(classes),
+            "preprocessing": facts.preprocessing.to_dict(), "feature_dim": facts.feature_dim,
+            "head": {"type": "linear", "in_features": facts.feature_dim, "out_features": len(classes),
                      "dropout": 0.2},
-            "weights_source": backbone.weights_source, "weights_id": backbone.weights_id,
+            "weights_source": facts.weights_source, "weights_id": facts.weights_id,
             "data": os.path.abspath(cfg.data), "layout": ds.layout, "config": _json_safe(conf),
             "versions": _versions(),
         })

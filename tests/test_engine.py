@@ -225,7 +225,7 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     second = fit(TrainConfig(out=str(tmp_path / "r2"), **cfg))
     assert second.metrics["embeddings_from_cache"] == 42
     assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
-    (cache_file,) = list(cache.iterdir())
+    (cache_file,) = [p for p in cache.iterdir() if not p.name.endswith(".backbone.safetensors")]
     cache_file.write_bytes(cache_file.read_bytes()[:200])  # torn write
     logs = []
 
@@ -236,6 +236,17 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     third = fit(TrainConfig(out=str(tmp_path / "r3"), **cfg), Log())
     assert third.metrics["embeddings_from_cache"] == 0
     assert any("damaged" in m for m in logs)
+    # The backbone's weights kept beside the embeddings (for reruns without torch): a torn copy is never used.
+    (snapshot,) = cache.glob("*.backbone.safetensors")
+    snapshot.write_bytes(snapshot.read_bytes()[:1000])
+    fourth = fit(TrainConfig(out=str(tmp_path / "r4"), **cfg))
+    assert fourth.metrics["embeddings_from_cache"] == 42 and "backbone not run" not in fourth.metrics["device"]
+    assert fourth.metrics["val_accuracy"] == first.metrics["val_accuracy"]
+    from engine.model import load_model
+
+    load_model(fourth.run_dir)
+    fifth = fit(TrainConfig(out=str(tmp_path / "r5"), **cfg))  # rewritten by the fourth run
+    assert "backbone not run" in fifth.metrics["device"]
 
 
 def test_malicious_pickle_is_refused(tmp_path):
@@ -354,24 +365,54 @@ def test_cli_train_predict_export(flat_data, tmp_path):
     assert r.returncode == 2 and "error: Folder not found" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_head_optimizer_matches_torch_adamw():
-    """The head's AdamW (which avoids torch.optim's 2 s import) must be the same update as torch.optim.AdamW."""
+def test_numpy_head_matches_torch_training():
+    """The NumPy head trainer (which lets a rerun skip importing torch) takes the same steps as nn.Linear +
+    cross-entropy + torch.optim.AdamW with cosine decay."""
     import torch
 
-    from engine.train import _HeadAdamW
+    from engine.head import HeadAdamW, loss_and_gradients
 
     torch.manual_seed(0)
-    a, b = torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
-    b.load_state_dict(a.state_dict())
-    oa = _HeadAdamW(list(a.parameters()), 3e-3, 1e-4, total_steps=20)
-    ob = torch.optim.AdamW(b.parameters(), lr=3e-3, weight_decay=1e-4)
-    sb = torch.optim.lr_scheduler.CosineAnnealingLR(ob, T_max=20)
+    ref = torch.nn.Linear(16, 3)
+    w, b = (p.detach().numpy().copy() for p in ref.parameters())
+    opt = HeadAdamW([w, b], 3e-3, 1e-4, total_steps=20)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=20)
     for _ in range(20):
         x, y = torch.randn(8, 16), torch.randint(0, 3, (8,))
-        for m, o in ((a, oa), (b, ob)):
-            o.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-        sb.step()
-    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-6
-    assert abs(oa.lr - sb.get_last_lr()[0]) < 1e-12
+        ref_opt.zero_grad()
+        ref_loss = torch.nn.functional.cross_entropy(ref(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        sched.step()
+        loss, _, grads = loss_and_gradients(x.numpy(), y.numpy(), w, b)
+        opt.step(grads)
+        assert abs(loss - ref_loss.item()) < 1e-5
+    assert np.abs(w - ref.weight.detach().numpy()).max() < 1e-5
+    assert np.abs(b - ref.bias.detach().numpy()).max() < 1e-5
+    assert abs(opt.lr - sched.get_last_lr()[0]) < 1e-12
+
+
+def test_rerun_from_cached_features_needs_no_torch_and_saves_the_same_model(flat_data, tmp_path):
+    """A second feature-extraction run on the same images trains from the cache without importing torch (the
+    import alone takes seconds), and its run folder holds the same model as the first run's."""
+    from safetensors.numpy import load_file
+
+    from engine.model import load_model
+
+    cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(tmp_path / "cache"))
+    first = fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
+    script = ("import json, sys\n"
+              "from engine import TrainConfig, fit\n"
+              f"r = fit(TrainConfig(out=sys.argv[1], **{cfg!r}))\n"
+              "print(json.dumps({'torch': 'torch' in sys.modules, 'run': r.run_dir, 'metrics': r.metrics}))\n")
+    p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "r2")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["torch"] is False
+    assert out["metrics"]["embeddings_from_cache"] == 42 and "backbone not run" in out["metrics"]["device"]
+    assert out["metrics"]["val_accuracy"] == first.metrics["val_accuracy"]
+    a, b = load_file(str(tmp_path / "r1" / "model.safetensors")), load_file(str(tmp_path / "r2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert load_model(out["run"]).classes == first.metrics["classes"]

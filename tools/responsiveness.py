@@ -102,7 +102,8 @@ def main() -> int:
             print(f"skipped: {d} not found")
             return 0
     tmp = tempfile.mkdtemp(prefix="ts-resp-")
-    os.environ["TRANSFER_STUDIO_CACHE"] = os.path.join(tmp, "cache")
+    # TS_CACHE=DIR: start from an embedding cache filled beforehand (e.g. by `python -m engine train` on a big folder)
+    os.environ["TRANSFER_STUDIO_CACHE"] = os.environ.get("TS_CACHE") or os.path.join(tmp, "cache")
     app = QApplication(sys.argv[:1])  # noqa: F841
     from gui.selftest import backbones_listed, scratch_window
 
