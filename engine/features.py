@@ -16,7 +16,7 @@ import numpy as np
 
 from .backbones import LoadedBackbone, Preprocessing
 from .events import CancelToken, Phase, Progress
-from .pixels import content_hash, iter_decoded, read_bytes
+from .pixels import content_hash, iter_decoded, read_bytes, stack_on
 from .runs import atomic_write_bytes
 
 
@@ -199,7 +199,7 @@ def _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feat
     done = 0
     with torch.inference_mode():
         for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
-                                  overlap=device.type != "cpu"):
+                                  overlap=device.type != "cpu", device=device):
             good = [(todo[j], arr) for j, arr, err in group if arr is not None]
             errors.extend((todo_paths[j], err) for j, arr, err in group if arr is None)
             done += len(group) - len(good)
@@ -207,8 +207,7 @@ def _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feat
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 part = good[s:s + bs]
-                x = torch.from_numpy(np.stack([a for _, a in part])).to(device, non_blocking=True)
-                x = x.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+                x = stack_on([a for _, a in part], device).float().sub_(mean).div_(std)
                 if device.type != "mps":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -47,7 +47,7 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
     """
     import torch
 
-    from .pixels import iter_decoded
+    from .pixels import iter_decoded, stack_on
 
     cb = callbacks or Callbacks()
     pre = loaded.preprocessing
@@ -63,14 +63,13 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
     try:
         with torch.inference_mode():
             for group in iter_decoded(paths, pre, pre.size, chunk=max(bs, 32), cancel=cancel,
-                                          overlap=device.type != "cpu"):
+                                      overlap=device.type != "cpu", device=device):
                 good = [(i, a) for i, a, e in group if a is not None]
                 bad = [(i, e) for i, a, e in group if a is None]
                 chunk_probs = []
                 for s in range(0, len(good), bs):
                     part = good[s:s + bs]
-                    x = torch.from_numpy(np.stack([a for _, a in part])).to(device)
-                    x = x.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+                    x = stack_on([a for _, a in part], device).float().sub_(mean).div_(std)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         logits = model(x)
                     chunk_probs.append(torch.softmax(logits.float(), 1).cpu().numpy())

@@ -494,7 +494,7 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
         def prog(done, total, _s=split):
             cb.on_progress(Progress(Phase.DECODING, done, total, message=_s))
 
-        arr, kept, bad = decode_all([s.path for s in items], pre, size, cancel, prog)
+        arr, kept, bad = decode_all([s.path for s in items], pre, size, cancel, prog, device=device)
         ds.drop(bad)
         decoded[split] = torch.from_numpy(arr)
     cb.on_log(f"Decoded in {time.perf_counter() - t0:.1f} s")

@@ -40,3 +40,51 @@ def test_decompression_bomb_is_skipped_with_a_reason(tmp_path):
     ds = scan_folder(root, val_split=0.34)
     reasons = {p.split("/")[-1]: r for p, r in ds.skipped}
     assert "bomb.png" in reasons and "too large" in reasons["bomb.png"]
+
+
+def test_torchvision_jpeg_decoding_matches_pil_and_falls_back_per_file(tmp_path):
+    """On CUDA, JPEGs are decoded by nvjpeg in batches (issue #5); the same code runs here with torchvision's CPU
+    decoder. Whatever it cannot decode exactly like PIL (EXIF rotation, CMYK, PNG, damaged files) goes to PIL, so
+    pixels match PIL's to resampling noise and every error reads the same."""
+    import io
+
+    import torch
+
+    from engine.backbones import LITE0_PREPROCESSING, Preprocessing
+    from engine.pixels import iter_decoded, iter_decoded_torch
+    from tests.imagegen import draw_image
+
+    files = []
+    for i, style in enumerate(["circles", "squares", "stripes", "triangles"] * 2):
+        p = tmp_path / f"{i}.jpg"
+        draw_image(style, i, size=160).save(p, quality=92)
+        files.append(p)
+    draw_image("stripes", 50, size=120).convert("L").save(tmp_path / "grey.jpg")
+    tall = draw_image("triangles", 51, size=150).resize((90, 200))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # shown rotated: nvjpeg would ignore this, so PIL must take it
+    tall.save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("CMYK", (64, 48), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    draw_image("circles", 52).save(tmp_path / "image.png")
+    buf = io.BytesIO()
+    draw_image("squares", 53, size=200).save(buf, "JPEG")
+    (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:900])
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 300)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    files += [tmp_path / n for n in ("grey.jpg", "rotated.jpg", "cmyk.jpg", "image.png", "truncated.jpg",
+                                     "garbage.jpg", "empty.jpg")]
+    paths = [str(p) for p in files]
+    crop = Preprocessing(96, 110, "center-crop", (0.5,) * 3, (0.5,) * 3)
+    for pre, size in ((LITE0_PREPROCESSING, 112), (crop, 96)):
+        ref = [x for group in iter_decoded(paths, pre, size, chunk=5) for x in group]
+        got = [x for group in iter_decoded_torch(paths, pre, size, torch.device("cpu"), chunk=5) for x in group]
+        assert [i for i, _, _ in got] == list(range(len(paths)))
+        assert [e for _, _, e in got] == [e for _, _, e in ref]
+        assert sum(a is None for _, a, _ in got) >= 3  # garbage, empty, and the truncated one
+        for (i, a, _), (_, b, _) in zip(ref, got):
+            if a is None:
+                assert b is None
+                continue
+            assert b.shape == (3, size, size) and b.dtype == torch.uint8
+            diff = np.abs(a.astype(np.int16) - b.permute(1, 2, 0).numpy().astype(np.int16))
+            assert diff.mean() < 3.0, (paths[i], diff.mean())

@@ -16,9 +16,11 @@ TIMEFORMAT='WALL %R s'
 t() { echo "== $*"; time "$@"; }
 t python3 -m engine train $D --device $DEV --out /tmp/r-fe
 t python3 -m engine train $D --device $DEV --out /tmp/r-fe2            # embedding cache warm
+# JPEGs decoded by PIL threads instead of nvjpeg (empty cache of its own): what GPU decoding gains
+t env TRANSFER_STUDIO_GPU_DECODE=0 TRANSFER_STUDIO_CACHE=/tmp/ts-cache-pil python3 -m engine train $D --device $DEV --out /tmp/r-fe-pil
 t python3 -m engine train $D --device $DEV --mode fine-tuning --epochs $FT --out /tmp/r-ft
 t torchrun --standalone --nproc_per_node=1 -m engine train $D --device $DEV --mode fine-tuning --epochs $FT --out /tmp/r-ft-ddp1
-for r in /tmp/r-fe /tmp/r-fe2 /tmp/r-ft /tmp/r-ft-ddp1; do
-  python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print(sys.argv[1], m['val_accuracy'], m['val_accuracy_ci95'], m['train_seconds'], 's', m['train_images_per_s'], 'img/s', m['device'])" $r
+for r in /tmp/r-fe /tmp/r-fe2 /tmp/r-fe-pil /tmp/r-ft /tmp/r-ft-ddp1; do
+  python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print(sys.argv[1], m['val_accuracy'], m['val_accuracy_ci95'], m['train_seconds'], 's', m['train_images_per_s'], 'img/s', 'embed', m.get('embed_seconds'), 's', m['device'])" $r
 done
 [ -n "${SKIP_BENCH:-}" ] || t python3 -m engine bench $D --device $DEV --json "$OUT/bench.json"
