@@ -6,6 +6,7 @@ plain Python numbers and strings: safe to send through a Qt signal, to print, or
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -134,3 +135,17 @@ class Cancelled(Exception):
 
 class EngineError(Exception):
     """An error a user can act on: the message says what went wrong and what to change."""
+
+
+class Throttle:
+    """``ready()`` is true at most once per ``interval`` seconds (per-batch callbacks without flooding the GUI)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval, self.last = interval, 0.0
+
+    def ready(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            return True
+        return False

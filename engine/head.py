@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .events import BatchMetrics, Cancelled, CancelToken, EpochMetrics
+from .events import BatchMetrics, Cancelled, CancelToken, EpochMetrics, Throttle
 
 
 class HeadAdamW:
@@ -113,7 +113,7 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
     best_loss, best_head, best_epoch = math.inf, None, 0
     history: list[dict] = []
     bad_epochs = 0
-    last_emit = 0.0
+    throttle = Throttle(0.2)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         perm = rng.permutation(n)
@@ -129,9 +129,7 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
             opt.step(grads)
             tot_loss += loss * len(idx)
             tot_correct += int((out.argmax(1) == y).sum())
-            now = time.perf_counter()
-            if on_batch is not None and now - last_emit >= 0.2:
-                last_emit = now
+            if on_batch is not None and throttle.ready():
                 seen = min((step + 1) * bs, n)
                 on_batch(BatchMetrics(epoch, step + 1, steps, tot_loss / seen, tot_correct / seen, 0.0, 0.0))
         if has_val:

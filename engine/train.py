@@ -17,7 +17,8 @@ import numpy as np
 from .backbones import DEFAULT_BACKBONE, load_backbone
 from .data import Dataset, scan_folder
 from .evaluate import classification_metrics
-from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase, Progress
+from .events import (BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase, Progress,
+                     Throttle)
 
 MODES = ("feature-extraction", "fine-tuning")
 DEFAULTS = {
@@ -126,18 +127,6 @@ def _warm_optimizer_imports() -> None:
 
     if "torch._dynamo" not in sys.modules:
         threading.Thread(target=lambda: __import__("torch._dynamo"), name="warm-imports", daemon=True).start()
-
-
-class _Throttle:
-    def __init__(self, interval: float) -> None:
-        self.interval, self.last = interval, 0.0
-
-    def ready(self) -> bool:
-        now = time.perf_counter()
-        if now - self.last >= self.interval:
-            self.last = now
-            return True
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------- head
@@ -565,7 +554,7 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
 
     best = {"loss": math.inf, "state": None, "epoch": 0}
     history, bad_epochs = [], 0
-    throttle = _Throttle(0.25)
+    throttle = Throttle(0.25)
     epoch = 0
     total_steps = None
     sched = None
