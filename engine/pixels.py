@@ -204,6 +204,8 @@ def _resize_tensor(img, pre: Preprocessing, size: int):
 def _torch_decode(items: list[tuple[int, bytes]], device) -> dict:
     """index -> (3,H,W) uint8 tensor on ``device``, or None where torchvision could not decode that file. On CUDA
     the whole list goes to nvjpeg at once; a batch that fails (it never returns part of one) is retried per file."""
+    if not items:  # a chunk with no plain JPEG in it (all PNG, say): nothing to hand to nvjpeg
+        return {}
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
