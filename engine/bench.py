@@ -106,8 +106,7 @@ def _phase(name: str, args: dict) -> dict:
         n = m["n_train"] + m["n_val"] + m["n_test"]
         if mode == "feature-extraction":
             out["images"] = n
-            out["images_per_s"] = (n - m.get("embeddings_from_cache", 0)) / m["embed_seconds"] \
-                if m.get("embed_seconds") and m.get("embeddings_from_cache", 0) < n else float("nan")
+            out["images_per_s"] = m.get("embed_images_per_s") or float("nan")  # none embedded: all from cache
         else:
             out["images"] = m["n_train"] * m["epochs_run"]
             out["images_per_s"] = m["train_images_per_s"]

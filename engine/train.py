@@ -398,7 +398,7 @@ def _head_on_features(cfg, ds, by_path, dim: int, cb, cancel) -> dict | None:
         X = split_X[split][0]
         probs[split] = softmax(X @ res.head["weight"].T + res.head["bias"]) if len(X) else None
     return {"head": res.head, "history": res.history, "best_epoch": res.best_epoch, "cancelled": False,
-            "probs": probs, "train_images_per_s": 0.0}
+            "probs": probs}
 
 
 def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel, dist):
@@ -741,11 +741,15 @@ def _finish(cfg, ds, facts: _BackboneFacts, state, cb, t_start) -> FitResult:
         "best_epoch": state["best_epoch"], "epochs_run": len(state["history"]),
         "train_seconds": round(total_s, 3), "n_train": len(ds.split("train")), "n_val": len(ds.split("val")),
         "n_test": len(ds.split("test")), "n_skipped": len(ds.skipped), "device": facts.device,
-        "train_images_per_s": round(state.get("train_images_per_s", 0.0), 1),
     })
-    if "embed_seconds" in state:
+    if "train_images_per_s" in state:  # fine-tuning: images through the backbone per second while training
+        metrics["train_images_per_s"] = round(state["train_images_per_s"], 1)
+    if "embed_seconds" in state:  # feature extraction: the backbone ran once per image not yet in the cache
+        embedded = state["embed_stats"]["embedded"]
         metrics["embed_seconds"] = round(state["embed_seconds"], 3)
         metrics["embeddings_from_cache"] = state["embed_stats"]["cached"]
+        metrics["embed_images_per_s"] = (round(embedded / state["embed_seconds"], 1)
+                                         if embedded and state["embed_seconds"] > 0 else None)
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
     writer = RunWriter(out, overwrite=cfg.overwrite)

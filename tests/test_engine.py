@@ -117,7 +117,7 @@ def test_fine_tuning_learns_and_saves(flat_data, tmp_path):
                           batch_size=8, unfreeze=1, seed=0), Rec())
     assert res.run_dir and not res.cancelled
     assert [m.epoch for m in epochs] == [1, 2]
-    assert res.metrics["val_accuracy"] >= 0.75
+    assert res.metrics["val_accuracy"] >= 0.75 and res.metrics["train_images_per_s"] > 0
     from engine.model import load_model
 
     loaded = load_model(res.run_dir)
@@ -221,9 +221,10 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     cache = tmp_path / "cache"
     cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(cache))
     first = fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
-    assert first.metrics["embeddings_from_cache"] == 0
+    assert first.metrics["embeddings_from_cache"] == 0 and first.metrics["embed_images_per_s"] > 0
+    assert "train_images_per_s" not in first.metrics  # the backbone does not train in feature extraction
     second = fit(TrainConfig(out=str(tmp_path / "r2"), **cfg))
-    assert second.metrics["embeddings_from_cache"] == 42
+    assert second.metrics["embeddings_from_cache"] == 42 and second.metrics["embed_images_per_s"] is None
     assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
     (cache_file,) = [p for p in cache.iterdir() if not p.name.endswith(".backbone.safetensors")]
     cache_file.write_bytes(cache_file.read_bytes()[:200])  # torn write

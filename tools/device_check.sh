@@ -21,6 +21,6 @@ t env TRANSFER_STUDIO_GPU_DECODE=0 TRANSFER_STUDIO_CACHE=/tmp/ts-cache-pil pytho
 t python3 -m engine train $D --device $DEV --mode fine-tuning --epochs $FT --out /tmp/r-ft
 t torchrun --standalone --nproc_per_node=1 -m engine train $D --device $DEV --mode fine-tuning --epochs $FT --out /tmp/r-ft-ddp1
 for r in /tmp/r-fe /tmp/r-fe2 /tmp/r-fe-pil /tmp/r-ft /tmp/r-ft-ddp1; do
-  python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print(sys.argv[1], m['val_accuracy'], m['val_accuracy_ci95'], m['train_seconds'], 's', m['train_images_per_s'], 'img/s', 'embed', m.get('embed_seconds'), 's', m['device'])" $r
+  python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print(sys.argv[1], m['val_accuracy'], m['val_accuracy_ci95'], m['train_seconds'], 's', 'train', m.get('train_images_per_s'), 'img/s', 'embed', m.get('embed_seconds'), 's', m.get('embed_images_per_s'), 'img/s', m['device'])" $r
 done
 [ -n "${SKIP_BENCH:-}" ] || t python3 -m engine bench $D --device $DEV --json "$OUT/bench.json"
