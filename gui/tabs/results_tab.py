@@ -18,6 +18,15 @@ from gui.widgets import ImageGrid, reveal_in_file_manager
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
+def _seconds(s: float) -> str:
+    """0.3 s, 12 s, 2 min 5 s: a rerun from cached features takes well under a second and should not read "0 s"."""
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{int(s // 60)} min {int(s % 60)} s"
+
+
 class ResultsTab(QWidget):
     run_opened = Signal(str)
 
@@ -126,7 +135,7 @@ class ResultsTab(QWidget):
             secs = run["train_seconds"]
             vals = [run["created"].replace("T", " ")[:16], run["backbone"], run["mode"],
                     f"{acc:.3f}" if isinstance(acc, (int, float)) else "-",
-                    f"{secs:.0f} s" if isinstance(secs, (int, float)) else "-"]
+                    _seconds(secs) if isinstance(secs, (int, float)) else "-"]
             for c, v in enumerate(vals):
                 item = QTableWidgetItem(v)
                 item.setData(Qt.UserRole, run["path"])
@@ -180,7 +189,7 @@ class ResultsTab(QWidget):
             parts.append(f"Test accuracy <b>{100 * metrics['test_accuracy']:.1f}%</b> "
                          f"(95% interval {100 * tci[0]:.1f}–{100 * tci[1]:.1f}%, {metrics.get('test_n')} images)")
         parts.append(f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
-                     f"{metrics.get('train_seconds', 0):.0f} s on {metrics.get('device', '?')}")
+                     f"{_seconds(metrics.get('train_seconds', 0))} on {metrics.get('device', '?')}")
         self.summary.setText("<br>".join(parts))
         pc = metrics.get("per_class", {})
         self.per_class.setRowCount(len(self.classes))
