@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, Signal
-from PySide6.QtGui import QColor, QIcon, QImage, QImageReader, QPixmap
+from PySide6.QtGui import QColor, QIcon, QImage, QImageReader, QPainter, QPixmap
 
 from gui.worker import lower_this_thread_priority
 
@@ -31,9 +31,21 @@ class _LoadThumb(QRunnable):
             # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
             reader.setScaledSize(src.scaled(self.size, self.size, Qt.KeepAspectRatio))
         img = reader.read()
-        if img.isNull():
-            img = QImage()
-        self.emitter.loaded.emit(self.path, img)
+        self.emitter.loaded.emit(self.path, QImage() if img.isNull() else _on_square(img, self.size))
+
+
+def _on_square(img: QImage, size: int) -> QImage:
+    """The thumbnail centred on a transparent size x size canvas. Every icon then has the same size, so grids with
+    uniform item sizes (laid out from one item) leave room for every caption: a wide first thumbnail once made the
+    rows too short and clipped the captions of taller ones."""
+    if img.width() > size or img.height() > size:  # a decoder that ignored the scaled size
+        img = img.scaled(size, size, Qt.KeepAspectRatio, Qt.SmoothTransformation)
+    canvas = QImage(size, size, QImage.Format_ARGB32_Premultiplied)
+    canvas.fill(Qt.transparent)
+    painter = QPainter(canvas)  # painting on a QImage is allowed off the GUI thread
+    painter.drawImage((size - img.width()) // 2, (size - img.height()) // 2, img)
+    painter.end()
+    return canvas
 
 
 class ThumbnailLoader(QObject):

@@ -297,3 +297,31 @@ def test_start_up_imports_are_kept_out_of_garbage_collection(window):
     assert window.discovery is not None and not window.discovery.is_running()
     assert gc.isenabled()
     assert gc.get_freeze_count() > 100_000
+
+
+def test_image_grid_leaves_room_for_every_caption(qtbot, tmp_path):
+    """A wide thumbnail first and a tall one after it: the grid lays out every item from one item's size, so both
+    must need the same room (a wide first one once clipped the captions of all taller ones)."""
+    from PySide6.QtGui import QImage
+
+    from gui.thumbs import ThumbnailLoader
+    from gui.widgets import ImageGrid
+
+    wide, tall = tmp_path / "wide.jpg", tmp_path / "tall.png"
+    draw_image("stripes", 1).resize((300, 120)).save(wide)
+    draw_image("circles", 2).resize((90, 240)).save(tall)
+    loader = ThumbnailLoader()
+    grid = ImageGrid(loader)
+    qtbot.addWidget(grid)
+    grid.set_items([(str(wide), "stripes 97%", ""), (str(tall), "circles 55%", "")])
+    grid.show()
+    for p in (wide, tall):
+        loader.icon(str(p))
+    qtbot.waitUntil(lambda: str(wide) in loader.cache and str(tall) in loader.cache, timeout=10000)
+    hints = [grid.sizeHintForIndex(grid.model().index(r, 0)) for r in range(2)]
+    assert hints[0] == hints[1]
+    assert hints[0].height() >= loader.size + grid.fontMetrics().height()  # icon plus one line of caption
+    # the picture keeps its proportions: the wide one is centred with transparent bands above and below
+    img = loader.cache[str(wide)].pixmap(loader.size, loader.size).toImage().convertToFormat(QImage.Format_ARGB32)
+    assert img.pixelColor(loader.size // 2, 2).alpha() == 0 and img.pixelColor(loader.size // 2, loader.size // 2).alpha() == 255
+    loader.shutdown()
