@@ -447,10 +447,12 @@ class MainWindow(QMainWindow):
                 QApplication.processEvents()
                 self.job.wait(50)
         self.closing = True
-        for j in (self.scan, self.discovery):
-            if j is not None and j.is_running():
-                j.cancel()
-                j.wait(30000)
+        background = [j for j in (self.scan, self.discovery) if j is not None and j.is_running()]
+        if background:
+            self.hide()  # gone at once; the start-up import of torch cannot be interrupted (a few seconds)
+        for j in background:
+            j.cancel()
+            j.wait(30000)
         self.loader.shutdown()
         self.save_settings()
         e.accept()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import traceback
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from engine.events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, PredictionRow, Progress
 
@@ -97,8 +97,11 @@ class Job(QObject):
         self.thread.setObjectName(f"job-{getattr(worker.fn, '__name__', 'engine')}")
         worker.moveToThread(self.thread)
         self.thread.started.connect(worker.run)
-        worker.finished.connect(self.thread.quit)
-        worker.failed.connect(self.thread.quit)
+        # Direct: the worker's own thread ends its event loop (QThread.quit is thread-safe). Queued to the GUI thread,
+        # the quit never ran while the GUI thread sat in wait(), so closing the window during start-up's backbone
+        # discovery hung for wait()'s whole 30 s.
+        worker.finished.connect(self.thread.quit, Qt.DirectConnection)
+        worker.failed.connect(self.thread.quit, Qt.DirectConnection)
         self.thread.finished.connect(self._cleanup)
 
     def start(self) -> None:

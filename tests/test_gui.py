@@ -325,3 +325,20 @@ def test_image_grid_leaves_room_for_every_caption(qtbot, tmp_path):
     img = loader.cache[str(wide)].pixmap(loader.size, loader.size).toImage().convertToFormat(QImage.Format_ARGB32)
     assert img.pixelColor(loader.size // 2, 2).alpha() == 0 and img.pixelColor(loader.size // 2, loader.size // 2).alpha() == 255
     loader.shutdown()
+
+
+def test_a_finished_job_thread_ends_while_the_gui_thread_waits(qapp):
+    """Closing the window waits for background jobs (folder scan, backbone discovery) without running the event
+    loop: the job's thread must end by itself, or closing during start-up hung for the whole wait."""
+    import time as _time
+
+    from gui.worker import start_job
+
+    def slow(callbacks=None, cancel=None):
+        _time.sleep(0.3)
+        return "done"
+
+    job = start_job(None, slow)
+    job.start()
+    assert job.wait(20000), "the job's thread did not end while the GUI thread was blocked in wait()"
+    assert not job.is_running()
