@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+import sys
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
@@ -130,11 +133,13 @@ def stack_on(arrays: list, device):
 
 def decode_all(paths: Sequence[str], pre: Preprocessing, size: int, cancel: CancelToken | None = None,
                progress: Callable[[int, int], None] | None = None,
-               device=None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+               device=None, out: np.ndarray | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode every path into one (N,3,S,S) uint8 array. Returns (array, kept indices, [(path, reason)]).
-    With a CUDA ``device`` the JPEGs are decoded on it (see ``iter_decoded``)."""
+    With a CUDA ``device`` the JPEGs are decoded on it (see ``iter_decoded``). ``out``: an (N,3,S,S) uint8 array
+    to fill instead of a new one in memory (a file on disk: see ``PixelStore``)."""
     n = len(paths)
-    out = np.empty((n, 3, size, size), dtype=np.uint8)
+    if out is None:
+        out = np.empty((n, 3, size, size), dtype=np.uint8)
     kept, bad = [], []
     done = 0
     for group in iter_decoded(paths, pre, size, cancel=cancel, device=device):
@@ -148,6 +153,77 @@ def decode_all(paths: Sequence[str], pre: Preprocessing, size: int, cancel: Canc
         if progress is not None:
             progress(done, n)
     return out[:len(kept)], kept, bad
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the system can hand out now without swapping, or None where it cannot tell."""
+    try:
+        if sys.platform.startswith("linux"):
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        elif sys.platform.startswith("win"):
+            import ctypes
+
+            class _Status(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong)] + [
+                    (name, ctypes.c_ulonglong) for name in ("total", "avail", "total_page", "avail_page",
+                                                            "total_virtual", "avail_virtual", "avail_extended")]
+
+            st = _Status()
+            st.dwLength = ctypes.sizeof(_Status)
+            if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
+                return int(st.avail)
+        else:  # macOS and other Unix: half the physical memory, as a cautious guess at what is free
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+class PixelStore:
+    """Where fine-tuning keeps its decoded images: in memory when they fit comfortably (half of what is available),
+    otherwise in a file on disk (a NumPy memmap; each epoch then reads from the OS's page cache or the disk), so a
+    folder bigger than the machine's memory is slower instead of killed by the out-of-memory killer.
+    ``close()`` removes the file (on POSIX it is unlinked at once, so even a killed process leaves nothing)."""
+
+    def __init__(self, need_bytes: int, folder: str | None) -> None:
+        self.need = need_bytes
+        avail = available_memory()
+        self.on_disk = avail is not None and need_bytes > avail // 2
+        self.folder = None
+        self.avail = avail
+        if self.on_disk:
+            base = folder or tempfile.gettempdir()
+            os.makedirs(base, exist_ok=True)
+            free = shutil.disk_usage(base).free
+            if need_bytes > 0.9 * free:
+                from .events import EngineError
+
+                raise EngineError(
+                    f"The decoded images need {need_bytes / 1e9:.1f} GB: more than the memory available "
+                    f"({avail / 1e9:.1f} GB) and the free disk space in {base} ({free / 1e9:.1f} GB). Use feature "
+                    "extraction (it keeps features, not pixels), fewer images, or free some disk space.")
+            self.folder = tempfile.mkdtemp(prefix="pixels-", dir=base)
+
+    def array(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A new uint8 array for ``decode_all`` to fill: None (decode_all allocates in memory) unless on disk."""
+        if not self.on_disk:
+            return None
+        fd, path = tempfile.mkstemp(suffix=".u8", dir=self.folder)
+        os.close(fd)
+        arr = np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
+        try:
+            os.unlink(path)  # POSIX: the mapping keeps the data; the name is gone even if the process is killed
+        except OSError:
+            pass  # Windows: an open mapping cannot be deleted; close() removes the folder
+        return arr
+
+    def close(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 # ------------------------------------------------------------------------------------------- decoding on the GPU

@@ -462,6 +462,24 @@ def _fit_feature_extraction(cfg, ds, backbone, device, cb, cancel, dist):
 
 
 def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
+    from .pixels import PixelStore
+
+    pre = backbone.preprocessing
+    train_size = int(round(pre.size * 256 / 224)) if cfg.augment else pre.size
+    need = 3 * (len(ds.split("train")) * train_size ** 2
+                + (len(ds.split("val")) + len(ds.split("test"))) * pre.size ** 2)
+    store = PixelStore(need, _cache_dir(cfg))
+    if store.on_disk:
+        cb.on_log(f"The decoded images ({need / 1e9:.1f} GB) would not fit in memory "
+                  f"({store.avail / 1e9:.1f} GB available): kept in a file in {store.folder} instead; "
+                  "epochs read them from disk, more slowly")
+    try:
+        return _fine_tune(cfg, ds, backbone, device, cb, cancel, dist, store, train_size)
+    finally:
+        store.close()  # (the arrays died with _fine_tune's frame)
+
+
+def _fine_tune(cfg, ds, backbone, device, cb, cancel, dist, store, train_size):
     import torch
     import torch.nn.functional as F
 
@@ -469,7 +487,6 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
     from .pixels import decode_all
 
     pre = backbone.preprocessing
-    train_size = int(round(pre.size * 256 / 224)) if cfg.augment else pre.size
     decoded = {}
     t0 = time.perf_counter()
     for split in ("train", "val", "test"):
@@ -483,7 +500,8 @@ def _fit_fine_tuning(cfg, ds, backbone, device, cb, cancel, dist):
         def prog(done, total, _s=split):
             cb.on_progress(Progress(Phase.DECODING, done, total, message=_s))
 
-        arr, kept, bad = decode_all([s.path for s in items], pre, size, cancel, prog, device=device)
+        arr, kept, bad = decode_all([s.path for s in items], pre, size, cancel, prog, device=device,
+                                    out=store.array((len(items), 3, size, size)))
         ds.drop(bad)
         decoded[split] = torch.from_numpy(arr)
     cb.on_log(f"Decoded in {time.perf_counter() - t0:.1f} s")

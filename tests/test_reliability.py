@@ -213,6 +213,38 @@ def test_disk_full_when_saving_keeps_earlier_runs(flat_data, tmp_path, monkeypat
     assert fit(TrainConfig(data=str(flat_data), out=str(runs / "third"), epochs=2)).run_dir
 
 
+def test_fine_tuning_a_folder_bigger_than_memory_keeps_pixels_on_disk(flat_data, tmp_path, monkeypatch):
+    """Decoded images that would not fit in memory go to a file on disk (same training, same result) instead of
+    the process being killed; with no room on disk either, one clear message before anything is decoded."""
+    import shutil
+
+    import engine.pixels
+
+    cfg = dict(data=str(flat_data), mode="fine-tuning", epochs=2, batch_size=8, unfreeze=1, seed=0,
+               cache_dir=str(tmp_path / "cache"))
+    in_memory = fit(TrainConfig(out=str(tmp_path / "ram"), **cfg))
+    logs = []
+
+    class Log(Callbacks):
+        def on_log(self, m):
+            logs.append(m)
+
+    monkeypatch.setattr(engine.pixels, "available_memory", lambda: 100_000)  # 100 kB: nothing fits
+    on_disk = fit(TrainConfig(out=str(tmp_path / "disk"), **cfg), Log())
+    assert any("would not fit in memory" in m for m in logs)
+    assert on_disk.metrics["val_accuracy"] == in_memory.metrics["val_accuracy"]
+    with open(Path(on_disk.run_dir) / "history.csv") as a, open(Path(in_memory.run_dir) / "history.csv") as b:
+        losses = [[float(r["train_loss"]), float(r["val_loss"])] for r in csv.DictReader(a)]
+        assert np.allclose(losses, [[float(r["train_loss"]), float(r["val_loss"])] for r in csv.DictReader(b)])
+    assert not list((tmp_path / "cache").glob("pixels-*")), "the pixel file was left behind"
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(EngineError, match="more than the memory available.*Use feature extraction"):
+        fit(TrainConfig(out=str(tmp_path / "none"), **cfg))
+    assert not (tmp_path / "none").exists()
+
+
 def test_runs_folder_that_cannot_be_created_is_a_clear_message(flat_data, tmp_path):
     blocker = tmp_path / "file-not-folder"
     blocker.write_text("x")
