@@ -1,7 +1,7 @@
 """Run one engine job in a QThread and turn its callbacks into Qt signals (STYLE.md §2.5).
 
 The worker is a parentless QObject moved to a QThread; ``thread.started -> worker.run``; when the job returns,
-``finished``/``failed`` fire and the thread quits. Cancel sets the engine's CancelToken directly from the GUI thread
+``finished``/``failed`` (or ``cancelled``) fire and the thread quits. Cancel sets the engine's CancelToken directly from the GUI thread
 (a queued slot would never run while ``run`` blocks). Widgets are never touched from the worker thread.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
-from engine.events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, PredictionRow, Progress
+from engine.events import (BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, PredictionRow,
+                           Progress)
 
 
 class _SignalCallbacks(Callbacks):
@@ -59,6 +60,7 @@ class JobWorker(QObject):
     predictions = Signal(object)
     finished = Signal(object)  # the job's return value
     failed = Signal(str, str)  # user message, details
+    cancelled = Signal()  # the job stopped because it was asked to (not a failure: no message to show)
 
     def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -70,6 +72,8 @@ class JobWorker(QObject):
         lower_this_thread_priority()
         try:
             result = self.fn(*self.args, callbacks=_SignalCallbacks(self), cancel=self.cancel_token, **self.kwargs)
+        except Cancelled:
+            self.cancelled.emit()
         except EngineError as exc:
             self.failed.emit(str(exc), "")
         except MemoryError:
@@ -102,6 +106,7 @@ class Job(QObject):
         # discovery hung for wait()'s whole 30 s.
         worker.finished.connect(self.thread.quit, Qt.DirectConnection)
         worker.failed.connect(self.thread.quit, Qt.DirectConnection)
+        worker.cancelled.connect(self.thread.quit, Qt.DirectConnection)
         self.thread.finished.connect(self._cleanup)
 
     def start(self) -> None:

@@ -342,3 +342,34 @@ def test_a_finished_job_thread_ends_while_the_gui_thread_waits(qapp):
     job.start()
     assert job.wait(20000), "the job's thread did not end while the GUI thread was blocked in wait()"
     assert not job.is_running()
+
+
+def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat_data, tmp_path, monkeypatch):
+    """A user who opened the wrong (big) folder picks another one at once: the first scan is cancelled quietly
+    (it once popped up "The job failed: Cancelled") and the second folder is shown."""
+    import time
+
+    import gui.main_window
+    from engine.events import Cancelled
+
+    real = gui.main_window.scan_job
+    started = []
+
+    def slow_scan(root, *a, callbacks=None, cancel=None):
+        if root == str(tmp_path / "big"):
+            started.append(root)
+            while not cancel.cancelled:  # a scan still walking a huge folder
+                time.sleep(0.01)
+            raise Cancelled()
+        return real(root, *a, callbacks=callbacks, cancel=cancel)
+
+    monkeypatch.setattr(gui.main_window, "scan_job", slow_scan)
+    errors = []
+    monkeypatch.setattr(window, "show_error", lambda message, details="": errors.append(message))
+    (tmp_path / "big").mkdir()
+    window.scan_folder(str(tmp_path / "big"))
+    qtbot.waitUntil(lambda: bool(started), timeout=10000)
+    open_folder(qtbot, window, flat_data)
+    qtbot.wait(200)  # let any queued signal from the first scan land
+    assert errors == []
+    assert window.dataset_tab.dataset.root == str(flat_data) and window.dataset_tab.class_table.rowCount() == 3
