@@ -285,6 +285,11 @@ class MainWindow(QMainWindow):
     def start_training(self) -> None:
         if self.busy():
             return
+        if self.scan is not None and self.scan.is_running():
+            # (the previous folder is still loaded: training it now is not what the user asked for)
+            self.show_error(f"{self.dataset_tab.folder} is still being scanned: start training when its classes "
+                            "are listed in the Dataset tab.")
+            return
         if self.dataset_tab.dataset is None:
             self.show_error("Open an image folder first (Dataset tab, or Ctrl+O).")
             return

@@ -346,7 +346,8 @@ def test_a_finished_job_thread_ends_while_the_gui_thread_waits(qapp):
 
 def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat_data, tmp_path, monkeypatch):
     """A user who opened the wrong (big) folder picks another one at once: the first scan is cancelled quietly
-    (it once popped up "The job failed: Cancelled") and the second folder is shown."""
+    (it once popped up "The job failed: Cancelled") and the second folder is shown. Training cannot start while
+    a scan runs (it would have trained the folder opened before)."""
     import time
 
     import gui.main_window
@@ -367,8 +368,11 @@ def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat
     errors = []
     monkeypatch.setattr(window, "show_error", lambda message, details="": errors.append(message))
     (tmp_path / "big").mkdir()
+    open_folder(qtbot, window, flat_data)
     window.scan_folder(str(tmp_path / "big"))
     qtbot.waitUntil(lambda: bool(started), timeout=10000)
+    window.start_training()  # the earlier folder is still loaded, but the user is looking at the new one
+    assert window.job is None and errors and "still being scanned" in errors.pop()
     open_folder(qtbot, window, flat_data)
     qtbot.wait(200)  # let any queued signal from the first scan land
     assert errors == []
