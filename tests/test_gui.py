@@ -136,6 +136,12 @@ def test_engine_errors_are_clear_messages_and_app_stays_usable(qtbot, window, tm
     qtbot.waitUntil(lambda: "Only one class" in w.last_error, timeout=30000)
     open_folder(qtbot, w, flat_data)  # still usable
     assert w.dataset_tab.class_table.rowCount() == 3
+    # a bad folder opened after a good one: the good one stays loaded, and the Dataset tab says which it is
+    w.last_error = ""
+    w.scan_folder(str(tmp_path / "one"))
+    qtbot.waitUntil(lambda: "Only one class" in w.last_error, timeout=30000)
+    assert "Still loaded" in w.dataset_tab.status.text() and str(flat_data) in w.dataset_tab.status.text()
+    assert w.dataset_tab.class_table.rowCount() == 3 and w.train_config().data == str(flat_data)
 
 
 def test_open_run_predict_folder_and_export_csv_like_the_engine(qtbot, window, fe_run, tmp_path):

@@ -1,6 +1,7 @@
 """Dataset tab: pick/drop a folder, scan it in the background, show classes, warnings, skipped files, thumbnails."""
 from __future__ import annotations
 
+import html
 import os
 
 from PySide6.QtCore import Qt, Signal
@@ -143,7 +144,14 @@ class DatasetTab(QWidget):
 
     def scan_failed(self, message: str) -> None:
         self.scan_progress.setVisible(False)
-        self.status.setText(message)
+        ds = self.dataset
+        if ds is None:
+            self.status.setText(message)
+            return
+        # The folder opened before stays loaded (and is what Start trains): say so under the error.
+        self.folder = ds.root
+        self.status.setText(f"{html.escape(message)}<br>Still loaded: <b>{html.escape(ds.root)}</b> "
+                            f"({len(ds.samples)} images in {len(ds.classes)} classes).")
 
     # ------------------------------------------------------------------------------------------------ display
     def show_dataset(self, ds: Dataset) -> None:
