@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-split", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
 
+    c = sub.add_parser("cache", help="show (or --clear) the embedding cache that makes feature-extraction reruns fast")
+    c.add_argument("--cache-dir", help="default: ~/.cache/transfer-studio/embeddings (or $TRANSFER_STUDIO_CACHE)")
+    c.add_argument("--clear", action="store_true", help="delete it; later runs embed their images again")
+
     bench = sub.add_parser("bench", help="benchmark the engine against a tutorial-style loop (see docs/benchmarks.md)")
     bench.add_argument("data", nargs="?", help="image folder (default: ../shared/datasets/hymenoptera)")
     bench.add_argument("--device", default="auto")
@@ -238,6 +242,27 @@ def cmd_scan(a) -> int:
     return 0
 
 
+def cmd_cache(a) -> int:
+    from .features import cache_contents, clear_cache, default_cache_dir
+
+    folder = a.cache_dir or default_cache_dir()
+    if a.clear:
+        print(f"Deleted {clear_cache(folder) / 1e6:.1f} MB of cached embeddings from {folder}")
+        return 0
+    entries = cache_contents(folder)
+    print(f"Embedding cache: {folder}")
+    if not entries:
+        print("(empty)")
+        return 0
+    print(f"{'backbone':22} {'key':16} {'images':>8} {'MB':>9}")
+    for e in entries:
+        images = "damaged" if e["images"] is None else str(e["images"])
+        print(f"{e['backbone']:22} {e['key']:16} {images:>8} {e['bytes'] / 1e6:9.1f}")
+    print(f"{'total':22} {'':16} {'':>8} {sum(e['bytes'] for e in entries) / 1e6:9.1f}")
+    print("\nA key is one backbone + weights + preprocessing. `python -m engine cache --clear` deletes it all.")
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import run_bench
 
@@ -247,7 +272,7 @@ def cmd_bench(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
-                "backbones": cmd_backbones, "scan": cmd_scan, "bench": cmd_bench}
+                "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

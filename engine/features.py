@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from typing import Callable, Sequence
 
@@ -119,6 +120,53 @@ class BackboneSnapshot:
             except OSError:
                 pass
             return None
+
+
+_CACHE_FILE = re.compile(r"^(?P<backbone>.+)-(?P<key>[0-9a-f]{16})(?P<snapshot>\.backbone)?\.safetensors$")
+
+
+def cache_contents(folder: str | None = None) -> list[dict]:
+    """What the embedding cache holds: one entry per backbone/weights/preprocessing, with the number of images
+    whose features are stored and the bytes on disk (embeddings plus the backbone snapshot kept beside them)."""
+    folder = folder or default_cache_dir()
+    entries: dict[tuple[str, str], dict] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    for name in names:
+        m = _CACHE_FILE.match(name)
+        path = os.path.join(folder, name)
+        if not m or not os.path.isfile(path):
+            continue
+        e = entries.setdefault((m["backbone"], m["key"]), {"backbone": m["backbone"], "key": m["key"], "images": 0,
+                                                           "bytes": 0, "files": []})
+        e["bytes"] += os.path.getsize(path)
+        e["files"].append(path)
+        if not m["snapshot"]:
+            try:
+                from safetensors import safe_open
+
+                with safe_open(path, framework="numpy") as f:
+                    e["images"] = len(json.loads(f.metadata()["keys"]))
+            except Exception:
+                e["images"] = None  # damaged: the next run that uses it rebuilds it
+    return list(entries.values())
+
+
+def clear_cache(folder: str | None = None) -> int:
+    """Delete the cached embeddings and backbone snapshots (only files this cache writes); returns bytes freed.
+    Runs only embed their images again: nothing else depends on the cache."""
+    freed = 0
+    for e in cache_contents(folder):
+        for path in e["files"]:
+            try:
+                size = os.path.getsize(path)
+                os.unlink(path)
+                freed += size
+            except OSError:
+                pass
+    return freed
 
 
 def pick_batch_size(device) -> int:

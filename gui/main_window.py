@@ -146,6 +146,9 @@ class MainWindow(QMainWindow):
         self.stop_act = QAction("S&top", self, shortcut=QKeySequence("Ctrl+."), triggered=self.stop_job)
         tm.addAction(self.start_act)
         tm.addAction(self.stop_act)
+        tm.addSeparator()
+        self.cache_act = QAction("Embedding &cache…", self, triggered=self.manage_embedding_cache)
+        tm.addAction(self.cache_act)
 
     # ------------------------------------------------------------------------------------------------ settings
     def _restore_settings(self) -> None:
@@ -192,6 +195,30 @@ class MainWindow(QMainWindow):
         s.setValue("model/backbone", self.model_tab.backbone())
         s.setValue("model/unfreeze", self.model_tab.unfreeze.value())
         s.sync()  # QSettings writes its file via a temporary file and rename
+
+    def manage_embedding_cache(self) -> int | None:
+        """Say what the embedding cache holds and offer to delete it; returns the bytes freed (None: kept)."""
+        from engine.features import cache_contents, clear_cache, default_cache_dir
+
+        folder = default_cache_dir()
+        entries = cache_contents(folder)
+        if not entries:
+            QMessageBox.information(self, "Embedding cache", f"The embedding cache in {folder} is empty.")
+            return None
+        images = sum(e["images"] or 0 for e in entries)
+        mb = sum(e["bytes"] for e in entries) / 1e6
+        if self.busy():
+            self.show_error("A job is running: stop it before deleting the embedding cache.")
+            return None
+        if not self.confirm("Embedding cache",
+                            f"{folder} holds the features of {images} image(s) for {len(entries)} backbone "
+                            f"setting(s): {mb:.1f} MB. Feature extraction reuses them to skip the backbone on "
+                            "images it has seen. Delete them? (Runs are not touched; the next run embeds its "
+                            "images again.)"):
+            return None
+        freed = clear_cache(folder)
+        self.status_label.setText(f"Deleted {freed / 1e6:.1f} MB of cached embeddings")
+        return freed
 
     # ------------------------------------------------------------------------------------------------ helpers
     def show_error(self, message: str, details: str = "") -> None:

@@ -248,6 +248,15 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     load_model(fourth.run_dir)
     fifth = fit(TrainConfig(out=str(tmp_path / "r5"), **cfg))  # rewritten by the fourth run
     assert "backbone not run" in fifth.metrics["device"]
+    # `python -m engine cache`: what is stored, and --clear deletes only the cache's own files
+    from engine.features import cache_contents, clear_cache
+
+    (entry,) = cache_contents(str(cache))
+    assert entry["backbone"] == "efficientnet_lite0" and entry["images"] == 42 and len(entry["files"]) == 2
+    (cache / "notes.txt").write_text("mine")
+    assert clear_cache(str(cache)) == entry["bytes"]
+    assert cache_contents(str(cache)) == [] and [p.name for p in cache.iterdir()] == ["notes.txt"]
+    assert fit(TrainConfig(out=str(tmp_path / "r6"), **cfg)).metrics["embeddings_from_cache"] == 0
 
 
 def test_malicious_pickle_is_refused(tmp_path):
@@ -349,8 +358,9 @@ def test_exception_in_training_loop_leaves_nothing_half_written(flat_data, tmp_p
 def test_cli_train_predict_export(flat_data, tmp_path):
     env = dict(os.environ)
     run = tmp_path / "cli-run"
-    r = subprocess.run([sys.executable, "-m", "engine", "train", str(flat_data), "--out", str(run), "--epochs", "5"],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "engine", "train", str(flat_data), "--out", str(run), "--epochs", "5",
+                        "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["run"] == str(run) and summary["status"] == "completed"
@@ -364,6 +374,9 @@ def test_cli_train_predict_export(flat_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "engine", "train", str(tmp_path / "nope")], cwd=ROOT,
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "error: Folder not found" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine", "cache", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)  # filled by the training above
+    assert r.returncode == 0 and "efficientnet_lite0" in r.stdout and " 42 " in r.stdout, r.stdout + r.stderr
 
 
 def test_numpy_head_matches_torch_training():

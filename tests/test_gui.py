@@ -383,3 +383,27 @@ def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat
     qtbot.wait(200)  # let any queued signal from the first scan land
     assert errors == []
     assert window.dataset_tab.dataset.root == str(flat_data) and window.dataset_tab.class_table.rowCount() == 3
+
+
+def test_embedding_cache_can_be_seen_and_deleted_from_the_app(qtbot, window, monkeypatch, tmp_path):
+    import numpy as np
+    from PySide6.QtWidgets import QMessageBox
+
+    from engine.backbones import LITE0_PREPROCESSING
+    from engine.features import EmbeddingCache, cache_contents, default_cache_dir
+
+    monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(tmp_path / "cache"))  # this test's own
+    shown = []
+    monkeypatch.setattr(QMessageBox, "information", lambda parent, title, text: shown.append(text))
+    assert window.manage_embedding_cache() is None and "is empty" in shown[-1]
+    cache = EmbeddingCache(default_cache_dir(), "efficientnet_lite0", "w", LITE0_PREPROCESSING)
+    for i in range(3):
+        cache.put(f"hash{i}", np.ones(8, np.float32) * i)
+    cache.save()
+    asked = []
+    window.confirm = lambda title, text: asked.append(text) or False
+    assert window.manage_embedding_cache() is None and "3 image(s)" in asked[-1]
+    assert len(cache_contents()) == 1  # "No" keeps it
+    window.confirm = lambda title, text: True
+    assert window.manage_embedding_cache() > 0
+    assert cache_contents() == [] and "Deleted" in window.status_label.text()
