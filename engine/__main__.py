@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     t.add_argument("--quiet", action="store_true")
 
-    pr = sub.add_parser("predict", help="predict every image under a folder and write a CSV")
+    pr = sub.add_parser("predict", help="predict every image under a folder (or given files) and write a CSV")
     pr.add_argument("run")
-    pr.add_argument("images")
+    pr.add_argument("images", nargs="+", help="folder(s), searched recursively, and/or image files")
     pr.add_argument("--csv", required=True, help="CSV file to write")
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--device", default="auto")

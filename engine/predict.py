@@ -1,4 +1,4 @@
-"""Predict a folder: every image file -> one CSV row (``path, prediction, confidence, p_<class>..., error``)."""
+"""Predict a folder (or files): every image file -> one CSV row (``path, prediction, confidence, p_<class>..., error``)."""
 from __future__ import annotations
 
 import os
@@ -101,10 +101,11 @@ class PredictResult:
     n_errors: int = field(default=0)
 
 
-def predict_folder(run_dir: str, folder: str, csv_path: str | None = None, top_k: int = 1,
+def predict_folder(run_dir: str, folder: str | Sequence[str], csv_path: str | None = None, top_k: int = 1,
                    device: str = "auto", batch_size: int | None = None, callbacks: Callbacks | None = None,
                    cancel: CancelToken | None = None, loaded=None) -> PredictResult:
-    """Predict every image file under ``folder`` (recursive). Rows stream through ``callbacks.on_predictions``.
+    """Predict every image file under ``folder`` (recursive); ``folder`` may also be an image file, or a list of
+    folders and files (rows in that order). Rows stream through ``callbacks.on_predictions``.
 
     The CSV is written atomically at the end; a cancelled job writes no CSV (a partial file could be mistaken for
     a complete one) but returns the rows done so far.
@@ -117,16 +118,28 @@ def predict_folder(run_dir: str, folder: str, csv_path: str | None = None, top_k
     cancel = cancel or CancelToken()
     t0 = time.perf_counter()
     loaded = loaded or load_model(run_dir)
-    if not os.path.isdir(folder):
-        raise EngineError(f"Folder not found: {folder}")
+    inputs = [folder] if isinstance(folder, (str, os.PathLike)) else list(folder)
+    for item in inputs:
+        if not os.path.exists(item):
+            raise EngineError(f"Not found: {item}")
     walk_errors: list[tuple[str, str]] = []
+    paths: list[str] = []
     try:
-        paths = walk_images(folder, cancel, lambda p, r: walk_errors.append((p, r)))
+        for item in inputs:  # a file named explicitly is predicted whatever its extension (or says why not)
+            paths += walk_images(item, cancel, lambda p, r: walk_errors.append((p, r))) if os.path.isdir(item) \
+                else [os.fspath(item)]
     except Cancelled:
         return PredictResult([], loaded.classes, None, cancelled=True)
+    unlisted = "".join(f"; could not list {p}: {r}" for p, r in walk_errors)
     if not paths:
-        raise EngineError(f"No image files (jpg, png, bmp, gif, webp, tif) found under {folder}.")
+        raise EngineError(f"No image files (jpg, png, bmp, gif, webp, tif) found under "
+                          f"{', '.join(map(str, inputs))}{unlisted}.")
     classes = loaded.classes
+    # A subfolder that could not be listed is a row with its reason, first, so nobody takes the CSV for complete.
+    unlisted_rows = [PredictionRow(p, "", 0.0, (), r) for p, r in walk_errors]
+    if unlisted_rows:
+        cb.on_log(f"Could not list {len(unlisted_rows)} folder(s){unlisted}")
+        cb.on_predictions(unlisted_rows)
     rows: list[PredictionRow | None] = [None] * len(paths)
     emitted = 0
 
@@ -145,7 +158,7 @@ def predict_folder(run_dir: str, folder: str, csv_path: str | None = None, top_k
             emitted = end
 
     _, _, _, cancelled = predict_paths(loaded, paths, resolve_device(device), batch_size, cb, cancel, on_chunk)
-    done = [r for r in rows if r is not None]
+    done = unlisted_rows + [r for r in rows if r is not None]
     if cancelled:
         cb.on_log(f"Prediction stopped after {len(done)} of {len(paths)} files; no CSV written.")
         return PredictResult(done, classes, None, cancelled=True, seconds=time.perf_counter() - t0)

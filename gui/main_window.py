@@ -419,8 +419,8 @@ class MainWindow(QMainWindow):
         if self.busy():
             self.show_error("Another job is running: stop it or wait for it to finish.")
             return
-        if not folder or not os.path.isdir(folder):
-            self.show_error("Choose a folder of images to classify.")
+        if not folder or not os.path.exists(folder):
+            self.show_error("Choose a folder of images (or type the path of one image) to classify.")
             return
         from engine.predict import predict_folder
 

@@ -152,6 +152,15 @@ def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeyp
     assert "permission" in reasons[str(root / "squares" / "private")].lower()
     assert reasons[gone] == "file disappeared while scanning"
     assert len(ds.samples) == 9
+    # Predicting the same folder: the unlistable subfolder is a row with its reason, not silently missing
+    from engine.predict import predict_folder
+
+    run = fit(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=2, val_split=0.4)).run_dir
+    res = predict_folder(run, str(root), str(tmp_path / "p.csv"))
+    with open(tmp_path / "p.csv", encoding="utf-8") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert "permission" in rows[str(root / "squares" / "private")]["error"].lower()
+    assert len(rows) == 11 and res.n_errors == 1  # 10 images (predict reads files itself) + the folder
 
 
 @pytest.mark.parametrize("phase", ["scanning", "embedding", "training"])
