@@ -176,6 +176,13 @@ def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
             assert abs(sum(probs) - 1) < 1e-4 and float(r["confidence"]) == pytest.approx(max(probs), abs=1e-6)
     assert all(r["path"].startswith(str(folder)) for r in rows)
     assert len(res.rows) == 4 and res.n_errors == 1
+    # one photo, or files and folders together, in the order given
+    one = predict_folder(fe_run.run_dir, str(folder / "sub" / "b.JPEG"))
+    assert [(Path(r.path).name, r.prediction) for r in one.rows] == [("b.JPEG", "squares")]
+    mixed = predict_folder(fe_run.run_dir, [str(folder / "notes.txt"), str(folder / "sub" / "deeper")])
+    assert [Path(r.path).name for r in mixed.rows] == ["notes.txt", "c.webp"] and mixed.rows[0].error
+    with pytest.raises(EngineError, match="Not found"):
+        predict_folder(fe_run.run_dir, str(folder / "missing.jpg"))
 
 
 def test_evaluate_scores_a_labelled_folder(fe_run, tmp_path):
