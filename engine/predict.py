@@ -49,12 +49,20 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
 
     from .pixels import iter_decoded, stack_on
 
+    from .backbones import fold_batchnorm
+    from .features import pick_batch_size
+    from .model import make_classifier
+
     cb = callbacks or Callbacks()
     pre = loaded.preprocessing
-    model = loaded.model.to(device).eval()
+    # A copy with BatchNorm folded into the convolutions (the trained model itself is left as loaded), and the
+    # embedding's CPU batch size: 1,052 images on 2 cores went from 26-27 to 49-53 images/s with batch 4 alone.
+    model = make_classifier(fold_batchnorm(loaded.model.backbone), len(loaded.classes))
+    model.head = loaded.model.head
+    model = model.to(device).eval()
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
-    bs = batch_size or (16 if device.type == "cpu" else 128)
+    bs = batch_size or pick_batch_size(device)
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
     probs_all, kept, errors = [], [], []
