@@ -189,7 +189,6 @@ class PixelStore:
     ``close()`` removes the file (on POSIX it is unlinked at once, so even a killed process leaves nothing)."""
 
     def __init__(self, need_bytes: int, folder: str | None) -> None:
-        self.need = need_bytes
         avail = available_memory()
         self.on_disk = avail is not None and need_bytes > avail // 2
         self.folder = None

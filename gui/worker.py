@@ -1,8 +1,9 @@
 """Run one engine job in a QThread and turn its callbacks into Qt signals (STYLE.md §2.5).
 
 The worker is a parentless QObject moved to a QThread; ``thread.started -> worker.run``; when the job returns,
-``finished``/``failed`` (or ``cancelled``) fire and the thread quits. Cancel sets the engine's CancelToken directly from the GUI thread
-(a queued slot would never run while ``run`` blocks). Widgets are never touched from the worker thread.
+``finished``/``failed`` (or ``cancelled``) fire and the thread quits by itself. Cancel sets the engine's CancelToken
+directly from the GUI thread (a queued slot would never run while ``run`` blocks). Widgets are never touched from the
+worker thread.
 """
 from __future__ import annotations
 
