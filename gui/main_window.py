@@ -284,15 +284,29 @@ class MainWindow(QMainWindow):
         self.model_tab.recommend(ds)
         self.status_label.setText(f"{len(ds.samples)} images, {len(ds.classes)} classes")
 
+    def _predicting_drops(self) -> bool:
+        """Drops go to prediction on the Predict tab once a model is loaded; elsewhere a folder opens as a dataset."""
+        return self.tabs.currentWidget() is self.predict_tab and bool(self.predict_tab.run_dir)
+
     def dragEnterEvent(self, e) -> None:  # noqa: N802
-        if e.mimeData().hasUrls() and any(os.path.isdir(u.toLocalFile()) for u in e.mimeData().urls()):
+        paths = [u.toLocalFile() for u in e.mimeData().urls()] if e.mimeData().hasUrls() else []
+        if any(os.path.isdir(p) for p in paths) or (self._predicting_drops() and any(os.path.isfile(p) for p in paths)):
             e.acceptProposedAction()
 
     def dropEvent(self, e) -> None:  # noqa: N802
-        for u in e.mimeData().urls():
-            if os.path.isdir(u.toLocalFile()):
-                self.scan_folder(u.toLocalFile())
-                break
+        self.drop_paths([u.toLocalFile() for u in e.mimeData().urls() if u.isLocalFile()])
+
+    def drop_paths(self, paths: list[str]) -> None:
+        """Photos or folders dropped on the window: predicted on the Predict tab (any mix, in that order), otherwise
+        the first folder opens as the dataset."""
+        paths = [p for p in paths if os.path.exists(p)]
+        if self._predicting_drops() and paths:
+            self.predict_tab.folder.setText(paths[0] if len(paths) == 1 else "; ".join(paths))
+            self.start_prediction(paths, self.predict_tab.top_k.value())
+            return
+        folder = next((p for p in paths if os.path.isdir(p)), None)
+        if folder:
+            self.scan_folder(folder)
 
     # ------------------------------------------------------------------------------------------------ training
     def train_config(self):
@@ -415,17 +429,22 @@ class MainWindow(QMainWindow):
         self.predict_tab.set_run(run_dir, self.results_tab.classes)
 
     # ------------------------------------------------------------------------------------------------ predict
-    def start_prediction(self, folder: str, top_k: int) -> None:
+    def start_prediction(self, folder: str | list[str], top_k: int) -> None:
+        """Predict a folder or an image file (the path typed in the Predict tab), or a list of them (dropped)."""
         if self.busy():
             self.show_error("Another job is running: stop it or wait for it to finish.")
             return
-        if not folder or not os.path.exists(folder):
-            self.show_error("Choose a folder of images (or type the path of one image) to classify.")
+        if isinstance(folder, str):  # the Predict tab's field: one path, or "a; b" after a drop of several
+            paths = [folder] if os.path.exists(folder) or "; " not in folder else folder.split("; ")
+        else:
+            paths = list(folder)
+        if not paths or not all(p and os.path.exists(p) for p in paths):
+            self.show_error("Choose a folder of images, type the path of one image, or drop photos here to classify.")
             return
         from engine.predict import predict_folder
 
         self.predict_tab.job_started(top_k)
-        job = start_job(self, predict_folder, self.predict_tab.run_dir, folder, None, top_k,
+        job = start_job(self, predict_folder, self.predict_tab.run_dir, paths, None, top_k,
                         self.training_tab.values()["device"])
         w = job.worker
         w.progress.connect(self.predict_tab.on_progress)

@@ -329,7 +329,8 @@ def test_image_grid_leaves_room_for_every_caption(qtbot, tmp_path):
     assert hints[0].height() >= loader.size + grid.fontMetrics().height()  # icon plus one line of caption
     # the picture keeps its proportions: the wide one is centred with transparent bands above and below
     img = loader.cache[str(wide)].pixmap(loader.size, loader.size).toImage().convertToFormat(QImage.Format_ARGB32)
-    assert img.pixelColor(loader.size // 2, 2).alpha() == 0 and img.pixelColor(loader.size // 2, loader.size // 2).alpha() == 255
+    mid = loader.size // 2
+    assert img.pixelColor(mid, 2).alpha() == 0 and img.pixelColor(mid, mid).alpha() == 255
     loader.shutdown()
 
 
@@ -407,3 +408,34 @@ def test_embedding_cache_can_be_seen_and_deleted_from_the_app(qtbot, window, mon
     window.confirm = lambda title, text: True
     assert window.manage_embedding_cache() > 0
     assert cache_contents() == [] and "Deleted" in window.status_label.text()
+
+
+def test_dropping_photos_on_the_predict_tab_predicts_them(qtbot, window, fe_run, flat_data, tmp_path):
+    """Drag a photo and a folder from the file manager onto the Predict tab: both are predicted, in that order; a
+    folder dropped on another tab still opens as the dataset."""
+    from PySide6.QtCore import QMimeData, QPointF, QUrl
+    from PySide6.QtGui import QDropEvent
+
+    w = window
+    assert w.open_run(fe_run.run_dir)
+    photo = tmp_path / "photo.png"
+    draw_image("circles", 4242).save(photo)
+
+    def drop(paths):
+        mime = QMimeData()
+        mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+        w.dropEvent(QDropEvent(QPointF(10, 10), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier))
+
+    w.tabs.setCurrentWidget(w.predict_tab)
+    drop([photo, flat_data / "squares"])
+    wait_job(qtbot, w)
+    rows = w.predict_tab.model.rows
+    assert [Path(r.path).name for r in rows][0] == "photo.png" and rows[0].prediction == "circles"
+    assert len(rows) == 1 + 14 and all(r.prediction == "squares" for r in rows[1:])
+    w.predict_tab.start_btn.click()  # the field now holds both dropped paths: Predict again does the same
+    wait_job(qtbot, w)
+    assert len(w.predict_tab.model.rows) == 15
+    w.tabs.setCurrentWidget(w.dataset_tab)
+    drop([flat_data])
+    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(flat_data),
+                    timeout=30000)

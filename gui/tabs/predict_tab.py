@@ -155,7 +155,8 @@ class PredictTab(QWidget):
         root.addWidget(self.run_label)
         top = QHBoxLayout()
         self.folder = QLineEdit()
-        self.folder.setPlaceholderText("Folder of images to classify (searched recursively)")
+        self.folder.setPlaceholderText("Folder of images (searched recursively) or one image to classify; "
+                                       "or drop photos and folders on this tab")
         browse = QPushButton("Choose folder…")
         browse.clicked.connect(self._browse)
         self.top_k = QSpinBox(minimum=1, maximum=20, value=3)
@@ -283,7 +284,9 @@ class PredictTab(QWidget):
         atomic_write_text(path, self.csv_text())
 
     def _export_csv_dialog(self) -> None:
-        start = os.path.join(self.folder.text() or os.path.expanduser("~"), "predictions.csv")
+        first = self.folder.text().split("; ")[0]  # a folder, an image, or the first of several dropped items
+        base = first if os.path.isdir(first) else (os.path.dirname(first) or os.path.expanduser("~"))
+        start = os.path.join(base, "predictions.csv")
         path, _ = QFileDialog.getSaveFileName(self, "Export predictions", start, "CSV (*.csv)")
         if path:
             try:
