@@ -301,7 +301,7 @@ class MainWindow(QMainWindow):
         the first folder opens as the dataset."""
         paths = [p for p in paths if os.path.exists(p)]
         if self._predicting_drops() and paths:
-            self.predict_tab.folder.setText(paths[0] if len(paths) == 1 else "; ".join(paths))
+            self.predict_tab.set_paths(paths)
             self.start_prediction(paths, self.predict_tab.top_k.value())
             return
         folder = next((p for p in paths if os.path.isdir(p)), None)
@@ -430,14 +430,11 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------------------------------------ predict
     def start_prediction(self, folder: str | list[str], top_k: int) -> None:
-        """Predict a folder or an image file (the path typed in the Predict tab), or a list of them (dropped)."""
+        """Predict a folder or an image file, or a list of them (the Predict tab's field, or items dropped)."""
         if self.busy():
             self.show_error("Another job is running: stop it or wait for it to finish.")
             return
-        if isinstance(folder, str):  # the Predict tab's field: one path, or "a; b" after a drop of several
-            paths = [folder] if os.path.exists(folder) or "; " not in folder else folder.split("; ")
-        else:
-            paths = list(folder)
+        paths = [folder] if isinstance(folder, str) else list(folder)
         if not paths or not all(p and os.path.exists(p) for p in paths):
             self.show_error("Choose a folder of images, type the path of one image, or drop photos here to classify.")
             return

@@ -142,7 +142,8 @@ class ExportDialog(QDialog):
 
 
 class PredictTab(QWidget):
-    start_requested = Signal(str, int)  # folder, top_k
+    start_requested = Signal(object, int)  # [folder or image path, ...], top_k
+    SEP = "; "  # between several dropped paths in the field
     stop_requested = Signal()
     export_model_requested = Signal(str, str)  # format, path
 
@@ -164,8 +165,7 @@ class PredictTab(QWidget):
         self.start_btn = QPushButton("Predict")
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.setEnabled(False)
-        self.start_btn.clicked.connect(lambda: self.start_requested.emit(self.folder.text().strip(),
-                                                                         self.top_k.value()))
+        self.start_btn.clicked.connect(lambda: self.start_requested.emit(self.paths(), self.top_k.value()))
         self.stop_btn.clicked.connect(self.stop_requested)
         for w in (self.folder, browse, QLabel("Top-k"), self.top_k, self.start_btn, self.stop_btn):
             top.addWidget(w, 1 if w is self.folder else 0)
@@ -283,8 +283,18 @@ class PredictTab(QWidget):
     def export_csv(self, path: str) -> None:
         atomic_write_text(path, self.csv_text())
 
+    def set_paths(self, paths: list[str]) -> None:
+        self.folder.setText(self.SEP.join(paths))
+
+    def paths(self) -> list[str]:
+        """What the field names: one folder or image, or the several items dropped on the tab."""
+        text = self.folder.text().strip()
+        if not text:
+            return []
+        return [text] if os.path.exists(text) or self.SEP not in text else text.split(self.SEP)
+
     def _export_csv_dialog(self) -> None:
-        first = self.folder.text().split("; ")[0]  # a folder, an image, or the first of several dropped items
+        first = (self.paths() or [""])[0]
         base = first if os.path.isdir(first) else (os.path.dirname(first) or os.path.expanduser("~"))
         start = os.path.join(base, "predictions.csv")
         path, _ = QFileDialog.getSaveFileName(self, "Export predictions", start, "CSV (*.csv)")
