@@ -36,12 +36,23 @@ def _cache_key(backbone: str, weights_id: str, pre: Preprocessing) -> str:
     return hashlib.blake2b(f"{backbone}|{weights_id}|{pre.key()}".encode(), digest_size=8).hexdigest()
 
 
+# The cache's file names: embeddings "<backbone>-<key>.safetensors", the backbone's weights beside them
+# "<backbone>-<key>.backbone.safetensors" (key: 16 hex digits). cache_contents() reads them back with _CACHE_FILE.
+_SNAPSHOT = ".backbone"
+_CACHE_FILE = re.compile(r"^(?P<backbone>.+)-(?P<key>[0-9a-f]{16})(?P<snapshot>%s)?\.safetensors$"
+                         % re.escape(_SNAPSHOT))
+
+
+def _cache_file(folder: str, backbone: str, weights_id: str, pre: Preprocessing, snapshot: bool = False) -> str:
+    key = _cache_key(backbone, weights_id, pre)
+    return os.path.join(folder, f"{backbone}-{key}{_SNAPSHOT if snapshot else ''}.safetensors")
+
+
 class EmbeddingCache:
     """``content hash -> feature vector`` for one (backbone, weights, preprocessing)."""
 
     def __init__(self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing) -> None:
-        key = _cache_key(backbone, weights_id, pre)
-        self.path = os.path.join(folder, f"{backbone}-{key}.safetensors") if folder else None
+        self.path = _cache_file(folder, backbone, weights_id, pre) if folder else None
         self.vectors: dict[str, np.ndarray] = {}
         self.dirty = False
         self.rebuilt_reason = ""
@@ -94,7 +105,7 @@ class BackboneSnapshot:
     """
 
     def __init__(self, folder: str, backbone: str, weights_id: str, pre: Preprocessing) -> None:
-        self.path = os.path.join(folder, f"{backbone}-{_cache_key(backbone, weights_id, pre)}.backbone.safetensors")
+        self.path = _cache_file(folder, backbone, weights_id, pre, snapshot=True)
         self.weights_id = weights_id
 
     def exists(self) -> bool:
@@ -120,9 +131,6 @@ class BackboneSnapshot:
             except OSError:
                 pass
             return None
-
-
-_CACHE_FILE = re.compile(r"^(?P<backbone>.+)-(?P<key>[0-9a-f]{16})(?P<snapshot>\.backbone)?\.safetensors$")
 
 
 def cache_contents(folder: str | None = None) -> list[dict]:
