@@ -1,7 +1,8 @@
 """Transfer Studio engine: transfer learning on a local image folder, with no Qt dependency.
 
-Public API (one function per job, each taking a config/arguments, a :class:`Callbacks` and a :class:`CancelToken`):
-``fit``, ``predict_folder``, ``evaluate``, ``export_model``, ``scan_folder``, ``list_backbones``.
+Public API: one function per job, each taking its config (engine/config.py), a :class:`Callbacks` and a
+:class:`CancelToken`, and returning a result that says whether it was cancelled: ``scan_folder(ScanConfig)``,
+``fit(TrainConfig)``, ``predict_folder(PredictConfig)``, ``evaluate(EvaluateConfig)``, ``export_model(ExportConfig)``.
 Importing this package is cheap: torch is imported only when a job runs.
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ from .events import (BatchMetrics, Callbacks, Cancelled, CancelToken, EngineErro
 def __getattr__(name: str):
     # Lazy re-exports keep `import engine` fast (torch loads only when a job needs it).
     lazy = {
-        "fit": ("train", "fit"), "TrainConfig": ("train", "TrainConfig"), "FitResult": ("train", "FitResult"),
+        "fit": ("train", "fit"), "TrainConfig": ("config", "TrainConfig"), "FitResult": ("train", "FitResult"),
+        "ScanConfig": ("config", "ScanConfig"), "PredictConfig": ("config", "PredictConfig"),
+        "EvaluateConfig": ("config", "EvaluateConfig"), "ExportConfig": ("config", "ExportConfig"),
         "predict_folder": ("predict", "predict_folder"), "evaluate": ("evaluate", "evaluate"),
         "export_model": ("export", "export_model"), "scan_folder": ("data", "scan_folder"),
         "list_backbones": ("backbones", "list_backbones"), "load_model": ("model", "load_model"),

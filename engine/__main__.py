@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 
+from .config import EvaluateConfig, ExportConfig, PredictConfig, ScanConfig, TrainConfig, add_arguments, from_args
 from .events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, Progress
 
 
@@ -55,9 +56,9 @@ class TerminalProgress(Callbacks):
                    f"  {m.images_per_s:.1f} img/s  ETA {m.eta_s:.0f}s")
 
     def on_train_epoch_end(self, m: EpochMetrics) -> None:
-        if m.epochs > 20 and m.epoch % 10 and not m.epoch == 1:
-            return  # feature-extraction heads run many cheap epochs: print every 10th
-        rate = f"  {m.images_per_s:.1f} img/s" if m.images_per_s and m.epochs <= 20 else ""
+        if not m.worth_logging:
+            return
+        rate = f"  {m.images_per_s:.1f} img/s" if m.images_per_s and not m.many_cheap_epochs else ""
         self._line(f"epoch {m.epoch}/{m.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}  "
                    f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}{rate}{'  *' if m.is_best else ''}")
 
@@ -76,71 +77,26 @@ def _install_sigint(cancel: CancelToken) -> None:
         pass
 
 
-def _unfreeze(v: str):
-    return v if v == "all" else int(v)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine", description="Transfer Studio engine: transfer learning on "
                                 "a local image folder (no GUI needed).")
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a classifier on DATA and save a run folder")
-    t.add_argument("data", help="folder of class subfolders, or with train/ val/ [test/] subfolders")
-    t.add_argument("--out", help="run folder to create (default: a new folder in the runs folder)")
-    t.add_argument("--mode", choices=["feature-extraction", "fine-tuning"], default="feature-extraction")
-    t.add_argument("--backbone", default="efficientnet_lite0", help="see `python -m engine backbones`")
-    t.add_argument("--weights", help="load backbone weights from this local file (.safetensors/.pth)")
-    t.add_argument("--download", action="store_true", help="allow downloading torchvision weights (needs internet)")
-    t.add_argument("--unfreeze", type=_unfreeze, default=2, help="fine-tuning: last N stages, or 'all' (default 2)")
-    t.add_argument("--epochs", type=int, help="default 100 (feature extraction, early-stopped) / 5 (fine-tuning)")
-    t.add_argument("--batch-size", type=int, help="default 64 / 32")
-    t.add_argument("--lr", type=float, help="head learning rate (default 3e-3 / 1e-3)")
-    t.add_argument("--backbone-lr-mult", type=float, default=0.1, help="backbone lr = lr x this (fine-tuning)")
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--no-augment", dest="augment", action="store_false", help="fine-tuning: no random crop/flip")
-    t.add_argument("--patience", type=int, help="early-stopping patience in epochs (0 = off)")
-    t.add_argument("--no-lp-init", dest="linear_probe_init", action="store_false",
-                   help="fine-tuning: start from a random head instead of a linear probe")
-    t.add_argument("--val-split", type=float, default=0.2)
-    t.add_argument("--test-split", type=float, default=0.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto (prefers CUDA), cpu, cuda, cuda:N, mps")
-    t.add_argument("--cache-dir", help="embedding cache folder (default: the user cache folder)")
-    t.add_argument("--no-cache", dest="cache", action="store_false", help="do not read or write embeddings cache")
-    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    t.add_argument("--quiet", action="store_true")
-
-    pr = sub.add_parser("predict", help="predict every image under a folder (or given files) and write a CSV")
-    pr.add_argument("run")
-    pr.add_argument("images", nargs="+", help="folder(s), searched recursively, and/or image files")
-    pr.add_argument("--csv", required=True, help="CSV file to write")
-    pr.add_argument("--top-k", type=int, default=1)
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--batch-size", type=int)
-    pr.add_argument("--quiet", action="store_true")
-
-    ev = sub.add_parser("evaluate", help="score a labelled folder with a saved run")
-    ev.add_argument("run")
-    ev.add_argument("data")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--json", help="also write the metrics to this file")
-    ev.add_argument("--quiet", action="store_true")
-
-    ex = sub.add_parser("export", help="export a run's network to ONNX or TorchScript")
-    ex.add_argument("run")
-    ex.add_argument("--format", choices=["onnx", "torchscript"], required=True)
-    ex.add_argument("--out", required=True)
+    # Each job's options come from its config dataclass (engine/config.py): one declaration, no copies here.
+    for name, cls, text in (("train", TrainConfig, "train a classifier on DATA and save a run folder"),
+                            ("predict", PredictConfig, "predict every image under a folder (or given files) and "
+                                                       "write a CSV"),
+                            ("evaluate", EvaluateConfig, "score a labelled folder with a saved run"),
+                            ("export", ExportConfig, "export a run's network to ONNX or TorchScript"),
+                            ("scan", ScanConfig, "scan a folder and report classes, split and unreadable files")):
+        sp = sub.add_parser(name, help=text)
+        add_arguments(sp, cls)
+        if name in ("train", "predict", "evaluate"):
+            sp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    sub.choices["evaluate"].add_argument("--json", help="also write the metrics to this file")
 
     b = sub.add_parser("backbones", help="list backbones and whether their weights are available offline")
     b.add_argument("--all", action="store_true", help="every torchvision classification model")
     b.add_argument("--json", action="store_true")
-
-    s = sub.add_parser("scan", help="scan a folder and report classes, split and unreadable files")
-    s.add_argument("data")
-    s.add_argument("--val-split", type=float, default=0.2)
-    s.add_argument("--test-split", type=float, default=0.0)
-    s.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("cache", help="show (or --clear) the embedding cache that makes feature-extraction reruns fast")
     c.add_argument("--cache-dir", help="default: ~/.cache/transfer-studio/embeddings (or $TRANSFER_STUDIO_CACHE)")
@@ -155,18 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(a) -> int:
-    from .train import TrainConfig, fit
-
+def _job(fn, cfg, quiet: bool):
+    """Run one engine job with terminal progress and Ctrl-C as its cancel token."""
     cancel = CancelToken()
     _install_sigint(cancel)
-    cfg = TrainConfig(data=a.data, out=a.out, mode=a.mode, backbone=a.backbone, weights=a.weights,
-                      download=a.download, unfreeze=a.unfreeze, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                      backbone_lr_mult=a.backbone_lr_mult, weight_decay=a.weight_decay, augment=a.augment,
-                      patience=a.patience, val_split=a.val_split, test_split=a.test_split, seed=a.seed,
-                      device=a.device, cache=a.cache, cache_dir=a.cache_dir, overwrite=a.overwrite,
-                      linear_probe_init=a.linear_probe_init)
-    res = fit(cfg, TerminalProgress(a.quiet), cancel)
+    return fn(cfg, TerminalProgress(quiet), cancel)
+
+
+def cmd_train(a) -> int:
+    from .train import fit
+
+    res = _job(fit, from_args(TrainConfig, a), a.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, rank 0 reports and saves
     if res.run_dir is None:
@@ -183,9 +138,7 @@ def cmd_train(a) -> int:
 def cmd_predict(a) -> int:
     from .predict import predict_folder
 
-    cancel = CancelToken()
-    _install_sigint(cancel)
-    res = predict_folder(a.run, a.images, a.csv, a.top_k, a.device, a.batch_size, TerminalProgress(a.quiet), cancel)
+    res = _job(predict_folder, from_args(PredictConfig, a), a.quiet)
     if res.cancelled:
         return 130
     print(json.dumps({"csv": res.csv_path, "rows": len(res.rows), "errors": res.n_errors,
@@ -197,9 +150,7 @@ def cmd_evaluate(a) -> int:
     from .evaluate import evaluate
     from .runs import atomic_write_json
 
-    cancel = CancelToken()
-    _install_sigint(cancel)
-    res = evaluate(a.run, a.data, a.device, callbacks=TerminalProgress(a.quiet), cancel=cancel)
+    res = _job(evaluate, from_args(EvaluateConfig, a), a.quiet)
     if res.cancelled:
         return 130
     m = dict(res.metrics)
@@ -213,7 +164,10 @@ def cmd_evaluate(a) -> int:
 def cmd_export(a) -> int:
     from .export import export_model
 
-    print(json.dumps(export_model(a.run, a.format, a.out), indent=2))
+    res = _job(export_model, from_args(ExportConfig, a), True)
+    if res.cancelled:
+        return 130
+    print(json.dumps({"model": res.model, "sidecar": res.sidecar}, indent=2))
     return 0
 
 
@@ -235,7 +189,9 @@ def cmd_backbones(a) -> int:
 def cmd_scan(a) -> int:
     from .data import scan_folder
 
-    ds = scan_folder(a.data, a.val_split, a.test_split, a.seed)
+    ds = _job(scan_folder, from_args(ScanConfig, a), True).dataset
+    if ds is None:
+        return 130
     print(json.dumps({"root": ds.root, "layout": ds.layout, "classes": ds.classes, "counts": ds.counts(),
                       "warnings": ds.warnings, "skipped": [{"path": p, "reason": r} for p, r in ds.skipped]},
                      indent=2, ensure_ascii=False))

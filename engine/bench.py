@@ -38,7 +38,7 @@ def _synthetic_rate(device, seconds: float) -> tuple[int, float]:
     import torch
 
     from .backbones import fold_batchnorm, load_backbone
-    from .features import pick_batch_size
+    from .forward import pick_batch_size
 
     net = fold_batchnorm(load_backbone().net).to(device).to(memory_format=torch.channels_last)
     bs = pick_batch_size(device)
@@ -58,6 +58,60 @@ def _synthetic_rate(device, seconds: float) -> tuple[int, float]:
     return n, n / (time.perf_counter() - ts)
 
 
+def _reference(data: str, device, epochs: int) -> dict:
+    """The PyTorch transfer-learning tutorial's fixed feature extractor, as a new user would write it."""
+    import torch
+    from PIL import Image
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from .backbones import load_backbone
+    from .data import scan
+
+    ds = scan(data, val_split=0.2, seed=0)
+    items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
+    tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
+                             transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+    class Folder(Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            p, y = items[i]
+            return tf(Image.open(p).convert("RGB")), y
+
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else min(2, os.cpu_count() or 1)
+    loader = DataLoader(Folder(), batch_size=32, shuffle=True, num_workers=workers)
+    net = load_backbone().net.to(device)
+    for p in net.parameters():
+        p.requires_grad = False
+    head = nn.Linear(net.feature_dim, len(ds.classes)).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
+    net.eval()
+    seen = 0
+    first = None
+    t_train = time.perf_counter()
+    for epoch in range(epochs):
+        te = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                f = net(x)
+            loss = nn.functional.cross_entropy(head(f), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen += len(y)
+        if first is None:
+            first = time.perf_counter() - te
+    out = {"images": seen}
+    out["images_per_s"] = seen / (time.perf_counter() - t_train)
+    out["first_epoch_s"] = first
+    return out
+
+
 def _phase(name: str, args: dict) -> dict:
     t0 = time.perf_counter()
     from .train import TrainConfig, fit
@@ -68,58 +122,11 @@ def _phase(name: str, args: dict) -> dict:
     if name != "fe-second":  # a rerun from cached features never imports torch (its import alone takes seconds)
         import torch
 
-        from .train import resolve_device
+        from .device import resolve_device
 
         device = resolve_device(args["device"])
     if name == "reference":
-        from PIL import Image
-        from torch import nn
-        from torch.utils.data import DataLoader, Dataset
-        from torchvision import transforms
-
-        from .backbones import load_backbone
-        from .data import scan_folder
-
-        ds = scan_folder(data, val_split=0.2, seed=0)
-        items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
-        tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
-                                 transforms.Normalize([0.5] * 3, [0.5] * 3)])
-
-        class Folder(Dataset):
-            def __len__(self):
-                return len(items)
-
-            def __getitem__(self, i):
-                p, y = items[i]
-                return tf(Image.open(p).convert("RGB")), y
-
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else min(2, os.cpu_count() or 1)
-        loader = DataLoader(Folder(), batch_size=32, shuffle=True, num_workers=workers)
-        net = load_backbone().net.to(device)
-        for p in net.parameters():
-            p.requires_grad = False
-        head = nn.Linear(net.feature_dim, len(ds.classes)).to(device)
-        opt = torch.optim.SGD(head.parameters(), lr=1e-3, momentum=0.9)
-        net.eval()
-        seen = 0
-        first = None
-        t_train = time.perf_counter()
-        for epoch in range(args["epochs"]):
-            te = time.perf_counter()
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                with torch.no_grad():
-                    f = net(x)
-                loss = nn.functional.cross_entropy(head(f), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                seen += len(y)
-            if first is None:
-                first = time.perf_counter() - te
-        out["images"] = seen
-        out["images_per_s"] = seen / (time.perf_counter() - t_train)
-        out["first_epoch_s"] = first
+        out.update(_reference(data, device, args["epochs"]))
     elif name in ("fe-first", "fe-second", "fine-tune"):
         mode = "fine-tuning" if name == "fine-tune" else "feature-extraction"
         with tempfile.TemporaryDirectory() as runs:
@@ -223,8 +230,7 @@ def run_bench(a) -> int:
           f"{fe['images_per_s']:.1f} / {fe['paired_limit_images_per_s']:.1f} img/s = "
           f"{fe['images_per_s'] / fe['paired_limit_images_per_s']:.0%}")
     if a.json:
-        from .runs import atomic_write_json
-        from .train import _json_safe
+        from .runs import atomic_write_json, json_safe
 
-        atomic_write_json(a.json, _json_safe(rows))
+        atomic_write_json(a.json, json_safe(rows))
     return 0

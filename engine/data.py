@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .events import CancelToken, EngineError, Phase, Progress
+from .config import ScanConfig
+from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {
@@ -47,6 +48,19 @@ class Dataset:
     samples: list[Sample]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    split_settings: tuple[float, float, int] = (0.2, 0.0, 0)  # (val_split, test_split, seed) it was scanned with
+
+    def matches(self, root: str, val_split: float, test_split: float, seed: int) -> bool:
+        """Whether this scan is what scanning ``root`` with these split settings would give now (same folder,
+        same split; a pre-split folder ignores the fractions unless it has no val/ folder)."""
+        if os.path.abspath(self.root) != os.path.abspath(root):
+            return False
+        return self.split_settings == (val_split, test_split, seed)
+
+    def copy(self) -> "Dataset":
+        """A copy whose lists can be changed (``drop``) without touching this one."""
+        return Dataset(self.root, self.layout, list(self.classes), list(self.samples), list(self.skipped),
+                       list(self.warnings), self.split_settings)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -195,11 +209,28 @@ def stratified_split(labels: list[int], val_split: float, test_split: float, see
     return out
 
 
-def scan_folder(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
-                cancel: CancelToken | None = None,
-                progress: Callable[[Progress], None] | None = None,
-                check_files: bool = True) -> Dataset:
-    """Scan ``root`` into a :class:`Dataset`. Raises :class:`EngineError` with a suggestion when it cannot be used."""
+@dataclass
+class ScanResult:
+    dataset: Dataset | None  # None when cancelled
+    cancelled: bool = False
+
+
+def scan_folder(config: ScanConfig, callbacks: Callbacks | None = None,
+                cancel: CancelToken | None = None) -> ScanResult:
+    """The scan job (CLI ``scan``, the window's Dataset tab): :func:`scan` with the job contract."""
+    cb = callbacks or Callbacks()
+    try:
+        return ScanResult(scan(config.data, config.val_split, config.test_split, config.seed, cancel,
+                               cb.on_progress))
+    except Cancelled:
+        return ScanResult(None, cancelled=True)
+
+
+def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
+         cancel: CancelToken | None = None, progress: Callable[[Progress], None] | None = None,
+         check_files: bool = True) -> Dataset:
+    """Scan ``root`` into a :class:`Dataset`. Raises :class:`EngineError` with a suggestion when it cannot be used,
+    :class:`Cancelled` when cancelled."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise EngineError(f"Folder not found: {root}. Choose a folder that contains one subfolder per class.")
@@ -272,7 +303,7 @@ def scan_folder(root: str | os.PathLike, val_split: float = 0.2, test_split: flo
         samples = [Sample(p, y, a) for (p, y), a in zip(flat, assign)]
 
     ds = Dataset(root=root, layout="pre-split" if layout else "flat", classes=names, samples=samples,
-                 skipped=skipped, warnings=warn)
+                 skipped=skipped, warnings=warn, split_settings=(val_split, test_split, seed))
     ds.warnings.extend(dataset_warnings(ds))
     return ds
 

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .events import Callbacks, CancelToken, EngineError
+from .config import EvaluateConfig
+from .data import scan
+from .device import resolve_device
+from .events import Callbacks, Cancelled, CancelToken, EngineError
+from .model import load_model
+from .predict import predict_paths
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -52,6 +57,32 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     }
 
 
+def split_report(ds, probs: dict) -> tuple[dict, list[list]]:
+    """metrics.json entries for the held-out splits ("val", "test") of a trained run, and its
+    val_predictions.csv rows (path, split, label, prediction, confidence, p_<class>...)."""
+    classes = ds.classes
+    metrics: dict = {}
+    rows: list[list] = []
+    for split in ("val", "test"):
+        p = probs.get(split)
+        items = ds.split(split)
+        if p is None or not items:
+            metrics[f"{split}_accuracy"] = None
+            continue
+        y = np.array([s.label for s in items], dtype=np.int64)
+        m = classification_metrics(y, p.argmax(1), classes)
+        metrics[f"{split}_accuracy"] = m["accuracy"]
+        metrics[f"{split}_accuracy_ci95"] = m["accuracy_ci95"]
+        metrics[f"{split}_macro_f1"] = m["macro_f1"]
+        metrics[f"{split}_n"] = m["n"]
+        metrics[f"{split}_per_class" if split == "test" else "per_class"] = m["per_class"]
+        metrics[f"{split}_confusion_matrix" if split == "test" else "confusion_matrix"] = m["confusion_matrix"]
+        for s, pr in zip(items, p):
+            j = int(pr.argmax())
+            rows.append([s.path, split, classes[s.label], classes[j], f"{pr[j]:.6f}"] + [f"{v:.6f}" for v in pr])
+    return metrics, rows
+
+
 @dataclass
 class EvaluateResult:
     metrics: dict
@@ -59,33 +90,28 @@ class EvaluateResult:
     cancelled: bool = False
 
 
-def evaluate(run_dir: str, data_dir: str, device: str = "auto", batch_size: int | None = None,
-             callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> EvaluateResult:
+def evaluate(config: EvaluateConfig, callbacks: Callbacks | None = None,
+             cancel: CancelToken | None = None) -> EvaluateResult:
     """Score a labelled folder (either layout; every image counts) with a saved run."""
-    from .data import scan_folder
-    from .events import Cancelled
-    from .model import load_model
-    from .predict import predict_paths
-    from .train import resolve_device
-
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
-    loaded = load_model(run_dir)
+    loaded = load_model(config.run)
+    skipped: list[tuple[str, str]] = []
     try:
-        ds = scan_folder(data_dir, val_split=0.0, test_split=0.0, cancel=cancel, progress=cb.on_progress)
+        ds = scan(config.data, val_split=0.0, test_split=0.0, cancel=cancel, progress=cb.on_progress)
+        skipped = ds.skipped
+        unknown = [c for c in ds.classes if c not in loaded.classes]
+        if unknown:
+            raise EngineError(f"{config.data} has classes the model does not know: {', '.join(unknown)}. "
+                              f"The model knows: {', '.join(loaded.classes)}.")
+        index = {c: i for i, c in enumerate(loaded.classes)}
+        paths = [s.path for s in ds.samples]
+        labels = np.array([index[ds.classes[s.label]] for s in ds.samples])
+        probs, kept, errors = predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb,
+                                            cancel)
     except Cancelled:
-        return EvaluateResult({}, [], cancelled=True)
-    unknown = [c for c in ds.classes if c not in loaded.classes]
-    if unknown:
-        raise EngineError(f"{data_dir} has classes the model does not know: {', '.join(unknown)}. "
-                          f"The model knows: {', '.join(loaded.classes)}.")
-    index = {c: i for i, c in enumerate(loaded.classes)}
-    paths = [s.path for s in ds.samples]
-    labels = np.array([index[ds.classes[s.label]] for s in ds.samples])
-    probs, kept, errors, cancelled = predict_paths(loaded, paths, resolve_device(device), batch_size, cb, cancel)
-    if cancelled:
-        return EvaluateResult({}, ds.skipped + errors, cancelled=True)
+        return EvaluateResult({}, skipped, cancelled=True)
     m = classification_metrics(labels[kept], probs.argmax(1), loaded.classes)
     m["classes"] = loaded.classes
-    m["data"] = os.path.abspath(data_dir)
-    return EvaluateResult(m, ds.skipped + errors)
+    m["data"] = os.path.abspath(config.data)
+    return EvaluateResult(m, skipped + errors)

@@ -63,6 +63,19 @@ class EpochMetrics:
     images_per_s: float
     is_best: bool
 
+    # A head on cached features runs many cheap epochs (100 by default): logs show every 10th of those.
+    MANY_EPOCHS = 20
+
+    @property
+    def many_cheap_epochs(self) -> bool:
+        """A feature-extraction head's epochs (milliseconds each): no images/s worth showing per epoch."""
+        return self.epochs > self.MANY_EPOCHS
+
+    @property
+    def worth_logging(self) -> bool:
+        """Whether a log (terminal, the window's log panel) shows this epoch: all of a few, every 10th of many."""
+        return not self.many_cheap_epochs or self.epoch == 1 or self.epoch % 10 == 0
+
     def as_row(self) -> dict:
         return {
             "epoch": self.epoch,

@@ -3,27 +3,49 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
-from .events import EngineError
+from .config import EXPORT_FORMATS, ExportConfig
+from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
+from .model import load_model
 from .runs import atomic_write_text
 
-FORMATS = ("onnx", "torchscript")
+
+@dataclass
+class ExportResult:
+    model: str | None  # the file written (None when cancelled)
+    sidecar: str | None
+    cancelled: bool = False
 
 
-def export_model(run_dir: str, fmt: str, out: str) -> dict:
-    """Write ``out`` and ``out + '.json'`` (classes and preprocessing). Returns what was written.
+def export_model(config: ExportConfig, callbacks: Callbacks | None = None,
+                 cancel: CancelToken | None = None) -> ExportResult:
+    """Write ``config.out`` and ``config.out + '.json'`` (classes and preprocessing).
 
     The exported network takes a float tensor (N, 3, size, size) already normalised with the run's mean/std and
-    returns logits; prediction's top-1 equals the run's on the same tensors (tested).
+    returns logits; prediction's top-1 equals the run's on the same tensors (tested). A cancel is honoured before
+    the export starts (the exporter itself cannot be interrupted) and leaves no file.
     """
+    cb = callbacks or Callbacks()
+    cancel = cancel or CancelToken()
+    fmt = config.format.lower()
+    if fmt not in EXPORT_FORMATS:
+        raise EngineError(f"Unknown export format '{fmt}': use onnx or torchscript.")
+    try:
+        cancel.raise_if_cancelled()
+        loaded = load_model(config.run)
+        cancel.raise_if_cancelled()
+        cb.on_progress(Progress(Phase.EXPORTING, 0, 1))
+        _write(loaded, fmt, config.out)
+    except Cancelled:
+        return ExportResult(None, None, cancelled=True)
+    cb.on_progress(Progress(Phase.EXPORTING, 1, 1))
+    return ExportResult(config.out, config.out + ".json")
+
+
+def _write(loaded, fmt: str, out: str) -> None:
     import torch
 
-    from .model import load_model
-
-    fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise EngineError(f"Unknown export format '{fmt}': use onnx or torchscript.")
-    loaded = load_model(run_dir)
     model = loaded.model.float().eval()
     size = loaded.preprocessing.size
     example = torch.zeros(2, 3, size, size)
@@ -52,7 +74,6 @@ def export_model(run_dir: str, fmt: str, out: str) -> dict:
                "output": {"name": "logits", "shape": ["N", len(loaded.classes)]},
                "backbone": loaded.meta["backbone"], "mode": loaded.meta["mode"]}
     atomic_write_text(out + ".json", json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
-    return {"model": out, "sidecar": out + ".json"}
 
 
 def _export_onnx(model, example, path: str) -> None:

@@ -17,6 +17,8 @@ import numpy as np
 
 from .backbones import LoadedBackbone, Preprocessing
 from .events import CancelToken, Phase, Progress
+from .forward import Forward
+from .loop import RateMeter
 from .pixels import content_hash, iter_decoded, read_bytes, stack_on
 from .runs import atomic_write_bytes
 
@@ -177,20 +179,11 @@ def clear_cache(folder: str | None = None) -> int:
     return freed
 
 
-def pick_batch_size(device) -> int:
-    # Small batches keep a 2-core CPU's caches warm (measured on 2 cores: batch 4 ~42 img/s, 16 ~32 img/s); GPUs want big ones.
-    return 4 if device.type == "cpu" else 128
-
-
 def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache_dir: str | None = None,
                 backbone_name: str = "", batch_size: int | None = None, cancel: CancelToken | None = None,
                 progress: Callable[[Progress], None] | None = None,
                 log: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]], dict]:
     """Features for ``paths``. Returns (features (K,D) float32, indices of the K readable files, errors, stats)."""
-    import torch
-
-    from .backbones import fold_batchnorm
-
     pre = backbone.preprocessing
     cache = EmbeddingCache(cache_dir, backbone_name or "backbone", backbone.weights_id, pre)
     if cache.rebuilt_reason and log:
@@ -223,18 +216,10 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
     if todo:
         if log:
             log(f"Embedding {len(todo)} image(s) with the frozen backbone ({n - len(todo)} already cached)")
-        net = fold_batchnorm(backbone.net).to(device)
-        if device.type != "mps":
-            net = net.to(memory_format=torch.channels_last)
-        bs = batch_size or pick_batch_size(device)
-        mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
-        use_amp = device.type == "cuda"
+        forward = Forward.frozen(backbone.net, pre, device, batch_size)
         t0 = time.perf_counter()
-        todo_paths = [paths[i] for i in todo]
         try:
-            _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feats, ok, hashes, cache, errors,
-                        cancel, progress, t0)
+            _embed_loop(forward, todo, [paths[i] for i in todo], feats, ok, hashes, cache, errors, cancel, progress)
         finally:
             # Also on cancel or error: what was embedded so far is kept for the next run.
             try:
@@ -248,11 +233,12 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
     return feats[kept], kept, errors, stats
 
 
-def _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feats, ok, hashes, cache, errors, cancel,
-                progress, t0) -> None:
+def _embed_loop(forward: Forward, todo, todo_paths, feats, ok, hashes, cache, errors, cancel, progress) -> None:
     import torch
 
     done = 0
+    bs, pre, device = forward.batch_size, forward.pre, forward.device
+    meter = RateMeter(len(todo))
     with torch.inference_mode():
         for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
                                   overlap=device.type != "cpu", device=device):
@@ -263,19 +249,11 @@ def _embed_loop(net, todo, todo_paths, pre, bs, device, mean, std, use_amp, feat
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 part = good[s:s + bs]
-                x = stack_on([a for _, a in part], device).float().sub_(mean).div_(std)
-                if device.type != "mps":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = net(x)
-                out = out.float().cpu().numpy()
+                out = forward(stack_on([a for _, a in part], device)).cpu().numpy()
                 for (i, _), vec in zip(part, out):
                     feats[i] = vec
                     ok[i] = True
                     cache.put(hashes[i], vec.copy())
                 done += len(part)
                 if progress is not None:  # per batch, so a bar moves and Stop is honoured within a batch
-                    el = time.perf_counter() - t0
-                    rate = done / el if el > 0 else 0.0
-                    progress(Progress(Phase.EMBEDDING, done, len(todo), rate,
-                                      (len(todo) - done) / rate if rate else 0.0))
+                    progress(Progress(Phase.EMBEDDING, done, len(todo), meter.rate(done), meter.eta(done)))

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from .events import BatchMetrics, Cancelled, CancelToken, EpochMetrics, Throttle
+from .events import BatchMetrics, CancelToken, EpochMetrics, Throttle
+from .loop import EarlyStopping
 
 
 class HeadAdamW:
@@ -110,17 +111,17 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
     steps = math.ceil(n / bs)
     opt = HeadAdamW([w, b], lr, weight_decay, total_steps=epochs * steps)
     keep = 1.0 - dropout
-    best_loss, best_head, best_epoch = math.inf, None, 0
+    stopping = EarlyStopping(patience)
+    best_head = None
     history: list[dict] = []
-    bad_epochs = 0
     throttle = Throttle(0.2)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         perm = rng.permutation(n)
         tot_loss, tot_correct = 0.0, 0
         for step in range(steps):
-            if cancel is not None and cancel.cancelled:
-                raise Cancelled()
+            if cancel is not None:
+                cancel.raise_if_cancelled()
             idx = perm[step * bs:(step + 1) * bs]
             x, y = Xtr[idx], ytr[idx]
             if dropout > 0:
@@ -138,21 +139,15 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
             vacc = float((lv.argmax(1) == yva).mean())
         else:
             vloss, vacc = tot_loss / n, float("nan")
-        improved = vloss < best_loss - 1e-6
+        improved = stopping.update(vloss, epoch)
         if improved:
-            best_loss, best_head, best_epoch = vloss, {"weight": w.copy(), "bias": b.copy()}, epoch
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
+            best_head = {"weight": w.copy(), "bias": b.copy()}
         secs = time.perf_counter() - t0
         m = EpochMetrics(epoch, epochs, tot_loss / n, tot_correct / n, vloss, vacc, opt.lr, secs,
                          n / secs if secs else 0.0, improved)
         history.append(m.as_row())
         if on_epoch is not None:
             on_epoch(m)
-        if patience and has_val and bad_epochs >= patience:
-            if on_log is not None:
-                on_log(f"Early stopping: validation loss has not improved for {patience} epochs "
-                       f"(best epoch {best_epoch}).")
+        if stopping.stop(has_val, on_log):
             break
-    return HeadResult(best_head, history, best_epoch)
+    return HeadResult(best_head, history, stopping.best_epoch)

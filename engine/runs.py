@@ -9,11 +9,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import platform
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from .events import EngineError
 
@@ -219,3 +224,109 @@ def read_predictions(run_dir: str, name: str = "val_predictions.csv") -> list[di
         return []
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------------ writing a run
+
+@dataclass
+class BackboneFacts:
+    """What the run folder records about the backbone (from a loaded backbone, or from the cache without torch)."""
+
+    preprocessing: object  # backbones.Preprocessing
+    feature_dim: int
+    weights_source: str
+    weights_id: str
+    device: str  # label for metrics.json
+
+    @classmethod
+    def of(cls, backbone, device_text: str) -> "BackboneFacts":
+        return cls(backbone.preprocessing, int(backbone.net.feature_dim), backbone.weights_source,
+                   backbone.weights_id, device_text)
+
+
+def json_safe(obj):
+    """NaN and infinities become null; NumPy scalars become Python numbers (metrics.json is strict JSON)."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        # Metadata, not an import: `import torchvision` alone took 1.9 s here, and a run from cached features
+        # never imports torch at all.
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    torch = sys.modules.get("torch")  # its __version__ also names the CUDA build (e.g. 2.11.0+cu128)
+    return {"transfer_studio": __version__, "torch": torch.__version__ if torch else installed("torch"),
+            "torchvision": installed("torchvision"),
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def save_weights(path: str, weights: dict) -> None:
+    """model.safetensors from torch tensors, or from NumPy arrays when the run never imported torch."""
+    meta = {"format": "transfer-studio"}
+    if all(isinstance(v, np.ndarray) for v in weights.values()):
+        from safetensors.numpy import save_file
+
+        # (not np.ascontiguousarray: it turns 0-d arrays such as BatchNorm's num_batches_tracked into shape (1,))
+        save_file({k: np.require(v, requirements="C") for k, v in weights.items()}, path, metadata=meta)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, path, metadata=meta)
+
+
+def model_json(cfg, ds, facts: BackboneFacts) -> dict:
+    """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config."""
+    conf = asdict(cfg)
+    return {
+        "format_version": FORMAT_VERSION, "app": "transfer-studio", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "classes": ds.classes, "backbone": cfg.backbone, "mode": cfg.mode,
+        "preprocessing": facts.preprocessing.to_dict(), "feature_dim": facts.feature_dim,
+        "head": {"type": "linear", "in_features": facts.feature_dim, "out_features": len(ds.classes),
+                 "dropout": 0.2},
+        "weights_source": facts.weights_source, "weights_id": facts.weights_id,
+        "data": os.path.abspath(cfg.data), "layout": ds.layout, "config": json_safe(conf),
+        "versions": versions(),
+    }
+
+
+def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], ds, metrics: dict,
+             predictions: list[list], meta: dict) -> str:
+    """Write a whole run folder atomically (see the module docstring); returns its path. A failure leaves no
+    partial folder and says what to do."""
+    writer = RunWriter(out, overwrite=overwrite)
+    classes = ds.classes
+    try:
+        save_weights(writer.path("model.safetensors"), weights)
+        writer.write_csv("history.csv", list(history[0].keys()) if history else ["epoch"],
+                         [list(h.values()) for h in history])
+        writer.write_csv("split.csv", ["path", "split", "class"],
+                         ([x.path, x.split, classes[x.label]] for x in ds.samples))
+        writer.write_csv("skipped.csv", ["path", "reason"], ds.skipped)
+        writer.write_csv("val_predictions.csv", ["path", "split", "label", "prediction", "confidence"]
+                         + [f"p_{c}" for c in classes], predictions)
+        writer.write_json("metrics.json", json_safe(metrics))
+        writer.write_json("model.json", meta)  # last: a folder is a run only when whole
+        return writer.commit()
+    except OSError as exc:
+        writer.abort()
+        raise EngineError(f"Could not save the run to {out}: {exc.strerror or exc}. Free some disk space or "
+                          "choose another output folder; earlier runs are untouched.") from exc
+    except BaseException:
+        writer.abort()
+        raise

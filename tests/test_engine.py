@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from engine import CancelToken, EngineError, TrainConfig, fit
-from engine.data import scan_folder, stratified_split
+from engine.config import EvaluateConfig, ExportConfig, PredictConfig
+from engine.data import scan, stratified_split
 from engine.events import Callbacks
 from tests.imagegen import draw_image, make_flat_dataset, make_split_dataset
 
@@ -28,9 +29,9 @@ def test_importing_engine_loads_no_qt():
 
 
 def test_flat_split_is_stratified_and_reproducible(flat_data):
-    a = scan_folder(flat_data, val_split=0.25, test_split=0.15, seed=3)
-    b = scan_folder(flat_data, val_split=0.25, test_split=0.15, seed=3)
-    c = scan_folder(flat_data, val_split=0.25, test_split=0.15, seed=4)
+    a = scan(flat_data, val_split=0.25, test_split=0.15, seed=3)
+    b = scan(flat_data, val_split=0.25, test_split=0.15, seed=3)
+    c = scan(flat_data, val_split=0.25, test_split=0.15, seed=4)
     assert a.layout == "flat" and a.classes == ["circles", "squares", "stripes"]
     assert [(s.path, s.split) for s in a.samples] == [(s.path, s.split) for s in b.samples]
     assert [(s.path, s.split) for s in a.samples] != [(s.path, s.split) for s in c.samples]
@@ -48,7 +49,7 @@ def test_split_keeps_a_training_image_for_tiny_classes():
 
 def test_presplit_layout_with_other_spellings(tmp_path):
     make_split_dataset(tmp_path, names=("Training", "VALID", "testing"), n=(6, 3, 2))
-    ds = scan_folder(tmp_path)
+    ds = scan(tmp_path)
     assert ds.layout == "pre-split"
     assert ds.counts() == {"circles": {"train": 6, "val": 3, "test": 2}, "squares": {"train": 6, "val": 3, "test": 2}}
 
@@ -61,7 +62,7 @@ def test_unreadable_files_are_listed_not_fatal(tmp_path):
     (root / "squares" / "cut.JPG").write_bytes(good[: len(good) * 2 // 3])
     (root / "squares" / "readme.txt").write_text("ignored: not an image extension")
     (root / "squares" / ".DS_Store").write_bytes(b"\0\0")
-    ds = scan_folder(root, val_split=0.25)
+    ds = scan(root, val_split=0.25)
     reasons = dict((Path(p).name, r) for p, r in ds.skipped)
     assert {"empty.jpg", "notes.png"} <= set(reasons)
     assert "0 bytes" in reasons["empty.jpg"]
@@ -75,13 +76,13 @@ def test_unreadable_files_are_listed_not_fatal(tmp_path):
 
 def test_folder_errors_say_what_to_change(tmp_path):
     with pytest.raises(EngineError, match="not found"):
-        scan_folder(tmp_path / "missing")
+        scan(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(EngineError, match="No readable images"):
-        scan_folder(tmp_path / "empty")
+        scan(tmp_path / "empty")
     make_flat_dataset(tmp_path / "one", n_per_class=3, classes=("circles",))
     with pytest.raises(EngineError, match="Only one class"):
-        scan_folder(tmp_path / "one")
+        scan(tmp_path / "one")
 
 
 def test_feature_extraction_run_folder(fe_run):
@@ -159,7 +160,7 @@ def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
     (folder / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "pred.csv"
-    res = predict_folder(fe_run.run_dir, str(folder), str(out), top_k=2)
+    res = predict_folder(PredictConfig(fe_run.run_dir, str(folder), str(out), top_k=2))
     with open(out, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "prediction", "confidence", "p_circles", "p_squares", "p_stripes", "top_k",
@@ -177,25 +178,25 @@ def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
     assert all(r["path"].startswith(str(folder)) for r in rows)
     assert len(res.rows) == 4 and res.n_errors == 1
     # one photo, or files and folders together, in the order given
-    one = predict_folder(fe_run.run_dir, str(folder / "sub" / "b.JPEG"))
+    one = predict_folder(PredictConfig(fe_run.run_dir, str(folder / "sub" / "b.JPEG")))
     assert [(Path(r.path).name, r.prediction) for r in one.rows] == [("b.JPEG", "squares")]
-    mixed = predict_folder(fe_run.run_dir, [str(folder / "notes.txt"), str(folder / "sub" / "deeper")])
+    mixed = predict_folder(PredictConfig(fe_run.run_dir, [str(folder / "notes.txt"), str(folder / "sub" / "deeper")]))
     assert [Path(r.path).name for r in mixed.rows] == ["notes.txt", "c.webp"] and mixed.rows[0].error
     with pytest.raises(EngineError, match="Not found"):
-        predict_folder(fe_run.run_dir, str(folder / "missing.jpg"))
+        predict_folder(PredictConfig(fe_run.run_dir, str(folder / "missing.jpg")))
 
 
 def test_evaluate_scores_a_labelled_folder(fe_run, tmp_path):
     from engine.evaluate import evaluate
 
     data = make_flat_dataset(tmp_path / "holdout", n_per_class=4, seed=7)
-    res = evaluate(fe_run.run_dir, str(data))
+    res = evaluate(EvaluateConfig(fe_run.run_dir, str(data)))
     m = res.metrics
     assert m["n"] == 12 and m["accuracy"] >= 0.8
     assert np.array(m["confusion_matrix"]).shape == (3, 3)
     bad = make_flat_dataset(tmp_path / "other", n_per_class=2, classes=("circles", "triangles"))
     with pytest.raises(EngineError, match="does not know: triangles"):
-        evaluate(fe_run.run_dir, str(bad))
+        evaluate(EvaluateConfig(fe_run.run_dir, str(bad)))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -206,7 +207,7 @@ def test_export_gives_the_same_top1(fe_run, tmp_path, fmt):
     from engine.model import load_model
 
     out = tmp_path / f"model.{fmt}"
-    export_model(fe_run.run_dir, fmt, str(out))
+    export_model(ExportConfig(fe_run.run_dir, fmt, str(out)))
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["classes"] == ["circles", "squares", "stripes"]
     loaded = load_model(fe_run.run_dir)
@@ -322,9 +323,9 @@ def test_missing_torchvision_weights_say_how_to_proceed(flat_data, tmp_path):
 def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkeypatch):
     import torch
 
-    import engine.train as tr
+    import engine.fine_tuning as tr
 
-    real = tr._forward_backward
+    real = tr.forward_backward
     calls = {"n": 0}
 
     def flaky(model, x, *a, **k):
@@ -333,7 +334,7 @@ def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkey
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(model, x, *a, **k)
 
-    monkeypatch.setattr(tr, "_forward_backward", flaky)
+    monkeypatch.setattr(tr, "forward_backward", flaky)
     logs = []
 
     class Log(Callbacks):
@@ -348,12 +349,12 @@ def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkey
 
 
 def test_exception_in_training_loop_leaves_nothing_half_written(flat_data, tmp_path, monkeypatch):
-    import engine.train as tr
+    import engine.fine_tuning as tr
 
     def boom(*a, **k):
         raise ValueError("simulated failure inside the loop")
 
-    monkeypatch.setattr(tr, "_forward_backward", boom)
+    monkeypatch.setattr(tr, "forward_backward", boom)
     with pytest.raises(ValueError, match="simulated"):
         fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "x"), mode="fine-tuning", epochs=1))
     assert not (tmp_path / "x").exists()

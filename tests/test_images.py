@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from engine.data import open_rgb, scan_folder
+from engine.data import open_rgb, scan
 
 
 def test_modes_become_rgb_and_exif_rotation_is_applied(tmp_path):
@@ -37,7 +37,7 @@ def test_decompression_bomb_is_skipped_with_a_reason(tmp_path):
     root = make_flat_dataset(tmp_path / "d", n_per_class=3, classes=("circles", "squares"))
     # A PNG header that claims 20000 x 20000 pixels (400 M) in a tiny file.
     Image.new("1", (20000, 20000)).save(root / "circles" / "bomb.png", optimize=True)
-    ds = scan_folder(root, val_split=0.34)
+    ds = scan(root, val_split=0.34)
     reasons = {p.split("/")[-1]: r for p, r in ds.skipped}
     assert "bomb.png" in reasons and "too large" in reasons["bomb.png"]
 

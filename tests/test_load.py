@@ -19,6 +19,7 @@ def _rss_mb() -> float:
 
 def test_predicting_many_images_keeps_memory_steady(fe_run, tmp_path):
     """CI runs 600 images; `TS_LOAD=20000 pytest -k memory_steady -s` is the documented long run."""
+    from engine.config import PredictConfig
     from engine.predict import predict_folder
 
     n = int(os.environ.get("TS_LOAD", "600"))
@@ -34,7 +35,7 @@ def test_predicting_many_images_keeps_memory_steady(fe_run, tmp_path):
         def on_predictions(self, rows):
             samples.append((len(rows), _rss_mb()))
 
-    res = predict_folder(fe_run.run_dir, str(folder), str(tmp_path / "out.csv"), callbacks=Track(), batch_size=32)
+    res = predict_folder(PredictConfig(fe_run.run_dir, str(folder), str(tmp_path / "out.csv"), batch_size=32), Track())
     assert len(res.rows) == n and res.n_errors == 0
     rss = [m for _, m in samples]
     quarter = rss[len(rss) // 4]

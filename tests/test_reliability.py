@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from engine import CancelToken, EngineError, TrainConfig, fit
-from engine.data import scan_folder
+from engine.config import EvaluateConfig, PredictConfig
+from engine.data import scan
 from engine.events import Callbacks
 from tests.imagegen import draw_image, make_flat_dataset
 
@@ -83,7 +84,7 @@ def test_bad_image_corpus_through_every_job(tmp_path):
     root = tmp_path / "messy"
     expect = make_bad_corpus(root)
     bad = {n for n, ok in expect.items() if not ok}
-    ds = scan_folder(root, val_split=0.25)
+    ds = scan(root, val_split=0.25)
     for mode, extra in (("feature-extraction", {"epochs": 5}), ("fine-tuning", {"epochs": 1, "unfreeze": 1})):
         res = fit(TrainConfig(data=str(root), out=str(tmp_path / mode), mode=mode, cache=False, **extra))
         skipped = {Path(p).name: r for p, r in res.skipped}
@@ -93,10 +94,10 @@ def test_bad_image_corpus_through_every_job(tmp_path):
             used = {Path(r["path"]).name for r in csv.DictReader(f)}
         assert {n for n, ok in expect.items() if ok} <= used
     assert "too large" in {Path(p).name: r for p, r in ds.skipped}["bomb.png"]
-    ev = evaluate(str(tmp_path / "feature-extraction"), str(root))
+    ev = evaluate(EvaluateConfig(str(tmp_path / "feature-extraction"), str(root)))
     assert ev.metrics["n"] == 16 + sum(expect.values()) and {Path(p).name for p, _ in ev.skipped} == bad
     out = tmp_path / "pred.csv"
-    predict_folder(str(tmp_path / "fine-tuning"), str(root), str(out))
+    predict_folder(PredictConfig(str(tmp_path / "fine-tuning"), str(root), str(out)))
     with open(out, encoding="utf-8") as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert set(rows) == set(expect) | {p.name for p in root.rglob("*_0*.jpg")}
@@ -118,7 +119,7 @@ def test_bad_folders_get_a_run_or_one_clear_message(tmp_path):
     single = root / "lonely"
     single.mkdir()
     draw_image("triangles", 0).save(single / "only.png")
-    ds = scan_folder(root, val_split=0.3)
+    ds = scan(root, val_split=0.3)
     assert ds.classes == ["circles", "lonely", "squares", "Ünïcødé class ñ"]
     assert any("empty class" in w and "no readable images" in w for w in ds.warnings)
     assert any("lonely" in w and "only 1" in w for w in ds.warnings)
@@ -147,7 +148,7 @@ def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeyp
     real_check = data.check_image
     gone = str(root / "circles" / "circles_002.jpg")
     monkeypatch.setattr(data, "check_image", lambda p: "file disappeared while scanning" if p == gone else real_check(p))
-    ds = scan_folder(root)
+    ds = scan(root)
     reasons = dict(ds.skipped)
     assert "permission" in reasons[str(root / "squares" / "private")].lower()
     assert reasons[gone] == "file disappeared while scanning"
@@ -156,7 +157,7 @@ def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeyp
     from engine.predict import predict_folder
 
     run = fit(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=2, val_split=0.4)).run_dir
-    res = predict_folder(run, str(root), str(tmp_path / "p.csv"))
+    res = predict_folder(PredictConfig(run, str(root), str(tmp_path / "p.csv")))
     with open(tmp_path / "p.csv", encoding="utf-8") as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
     assert "permission" in rows[str(root / "squares" / "private")]["error"].lower()
@@ -196,8 +197,8 @@ def test_cancel_during_prediction(fe_run, flat_data):
         def on_predictions(self, rows):
             cancel.cancel()
 
-    res = predict_folder(fe_run.run_dir, str(flat_data), None, callbacks=StopAfterFirstChunk(), cancel=cancel,
-                         batch_size=4)
+    res = predict_folder(PredictConfig(fe_run.run_dir, str(flat_data), None, batch_size=4), StopAfterFirstChunk(),
+                         cancel)
     assert res.cancelled and 0 < len(res.rows) < 42 and res.csv_path is None
 
 

@@ -1,0 +1,210 @@
+"""Every job's settings, declared once: a dataclass per job whose field metadata also makes its command line.
+
+``TrainConfig`` is the one source of the training settings: the CLI's ``train`` options are generated from its
+fields (flag, help text, default), the window reads and writes the same fields (each tab owns some), and
+:func:`to_argv` turns a config back into the command line that reproduces it (the window's *Copy command line*).
+A round-trip test (config -> window -> config -> argv -> parsed config) keeps them from drifting apart.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .backbones import DEFAULT_BACKBONE
+from .events import EngineError
+
+MODES = ("feature-extraction", "fine-tuning")
+# Per-mode defaults for the settings left at None ("auto" in the window).
+DEFAULTS = {
+    # Head on cached features: an epoch costs milliseconds, so many epochs with early stopping.
+    "feature-extraction": {"epochs": 100, "batch_size": 64, "lr": 3e-3, "patience": 15},
+    "fine-tuning": {"epochs": 5, "batch_size": 32, "lr": 1e-3, "patience": 3},
+}
+
+
+def unfreeze_value(v: str | int) -> int | str:
+    """``--unfreeze``: a number of stages, or "all"."""
+    if v == "all":
+        return "all"
+    try:
+        return int(v)
+    except (TypeError, ValueError) as exc:
+        raise EngineError("--unfreeze takes a number of stages or 'all'.") from exc
+
+
+def option(default: Any, help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
+           choices: tuple | None = None, positional: bool = False, required: bool = False, cli: bool = True) -> Any:
+    """A config field with what its command-line option needs.
+
+    ``flag``: the option's name (default ``--field-name``; a bool that defaults to True gets ``--no-field-name``
+    unless named). ``parse``: str -> value (default: the type of ``default``; required when default is None).
+    ``required``: the command line must give it (the API may leave it out). ``cli=False``: not on the command line.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "parse": parse, "choices": choices,
+                                            "positional": positional, "required": required, "cli": cli})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training job needs. CLI: ``python -m engine train DATA [options]``, generated from these
+    fields; ``out`` and ``overwrite`` are per run (the window makes a new run folder each time)."""
+
+    data: str = option("", "folder of class subfolders, or with train/ val/ [test/] subfolders", positional=True)
+    out: str | None = option(None, "run folder to create (default: a new folder in the runs folder)", parse=str)
+    mode: str = option("feature-extraction", "feature-extraction (frozen backbone, new head) or fine-tuning",
+                       choices=MODES)
+    backbone: str = option(DEFAULT_BACKBONE, "see `python -m engine backbones`")
+    weights: str | None = option(None, "load backbone weights from this local file (.safetensors/.pth)", parse=str)
+    download: bool = option(False, "allow downloading torchvision weights (needs internet)")
+    unfreeze: int | str = option(2, "fine-tuning: last N stages, or 'all'", parse=unfreeze_value)
+    epochs: int | None = option(None, "default 100 (feature extraction, early-stopped) / 5 (fine-tuning)", parse=int)
+    batch_size: int | None = option(None, "default 64 / 32", parse=int)
+    lr: float | None = option(None, "head learning rate (default 3e-3 / 1e-3)", parse=float)
+    backbone_lr_mult: float = option(0.1, "fine-tuning: backbone learning rate = lr x this")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    augment: bool = option(True, "fine-tuning: random crop and flip each epoch")
+    patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
+    linear_probe_init: bool = option(True, "fine-tuning: start the head from a linear probe (LP-FT)",
+                                     flag="--no-lp-init")
+    val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
+    test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
+    seed: int = option(0, "random seed: same seed, same split and same run")
+    device: str = option("auto", "auto (prefers CUDA), cpu, cuda, cuda:N, mps")
+    cache: bool = option(True, "read and write the embedding cache")
+    cache_dir: str | None = option(None, "embedding cache folder (default: the user cache folder)", parse=str)
+    overwrite: bool = option(False, "replace --out if it exists")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the per-mode defaults filled in, checked."""
+        if self.mode not in MODES:
+            raise EngineError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
+        d = DEFAULTS[self.mode]
+        c = copy.copy(self)
+        c.epochs = self.epochs if self.epochs is not None else d["epochs"]
+        c.batch_size = self.batch_size if self.batch_size is not None else d["batch_size"]
+        c.lr = self.lr if self.lr is not None else d["lr"]
+        c.patience = self.patience if self.patience is not None else d["patience"]
+        if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0:
+            raise EngineError("Epochs and batch size must be at least 1 and the learning rate above 0.")
+        c.unfreeze = unfreeze_value(c.unfreeze)
+        return c
+
+
+@dataclass
+class ScanConfig:
+    """``python -m engine scan DATA``: classes, split and unreadable files of a folder."""
+
+    data: str = option("", "image folder", positional=True)
+    val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
+    test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
+    seed: int = option(0, "random seed of the split")
+
+
+@dataclass
+class PredictConfig:
+    """``python -m engine predict RUN IMAGES... --csv FILE``."""
+
+    run: str = option("", "run folder", positional=True)
+    images: list = option(None, "folder(s), searched recursively, and/or image files", positional=True, parse=str)
+    csv: str | None = option(None, "CSV file to write", parse=str, required=True)
+    top_k: int = option(1, "also list the k most likely classes")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
+
+
+@dataclass
+class EvaluateConfig:
+    """``python -m engine evaluate RUN DATA``: score a labelled folder (every image counts)."""
+
+    run: str = option("", "run folder", positional=True)
+    data: str = option("", "labelled folder (either layout)", positional=True)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass
+class ExportConfig:
+    """``python -m engine export RUN --format F --out FILE``."""
+
+    run: str = option("", "run folder", positional=True)
+    format: str = option("onnx", "onnx or torchscript", choices=EXPORT_FORMATS, required=True)
+    out: str = option("", "file to write (a .json sidecar is written beside it)", required=True)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+def _flag(f: dataclasses.Field) -> str:
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    return f"--no-{name}" if f.default is True else f"--{name}"
+
+
+def _parse(f: dataclasses.Field) -> Callable[[str], Any]:
+    return f.metadata.get("parse") or type(f.default)
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One argparse option (or positional) per field of ``cls``, with its help and default."""
+    for f in cli_fields(cls):
+        help_text = f.metadata["help"]
+        if f.metadata["positional"]:
+            nargs = "+" if f.name == "images" else None
+            parser.add_argument(f.name, nargs=nargs, help=help_text)
+        elif isinstance(f.default, bool):
+            parser.add_argument(_flag(f), dest=f.name, action="store_false" if f.default else "store_true",
+                                help=f"off: {help_text} (on by default)" if f.default else help_text)
+        else:
+            quiet = f.default is None or f.metadata["required"] or "default" in help_text
+            default_note = "" if quiet else f" (default {f.default})"
+            parser.add_argument(_flag(f), dest=f.name, type=_parse(f), default=f.default,
+                                choices=f.metadata["choices"], required=f.metadata["required"],
+                                help=help_text + default_note)
+
+
+def from_args(cls, ns: argparse.Namespace):
+    """The config a parsed command line describes."""
+    return cls(**{f.name: getattr(ns, f.name) for f in cli_fields(cls)})
+
+
+def to_argv(cfg) -> list[str]:
+    """The arguments (after the subcommand) that :func:`from_args` turns back into ``cfg``: positionals, then
+    every option whose value differs from its default."""
+    args: list[str] = []
+    for f in cli_fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        if f.metadata["positional"]:
+            args += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        elif value != f.default:
+            if isinstance(f.default, bool):
+                args.append(_flag(f))
+            else:
+                args += [_flag(f), str(value)]
+    return args
+
+
+def as_settings(cfg) -> dict[str, Any]:
+    """The config's fields as a plain dict (what the window stores between launches)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def value_from_text(cls, name: str, text: Any) -> Any:
+    """A stored setting (QSettings' INI files give strings back) as the field's value; "" means None."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if not isinstance(text, str):
+        return text
+    if isinstance(f.default, bool):
+        return text.lower() == "true"
+    if text == "" or text == "None":
+        return None if f.default is None else f.default
+    return _parse(f)(text)

@@ -1,0 +1,157 @@
+"""Feature extraction: each image through the frozen backbone once (or straight from the embedding cache), then a
+linear head trained on those features (engine/head.py, NumPy).
+
+Two ways in: :func:`from_cache` needs no PyTorch at all (every embedding and the backbone's weights are cached) and
+returns None when anything is missing; :func:`run` embeds what is not cached. Both return a :class:`TrainOutcome`
+and raise :class:`Cancelled` when stopped (the head trains in milliseconds per epoch: nothing worth keeping).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .backbones import LoadedBackbone, describe_without_torch
+from .config import TrainConfig
+from .data import Dataset
+from .events import Callbacks, CancelToken, EngineError, Phase, Progress
+from .features import BackboneSnapshot, EmbeddingCache, embed_files
+from .forward import probabilities
+from .head import train_linear_head
+from .loop import TrainOutcome
+from .pixels import content_hash, read_bytes
+from .runs import BackboneFacts
+
+
+def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
+    """Paths and class indices of one split."""
+    items = ds.split(split)
+    return [s.path for s in items], np.array([s.label for s in items], dtype=np.int64)
+
+
+def train_head(cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], dim: int, cb: Callbacks,
+               cancel: CancelToken) -> tuple[dict[str, np.ndarray], list[dict], int, dict]:
+    """The head on each split's features: (head weights, history, best epoch, probabilities per split)."""
+    split_X = {}
+    for split in ("train", "val", "test"):
+        p, y = labels(ds, split)
+        X = np.stack([features[q] for q in p]).astype(np.float32) if p else np.zeros((0, dim), np.float32)
+        split_X[split] = (X, y)
+    if len(split_X["train"][0]) == 0:
+        raise EngineError("No training images left after skipping unreadable files.")
+    cb.on_progress(Progress(Phase.TRAINING, 0, cfg.epochs))
+    cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
+    res = train_linear_head(*split_X["train"], *split_X["val"], len(ds.classes), epochs=cfg.epochs,
+                            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            patience=cfg.patience, seed=cfg.seed, cancel=cancel, on_batch=cb.on_train_batch_end,
+                            on_epoch=cb.on_train_epoch_end, on_log=cb.on_log)
+    # Predictions come straight from the features (identical to running the saved model on the images).
+    probs = {split: probabilities(split_X[split][0] @ res.head["weight"].T + res.head["bias"])
+             if len(split_X[split][0]) else None for split in ("val", "test")}
+    return res.head, res.history, res.best_epoch, probs
+
+
+def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks,
+               cancel: CancelToken) -> TrainOutcome | None:
+    """Without PyTorch, when every image's embedding and the backbone's weights are cached; None otherwise.
+
+    Only backbones whose identity is known without torch qualify: the bundled default
+    (see ``backbones.describe_without_torch``).
+    """
+    if not cache_dir:  # (any --device: the head trains on the CPU in every mode; the backbone is not run)
+        return None
+    facts = describe_without_torch(cfg.backbone, cfg.weights)
+    if facts is None:
+        return None
+    pre, source, wid = facts
+    snap = BackboneSnapshot(cache_dir, cfg.backbone, wid, pre)
+    if not snap.exists():
+        return None
+    t0 = time.perf_counter()
+    cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre)
+    if cache.rebuilt_reason:
+        cb.on_log(cache.rebuilt_reason)
+    by_path = {}
+    for i, s in enumerate(ds.samples):
+        if i % 256 == 0:
+            cancel.raise_if_cancelled()
+        try:
+            vec = cache.get(content_hash(read_bytes(s.path)))
+        except OSError:
+            return None
+        if vec is None:
+            return None
+        by_path[s.path] = vec
+    backbone_sd = snap.load()
+    if backbone_sd is None:
+        return None
+    dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
+    embed_s = time.perf_counter() - t0
+    cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
+    head, history, best, probs = train_head(cfg, ds, by_path, dim, cb, cancel)
+    return TrainOutcome(weights={**backbone_sd, **{f"head.{k}": v for k, v in head.items()}}, history=history,
+                        best_epoch=best, probs=probs, embed_seconds=embed_s, from_cache=len(by_path),
+                        facts=BackboneFacts(pre, dim, source, wid,
+                                            "cpu (head trained on cached features; backbone not run)"))
+
+
+def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
+    """Features of every sample: (features, kept indices, errors, cached count, embedded count); under torchrun
+    each rank embeds every world-th image and rank 0 gathers them and keeps the cache (other ranks get None)."""
+    paths = [s.path for s in ds.samples]
+    if not dist.enabled:
+        f, kept, errors, stats = embed_files(paths, backbone, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
+                                             cancel=cancel, progress=cb.on_progress, log=cb.on_log)
+        return f, kept, errors, stats["cached"], stats["embedded"]
+    mine = list(range(dist.rank, len(paths), dist.world))
+    f, k, errors, stats = embed_files([paths[i] for i in mine], backbone, device,
+                                      cache_dir=cache_dir if dist.is_main else None, backbone_name=cfg.backbone,
+                                      cancel=cancel, progress=cb.on_progress, log=cb.on_log)
+    parts = dist.gather(([mine[j] for j in k], f, errors, stats))
+    if not dist.is_main:
+        return None
+    kept = [i for part in parts for i in part[0]]
+    feats = np.concatenate([part[1] for part in parts]) if kept else np.zeros((0, f.shape[1]), np.float32)
+    if cache_dir:
+        cache = EmbeddingCache(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)
+        for i, vec in zip(kept, feats):
+            cache.put(content_hash(read_bytes(paths[i])), vec)
+        cache.save()
+    return (feats, kept, [e for part in parts for e in part[2]], sum(p[3]["cached"] for p in parts),
+            sum(p[3]["embedded"] for p in parts))
+
+
+def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_dir: str | None, cb: Callbacks,
+        cancel: CancelToken, dist) -> TrainOutcome | None:
+    """Embed (what the cache lacks), then train the head. None on ranks other than 0 under torchrun."""
+    import torch
+
+    from .model import make_classifier
+
+    t0 = time.perf_counter()
+    embedded = _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
+    if embedded is None:
+        return None
+    feats, kept, errors, n_cached, n_embedded = embedded
+    embed_s = time.perf_counter() - t0
+    cb.on_log(f"Features ready in {embed_s:.1f} s ({n_cached} from cache, {n_embedded} embedded)")
+    paths = [s.path for s in ds.samples]
+    by_path = {paths[i]: feats[j] for j, i in enumerate(kept)}
+    ds.drop(errors)
+    if errors:
+        cb.on_log(f"Skipped {len(errors)} file(s) that could not be decoded")
+    model = make_classifier(backbone.net, len(ds.classes))
+    backbone_sd = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    if cache_dir:
+        # The backbone's weights next to its embeddings: the next run on these images can then save a complete
+        # model without loading torch (see from_cache).
+        snap = BackboneSnapshot(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)
+        if not snap.exists():
+            try:
+                snap.save({k: v.detach().cpu().contiguous().numpy() for k, v in backbone_sd.items()})
+            except OSError as exc:
+                cb.on_log(f"Could not save the backbone snapshot ({exc.strerror or exc}); continuing without it")
+    head, history, best, probs = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel)
+    model.head.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()})
+    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=best, probs=probs,
+                        embed_seconds=embed_s, embedded=n_embedded, from_cache=n_cached)

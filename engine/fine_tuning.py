@@ -1,0 +1,333 @@
+"""Fine-tuning: the last stages of the backbone retrained with the new head, on images decoded once.
+
+:func:`run` decodes every split once (uint8, kept in memory or in a file: engine/pixels.py ``PixelStore``),
+freezes all but the last stages, starts the head from a linear probe (LP-FT), then repeats
+:func:`train_one_epoch` and :func:`validate` (the timm / torchvision references' shape) with early stopping. A cancel
+during training keeps the best finished epoch; before the first one, :class:`Cancelled` goes up to ``fit``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backbones import LoadedBackbone
+from .config import TrainConfig
+from .data import Dataset
+from .device import grad_scaler, is_oom
+from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase, Progress, \
+    Throttle
+from .feature_extraction import labels
+from .forward import Forward, probabilities
+from .head import train_linear_head
+from .loop import EarlyStopping, RateMeter, TrainOutcome
+from .pixels import PixelStore, decode_all
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+    seen: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ValStats:
+    loss: float
+    accuracy: float  # NaN without a validation split
+
+
+def random_resized_crop(x, size: int, generator, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
+    """Per-sample random resized crop + horizontal flip of a float batch, in one batched op on its device."""
+    import torch
+    from torchvision.ops import roi_align
+
+    n, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
+    logr = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(logr)
+    cw = torch.sqrt(area * r).clamp(max=1.0) * w
+    ch = torch.sqrt(area / r).clamp(max=1.0) * h
+    x1 = torch.rand(n, generator=generator) * (w - cw)
+    y1 = torch.rand(n, generator=generator) * (h - ch)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x1 + cw, y1 + ch], 1).to(dev, x.dtype)
+    out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
+        out = torch.where(mask.view(n, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def forward_backward(model, x, y, scaler, fwd: Forward):
+    """One optimiser step's forward and backward (a seam the tests use to simulate running out of GPU memory)."""
+    import torch.nn.functional as F
+
+    with fwd.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    return logits.detach(), loss.detach()
+
+
+def steps_per_epoch(n: int, bs: int, dist) -> int:
+    steps = math.ceil(n / bs)
+    if dist.enabled and n % bs and n % bs < dist.world:
+        steps -= 1  # a last batch smaller than the number of processes would leave a rank with nothing
+    return steps
+
+
+def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs: int, epoch: int, epochs: int,
+                    augment: bool, generator, scaler, frozen_modules, dist, cb: Callbacks,
+                    cancel: CancelToken) -> EpochStats:
+    """One pass over ``data`` (uint8 (N,3,S,S)) in shuffled batches; reports throttled batch metrics."""
+    import torch
+    import torch.nn.functional as F
+
+    n, device, size = len(y), fwd.device, fwd.pre.size
+    steps = steps_per_epoch(n, bs, dist)
+    model.train()
+    for m in frozen_modules:
+        m.eval()  # frozen stages keep their ImageNet BatchNorm statistics
+    perm = torch.randperm(n, generator=generator)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    meter, throttle = RateMeter(), Throttle(0.25)
+    for step in range(steps):
+        if dist.any(cancel.cancelled, device):  # every rank stops on the same step (no hang)
+            raise Cancelled()
+        idx = perm[step * bs:(step + 1) * bs]
+        if dist.enabled:
+            # Same global batch as one process: every rank draws the same permutation (same seed) and takes its
+            # share of each batch; DDP averages the gradients.
+            idx = idx[dist.rank::dist.world]
+        xb = data[idx.to(data.device)].to(device, non_blocking=True).float()
+        yb = y[idx].to(device, non_blocking=True)
+        if augment:
+            xb = random_resized_crop(xb, size, generator)
+        elif xb.shape[-1] != size:
+            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True)
+        opt.zero_grad(set_to_none=True)
+        logits, loss = forward_backward(train_model, fwd.normalise(xb), yb, scaler, fwd)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        loss_sum += loss * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
+        seen += len(idx)
+        if throttle.ready() or step == steps - 1:
+            done_frac = (step + 1) / steps
+            eta = meter.elapsed() * ((1 - done_frac) + (epochs - epoch)) / done_frac
+            cb.on_train_batch_end(BatchMetrics(epoch, step + 1, steps, float(loss_sum) / seen, int(correct) / seen,
+                                               meter.rate(seen), eta))
+    train_s = meter.elapsed()
+    loss_total, correct_total = float(loss_sum), float(correct)
+    if dist.enabled:  # epoch metrics over the whole global batch, not rank 0's share
+        loss_total, correct_total, seen_total = dist.sum([loss_total, correct_total, float(seen)], device)
+        seen = int(seen_total)
+    return EpochStats(loss_total / seen, correct_total / seen, seen, train_s)
+
+
+def validate(fwd: Forward, data, y, cancel: CancelToken | None) -> ValStats:
+    """Mean cross-entropy and accuracy on a held-out split."""
+    import torch.nn.functional as F
+
+    logits = fwd.map(data, cancel)
+    y = y.to(logits.device)
+    return ValStats(float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean()))
+
+
+def _decode_splits(ds: Dataset, pre, train_size: int, store: PixelStore, device, cb: Callbacks,
+                   cancel: CancelToken) -> dict:
+    """Each split decoded once into a uint8 tensor (None for an empty split); unreadable files are dropped from
+    ``ds`` with their reason."""
+    import torch
+
+    decoded = {}
+    meter = RateMeter()
+    for split in ("train", "val", "test"):
+        items = ds.split(split)
+        if not items:
+            decoded[split] = None
+            continue
+        size = train_size if split == "train" else pre.size
+        cb.on_log(f"Decoding {len(items)} {split} images once ({size}x{size} uint8 cache)")
+
+        def prog(done, total, _s=split):
+            cb.on_progress(Progress(Phase.DECODING, done, total, message=_s))
+
+        arr, _, bad = decode_all([s.path for s in items], pre, size, cancel, prog, device=device,
+                                 out=store.array((len(items), 3, size, size)))
+        ds.drop(bad)
+        decoded[split] = torch.from_numpy(arr)
+    cb.on_log(f"Decoded in {meter.elapsed():.1f} s")
+    if decoded["train"] is None or len(decoded["train"]) == 0:
+        raise EngineError("No training images left after skipping unreadable files.")
+    if device.type == "cuda":
+        need = sum(v.numel() for v in decoded.values() if v is not None)
+        free, _ = torch.cuda.mem_get_info(device)
+        if need < 0.3 * free:
+            decoded = {k: (v.to(device) if v is not None else None) for k, v in decoded.items()}
+            cb.on_log("Images kept on the GPU as uint8; augmentation runs on the GPU")
+    return decoded
+
+
+def _freeze(model, backbone: LoadedBackbone, unfreeze, cb: Callbacks) -> list:
+    """Freeze all but the last ``unfreeze`` stages; returns the frozen modules (kept in eval mode)."""
+    stages = backbone.net.stages()
+    n_unfreeze = len(stages) if unfreeze == "all" else max(0, min(int(unfreeze), len(stages)))
+    frozen = [m for group in stages[:len(stages) - n_unfreeze] for m in group]
+    for p in model.backbone.parameters():
+        p.requires_grad = n_unfreeze > 0
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad = False
+    n_params = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+    cb.on_log(f"Fine-tuning the last {n_unfreeze} of {len(stages)} backbone stages "
+              f"({n_params / 1e6:.2f} M backbone parameters trainable)")
+    return frozen
+
+
+def _linear_probe(model, fwd: Forward, decoded: dict, ytr, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks,
+                  cancel: CancelToken) -> None:
+    """LP-FT: start the new head from a linear probe on frozen features, so the first fine-tuning steps do not push
+    random-head gradients into the pretrained layers (Kumar et al., 2022)."""
+    import torch
+
+    cb.on_log("Initialising the head with a linear probe on frozen features")
+    ftr = fwd.map(decoded["train"], cancel, module=model.backbone).cpu().numpy()
+    fva = fwd.map(decoded["val"], cancel, module=model.backbone).cpu().numpy() if decoded["val"] is not None else None
+    probe = train_linear_head(ftr, ytr.numpy(), fva, yva.numpy(), num_classes, epochs=100, batch_size=64, lr=3e-3,
+                              weight_decay=cfg.weight_decay, patience=15, seed=cfg.seed, cancel=cancel)
+    model.head.load_state_dict({k: torch.from_numpy(v).to(fwd.device) for k, v in probe.head.items()})
+
+
+def _optimizer(model, cfg: TrainConfig):
+    import torch
+
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": model.head.parameters(), "lr": cfg.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_mult})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _schedule(opt, steps_per_epoch: int, epochs: int):
+    """Linear warm-up over half an epoch, then cosine decay to 0 over the planned steps."""
+    import torch
+
+    total, warm = epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
+
+
+def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_dir: str | None, cb: Callbacks,
+        cancel: CancelToken, dist) -> TrainOutcome:
+    """Decode, freeze, probe, train; returns the best epoch. Raises Cancelled when no epoch finished."""
+    pre = backbone.preprocessing
+    train_size = int(round(pre.size * 256 / 224)) if cfg.augment else pre.size
+    need = 3 * (len(ds.split("train")) * train_size ** 2
+                + (len(ds.split("val")) + len(ds.split("test"))) * pre.size ** 2)
+    store = PixelStore(need, cache_dir)
+    if store.on_disk:
+        cb.on_log(f"The decoded images ({need / 1e9:.1f} GB) would not fit in memory "
+                  f"({store.avail / 1e9:.1f} GB available): kept in a file in {store.folder} instead; "
+                  "epochs read them from disk, more slowly")
+    try:
+        decoded = _decode_splits(ds, pre, train_size, store, device, cb, cancel)
+        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist)
+    finally:
+        store.close()  # (the arrays die with this frame)
+
+
+def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, decoded: dict, cb: Callbacks,
+           cancel: CancelToken, dist) -> TrainOutcome:
+    """The epochs: out-of-memory retry with a halved batch, validation, early stopping, best epoch kept."""
+    import torch
+
+    from .model import make_classifier
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # autotuning each new shape costs more than it saves on small data
+    ytr, yva = torch.from_numpy(labels(ds, "train")[1]), torch.from_numpy(labels(ds, "val")[1])
+    model = make_classifier(backbone.net, len(ds.classes)).to(device)
+    if device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    frozen = _freeze(model, backbone, cfg.unfreeze, cb)
+    eval_fwd = Forward(model, backbone.preprocessing, device, batch_size=8 if device.type == "cpu" else 256)
+    if cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
+        _linear_probe(model, eval_fwd, decoded, ytr, yva, len(ds.classes), cfg, cb, cancel)
+    train_model = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Broadcasts rank 0's weights (head included) to every rank, then averages gradients each step.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        cb.on_log(f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
+                  f"({cfg.batch_size // dist.world} per process)")
+    opt, scaler = _optimizer(model, cfg), grad_scaler(device)
+    n = len(ytr)
+    bs = min(cfg.batch_size, n)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    has_val = decoded["val"] is not None and len(decoded["val"]) > 0
+    eval_fwd.batch_size = max(bs, 8) if device.type == "cpu" else 256
+    stopping, best_state, history, rates = EarlyStopping(cfg.patience), None, [], []
+    sched, epoch, cancelled = None, 0, False
+    while epoch < cfg.epochs:
+        sched = sched or _schedule(opt, steps_per_epoch(n, bs, dist), cfg.epochs)
+        t0 = time.perf_counter()
+        try:
+            st = train_one_epoch(model, train_model, eval_fwd, decoded["train"], ytr, opt, sched, bs=bs,
+                                 epoch=epoch + 1, epochs=cfg.epochs, augment=cfg.augment, generator=gen,
+                                 scaler=scaler, frozen_modules=frozen, dist=dist, cb=cb, cancel=cancel)
+            # Under DDP a rank must not stop alone between collectives: cancel is only checked per step.
+            val = (validate(eval_fwd, decoded["val"], yva, None if dist.enabled else cancel) if has_val
+                   else ValStats(st.loss, float("nan")))
+        except Cancelled:
+            cancelled = True
+            break
+        except Exception as exc:
+            if not is_oom(exc) or bs <= 1 or dist.enabled:  # ranks must keep the same batch: no retry under DDP
+                raise
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            bs, sched = max(1, bs // 2), None
+            cb.on_log(f"Out of memory at batch size {bs * 2}: retrying this epoch with batch size {bs}")
+            continue
+        epoch += 1
+        improved = stopping.update(val.loss, epoch)
+        if improved:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        m = EpochMetrics(epoch, cfg.epochs, st.loss, st.accuracy, val.loss, val.accuracy, opt.param_groups[0]["lr"],
+                         time.perf_counter() - t0, st.seen / st.seconds if st.seconds else 0.0, improved)
+        history.append(m.as_row())
+        rates.append(m.images_per_s)
+        cb.on_train_epoch_end(m)
+        if stopping.stop(has_val, cb.on_log):
+            break
+    if best_state is None:
+        raise Cancelled()
+    if cancelled:
+        cb.on_log(f"Stopped; keeping the best epoch so far ({stopping.best_epoch})")
+    model.load_state_dict(best_state)
+    probs = {}
+    for split in ("val", "test"):
+        if decoded[split] is not None and len(decoded[split]):
+            cb.on_progress(Progress(Phase.EVALUATING, 0, len(decoded[split])))
+            probs[split] = probabilities(eval_fwd.map(decoded[split]).cpu().numpy())
+        else:
+            probs[split] = None
+    model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
+    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, probs=probs,
+                        cancelled=cancelled, train_images_per_s=float(np.median(rates)) if rates else 0.0)
