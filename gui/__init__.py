@@ -9,3 +9,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # waiting ~115 ms while predicting 1,052 images; one thread brought the worst stall to 79-98 ms (measured).
 if (os.cpu_count() or 2) <= 4:
     os.environ.setdefault("TRANSFER_STUDIO_DECODE_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
+
+import sys  # noqa: E402
+
+# The job thread runs Python between PyTorch calls; each PySide call from the GUI thread releases the GIL and may
+# wait a whole switch interval to get it back. 1 ms (default 5) keeps repaints short. Process-wide, so it is set
+# here, where the app's other process-wide policies are, not by a window.
+sys.setswitchinterval(0.001)

@@ -60,6 +60,7 @@ def run_self_test(timeout_s: float = 600.0) -> int:
 
     t0 = time.perf_counter()
     app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])
+    from engine.config import PredictConfig
     from engine.predict import predict_folder
 
     tmp = tempfile.mkdtemp(prefix="ts-selftest-")
@@ -78,7 +79,8 @@ def run_self_test(timeout_s: float = 600.0) -> int:
         if win.model_tab.backbone() != "efficientnet_lite0":
             raise RuntimeError("the bundled EfficientNet-Lite0 is not available")
         win.scan_folder(data)
-        wait(lambda: win.dataset_tab.dataset is not None or bool(win.last_error), "the folder scan")
+        # The same notion of "scan finished" that Start training uses.
+        wait(lambda: not win.dataset_tab.scanning or bool(win.last_error), "the folder scan")
         if win.last_error:
             raise RuntimeError(win.last_error)
         runs = {}
@@ -96,7 +98,7 @@ def run_self_test(timeout_s: float = 600.0) -> int:
             runs[mode] = res.run_dir
             _say(f"{mode}: val accuracy {res.metrics.get('val_accuracy')} ({res.run_dir})")
         out = os.path.join(tmp, "predictions.csv")
-        res = predict_folder(runs["fine-tuning"], data, out, top_k=2)
+        predict_folder(PredictConfig(runs["fine-tuning"], [data], out, top_k=2))
         with open(out, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
         if len(rows) != 16 or any(r["error"] for r in rows) or not all(r["prediction"] in ("red", "blue") for r in rows):

@@ -91,13 +91,22 @@ class JobWorker(QObject):
 
 
 class Job(QObject):
-    """Owns a worker and its thread. ``done`` fires once, after the thread has really finished."""
+    """Owns a worker and its thread. ``done`` fires once, after the thread has really finished.
+
+    ``finished``/``failed``/``cancelled`` are the worker's, relayed in the GUI thread unless the job was superseded
+    (``supersede()``: a newer job of the same kind replaced it), so a late result of an old folder scan never
+    overwrites the newer one's.
+    """
 
     done = Signal()
+    finished = Signal(object)
+    failed = Signal(str, str)
+    cancelled = Signal()
 
     def __init__(self, worker: JobWorker, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.worker = worker
+        self.superseded = False
         self.thread = QThread()
         self.thread.setObjectName(f"job-{getattr(worker.fn, '__name__', 'engine')}")
         worker.moveToThread(self.thread)
@@ -108,6 +117,9 @@ class Job(QObject):
         worker.finished.connect(self.thread.quit, Qt.DirectConnection)
         worker.failed.connect(self.thread.quit, Qt.DirectConnection)
         worker.cancelled.connect(self.thread.quit, Qt.DirectConnection)
+        worker.finished.connect(self._finished)  # queued: these run in the GUI thread
+        worker.failed.connect(self._failed)
+        worker.cancelled.connect(self._cancelled)
         self.thread.finished.connect(self._cleanup)
 
     def start(self) -> None:
@@ -116,11 +128,31 @@ class Job(QObject):
     def cancel(self) -> None:
         self.worker.cancel_token.cancel()
 
+    def supersede(self) -> None:
+        """Cancel, and never relay this job's end."""
+        self.superseded = True
+        self.cancel()
+
     def is_running(self) -> bool:
         return self.thread.isRunning()
 
     def wait(self, ms: int = 30000) -> bool:
         return self.thread.wait(ms)
+
+    @Slot(object)
+    def _finished(self, result) -> None:
+        if not self.superseded:
+            self.finished.emit(result)
+
+    @Slot(str, str)
+    def _failed(self, message: str, details: str) -> None:
+        if not self.superseded:
+            self.failed.emit(message, details)
+
+    @Slot()
+    def _cancelled(self) -> None:
+        if not self.superseded:
+            self.cancelled.emit()
 
     @Slot()
     def _cleanup(self) -> None:
@@ -129,7 +161,7 @@ class Job(QObject):
 
 
 def start_job(parent: QObject, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
-    """Create a job for ``fn``; connect its worker's signals, then call ``job.start()``.
+    """Create a job for ``fn``; connect its signals, then call ``job.start()``.
 
     Connect worker signals only to methods of QObjects that live in the GUI thread (never to a lambda): PySide
     runs a lambda in the emitting thread, and touching a widget from the worker thread crashes.

@@ -105,13 +105,15 @@ def main() -> int:
     # TS_CACHE=DIR: start from an embedding cache filled beforehand (e.g. by `python -m engine train` on a big folder)
     os.environ["TRANSFER_STUDIO_CACHE"] = os.environ.get("TS_CACHE") or os.path.join(tmp, "cache")
     app = QApplication(sys.argv[:1])  # noqa: F841
+    from gui.eventloop import StallMeter
     from gui.selftest import backbones_listed, scratch_window
 
     w = scratch_window(tmp)
     tracer = StallTracer(float(os.environ["TS_STALL_TRACE"])) if os.environ.get("TS_STALL_TRACE") else None
     wait(lambda: backbones_listed(w))
     w.scan_folder(train)
-    wait(lambda: w.dataset_tab.dataset is not None)
+    wait(lambda: not w.dataset_tab.scanning)
+    stall = StallMeter()
     if os.environ.get("TS_SWITCH"):  # experiment: another GIL switch interval than the app's
         sys.setswitchinterval(float(os.environ["TS_SWITCH"]))
     # the last: feature extraction again, all embeddings from the cache (almost all Python on the job thread)
@@ -127,6 +129,7 @@ def main() -> int:
             print(f"first switch to the training tab: {(time.perf_counter() - t0) * 1000:.0f} ms")
             w.tabs.setCurrentIndex(0)
         t0 = time.time()
+        stall.start()
         w.start_training()
         scroller = None
         if os.environ.get("TS_SCROLL_GRID"):  # a user looking through the dataset's thumbnails while it trains
@@ -142,7 +145,7 @@ def main() -> int:
             scroller.stop()
         wait(lambda: w.last_result is not None)
         label = mode + (" (cached)" if mode in [m for m, _ in modes[:i]] else "")
-        print(f"{label}: {time.time() - t0:.1f} s, {w.status_label.text()}")
+        print(f"{label}: {time.time() - t0:.1f} s, worst GUI stall during the job: {stall.stop():.0f} ms")
         if tracer:
             tracer.report(label)
         w.last_result = None
@@ -159,7 +162,10 @@ def main() -> int:
     if tracer:
         tracer.stalls = []
     t0 = time.time()
-    w.start_prediction(predict, 3)
+    stall.start()
+    w.predict_tab.top_k.setValue(3)
+    w.predict_tab.folder.setText(predict)
+    w.predict_tab.request_prediction()
     timer = QTimer()
     timer.setInterval(500)
     timer.timeout.connect(lambda: streamed.append(w.predict_tab.model.rowCount()))
@@ -167,7 +173,7 @@ def main() -> int:
     wait(lambda: not w.busy())
     timer.stop()
     n = w.predict_tab.model.rowCount()
-    print(f"predict: {n} files in {time.time() - t0:.1f} s, {w.status_label.text()}; rows visible at 0.5 s "
+    print(f"predict: {n} files in {time.time() - t0:.1f} s, worst GUI stall {stall.stop():.0f} ms; rows visible at 0.5 s "
           f"intervals: {streamed[:3]} ... {streamed[-3:]}")
     if tracer:
         tracer.report("predict")

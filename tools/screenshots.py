@@ -3,7 +3,7 @@
     xvfb-run -s "-screen 0 1280x800x24" python tools/screenshots.py ../shared/datasets/flowers \
         ../shared/datasets/hymenoptera docs/screenshots
 
-Also prints the worst GUI event-loop stall measured while training (a 10 ms QTimer's longest gap).
+Also prints each job's summary line.
 """
 from __future__ import annotations
 
@@ -63,12 +63,12 @@ def main() -> int:
     wait(app, lambda: len(w.training_tab.plots.data["val_acc"][0]) >= 2)
     shot("3-training.png")
     wait(app, lambda: not w.busy())
-    print("fine-tuning:", w.status_label.text(), "|", w.last_result.message)
+    print("fine-tuning:", w.last_result.message)
     w.model_tab.fe.setChecked(True)
     w.training_tab.epochs.setValue(0)
     w.start_training()
     wait(app, lambda: not w.busy())
-    print("feature extraction:", w.status_label.text(), "|", w.last_result.message)
+    print("feature extraction:", w.last_result.message)
     w.results_tab.refresh_runs()
     w.results_tab.runs_table.selectAll()
     w.results_tab.open_run(w.last_result.run_dir)
@@ -80,9 +80,10 @@ def main() -> int:
     w.tabs.setCurrentWidget(w.predict_tab)
     val = os.path.join(os.path.abspath(train_data), "val")
     w.predict_tab.folder.setText(val)
-    w.start_prediction(val, 2)
+    w.predict_tab.top_k.setValue(2)
+    w.predict_tab.request_prediction()
     wait(app, lambda: not w.busy())
-    print("prediction:", w.status_label.text(), "|", w.predict_tab.status.text())
+    print("prediction:", w.predict_tab.status.text())
     w.predict_tab.table.sortByColumn(3, w.predict_tab.table.horizontalHeader().sortIndicatorOrder().AscendingOrder)
     wait(app, lambda: len(w.loader.pending) == 0, 60)
     shot("5-predict.png")

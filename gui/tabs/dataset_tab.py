@@ -9,23 +9,26 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QGroupBox
                                QHeaderView, QLabel, QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
-from engine.data import Dataset, scan_folder
+from engine.config import ScanConfig
+from engine.data import Dataset
+from gui.settings import load_values, save_values
 from gui.thumbs import ThumbnailLoader
 from gui.widgets import ImageGrid
 
 
-def scan_job(root: str, val_split: float, test_split: float, seed: int, callbacks=None, cancel=None) -> Dataset:
-    return scan_folder(root, val_split, test_split, seed, cancel=cancel, progress=callbacks.on_progress)
-
-
 class DatasetTab(QWidget):
-    dataset_changed = Signal(object)  # Dataset
-    scan_requested = Signal(str)
+    """Owns the TrainConfig fields ``data``, ``val_split``, ``test_split``, ``seed``; asks for scans with a
+    :class:`ScanConfig` (``scan_requested``); ``scanning`` is true from a request until its result or failure."""
+
+    FIELDS = ["val_split", "test_split", "seed"]
+    scan_requested = Signal(object)  # ScanConfig
 
     def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.dataset: Dataset | None = None
         self.folder = ""
+        self.scanning = False
+        self.recent_folders: list[str] = []
         root = QVBoxLayout(self)
 
         top = QHBoxLayout()
@@ -36,7 +39,7 @@ class DatasetTab(QWidget):
         self.recent = QComboBox()
         self.recent.setMinimumWidth(380)
         self.recent.setToolTip("Recently used folders")
-        self.recent.activated.connect(lambda i: self.scan_requested.emit(self.recent.itemData(i)))
+        self.recent.activated.connect(lambda i: self.request_scan(self.recent.itemData(i)))
         top.addWidget(self.open_btn)
         top.addWidget(QLabel("Recent:"))
         top.addWidget(self.recent, 1)
@@ -51,7 +54,7 @@ class DatasetTab(QWidget):
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.seed.setToolTip("Same seed, same split: runs stay comparable")
         self.rescan_btn = QPushButton("Apply split")
-        self.rescan_btn.clicked.connect(lambda: self.folder and self.scan_requested.emit(self.folder))
+        self.rescan_btn.clicked.connect(lambda: self.folder and self.request_scan(self.folder))
         for label, w in (("Validation", self.val_pct), ("Test", self.test_pct), ("Seed", self.seed)):
             sl.addWidget(QLabel(label))
             sl.addWidget(w)
@@ -119,19 +122,53 @@ class DatasetTab(QWidget):
         start = self.folder or os.path.expanduser("~")
         folder = QFileDialog.getExistingDirectory(self, "Choose an image folder", start)
         if folder:
-            self.scan_requested.emit(folder)
+            self.request_scan(folder)
+
+    def request_scan(self, folder: str) -> None:
+        if folder:
+            v = self.values()
+            self.scan_requested.emit(ScanConfig(folder, v["val_split"], v["test_split"], v["seed"]))
 
     def set_recent(self, folders: list[str]) -> None:
+        self.recent_folders = list(folders)[:10]
         self.recent.blockSignals(True)
         self.recent.clear()
-        for f in folders:
+        for f in self.recent_folders:
             self.recent.addItem(f, f)
         self.recent.blockSignals(False)
 
-    def split_settings(self) -> tuple[float, float, int]:
-        return self.val_pct.value() / 100.0, self.test_pct.value() / 100.0, self.seed.value()
+    # ------------------------------------------------------------------------------------------------ settings
+    def values(self) -> dict:
+        """This tab's part of the training config: the loaded folder (what Start trains) and the split."""
+        return {"data": self.dataset.root if self.dataset else "", "val_split": self.val_pct.value() / 100.0,
+                "test_split": self.test_pct.value() / 100.0, "seed": self.seed.value()}
 
+    def set_values(self, values: dict) -> None:
+        """Show these split settings; a ``data`` folder other than the loaded one is scanned."""
+        if "val_split" in values:
+            self.val_pct.setValue(100 * values["val_split"])
+        if "test_split" in values:
+            self.test_pct.setValue(100 * values["test_split"])
+        if "seed" in values:
+            self.seed.setValue(int(values["seed"]))
+        if values.get("data") and (self.dataset is None or values["data"] != self.dataset.root):
+            self.request_scan(values["data"])
+
+    def save_settings(self, settings) -> None:
+        save_values(settings, {k: v for k, v in self.values().items() if k in self.FIELDS})
+        settings.setValue("data/recent", self.recent_folders)
+
+    def restore_settings(self, settings) -> None:
+        self.set_values(load_values(settings, self.FIELDS))
+        recent = settings.value("data/recent", []) or []
+        self.set_recent([recent] if isinstance(recent, str) else [r for r in recent if isinstance(r, str)])
+
+    def remember(self, folder: str) -> None:
+        self.set_recent([folder] + [r for r in self.recent_folders if r != folder][:9])
+
+    # ------------------------------------------------------------------------------------------------ scanning
     def scan_started(self, folder: str) -> None:
+        self.scanning = True
         self.folder = folder
         self.status.setText(f"Scanning {folder} …")
         self.scan_progress.setVisible(True)
@@ -142,7 +179,13 @@ class DatasetTab(QWidget):
             self.scan_progress.setRange(0, p.total)
             self.scan_progress.setValue(p.done)
 
+    def scan_finished(self, result) -> None:
+        """The scan job's result (a cancelled one was superseded by a newer scan, which reports itself)."""
+        if result.dataset is not None:
+            self.show_dataset(result.dataset)
+
     def scan_failed(self, message: str) -> None:
+        self.scanning = False
         self.scan_progress.setVisible(False)
         ds = self.dataset
         if ds is None:
@@ -155,6 +198,7 @@ class DatasetTab(QWidget):
 
     # ------------------------------------------------------------------------------------------------ display
     def show_dataset(self, ds: Dataset) -> None:
+        self.scanning = False
         self.dataset = ds
         self.folder = ds.root
         self.scan_progress.setVisible(False)

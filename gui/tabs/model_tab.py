@@ -1,12 +1,13 @@
 """Model tab: backbone list (size, input, offline availability), weights source, mode with advice, unfreeze."""
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
                                QLineEdit, QPushButton, QRadioButton, QSpinBox, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
 from engine.backbones import DEFAULT_BACKBONE
+from gui.settings import load_values, save_values
 
 FE_TEXT = ("<b>Feature extraction</b> keeps the pretrained network frozen and trains only a new final layer on "
            "its features. Fast (each image is processed once), and the best choice when your images look like "
@@ -17,11 +18,14 @@ FT_TEXT = ("<b>Fine-tuning</b> also retrains the last stages of the network, wit
 
 
 class ModelTab(QWidget):
-    changed = Signal()
+    """Owns the TrainConfig fields ``mode``, ``backbone``, ``weights``, ``download``, ``unfreeze``."""
+
+    FIELDS = ["mode", "backbone", "weights", "download", "unfreeze"]
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.backbones = []
+        self.wanted_backbone = DEFAULT_BACKBONE  # selected once the list arrives (start-up discovery)
         root = QVBoxLayout(self)
 
         bb = QGroupBox("Pretrained network (backbone)")
@@ -33,7 +37,6 @@ class ModelTab(QWidget):
         self.table.setSelectionBehavior(QTableWidget.SelectRows)
         self.table.setSelectionMode(QTableWidget.SingleSelection)
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
-        self.table.itemSelectionChanged.connect(self.changed)
         self.loading = QLabel("Looking for backbones and their weights…")
         bl.addWidget(self.loading)
         bl.addWidget(self.table)
@@ -96,7 +99,32 @@ class ModelTab(QWidget):
         ft = self.ft.isChecked()
         self.unfreeze.setEnabled(ft and not self.unfreeze_all.isChecked())
         self.unfreeze_all.setEnabled(ft)
-        self.changed.emit()
+
+    # ------------------------------------------------------------------------------------------------ settings
+    def values(self) -> dict:
+        return {"mode": self.mode(), "backbone": self.backbone(), "weights": self.weights_file(),
+                "download": self.download.isChecked(), "unfreeze": self.unfreeze_value()}
+
+    def set_values(self, values: dict) -> None:
+        if "mode" in values:
+            self.set_mode(values["mode"])
+        if values.get("backbone"):
+            self.select_backbone(values["backbone"])
+        if "weights" in values:
+            self.w_path.setText(values["weights"] or "")
+            (self.w_file if values["weights"] else self.w_default).setChecked(True)
+        if "download" in values:
+            self.download.setChecked(bool(values["download"]))
+        if "unfreeze" in values:
+            self.unfreeze_all.setChecked(values["unfreeze"] == "all")
+            if values["unfreeze"] != "all":
+                self.unfreeze.setValue(int(values["unfreeze"]))
+
+    def save_settings(self, settings) -> None:
+        save_values(settings, self.values())
+
+    def restore_settings(self, settings) -> None:
+        self.set_values(load_values(settings, self.FIELDS))
 
     def set_backbones(self, infos: list) -> None:
         self.backbones = infos
@@ -117,14 +145,17 @@ class ModelTab(QWidget):
             if b.name == DEFAULT_BACKBONE:
                 select = r
         self.table.selectRow(select)
+        self.select_backbone(self.wanted_backbone)
 
     def backbone(self) -> str:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
         if not rows:
-            return DEFAULT_BACKBONE
+            return self.wanted_backbone
         return self.table.item(rows[0].row(), 0).data(Qt.UserRole)
 
     def select_backbone(self, name: str) -> None:
+        """Select ``name`` in the list (or remember it until the list arrives)."""
+        self.wanted_backbone = name
         for r in range(self.table.rowCount()):
             if self.table.item(r, 0).data(Qt.UserRole) == name:
                 self.table.selectRow(r)

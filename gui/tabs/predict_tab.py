@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpin
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox,
                                QTableView, QVBoxLayout, QWidget)
 
+from engine.config import ExportConfig, PredictConfig
 from engine.events import PredictionRow
 from engine.predict import predictions_csv
 from engine.runs import atomic_write_text
@@ -142,10 +143,10 @@ class ExportDialog(QDialog):
 
 
 class PredictTab(QWidget):
-    start_requested = Signal(object, int)  # [folder or image path, ...], top_k
+    predict_requested = Signal(object)  # PredictConfig (the window fills in the device)
     SEP = "; "  # between several dropped paths in the field
     stop_requested = Signal()
-    export_model_requested = Signal(str, str)  # format, path
+    export_requested = Signal(object)  # ExportConfig
 
     def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -165,7 +166,8 @@ class PredictTab(QWidget):
         self.start_btn = QPushButton("Predict")
         self.stop_btn = QPushButton("Stop")
         self.stop_btn.setEnabled(False)
-        self.start_btn.clicked.connect(lambda: self.start_requested.emit(self.paths(), self.top_k.value()))
+        self.start_btn.clicked.connect(self.request_prediction)
+        self.folder.returnPressed.connect(self.request_prediction)  # Enter in the field predicts, as Predict does
         self.stop_btn.clicked.connect(self.stop_requested)
         for w in (self.folder, browse, QLabel("Top-k"), self.top_k, self.start_btn, self.stop_btn):
             top.addWidget(w, 1 if w is self.folder else 0)
@@ -227,6 +229,12 @@ class PredictTab(QWidget):
         for r in range(first, min(last, first + 60) + 1):
             self.model.request_thumb(self.proxy.mapToSource(self.proxy.index(r, 0)).row())
 
+    def request_prediction(self, paths: list[str] | None = None) -> None:
+        """Ask for the field's paths (or ``paths``) to be predicted with the loaded model."""
+        if self.run_dir and self.start_btn.isEnabled():
+            self.predict_requested.emit(PredictConfig(self.run_dir, list(paths or self.paths()),
+                                                      top_k=self.top_k.value()))
+
     def _enable(self, has_model: bool) -> None:
         self.start_btn.setEnabled(has_model)
         self.export_model_btn.setEnabled(has_model)
@@ -251,13 +259,32 @@ class PredictTab(QWidget):
     def _filter(self) -> None:
         self.proxy.set_filter(self.class_filter.currentData(), self.min_conf.value())
 
-    def job_started(self, top_k: int) -> None:
-        self.model.reset(self.classes, top_k)
+    def job_started(self, top_k: int | None = None) -> None:
+        """A prediction (``top_k`` given: the table restarts) or an export started."""
+        if top_k is not None:
+            self.model.reset(self.classes, top_k)
         self.start_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         self.export_csv_btn.setEnabled(False)
         self.progress.setRange(0, 0)
-        self.status.setText("Predicting…")
+        self.status.setText("Predicting…" if top_k is not None else "Exporting…")
+
+    def stopping(self) -> None:
+        self.status.setText("Stopping…")
+
+    def job_failed(self, message: str) -> None:
+        self.job_ended("Failed: " + message)
+
+    def prediction_finished(self, res) -> None:
+        if res.cancelled:
+            self.job_ended(f"Stopped after {len(res.rows)} files.")
+        else:
+            self.job_ended(f"{len(res.rows)} files in {res.seconds:.1f} s"
+                           + (f", {res.n_errors} unreadable" if res.n_errors else "")
+                           + ". Export CSV… saves exactly these rows.")
+
+    def export_finished(self, res) -> None:
+        self.job_ended("Export cancelled." if res.cancelled else f"Exported {res.model} (+ .json)")
 
     def on_progress(self, p) -> None:
         if p.total:
@@ -308,4 +335,4 @@ class PredictTab(QWidget):
     def _export_model_dialog(self) -> None:
         dlg = ExportDialog(self, os.path.expanduser("~"))
         if dlg.exec() == QDialog.Accepted and dlg.path.text().strip():
-            self.export_model_requested.emit(dlg.fmt.currentData(), dlg.path.text().strip())
+            self.export_requested.emit(ExportConfig(self.run_dir, dlg.fmt.currentData(), dlg.path.text().strip()))

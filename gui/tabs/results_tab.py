@@ -143,6 +143,16 @@ class ResultsTab(QWidget):
                 self.runs_table.setItem(r, c, item)
         self.runs_table.blockSignals(False)
 
+    def select_run(self, run_dir: str) -> None:
+        """Select ``run_dir`` in the runs list (its curve is plotted) and show it; raises EngineError when it is not a
+        complete run."""
+        for r in range(self.runs_table.rowCount()):
+            if self.runs_table.item(r, 0).data(Qt.UserRole) == run_dir:
+                self.runs_table.selectRow(r)  # -> _runs_selected: overlay and open_run
+                break
+        if self.run_dir != run_dir:  # not in the list (another folder): show it anyway
+            self.open_run(run_dir)
+
     def _runs_selected(self) -> None:
         rows = sorted({i.row() for i in self.runs_table.selectedIndexes()})
         paths = [self.runs_table.item(r, 0).data(Qt.UserRole) for r in rows]
@@ -224,12 +234,6 @@ class ResultsTab(QWidget):
         self.cell_label.setText("Click a cell of the confusion matrix.")
         self._fill_mistakes()
         self.run_opened.emit(run_dir)
-
-    def cell_paths(self, true_idx: int, pred_idx: int) -> list[str]:
-        t, p = self.classes[true_idx], self.classes[pred_idx]
-        rows = [r for r in self.preds if r["label"] == t and r["prediction"] == p]
-        rows.sort(key=lambda r: -float(r["confidence"]))
-        return [r["path"] for r in rows]
 
     def show_cell(self, i: int, j: int) -> None:
         t, p = self.classes[i], self.classes[j]

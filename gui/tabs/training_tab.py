@@ -11,10 +11,16 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
 from PySide6.QtCore import Qt
 
 from engine.events import BatchMetrics, EpochMetrics, Progress
+from engine.runs import default_runs_dir
 from gui.plots import LivePlots
+from gui.settings import load_values, save_values
 
 
 class TrainingTab(QWidget):
+    """Owns the TrainConfig fields of how to train (epochs ... device, and the advanced ones) and the runs folder."""
+
+    FIELDS = ["epochs", "batch_size", "lr", "augment", "patience", "device", "backbone_lr_mult", "weight_decay",
+              "linear_probe_init", "cache", "cache_dir"]
     start_requested = Signal()
     stop_requested = Signal()
     copy_command_requested = Signal()
@@ -60,6 +66,7 @@ class TrainingTab(QWidget):
         form.addRow("Device", self.device)
         form.addRow("Runs folder", rd)
         side.addWidget(hp)
+        side.addWidget(self._advanced())
 
         btns = QHBoxLayout()
         self.start_btn = QPushButton("Start training")
@@ -115,6 +122,35 @@ class TrainingTab(QWidget):
         root.addWidget(split, 1)
         self.t_start = 0.0
 
+    def _advanced(self) -> QGroupBox:
+        box = QGroupBox("Advanced")
+        box.setCheckable(True)
+        box.setChecked(False)
+        form = QFormLayout(box)
+        self.backbone_lr_mult = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=10.0, singleStep=0.05, value=0.1)
+        self.backbone_lr_mult.setToolTip("Fine-tuning: the backbone's learning rate is the head's times this")
+        self.weight_decay = QDoubleSpinBox(decimals=6, minimum=0.0, maximum=1.0, singleStep=1e-4, value=1e-4)
+        self.weight_decay.setToolTip("AdamW weight decay (both modes)")
+        self.linear_probe_init = QCheckBox("Start the head from a linear probe")
+        self.linear_probe_init.setChecked(True)
+        self.linear_probe_init.setToolTip("Fine-tuning: train the new head on frozen features first (LP-FT), so "
+                                          "the first steps do not disturb the pretrained layers")
+        self.cache = QCheckBox("Reuse embeddings between runs")
+        self.cache.setChecked(True)
+        self.cache.setToolTip("Feature extraction keeps each image's features, so a rerun takes seconds")
+        self.cache_dir = QLineEdit()
+        self.cache_dir.setPlaceholderText("default cache folder")
+        form.addRow("Backbone LR ×", self.backbone_lr_mult)
+        form.addRow("Weight decay", self.weight_decay)
+        form.addRow(self.linear_probe_init)
+        form.addRow(self.cache)
+        form.addRow("Cache folder", self.cache_dir)
+        # Collapsed by default: the group's check box shows or hides the rows (the values always apply).
+        box.toggled.connect(lambda on: [w.setVisible(on) for w in box.findChildren(QWidget)])
+        for w in box.findChildren(QWidget):
+            w.setVisible(False)
+        return box
+
     def _browse_runs(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Runs folder", self.runs_dir.text())
         if d:
@@ -126,13 +162,48 @@ class TrainingTab(QWidget):
         self.device.addItem("Auto (GPU if available)", "auto")
         for label, value in devices:
             self.device.addItem(label, value)
-        i = self.device.findData(current)
-        self.device.setCurrentIndex(max(0, i))
+        self.select_device(current or "auto")
 
+    def select_device(self, value: str) -> None:
+        """Select ``value``; one that is not on this machine stays chosen, marked (a run would say it is missing)."""
+        i = self.device.findData(value)
+        if i < 0:
+            self.device.addItem(f"{value} (not found on this machine)", value)
+            i = self.device.count() - 1
+        self.device.setCurrentIndex(i)
+
+    # ------------------------------------------------------------------------------------------------ settings
     def values(self) -> dict:
+        """This tab's part of the training config (0 in a spin box means "auto": None)."""
         return {"epochs": self.epochs.value() or None, "batch_size": self.batch.value() or None,
                 "lr": self.lr.value() or None, "augment": self.augment.isChecked(),
-                "patience": self.patience.value() or None, "device": self.device.currentData() or "auto"}
+                "patience": self.patience.value() or None, "device": self.device.currentData() or "auto",
+                "backbone_lr_mult": self.backbone_lr_mult.value(), "weight_decay": self.weight_decay.value(),
+                "linear_probe_init": self.linear_probe_init.isChecked(), "cache": self.cache.isChecked(),
+                "cache_dir": self.cache_dir.text().strip() or None}
+
+    def set_values(self, v: dict) -> None:
+        for name, spin in (("epochs", self.epochs), ("batch_size", self.batch), ("lr", self.lr),
+                           ("patience", self.patience), ("backbone_lr_mult", self.backbone_lr_mult),
+                           ("weight_decay", self.weight_decay)):
+            if name in v:
+                spin.setValue(v[name] or 0)
+        for name, box in (("augment", self.augment), ("linear_probe_init", self.linear_probe_init),
+                          ("cache", self.cache)):
+            if name in v:
+                box.setChecked(bool(v[name]))
+        if "device" in v:
+            self.select_device(v["device"] or "auto")
+        if "cache_dir" in v:
+            self.cache_dir.setText(v["cache_dir"] or "")
+
+    def save_settings(self, settings) -> None:
+        save_values(settings, self.values())
+        settings.setValue("train/runs_dir", self.runs_dir.text())
+
+    def restore_settings(self, settings) -> None:
+        self.set_values(load_values(settings, self.FIELDS))
+        self.runs_dir.setText(str(settings.value("train/runs_dir", default_runs_dir())))
 
     # ------------------------------------------------------------------------------------------- job display
     def job_started(self) -> None:
@@ -151,6 +222,23 @@ class TrainingTab(QWidget):
         self.progress.setValue(1)
         self.phase.setText(text)
         self.rate.setText(f"{time.perf_counter() - self.t_start:.1f} s in all")
+
+    def stopping(self) -> None:
+        self.phase.setText("Stopping after this batch…")
+
+    def job_failed(self, message: str) -> None:
+        self.job_ended("Failed: " + message)
+        self.add_log("Error: " + message)
+
+    def training_finished(self, res) -> None:
+        """A FitResult: saved (completed, or stopped with its best epoch) or nothing saved."""
+        if res.run_dir is None:
+            self.job_ended(res.message or "Stopped; nothing was saved.")
+            self.add_log(res.message)
+            return
+        self.job_ended(("Stopped early: the best epoch so far was saved. " if res.cancelled else "Done. ")
+                       + res.message)
+        self.summary.setText(f"<b>{res.message}</b><br>Saved to {res.run_dir}")
 
     def add_log(self, text: str) -> None:
         self.log.appendPlainText(f"[{time.perf_counter() - self.t_start:6.1f}s] {text}" if self.t_start else text)
@@ -175,9 +263,9 @@ class TrainingTab(QWidget):
 
     def on_epoch(self, m: EpochMetrics) -> None:
         self.plots.add_epoch(m)
-        if m.epochs > 20:
+        if m.many_cheap_epochs:
             self.phase.setText(f"Training the head: epoch {m.epoch} (stops early when validation loss stalls)")
         acc = f"{m.val_accuracy:.3f}" if m.val_accuracy == m.val_accuracy else "n/a"
-        if m.epochs <= 20 or m.epoch % 10 == 0 or m.epoch == 1:
+        if m.worth_logging:
             self.add_log(f"epoch {m.epoch}/{m.epochs}: train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}, "
                          f"val loss {m.val_loss:.4f} acc {acc}{' (best so far)' if m.is_best else ''}")

@@ -1,0 +1,66 @@
+"""Starting, stopping and routing engine jobs: the one place the window goes through to run anything.
+
+Jobs run in lanes: ``"main"`` (training, prediction, export: one at a time, the user's work), ``"scan"`` (the
+Dataset tab's folder scan: a new one supersedes the old) and ``"discovery"`` (start-up's backbone list). Each job's
+end goes to the handlers given when it started, so a failure or a stop reaches only the tab whose job it was.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject
+
+from gui.worker import Job, start_job
+
+MAIN, SCAN, DISCOVERY = "main", "scan", "discovery"
+
+
+class JobController(QObject):
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.lanes: dict[str, Job | None] = {MAIN: None, SCAN: None, DISCOVERY: None}
+
+    def job(self, lane: str = MAIN) -> Job | None:
+        return self.lanes[lane]
+
+    def busy(self, lane: str = MAIN) -> bool:
+        job = self.lanes[lane]
+        return job is not None and job.is_running()
+
+    def start(self, lane: str, fn: Callable[..., Any], *args: Any, done: Callable, failed: Callable,
+              cancelled: Callable | None = None, signals: dict[str, Callable] | None = None, **kwargs: Any) -> Job:
+        """Run ``fn(*args, callbacks=..., cancel=..., **kwargs)`` in a new thread.
+
+        ``done(result)``, ``failed(message, details)`` and ``cancelled()`` receive its end (bound methods of
+        GUI-thread objects, never lambdas: see ``start_job``); ``signals`` connects worker progress signals
+        (``log``, ``progress``, ``batch``, ``epoch``, ``predictions``) the same way. A job still running in the lane
+        is superseded (cancelled, its end never delivered); the caller refuses first where that is wrong.
+        """
+        old = self.lanes[lane]
+        if old is not None and old.is_running():
+            old.supersede()
+            old.wait(5000)
+        job = start_job(self, fn, *args, **kwargs)
+        for name, slot in (signals or {}).items():
+            getattr(job.worker, name).connect(slot)
+        job.finished.connect(done)
+        job.failed.connect(failed)
+        if cancelled is not None:
+            job.cancelled.connect(cancelled)
+        self.lanes[lane] = job
+        job.start()
+        return job
+
+    def cancel(self, lane: str = MAIN) -> bool:
+        """Ask the lane's job to stop (cooperatively, within a batch); False when none is running."""
+        if not self.busy(lane):
+            return False
+        self.lanes[lane].cancel()
+        return True
+
+    def wait(self, lane: str, ms: int) -> bool:
+        job = self.lanes[lane]
+        return job is None or job.wait(ms)
+
+    def running(self) -> list[Job]:
+        return [j for j in self.lanes.values() if j is not None and j.is_running()]
