@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=10, help="epochs of the reference fixed-feature loop")
     bench.add_argument("--ft-epochs", type=int, default=2)
     bench.add_argument("--json", help="also write the table as JSON here")
+
+    bt = sub.add_parser("bench-trust", help="measure calibration, 'unsure' and 'unfamiliar' (see docs/benchmarks.md)")
+    bt.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
+    bt.add_argument("--device", default="auto")
+    bt.add_argument("--ft-epochs", type=int, default=2)
+    bt.add_argument("--other-images", type=int, default=400, help="images of the other folder(s) to predict")
+    bt.add_argument("--json", help="also write the table as JSON here")
     return p
 
 
@@ -225,10 +232,17 @@ def cmd_bench(a) -> int:
     return run_bench(a)
 
 
+def cmd_bench_trust(a) -> int:
+    from .bench_trust import run_bench_trust
+
+    return run_bench_trust(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
-                "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench}
+                "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench,
+                "bench-trust": cmd_bench_trust}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

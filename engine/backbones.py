@@ -229,15 +229,18 @@ def _build_lite0(weights_file: str | None) -> LoadedBackbone:
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
     body._fc = None  # the ImageNet classifier is never used
     body._dropout = None
-    # Stages: stem, the 7 block groups of the architecture, the 1x1 head conv.
+    net = _feature_net_class()(body, 1280, _lite0_stages(), "lite")
+    return LoadedBackbone(net, LITE0_PREPROCESSING, weights_source=path, weights_id=_file_id(path))
+
+
+def _lite0_stages() -> list[list[str]]:
+    """Stages: stem, the 7 block groups of the architecture, the 1x1 head conv (its BatchNorm last: the final
+    feature map, which heatmaps explain)."""
     groups, start = [], 0
-    repeats = [1, 2, 2, 3, 3, 4, 1]
-    for r in repeats:
+    for r in [1, 2, 2, 3, 3, 4, 1]:
         groups.append([f"_blocks.{i}" for i in range(start, start + r)])
         start += r
-    stages = [["_conv_stem", "_bn0"], *groups, ["_conv_head", "_bn1"]]
-    net = _feature_net_class()(body, 1280, stages, "lite")
-    return LoadedBackbone(net, LITE0_PREPROCESSING, weights_source=path, weights_id=_file_id(path))
+    return [["_conv_stem", "_bn0"], *groups, ["_conv_head", "_bn1"]]
 
 
 def _replace_last_linear(model) -> int:
@@ -332,7 +335,7 @@ def build_architecture(name: str, preprocessing: Preprocessing | None = None):
         body = EfficientNet.from_name("efficientnet-lite0")
         body._fc = None
         body._dropout = None
-        return _feature_net_class()(body, 1280, [], "lite")
+        return _feature_net_class()(body, 1280, _lite0_stages(), "lite")
     import torchvision.models as tvm
 
     try:

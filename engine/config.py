@@ -113,6 +113,10 @@ class PredictConfig:
     top_k: int = option(1, "also list the k most likely classes")
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
     batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
+    min_confidence: float | None = option(None, "mark predictions below this calibrated confidence 'unsure' "
+                                                "(default: the threshold saved with the model)", parse=float)
+    target_accuracy: float | None = option(None, "or: the lowest threshold at which validation images were at "
+                                                 "least this accurate (e.g. 0.95)", parse=float)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration import expected_calibration_error, log_loss
 from .config import EvaluateConfig
 from .data import scan
 from .device import resolve_device
@@ -107,11 +108,17 @@ def evaluate(config: EvaluateConfig, callbacks: Callbacks | None = None,
         index = {c: i for i, c in enumerate(loaded.classes)}
         paths = [s.path for s in ds.samples]
         labels = np.array([index[ds.classes[s.label]] for s in ds.samples])
-        probs, kept, errors = predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb,
-                                            cancel)
+        scored = predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel)
     except Cancelled:
         return EvaluateResult({}, skipped, cancelled=True)
-    m = classification_metrics(labels[kept], probs.argmax(1), loaded.classes)
+    y = labels[scored.kept]
+    m = classification_metrics(y, scored.probs.argmax(1), loaded.classes)
+    if len(y):  # calibrated confidence on this folder (the run's temperature)
+        m["log_loss"] = log_loss(scored.probs, y)
+        m["ece"] = expected_calibration_error(scored.probs, y)
+    if scored.distances is not None and loaded.unfamiliar_threshold is not None:
+        m["unfamiliar_share"] = float((scored.distances > loaded.unfamiliar_threshold).mean())
+    errors = scored.errors
     m["classes"] = loaded.classes
     m["data"] = os.path.abspath(config.data)
     return EvaluateResult(m, skipped + errors)

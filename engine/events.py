@@ -90,15 +90,24 @@ class EpochMetrics:
         }
 
 
+STATUSES = ("ok", "unsure", "unfamiliar", "error")
+
+
 @dataclass(frozen=True)
 class PredictionRow:
-    """One predicted file (the GUI streams these into its table)."""
+    """One predicted file (the GUI streams these into its table).
+
+    ``status``: ``ok``; ``unsure`` (calibrated confidence below the model's threshold: the best guess is kept);
+    ``unfamiliar`` (unlike every training image, whatever the confidence); ``error`` (not readable). When several
+    apply, the first of error, unfamiliar, unsure.
+    """
 
     path: str
     prediction: str
     confidence: float
     probabilities: tuple[float, ...] = field(default_factory=tuple)
     error: str = ""
+    status: str = "ok"
 
 
 class Callbacks:

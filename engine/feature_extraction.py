@@ -16,7 +16,6 @@ from .config import TrainConfig
 from .data import Dataset
 from .events import Callbacks, CancelToken, EngineError, Phase, Progress
 from .features import BackboneSnapshot, EmbeddingCache, embed_files
-from .forward import probabilities
 from .head import train_linear_head
 from .loop import TrainOutcome
 from .pixels import content_hash, read_bytes
@@ -30,8 +29,9 @@ def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
 
 
 def train_head(cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], dim: int, cb: Callbacks,
-               cancel: CancelToken) -> tuple[dict[str, np.ndarray], list[dict], int, dict]:
-    """The head on each split's features: (head weights, history, best epoch, probabilities per split)."""
+               cancel: CancelToken) -> tuple[dict[str, np.ndarray], list[dict], int, dict, dict]:
+    """The head on each split's features: (head weights, history, best epoch, logits of the held-out splits,
+    features of train and val)."""
     split_X = {}
     for split in ("train", "val", "test"):
         p, y = labels(ds, split)
@@ -46,9 +46,10 @@ def train_head(cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], d
                             patience=cfg.patience, seed=cfg.seed, cancel=cancel, on_batch=cb.on_train_batch_end,
                             on_epoch=cb.on_train_epoch_end, on_log=cb.on_log)
     # Predictions come straight from the features (identical to running the saved model on the images).
-    probs = {split: probabilities(split_X[split][0] @ res.head["weight"].T + res.head["bias"])
-             if len(split_X[split][0]) else None for split in ("val", "test")}
-    return res.head, res.history, res.best_epoch, probs
+    logits = {split: split_X[split][0] @ res.head["weight"].T + res.head["bias"]
+              if len(split_X[split][0]) else None for split in ("val", "test")}
+    feats = {split: split_X[split][0] if len(split_X[split][0]) else None for split in ("train", "val")}
+    return res.head, res.history, res.best_epoch, logits, feats
 
 
 def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks,
@@ -88,9 +89,9 @@ def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbac
     dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
-    head, history, best, probs = train_head(cfg, ds, by_path, dim, cb, cancel)
+    head, history, best, logits, feats = train_head(cfg, ds, by_path, dim, cb, cancel)
     return TrainOutcome(weights={**backbone_sd, **{f"head.{k}": v for k, v in head.items()}}, history=history,
-                        best_epoch=best, probs=probs, embed_seconds=embed_s, from_cache=len(by_path),
+                        best_epoch=best, logits=logits, features=feats, embed_seconds=embed_s, from_cache=len(by_path),
                         facts=BackboneFacts(pre, dim, source, wid,
                                             "cpu (head trained on cached features; backbone not run)"))
 
@@ -151,7 +152,8 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
                 snap.save({k: v.detach().cpu().contiguous().numpy() for k, v in backbone_sd.items()})
             except OSError as exc:
                 cb.on_log(f"Could not save the backbone snapshot ({exc.strerror or exc}); continuing without it")
-    head, history, best, probs = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel)
+    head, history, best, logits, split_feats = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel)
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()})
-    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=best, probs=probs,
+    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=best, logits=logits,
+                        features=split_feats,
                         embed_seconds=embed_s, embedded=n_embedded, from_cache=n_cached)

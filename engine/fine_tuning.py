@@ -20,7 +20,7 @@ from .device import grad_scaler, is_oom
 from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase, Progress, \
     Throttle
 from .feature_extraction import labels
-from .forward import Forward, probabilities
+from .forward import Forward
 from .head import train_linear_head
 from .loop import EarlyStopping, RateMeter, TrainOutcome
 from .pixels import PixelStore, decode_all
@@ -321,13 +321,29 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     if cancelled:
         cb.on_log(f"Stopped; keeping the best epoch so far ({stopping.best_epoch})")
     model.load_state_dict(best_state)
-    probs = {}
+    logits, feats, feat_s = _held_out_outputs(model, eval_fwd, decoded, cb)
+    model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
+    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, logits=logits,
+                        features=feats, cancelled=cancelled, features_seconds=feat_s,
+                        train_images_per_s=float(np.median(rates)) if rates else 0.0)
+
+
+def _held_out_outputs(model, fwd: Forward, decoded: dict, cb: Callbacks) -> tuple[dict, dict, float]:
+    """The best epoch's logits on val/test, and the tuned network's embeddings of train and val (what
+    "unfamiliar" compares new images with: one more pass over the training images, timed)."""
+    logits, feats = {}, {}
     for split in ("val", "test"):
         if decoded[split] is not None and len(decoded[split]):
             cb.on_progress(Progress(Phase.EVALUATING, 0, len(decoded[split])))
-            probs[split] = probabilities(eval_fwd.map(decoded[split]).cpu().numpy())
+            logits[split] = fwd.map(decoded[split]).cpu().numpy()
         else:
-            probs[split] = None
-    model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
-    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, probs=probs,
-                        cancelled=cancelled, train_images_per_s=float(np.median(rates)) if rates else 0.0)
+            logits[split] = None
+    meter = RateMeter()
+    cb.on_progress(Progress(Phase.EMBEDDING, 0, len(decoded["train"]), message="for 'unfamiliar'"))
+    for split in ("train", "val"):
+        data = decoded[split]
+        feats[split] = (fwd.map(data, module=model.backbone).cpu().numpy()
+                        if data is not None and len(data) else None)
+    seconds = meter.elapsed()
+    cb.on_log(f"Embedded the training images with the tuned network for 'unfamiliar' in {seconds:.1f} s")
+    return logits, feats, seconds

@@ -8,12 +8,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .runs import BackboneFacts
 
 
 class RateMeter:
@@ -69,20 +66,39 @@ class EarlyStopping:
 
 
 @dataclass
+class BackboneFacts:
+    """What the run folder records about the backbone (from a loaded backbone, or from the cache without torch)."""
+
+    preprocessing: object  # backbones.Preprocessing
+    feature_dim: int
+    weights_source: str
+    weights_id: str
+    device: str  # label for metrics.json
+
+    @classmethod
+    def of(cls, backbone, device_text: str) -> "BackboneFacts":
+        return cls(backbone.preprocessing, int(backbone.net.feature_dim), backbone.weights_source,
+                   backbone.weights_id, device_text)
+
+
+@dataclass
 class TrainOutcome:
     """What a training stage (feature extraction or fine-tuning) hands to ``fit`` for saving.
 
     ``weights``: the best epoch's full classifier (torch tensors, or NumPy arrays when torch was never imported);
-    ``probs``: class probabilities per split ("val", "test"), None where the split is empty.
+    ``logits``: the best epoch's raw class scores per held-out split ("val", "test"), None where a split is empty;
+    ``features``: the trained network's embeddings of the "train" and "val" images (for "unfamiliar").
     """
 
     weights: dict
     history: list[dict]
     best_epoch: int
-    probs: dict[str, np.ndarray | None]
+    logits: dict[str, np.ndarray | None]
+    features: dict[str, np.ndarray | None]
     cancelled: bool = False
     embed_seconds: float | None = None  # feature extraction: time to get every feature (cache or backbone)
     embedded: int = 0  # images the backbone ran on (the rest came from the cache)
     from_cache: int = 0
     train_images_per_s: float | None = None  # fine-tuning: images through the backbone per second while training
+    features_seconds: float = 0.0  # fine-tuning: the extra pass that embeds train/val with the tuned network
     facts: BackboneFacts | None = None  # set by a stage that knows them without a loaded backbone

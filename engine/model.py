@@ -36,6 +36,41 @@ class LoadedModel:
     meta: dict
     run_dir: str
 
+    @property
+    def calibrated(self) -> bool:
+        """Runs saved before calibration existed have no temperature: their probabilities are raw (T = 1)."""
+        return "calibration" in self.meta
+
+    @property
+    def temperature(self) -> float:
+        t = (self.meta.get("calibration") or {}).get("temperature", 1.0)
+        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+
+    @property
+    def min_confidence(self) -> float:
+        """Below this calibrated confidence a prediction is marked ``unsure`` (0: never)."""
+        v = (self.meta.get("unsure") or {}).get("min_confidence", 0.0)
+        return float(v) if isinstance(v, (int, float)) else 0.0
+
+    @property
+    def unfamiliar_threshold(self) -> float | None:
+        v = (self.meta.get("unfamiliar") or {}).get("threshold")
+        return float(v) if isinstance(v, (int, float)) else None
+
+    def train_embeddings(self):
+        """The training images' normalised embeddings ("unfamiliar" compares with them), or None for older runs or
+        a missing/damaged file."""
+        name = (self.meta.get("unfamiliar") or {}).get("embeddings")
+        if not name or self.unfamiliar_threshold is None:
+            return None
+        try:
+            from safetensors.numpy import load_file
+
+            emb = load_file(os.path.join(self.run_dir, os.path.basename(name)))["embeddings"]
+        except Exception:  # missing or damaged: predictions simply carry no "unfamiliar"
+            return None
+        return emb.astype("float32") if emb.ndim == 2 and emb.shape[1] == self.meta.get("feature_dim") else None
+
 
 def load_model(run_dir: str) -> LoadedModel:
     """Load a run folder's model. Never unpickles; checks model.json and the weights' shapes before use."""

@@ -1,4 +1,8 @@
-"""Predict folders or files: every image file -> one CSV row (``path, prediction, confidence, p_<class>..., error``)."""
+"""Predict folders or files: every image file -> one CSV row
+(``path, prediction, confidence, p_<class>... [, top_k], status, error``).
+
+Probabilities are calibrated with the run's temperature; ``status`` says whether to trust the answer (see
+``engine.events.PredictionRow``)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +16,7 @@ from .config import PredictConfig
 from .data import walk_images
 from .device import resolve_device
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, PredictionRow, Progress
+from .familiarity import knn_distance
 from .forward import Forward, probabilities
 from .loop import RateMeter
 from .model import load_model
@@ -23,7 +28,7 @@ def csv_header(classes: list[str], top_k: int = 1) -> list[str]:
     head = ["path", "prediction", "confidence"] + [f"p_{c}" for c in classes]
     if top_k > 1:
         head.append("top_k")
-    return head + ["error"]
+    return head + ["status", "error"]
 
 
 def csv_row(row: PredictionRow, classes: list[str], top_k: int = 1) -> list[str]:
@@ -31,12 +36,44 @@ def csv_row(row: PredictionRow, classes: list[str], top_k: int = 1) -> list[str]
         out = [row.path, "", ""] + [""] * len(classes)
         if top_k > 1:
             out.append("")
-        return out + [row.error]
+        return out + ["error", row.error]
     out = [row.path, row.prediction, f"{row.confidence:.6f}"] + [f"{p:.6f}" for p in row.probabilities]
     if top_k > 1:
         order = np.argsort(-np.asarray(row.probabilities))[:top_k]
         out.append("; ".join(f"{classes[i]}:{row.probabilities[i]:.4f}" for i in order))
-    return out + [""]
+    return out + [row.status, ""]
+
+
+def status_of(confidence: float, distance: float | None, min_confidence: float,
+              unfamiliar_threshold: float | None) -> str:
+    """``unfamiliar`` before ``unsure`` before ``ok`` (errors never get here)."""
+    if distance is not None and unfamiliar_threshold is not None and distance > unfamiliar_threshold:
+        return "unfamiliar"
+    return "unsure" if confidence < min_confidence else "ok"
+
+
+def unsure_threshold(loaded, config: PredictConfig) -> float:
+    """The confidence below which a prediction is ``unsure``: the config's, else the one saved with the model."""
+    if config.min_confidence is not None:
+        return config.min_confidence
+    if config.target_accuracy is None:
+        return loaded.min_confidence
+    from .calibration import threshold_for
+    from .runs import read_json
+
+    try:
+        curve = (read_json(os.path.join(loaded.run_dir, "metrics.json")).get("calibration") or {}).get("coverage")
+    except EngineError:
+        curve = None
+    if not curve:
+        raise EngineError("This run has no accuracy-against-coverage measurement (it was saved before calibration "
+                          "existed, or without validation images): use --min-confidence instead.")
+    hit = threshold_for(curve, config.target_accuracy)
+    if hit is None:
+        best = max(p["accuracy"] for p in curve)
+        raise EngineError(f"No confidence threshold made validation images {config.target_accuracy:.0%} right "
+                          f"(the best was {best:.1%}): choose a lower --target-accuracy.")
+    return hit[0]
 
 
 def predictions_csv(rows: Sequence[PredictionRow], classes: list[str], top_k: int = 1) -> str:
@@ -44,25 +81,35 @@ def predictions_csv(rows: Sequence[PredictionRow], classes: list[str], top_k: in
     return csv_text(csv_header(classes, top_k), (csv_row(r, classes, top_k) for r in rows))
 
 
-def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None = None,
-                  callbacks: Callbacks | None = None, cancel: CancelToken | None = None,
-                  on_chunk=None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Class probabilities for ``paths``; decodes ahead in threads and keeps no pixels beyond the current chunk.
+@dataclass
+class Scored:
+    """``predict_paths``' answer: for the K readable files (their indices in ``kept``), calibrated probabilities and
+    each one's distance to the training images (None for runs saved without their embeddings)."""
 
-    Returns (probs (K,C) for the K readable files, their indices, [(path, reason)] for the rest); raises
-    :class:`Cancelled` when stopped. ``on_chunk(indices, probs, errors)`` is called per chunk in file order (used
-    to stream rows).
+    probs: np.ndarray
+    distances: np.ndarray | None
+    kept: list[int]
+    errors: list[tuple[str, str]]
+
+
+def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None = None,
+                  callbacks: Callbacks | None = None, cancel: CancelToken | None = None, on_chunk=None) -> Scored:
+    """Calibrated class probabilities (and distances to the training images) for ``paths``; decodes ahead in threads
+    and keeps no pixels beyond the current chunk. Raises :class:`Cancelled` when stopped.
+
+    ``on_chunk(indices, probs, distances or None, errors)`` is called per chunk in file order (to stream rows).
     """
     import torch
 
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
     pre = loaded.preprocessing
+    train_emb = loaded.train_embeddings()
     # Folded copy (the loaded model is left as it is, on the CPU) at the embedding's CPU batch size: 1,052 images on
     # 2 cores went from 26-27 to 49-53 images/s with batch 4.
     forward = Forward.frozen(loaded.model, pre, device, batch_size)
-    bs = forward.batch_size
-    probs_all, kept, errors = [], [], []
+    bs, head = forward.batch_size, forward.net.head
+    probs_all, dist_all, kept, errors = [], [], [], []
     meter = RateMeter(len(paths))
     done = 0
     with torch.inference_mode():
@@ -70,19 +117,24 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
                                   overlap=device.type != "cpu", device=device):
             good = [(i, a) for i, a, e in group if a is not None]
             bad = [(i, e) for i, a, e in group if a is None]
-            logits = [forward(stack_on([a for _, a in good[s:s + bs]], device)).cpu().numpy()
-                      for s in range(0, len(good), bs)]
-            p = probabilities(np.concatenate(logits)) if logits else np.zeros((0, len(loaded.classes)), np.float32)
+            feats = [forward(stack_on([a for _, a in good[s:s + bs]], device), module=forward.net.backbone)
+                     for s in range(0, len(good), bs)]
+            f = torch.cat(feats) if feats else torch.zeros(0, head.in_features, device=device)
+            p = probabilities(head(f).float().cpu().numpy(), loaded.temperature)
+            d = knn_distance(f.cpu().numpy(), train_emb) if train_emb is not None and len(f) else None
             idx = [i for i, _ in good]
             probs_all.append(p)
+            if d is not None:
+                dist_all.append(d)
             kept.extend(idx)
             errors.extend((paths[i], e) for i, e in bad)
             if on_chunk is not None:
-                on_chunk(idx, p, bad)
+                on_chunk(idx, p, d, bad)
             done += len(group)
             cb.on_progress(Progress(Phase.PREDICTING, done, len(paths), meter.rate(done), meter.eta(done)))
     probs = np.concatenate(probs_all) if probs_all else np.zeros((0, len(loaded.classes)), np.float32)
-    return probs, kept, errors
+    distances = np.concatenate(dist_all) if train_emb is not None and dist_all else None
+    return Scored(probs, distances, kept, errors)
 
 
 @dataclass
@@ -125,26 +177,32 @@ def predict_folder(config: PredictConfig, callbacks: Callbacks | None = None,
     t0 = time.perf_counter()
     loaded = load_model(config.run)
     classes = loaded.classes
+    min_conf = unsure_threshold(loaded, config)
+    if not loaded.calibrated:
+        cb.on_log("This run was saved before calibration existed: its probabilities are the network's own "
+                  "(temperature 1), and no image can be marked unfamiliar.")
     images = config.images
     inputs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     done: list[PredictionRow] = []
     try:
         paths, walk_errors = _collect(inputs, cancel)
         # A subfolder that could not be listed is a row with its reason, first, so nobody takes the CSV for complete.
-        done = [PredictionRow(p, "", 0.0, (), r) for p, r in walk_errors]
+        done = [PredictionRow(p, "", 0.0, (), r, "error") for p, r in walk_errors]
         if done:
             cb.on_log(f"Could not list {len(done)} folder(s): " + "; ".join(f"{p}: {r}" for p, r in walk_errors))
             cb.on_predictions(list(done))
         rows: list[PredictionRow | None] = [None] * len(paths)
         emitted = 0
 
-        def on_chunk(idx, probs, bad):
+        def on_chunk(idx, probs, distances, bad):
             nonlocal emitted
-            for i, p in zip(idx, probs):
+            for n, (i, p) in enumerate(zip(idx, probs)):
                 j = int(p.argmax())
-                rows[i] = PredictionRow(paths[i], classes[j], float(p[j]), tuple(float(v) for v in p))
+                status = status_of(float(p[j]), None if distances is None else float(distances[n]), min_conf,
+                                   loaded.unfamiliar_threshold)
+                rows[i] = PredictionRow(paths[i], classes[j], float(p[j]), tuple(float(v) for v in p), "", status)
             for i, e in bad:
-                rows[i] = PredictionRow(paths[i], "", 0.0, (), e)
+                rows[i] = PredictionRow(paths[i], "", 0.0, (), e, "error")
             end = emitted
             while end < len(rows) and rows[end] is not None:
                 end += 1

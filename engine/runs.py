@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .events import EngineError
+from .loop import BackboneFacts  # noqa: F401  (re-exported: what model.json records)
 
 FORMAT_VERSION = 1
 RUN_FILES = ("model.safetensors", "model.json", "metrics.json")
@@ -228,22 +229,6 @@ def read_predictions(run_dir: str, name: str = "val_predictions.csv") -> list[di
 
 # ------------------------------------------------------------------------------------------------ writing a run
 
-@dataclass
-class BackboneFacts:
-    """What the run folder records about the backbone (from a loaded backbone, or from the cache without torch)."""
-
-    preprocessing: object  # backbones.Preprocessing
-    feature_dim: int
-    weights_source: str
-    weights_id: str
-    device: str  # label for metrics.json
-
-    @classmethod
-    def of(cls, backbone, device_text: str) -> "BackboneFacts":
-        return cls(backbone.preprocessing, int(backbone.net.feature_dim), backbone.weights_source,
-                   backbone.weights_id, device_text)
-
-
 def json_safe(obj):
     """NaN and infinities become null; NumPy scalars become Python numbers (metrics.json is strict JSON)."""
     if isinstance(obj, float):
@@ -290,10 +275,22 @@ def save_weights(path: str, weights: dict) -> None:
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, path, metadata=meta)
 
 
-def model_json(cfg, ds, facts: BackboneFacts) -> dict:
-    """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config."""
+TRAIN_EMBEDDINGS = "train_embeddings.safetensors"
+
+
+def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, unfamiliar: dict | None = None) -> dict:
+    """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config and
+    what reproduces every prediction's status: the temperature, the "not sure" threshold, the "unfamiliar" one."""
     conf = asdict(cfg)
-    return {
+    trust = {}
+    if calibration:
+        trust["calibration"] = {"temperature": calibration["temperature"]}
+        trust["unsure"] = {k: calibration[k] for k in ("min_confidence", "target_accuracy", "expected_coverage",
+                                                        "expected_accuracy", "target_reached")}
+    if unfamiliar:
+        trust["unfamiliar"] = {"k": unfamiliar["k"], "threshold": unfamiliar["threshold"],
+                               "embeddings": TRAIN_EMBEDDINGS}
+    return json_safe({
         "format_version": FORMAT_VERSION, "app": "transfer-studio", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "classes": ds.classes, "backbone": cfg.backbone, "mode": cfg.mode,
         "preprocessing": facts.preprocessing.to_dict(), "feature_dim": facts.feature_dim,
@@ -301,18 +298,25 @@ def model_json(cfg, ds, facts: BackboneFacts) -> dict:
                  "dropout": 0.2},
         "weights_source": facts.weights_source, "weights_id": facts.weights_id,
         "data": os.path.abspath(cfg.data), "layout": ds.layout, "config": json_safe(conf),
-        "versions": versions(),
-    }
+        "versions": versions(), **trust,
+    })
 
 
 def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], ds, metrics: dict,
-             predictions: list[list], meta: dict) -> str:
+             predictions: list[list], meta: dict, train_embeddings: np.ndarray | None = None) -> str:
     """Write a whole run folder atomically (see the module docstring); returns its path. A failure leaves no
     partial folder and says what to do."""
     writer = RunWriter(out, overwrite=overwrite)
     classes = ds.classes
     try:
         save_weights(writer.path("model.safetensors"), weights)
+        if train_embeddings is not None:  # normalised, float16: half the size, cosine distances to ~1e-3
+            from safetensors.numpy import save_file
+
+            from .familiarity import normalise
+
+            save_file({"embeddings": normalise(train_embeddings).astype(np.float16)},
+                      writer.path(TRAIN_EMBEDDINGS))
         writer.write_csv("history.csv", list(history[0].keys()) if history else ["epoch"],
                          [list(h.values()) for h in history])
         writer.write_csv("split.csv", ["path", "split", "class"],
@@ -330,3 +334,20 @@ def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], d
     except BaseException:
         writer.abort()
         raise
+
+
+def set_unsure_threshold(run_dir: str, target_accuracy: float) -> dict:
+    """Save a new "not sure" threshold with a run: the one that made validation images ``target_accuracy`` right
+    (from its metrics.json coverage curve). model.json is rewritten atomically; returns its new ``unsure`` block."""
+    from .calibration import default_threshold
+
+    meta_path = os.path.join(run_dir, "model.json")
+    meta = read_json(meta_path)
+    validate_model_json(meta, meta_path)
+    curve = (read_json(os.path.join(run_dir, "metrics.json")).get("calibration") or {}).get("coverage")
+    if not curve:
+        raise EngineError("This run has no accuracy-against-coverage measurement (saved before calibration existed, "
+                          "or without validation images): it cannot pick a threshold from a target.")
+    meta["unsure"] = json_safe(default_threshold(curve, target_accuracy))
+    atomic_write_json(meta_path, meta)
+    return meta["unsure"]

@@ -18,9 +18,12 @@ from .config import TrainConfig
 from .data import Dataset, scan
 from .device import device_label, resolve_device, warm_optimizer_imports
 from .distributed import setup
+from .calibration import calibrate
 from .evaluate import split_report
 from .events import Callbacks, Cancelled, CancelToken, Phase, Progress
+from .familiarity import familiarity_block
 from .features import default_cache_dir
+from .forward import probabilities
 from .loop import TrainOutcome
 from .runs import BackboneFacts, default_runs_dir, model_json, new_run_name, save_run
 
@@ -113,12 +116,35 @@ def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks,
     return outcome, BackboneFacts.of(backbone, device_label(device))
 
 
+def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, dict | None, dict | None]:
+    """Calibrated probabilities per held-out split, the calibration block (None without validation images) and the
+    unfamiliar block (None without training features)."""
+    y = {split: np.array([s.label for s in ds.split(split)], dtype=np.int64) for split in ("val", "test")}
+    calibration = None
+    if outcome.logits.get("val") is not None and len(outcome.logits["val"]) >= 2:
+        calibration = calibrate(outcome.logits["val"], y["val"], outcome.logits.get("test"), y["test"], cfg.seed)
+    t = calibration["temperature"] if calibration else 1.0
+    probs = {split: None if lg is None else probabilities(lg, t) for split, lg in outcome.logits.items()}
+    unfamiliar = None
+    if outcome.features.get("train") is not None:
+        unfamiliar = familiarity_block(outcome.features["train"], outcome.features.get("val"), cfg.seed)
+    return probs, calibration, unfamiliar
+
+
 def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOutcome, cb: Callbacks,
           seconds: float) -> FitResult:
-    """Score the held-out splits, write the run folder, say where it went."""
+    """Calibrate and score the held-out splits, write the run folder, say where it went."""
     cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
-    metrics, predictions = split_report(ds, outcome.probs)
+    probs, calibration, unfamiliar = _trust(cfg, ds, outcome)
+    metrics, predictions = split_report(ds, probs)
     metrics = {"classes": ds.classes, "status": "cancelled" if outcome.cancelled else "completed", **metrics}
+    if calibration:
+        metrics["calibration"] = calibration
+        cb.on_log(f"Calibration: temperature {calibration['temperature']:.2f}; expected calibration error "
+                  f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} "
+                  f"(measured on {calibration['measured_on']})")
+    if unfamiliar:
+        metrics["unfamiliar"] = unfamiliar
     metrics.update({
         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
         "train_seconds": round(seconds, 3), "n_train": len(ds.split("train")),
@@ -127,6 +153,7 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     })
     if outcome.train_images_per_s is not None:  # fine-tuning: images through the backbone per second
         metrics["train_images_per_s"] = round(outcome.train_images_per_s, 1)
+        metrics["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
     if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
         metrics["embed_seconds"] = round(outcome.embed_seconds, 3)
         metrics["embeddings_from_cache"] = outcome.from_cache
@@ -134,8 +161,10 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
                                          if outcome.embedded and outcome.embed_seconds > 0 else None)
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
+    meta = model_json(cfg, ds, facts, calibration, unfamiliar)
     run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
-                       metrics=metrics, predictions=predictions, meta=model_json(cfg, ds, facts))
+                       metrics=metrics, predictions=predictions, meta=meta,
+                       train_embeddings=outcome.features.get("train") if unfamiliar else None)
     acc, ci = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95")
     summary = (f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
                if acc is not None else "No validation split")

@@ -56,3 +56,31 @@ def make_split_dataset(root: Path, names=("train", "val"), n=(10, 4), classes=("
             for i in range(count):
                 draw_image(c, hash((split, c, i)) % 100000).save(folder / f"{i}.png")
     return root
+
+
+def draw_unlike(seed: int, size: int = 160) -> Image.Image:
+    """Pictures unlike the shape classes above (a page of text, dark noise, a checkerboard): what a user might
+    point a shapes model at by mistake."""
+    rng = random.Random(seed)
+    kind = seed % 3
+    if kind == 0:  # a document: dark lines of "text" on white
+        im = Image.new("RGB", (size, size), (250, 250, 250))
+        d = ImageDraw.Draw(im)
+        for y in range(8, size - 8, 10):
+            x = 6
+            while x < size - 20:
+                w = rng.randint(5, 18)
+                d.rectangle([x, y, x + w, y + 4], fill=(20, 20, 20))
+                x += w + 4
+        return im
+    if kind == 1:  # dark, busy noise
+        px = bytes(rng.randint(0, 90) for _ in range(size * size * 3))
+        return Image.frombytes("RGB", (size, size), px).resize((size, size))
+    im = Image.new("RGB", (size, size), (0, 0, 0))  # a checkerboard
+    d = ImageDraw.Draw(im)
+    step = rng.randint(8, 20)
+    for y in range(0, size, step):
+        for x in range(0, size, step):
+            if (x // step + y // step) % 2:
+                d.rectangle([x, y, x + step - 1, y + step - 1], fill=(255, 255, 255))
+    return im

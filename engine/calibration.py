@@ -1,0 +1,180 @@
+"""Confidence that means what it says: temperature scaling, its honest measurement, and "not sure" thresholds.
+
+One temperature T is fitted on validation logits by minimising log-loss (Guo et al. 2017); probabilities are then
+``softmax(logits / T)`` everywhere (engine/forward.py ``probabilities``). Dividing by T > 0 never changes the top
+class, so accuracy is unchanged. Every figure reported (expected calibration error, log-loss, the reliability bins,
+accuracy against coverage) is measured on images the temperature was not fitted on: the test split when there is
+one, otherwise two-fold on validation (fit on one half, measure on the other, and the reverse). NumPy only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .head import softmax
+
+ECE_BINS = 15
+DEFAULT_TARGET_ACCURACY = 0.95
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T > 0 that minimises the mean cross-entropy of ``softmax(logits / T)``.
+
+    With b = 1/T the loss is convex in b (log-sum-exp of a linear function minus a linear one), so its derivative
+    ``mean(E_p[z] - z_y)`` is increasing: bisection on it finds the minimum, clipped to T in [0.01, 100].
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if len(z) == 0:
+        return 1.0
+    zy = z[np.arange(len(y)), y]
+
+    def slope(b: float) -> float:
+        p = softmax((z * b).astype(np.float64))
+        return float(np.mean((p * z).sum(1) - zy))
+
+    lo, hi = 0.01, 100.0
+    if slope(hi) <= 0:  # separable data: sharper is always better; stop at the bound
+        return 1.0 / hi
+    if slope(lo) >= 0:
+        return 1.0 / lo
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5  # bisection in log space
+        if slope(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+        if hi / lo < 1 + 1e-9:
+            break
+    return float(1.0 / ((lo * hi) ** 0.5))
+
+
+def scaled(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return softmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature))
+
+
+def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12))))
+
+
+def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """Per equal-width confidence bin: its range, the images in it, their mean confidence and their accuracy."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for i in range(bins):
+        inside = (conf > edges[i]) & (conf <= edges[i + 1]) if i else (conf >= 0) & (conf <= edges[1])
+        n = int(inside.sum())
+        out.append({"lo": float(edges[i]), "hi": float(edges[i + 1]), "n": n,
+                    "confidence": float(conf[inside].mean()) if n else None,
+                    "accuracy": float(correct[inside].mean()) if n else None})
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the images in each."""
+    total = len(y)
+    if not total:
+        return float("nan")
+    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(probs, y, bins) if b["n"]))
+
+
+def coverage_curve(probs: np.ndarray, y: np.ndarray) -> list[dict]:
+    """Accuracy against coverage: answering only images whose confidence is at least each threshold.
+
+    One point per distinct confidence (from the most confident image down), thinned to at most ~100 points.
+    """
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == y).astype(np.float64)
+    order = np.argsort(-conf, kind="stable")
+    conf, correct = conf[order], correct[order]
+    n = len(conf)
+    if not n:
+        return []
+    cum = np.cumsum(correct)
+    last = np.r_[conf[1:] != conf[:-1], True]  # the last image with each distinct confidence
+    idx = np.flatnonzero(last)
+    if len(idx) > 100:
+        idx = idx[np.unique(np.linspace(0, len(idx) - 1, 100).round().astype(int))]
+    return [{"threshold": float(conf[i]), "coverage": (i + 1) / n, "accuracy": float(cum[i] / (i + 1))}
+            for i in idx]
+
+
+def threshold_for(curve: list[dict], target_accuracy: float) -> tuple[float, float, float] | None:
+    """(threshold, coverage, accuracy) of the lowest threshold whose answered images are at least
+    ``target_accuracy`` right (the most images answered); None when no threshold reaches it."""
+    ok = [p for p in curve if p["accuracy"] >= target_accuracy]
+    if not ok:
+        return None
+    best = max(ok, key=lambda p: p["coverage"])
+    return best["threshold"], best["coverage"], best["accuracy"]
+
+
+def _halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of indices into two halves, stratified by class."""
+    rng = np.random.default_rng(seed)
+    a, b = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        a.extend(idx[::2])
+        b.extend(idx[1::2])
+    return np.array(sorted(a), dtype=np.int64), np.array(sorted(b), dtype=np.int64)
+
+
+def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray | None = None,
+              test_y: np.ndarray | None = None, seed: int = 0,
+              target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> dict:
+    """Fit the temperature on validation and measure it honestly; the ``calibration`` block of metrics.json.
+
+    Returns ``temperature`` (fitted on all of validation: what the model uses), ``measured_on``, ECE and log-loss
+    ``before``/``after``, ``bins`` (reliability diagram, after), ``coverage`` (accuracy against coverage, after) and
+    ``min_confidence`` for ``target_accuracy`` (see :func:`default_threshold`).
+    """
+    val_y = np.asarray(val_y, dtype=np.int64)
+    temperature = fit_temperature(val_logits, val_y)
+    if test_logits is not None and len(test_logits):
+        measured_on = "test"
+        raw, y = np.asarray(test_logits, np.float32), np.asarray(test_y, dtype=np.int64)
+        after = scaled(raw, temperature)
+    else:
+        measured_on = "validation, two-fold"
+        a, b = _halves(val_y, seed)
+        raw, y = np.asarray(val_logits, np.float32), val_y
+        after = np.empty_like(raw)
+        for fit_idx, eval_idx in ((a, b), (b, a)):
+            if len(eval_idx):
+                t = fit_temperature(raw[fit_idx], y[fit_idx]) if len(fit_idx) else 1.0
+                after[eval_idx] = scaled(raw[eval_idx], t)
+    before = scaled(raw, 1.0)
+    curve = coverage_curve(after, y)
+    threshold = default_threshold(curve, target_accuracy)
+    return {
+        "temperature": temperature, "measured_on": measured_on, "n": int(len(y)), "bins_count": ECE_BINS,
+        "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
+        "log_loss_before": log_loss(before, y), "log_loss_after": log_loss(after, y),
+        "bins": reliability_bins(after, y), "coverage": curve, **threshold,
+    }
+
+
+def default_threshold(curve: list[dict], target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> dict:
+    """The "not sure" threshold saved with a new model: the lowest confidence at which the answered images were at
+    least ``target_accuracy`` right (measured as above). When no threshold reaches the target, none is set
+    (min_confidence 0: nothing is marked unsure) and the target is recorded as not reached."""
+    hit = threshold_for(curve, target_accuracy)
+    if hit is None:
+        return {"target_accuracy": target_accuracy, "min_confidence": 0.0, "expected_coverage": 1.0,
+                "expected_accuracy": curve[-1]["accuracy"] if curve else None, "target_reached": False}
+    t, cov, acc = hit
+    return {"target_accuracy": target_accuracy, "min_confidence": t, "expected_coverage": cov,
+            "expected_accuracy": acc, "target_reached": True}
+
+
+def in_words(bins: list[dict], near: float = 0.9) -> str:
+    """"When it says 90%, it is right 88% of the time": the bin around ``near`` (or the fullest high one)."""
+    filled = [b for b in bins if b["n"]]
+    if not filled:
+        return ""
+    b = min(filled, key=lambda b: (abs((b["lo"] + b["hi"]) / 2 - near), -b["n"]))
+    return (f"When it says {100 * b['confidence']:.0f}%, it is right {100 * b['accuracy']:.0f}% of the time "
+            f"({b['n']} images).")

@@ -1,0 +1,164 @@
+"""Answers a user can trust: calibrated confidence, "unsure", "unfamiliar", and where the model looked."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from engine import TrainConfig, fit
+from engine.calibration import calibrate, expected_calibration_error, fit_temperature, scaled
+from engine.config import EvaluateConfig, PredictConfig
+from engine.events import Callbacks
+from tests.imagegen import draw_image, draw_unlike, make_flat_dataset
+
+
+def test_temperature_fitting_recovers_a_known_temperature_and_keeps_top1():
+    rng = np.random.default_rng(0)
+    n, k, true_t = 4000, 5, 2.5
+    base = rng.normal(0, 3, (n, k)).astype(np.float32)  # the "true" logits
+    p = scaled(base, 1.0)
+    y = np.array([rng.choice(k, p=row) for row in p])  # labels drawn from softmax(base)
+    over = base * true_t  # an over-confident network: logits scaled up by T
+    t = fit_temperature(over, y)
+    assert t == pytest.approx(true_t, rel=0.08)
+    assert (scaled(over, t).argmax(1) == over.argmax(1)).all()
+    assert expected_calibration_error(scaled(over, t), y) < expected_calibration_error(scaled(over, 1.0), y) / 2
+    report = calibrate(over[:2000], y[:2000], over[2000:], y[2000:])
+    assert report["measured_on"] == "test" and report["ece_after"] < report["ece_before"]
+    assert report["log_loss_after"] < report["log_loss_before"]
+    assert sum(b["n"] for b in report["bins"]) == 2000 and len(report["bins"]) == 15
+
+
+def _probs_from_csv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [c for c in rows[0] if c.startswith("p_")]
+    return {r["path"]: np.array([float(r[c]) for c in cols]) for r in rows if r.get("prediction")}
+
+
+def test_calibrated_probabilities_agree_across_val_predictions_predict_and_evaluate(fe_run, tmp_path):
+    """The same image gets the same calibrated probabilities in val_predictions.csv, the predict CSV and evaluate's
+    log-loss; the run records its temperature and the measurement on images it was not fitted on."""
+    from engine.evaluate import evaluate
+    from engine.predict import predict_folder
+
+    run = Path(fe_run.run_dir)
+    meta = json.loads((run / "model.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    cal = metrics["calibration"]
+    assert meta["calibration"]["temperature"] == cal["temperature"] > 0
+    assert cal["measured_on"] == "validation, two-fold" and cal["n"] == metrics["val_n"]
+    assert {"ece_before", "ece_after", "log_loss_before", "log_loss_after", "coverage", "bins"} <= set(cal)
+    val = _probs_from_csv(run / "val_predictions.csv")
+    folder = tmp_path / "val"
+    for i, p in enumerate(sorted(val)):
+        cls = Path(p).parent.name
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / cls / f"{i}{Path(p).suffix}")
+    out = tmp_path / "p.csv"
+    predict_folder(PredictConfig(str(run), [str(folder)], str(out)))
+    pred = _probs_from_csv(out)
+    names = {str(folder / Path(p).parent.name / f"{i}{Path(p).suffix}"): p for i, p in enumerate(sorted(val))}
+    assert len(pred) == len(val)
+    for q, p in names.items():
+        assert np.abs(pred[q] - val[p]).max() < 1e-4
+    ev = evaluate(EvaluateConfig(str(run), str(folder))).metrics
+    labels = [Path(q).parent.name for q in names]
+    classes = meta["classes"]
+    ll = -np.mean([np.log(pred[q][classes.index(c)]) for q, c in zip(names, labels)])
+    assert ev["log_loss"] == pytest.approx(ll, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trust_run(tmp_path_factory):
+    """Feature extraction on shapes with enough validation images to set thresholds."""
+    data = make_flat_dataset(tmp_path_factory.mktemp("shapes"), n_per_class=30, seed=3)
+    res = fit(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("runs") / "fe"), epochs=40, seed=0,
+                          cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    assert res.run_dir
+    return res
+
+
+def test_unfamiliar_and_unsure_rows_on_planted_images(trust_run, tmp_path):
+    from engine.predict import predict_folder
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(12):
+        draw_image(("circles", "squares", "stripes")[i % 3], 90_000 + i).save(folder / f"shape{i:02d}.png")
+    for i in range(9):
+        draw_unlike(i).save(folder / f"unlike{i:02d}.png")
+    out = tmp_path / "p.csv"
+    res = predict_folder(PredictConfig(trust_run.run_dir, [str(folder)], str(out)))
+    status = {Path(r.path).stem: r.status for r in res.rows}
+    unlike = [s for n, s in status.items() if n.startswith("unlike")]
+    shapes = [s for n, s in status.items() if n.startswith("shape")]
+    assert unlike.count("unfamiliar") >= 8, status
+    assert shapes.count("unfamiliar") <= 1, status
+    with open(out, encoding="utf-8", newline="") as f:
+        assert {r["status"] for r in csv.DictReader(f)} <= {"ok", "unsure", "unfamiliar"}
+    # "not sure": a threshold above every confidence marks every familiar image unsure, best guess kept
+    strict = predict_folder(PredictConfig(trust_run.run_dir, [str(folder)], min_confidence=1.01))
+    for r in strict.rows:
+        assert r.status in ("unsure", "unfamiliar") and r.prediction
+        if status[Path(r.path).stem] == "ok":
+            assert r.status == "unsure"
+    # a target accuracy picks the threshold from the run's accuracy-against-coverage measurement
+    lenient = predict_folder(PredictConfig(trust_run.run_dir, [str(folder)], target_accuracy=0.5))
+    assert all(r.status in ("ok", "unfamiliar") for r in lenient.rows)
+
+
+def test_old_runs_without_a_temperature_still_load(fe_run, tmp_path):
+    from engine.predict import predict_folder
+
+    run = tmp_path / "old"
+    shutil.copytree(fe_run.run_dir, run)
+    meta = json.loads((run / "model.json").read_text())
+    for key in ("calibration", "unsure", "unfamiliar"):
+        meta.pop(key, None)
+    (run / "model.json").write_text(json.dumps(meta))
+    (run / "train_embeddings.safetensors").unlink()
+    logs = []
+
+    class Log(Callbacks):
+        def on_log(self, m):
+            logs.append(m)
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    draw_image("squares", 5).save(folder / "a.png")
+    draw_unlike(1).save(folder / "b.png")
+    res = predict_folder(PredictConfig(str(run), [str(folder)]), Log())
+    assert [r.status for r in res.rows] == ["ok", "ok"]
+    assert sum("saved before calibration" in m for m in logs) == 1
+
+
+def _square_image(path: Path, box: tuple[int, int, int, int]) -> None:
+    im = Image.new("RGB", (224, 224), (235, 235, 235))
+    ImageDraw.Draw(im).rectangle(box, fill=(40, 60, 220))
+    im.save(path)
+
+
+@pytest.mark.parametrize("mode", ["feature-extraction", "fine-tuning"])
+def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
+    from engine.heatmap import HeatmapConfig, heatmap
+
+    if mode == "feature-extraction":
+        run = fe_run.run_dir
+    else:
+        run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=1,
+                              batch_size=8, unfreeze=1)).run_dir
+    box = (130, 120, 210, 200)  # a blue square in the lower right on a plain background
+    _square_image(tmp_path / "square.png", box)
+    res = heatmap(HeatmapConfig(run, str(tmp_path / "square.png"), target="squares"))
+    assert res.heat.shape == (224, 224) and res.image.shape == (224, 224, 3)
+    assert res.target == "squares" and 0.99 <= res.heat.max() <= 1.0
+    y, x = np.unravel_index(np.argmax(res.heat), res.heat.shape)
+    margin = 16  # the heatmap comes from a 7x7 grid: one cell is 32 px
+    assert box[0] - margin <= x <= box[2] + margin and box[1] - margin <= y <= box[3] + margin, (x, y)
