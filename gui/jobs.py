@@ -1,7 +1,8 @@
 """Starting, stopping and routing engine jobs: the one place the window goes through to run anything.
 
 Jobs run in lanes: ``"main"`` (training, prediction, export: one at a time, the user's work), ``"scan"`` (the
-Dataset tab's folder scan: a new one supersedes the old) and ``"discovery"`` (start-up's backbone list). Each job's
+Dataset tab's folder scan: a new one supersedes the old), ``"discovery"`` (start-up's backbone list) and
+``"heatmap"`` (one image explained; a new request supersedes the old, and it may run beside a training). Each job's
 end goes to the handlers given when it started, so a failure or a stop reaches only the tab whose job it was.
 """
 from __future__ import annotations
@@ -12,13 +13,13 @@ from PySide6.QtCore import QObject
 
 from gui.worker import Job, start_job
 
-MAIN, SCAN, DISCOVERY = "main", "scan", "discovery"
+MAIN, SCAN, DISCOVERY, HEATMAP = "main", "scan", "discovery", "heatmap"
 
 
 class JobController(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.lanes: dict[str, Job | None] = {MAIN: None, SCAN: None, DISCOVERY: None}
+        self.lanes: dict[str, Job | None] = {MAIN: None, SCAN: None, DISCOVERY: None, HEATMAP: None}
 
     def job(self, lane: str = MAIN) -> Job | None:
         return self.lanes[lane]

@@ -20,12 +20,14 @@ from engine.config import ExportConfig, PredictConfig, ScanConfig, TrainConfig, 
 from engine.data import scan_folder
 from engine.events import EngineError
 from engine.export import export_model
+from engine.heatmap import HeatmapConfig, heatmap
 from engine.predict import predict_folder
 from engine.runs import default_runs_dir, new_run_name
 from engine.train import fit
 from gui.cache_dialog import manage_embedding_cache
 from gui.discovery import discover
-from gui.jobs import DISCOVERY, MAIN, SCAN, JobController
+from gui.heatmap_view import HeatmapDialog
+from gui.jobs import DISCOVERY, HEATMAP, MAIN, SCAN, JobController
 from gui.tabs.dataset_tab import DatasetTab
 from gui.tabs.model_tab import ModelTab
 from gui.tabs.predict_tab import PredictTab
@@ -70,6 +72,9 @@ class MainWindow(QMainWindow):
         self.predict_tab.stop_requested.connect(self.stop_job)
         self.predict_tab.export_requested.connect(self.export_model)
         self.results_tab.run_opened.connect(self._run_opened)
+        self.results_tab.heatmap_requested.connect(self.show_heatmap)
+        self.predict_tab.heatmap_requested.connect(self.show_heatmap)
+        self.heatmap_dialog: HeatmapDialog | None = None
         self._build_menu()
         self._restore_settings()
         QTimer.singleShot(0, self._start_discovery)
@@ -327,6 +332,15 @@ class MainWindow(QMainWindow):
         self.predict_tab.job_started()
         self._start_main(self.predict_tab, export_model, cfg, done=self.predict_tab.export_finished,
                          failed=self._predict_failed)
+
+    def show_heatmap(self, run_dir: str, path: str) -> None:
+        """*Where it looked*: computed in the background (its own lane: training or prediction may be running)."""
+        if self.heatmap_dialog is None:
+            self.heatmap_dialog = HeatmapDialog(self)
+        self.heatmap_dialog.computing(path)
+        cfg = HeatmapConfig(run_dir, path, device=self.training_tab.values()["device"])
+        self.jobs.start(HEATMAP, heatmap, cfg, done=self.heatmap_dialog.show_result,
+                        failed=self.heatmap_dialog.show_failure)
 
     # ------------------------------------------------------------------------------------------------ closing
     def closeEvent(self, e) -> None:  # noqa: N802

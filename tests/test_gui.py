@@ -201,6 +201,24 @@ def test_export_model_from_the_app(qtbot, window, fe_run, tmp_path, fmt):
     assert json.loads(Path(str(out) + ".json").read_text())["format"] == fmt
 
 
+def test_a_failed_prediction_is_reported_on_the_predict_tab_only(qtbot, window, fe_run, flat_data, tmp_path):
+    """A job's failure or stop reaches the tab that asked for it: the Training tab says nothing about a prediction."""
+    import shutil
+
+    w = window
+    run = tmp_path / "run"
+    shutil.copytree(fe_run.run_dir, run)
+    assert w.open_run(str(run))
+    (run / "model.safetensors").write_bytes(b"damaged after opening")
+    before = w.training_tab.phase.text(), w.training_tab.log.toPlainText()
+    w.predict_tab.folder.setText(str(flat_data / "circles"))
+    w.predict_tab.start_btn.click()
+    wait_job(qtbot, w)
+    assert "damaged" in w.last_error and "Failed" in w.predict_tab.status.text()
+    assert (w.training_tab.phase.text(), w.training_tab.log.toPlainText()) == before
+    assert w.predict_tab.start_btn.isEnabled()
+
+
 def test_open_broken_run_shows_message(qtbot, window, tmp_path):
     bad = tmp_path / "not-a-run"
     bad.mkdir()
@@ -485,3 +503,45 @@ def test_dropping_photos_on_the_predict_tab_predicts_them(qtbot, window, fe_run,
     drop([flat_data])
     qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(flat_data),
                     timeout=30000)
+
+
+def test_confidence_panel_saves_a_threshold_and_heatmaps_come_from_the_background(qtbot, window, fe_run, flat_data,
+                                                                                 tmp_path):
+    """Results > Confidence says in words how far the confidence holds and saves the "not sure" threshold with the
+    model; Where it looked… shows the image with its heatmap (computed in a job), toggled off shows the image."""
+    import shutil
+
+    import numpy as np
+
+    w = window
+    run = tmp_path / "run"
+    shutil.copytree(fe_run.run_dir, run)
+    assert w.open_run(str(run))
+    trust = w.results_tab.trust
+    assert "When it says" in trust.words.text() and "expected calibration error" in trust.words.text()
+    trust.target.setValue(50.0)
+    assert "answers 100% of images" in trust.target_text.text()
+    trust.save_btn.click()
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["unsure"]["target_accuracy"] == 0.5 and meta["unsure"]["target_reached"]
+    # the heatmap of an image selected in a gallery
+    w.results_tab.show_cell(1, 1)
+    grid = w.results_tab.cell_grid
+    grid.setCurrentIndex(grid.model().index(0, 0))
+    w.results_tab.heatmap_btn.click()
+    dlg = w.heatmap_dialog
+    qtbot.waitUntil(lambda: dlg.result is not None or "No heatmap" in dlg.caption.text(), timeout=60000)
+    assert dlg.result is not None, dlg.caption.text()
+    assert "heatmap for" in dlg.caption.text()
+    with_heat = dlg.shown_image()
+    dlg.toggle.setChecked(False)
+    assert np.array_equal(dlg.shown_image(), dlg.result.image) and not np.array_equal(with_heat, dlg.result.image)
+    dlg.close()
+    # Predict shows each row's status and filters by it
+    w.predict_tab.folder.setText(str(flat_data / "circles"))
+    w.predict_tab.start_btn.click()
+    wait_job(qtbot, w)
+    statuses = {r.status for r in w.predict_tab.model.rows}
+    assert statuses <= {"ok", "unsure", "unfamiliar"}
+    w.predict_tab.status_filter.setCurrentIndex(w.predict_tab.status_filter.findData("ok"))
+    assert w.predict_tab.proxy.rowCount() == sum(r.status == "ok" for r in w.predict_tab.model.rows)

@@ -24,6 +24,7 @@ class DatasetTab(QWidget):
     scan_requested = Signal(object)  # ScanConfig
 
     def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+        # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
         super().__init__(parent)
         self.dataset: Dataset | None = None
         self.folder = ""

@@ -16,7 +16,11 @@ from engine.predict import predictions_csv
 from engine.runs import atomic_write_text
 from gui.thumbs import ThumbnailLoader
 
-COLUMNS = ["", "Path", "Prediction", "Confidence", "Top-k", "Error"]
+COLUMNS = ["", "Path", "Prediction", "Confidence", "Status", "Top-k", "Error"]
+STATUS_TEXT = {"ok": "", "unsure": "not sure", "unfamiliar": "unfamiliar", "error": ""}
+STATUS_TIP = {"unsure": "The model's confidence is below the threshold saved with it: check this one yourself "
+                        "(the best guess is kept)",
+              "unfamiliar": "Unlike every training image: the answer may be meaningless whatever its confidence"}
 
 
 class PredictionModel(QStandardItemModel):
@@ -50,8 +54,8 @@ class PredictionModel(QStandardItemModel):
 
     def _items(self, n: int, r: PredictionRow) -> list[QStandardItem]:
         conf = f"{r.confidence:.3f}" if not r.error else ""
-        texts = ["", r.path, r.prediction, conf, self.topk_text(r), r.error]
-        keys = [n, r.path, r.prediction, r.confidence if not r.error else -1.0, "", r.error]  # sort keys
+        texts = ["", r.path, r.prediction, conf, STATUS_TEXT.get(r.status, r.status), self.topk_text(r), r.error]
+        keys = [n, r.path, r.prediction, r.confidence if not r.error else -1.0, r.status, "", r.error]  # sort keys
         items = []
         for text, key in zip(texts, keys):
             it = QStandardItem(text)
@@ -59,6 +63,8 @@ class PredictionModel(QStandardItemModel):
             it.setFlags(Qt.ItemIsSelectable | Qt.ItemIsEnabled)
             items.append(it)
         items[1].setToolTip(r.path)
+        if r.status in STATUS_TIP:
+            items[4].setToolTip(STATUS_TIP[r.status])
         items[0].setIcon(self.loader.placeholder)
         return items
 
@@ -91,14 +97,17 @@ class PredictionFilter(QSortFilterProxyModel):
         super().__init__(parent)
         self.cls: str | None = None
         self.min_conf = 0.0
+        self.status: str | None = None
         self.setSortRole(Qt.UserRole)
 
-    def set_filter(self, cls: str | None, min_conf: float) -> None:
-        self.cls, self.min_conf = cls, min_conf
+    def set_filter(self, cls: str | None, min_conf: float, status: str | None = None) -> None:
+        self.cls, self.min_conf, self.status = cls, min_conf, status
         self.invalidateFilter()
 
     def filterAcceptsRow(self, row, parent) -> bool:  # noqa: N802
         r = self.sourceModel().rows[row]
+        if self.status is not None and r.status != self.status:
+            return False
         if r.error:
             return self.cls is None and self.min_conf <= 0
         if self.cls is not None and r.prediction != self.cls:
@@ -144,6 +153,7 @@ class ExportDialog(QDialog):
 
 class PredictTab(QWidget):
     predict_requested = Signal(object)  # PredictConfig (the window fills in the device)
+    heatmap_requested = Signal(str, str)  # run folder, image
     SEP = "; "  # between several dropped paths in the field
     stop_requested = Signal()
     export_requested = Signal(object)  # ExportConfig
@@ -183,15 +193,27 @@ class PredictTab(QWidget):
         self.min_conf = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0, singleStep=0.05, value=0.0)
         self.min_conf.setToolTip("Hide predictions below this confidence (e.g. to review only uncertain ones, "
                                  "sort by confidence instead)")
+        self.status_filter = QComboBox()
+        self.status_filter.addItem("any status", None)
+        for status, text in (("ok", "ok"), ("unsure", "not sure"), ("unfamiliar", "unfamiliar"),
+                             ("error", "unreadable")):
+            self.status_filter.addItem(text, status)
+        self.status_filter.setToolTip("'not sure': below the model's confidence threshold; 'unfamiliar': unlike "
+                                      "every training image")
         self.class_filter.currentIndexChanged.connect(self._filter)
         self.min_conf.valueChanged.connect(self._filter)
+        self.status_filter.currentIndexChanged.connect(self._filter)
         self.export_csv_btn = QPushButton("Export CSV…")
         self.export_csv_btn.clicked.connect(self._export_csv_dialog)
         self.export_model_btn = QPushButton("Export model…")
         self.export_model_btn.clicked.connect(self._export_model_dialog)
-        for w in (QLabel("Show"), self.class_filter, QLabel("min. confidence"), self.min_conf):
+        self.heatmap_btn = QPushButton("Where it looked…")
+        self.heatmap_btn.setToolTip("The selected image with a heatmap of what drove its prediction")
+        self.heatmap_btn.clicked.connect(self._heatmap)
+        for w in (QLabel("Show"), self.class_filter, self.status_filter, QLabel("min. confidence"), self.min_conf):
             fl.addWidget(w)
         fl.addStretch(1)
+        fl.addWidget(self.heatmap_btn)
         fl.addWidget(self.export_csv_btn)
         fl.addWidget(self.export_model_btn)
         root.addLayout(fl)
@@ -207,7 +229,8 @@ class PredictTab(QWidget):
         self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
         self.table.setColumnWidth(0, 60)
         self.table.setColumnWidth(2, 120)
-        self.table.setColumnWidth(4, 260)
+        self.table.setColumnWidth(4, 90)
+        self.table.setColumnWidth(5, 260)
         root.addWidget(self.table, 1)
         # Thumbnails only for the rows on screen, asked for shortly after the view scrolls, sorts or gets rows.
         self.thumb_timer = QTimer(self)
@@ -257,7 +280,18 @@ class PredictTab(QWidget):
             self.folder.setText(d)
 
     def _filter(self) -> None:
-        self.proxy.set_filter(self.class_filter.currentData(), self.min_conf.value())
+        self.proxy.set_filter(self.class_filter.currentData(), self.min_conf.value(), self.status_filter.currentData())
+
+    def selected_path(self) -> str | None:
+        rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
+        if not rows:
+            return None
+        return self.model.rows[self.proxy.mapToSource(rows[0]).row()].path
+
+    def _heatmap(self) -> None:
+        path = self.selected_path()
+        if self.run_dir and path:
+            self.heatmap_requested.emit(self.run_dir, path)
 
     def job_started(self, top_k: int | None = None) -> None:
         """A prediction (``top_k`` given: the table restarts) or an export started."""

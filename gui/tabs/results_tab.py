@@ -11,7 +11,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from engine.events import EngineError
-from engine.runs import list_runs, read_history, read_json, read_predictions
+from engine.runs import list_runs, read_history, read_json, read_predictions, set_unsure_threshold
+from gui.tabs.trust_panel import TrustPanel
 from gui.thumbs import ThumbnailLoader
 from gui.widgets import ImageGrid, reveal_in_file_manager
 
@@ -29,8 +30,10 @@ def _seconds(s: float) -> str:
 
 class ResultsTab(QWidget):
     run_opened = Signal(str)
+    heatmap_requested = Signal(str, str)  # run folder, image
 
     def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+        # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
         super().__init__(parent)
         self.run_dir: str | None = None
         self.classes: list[str] = []
@@ -110,12 +113,20 @@ class ResultsTab(QWidget):
         self.reveal_btn = QPushButton("Reveal in file manager")
         self.reveal_btn.setToolTip("Confident mistakes are often mislabelled files: check them where they live")
         self.reveal_btn.clicked.connect(self._reveal)
+        self.heatmap_btn = QPushButton("Where it looked…")
+        self.heatmap_btn.setToolTip("The selected image with a heatmap of what drove the prediction (computed in the "
+                                    "background); works in the cell images too")
+        self.heatmap_btn.clicked.connect(self._heatmap)
         mh.addWidget(self.mistakes_label, 1)
         mh.addWidget(self.reveal_btn)
         ml.addLayout(mh)
         self.mistakes = ImageGrid(loader)
         ml.addWidget(self.mistakes)
         self.galleries.addTab(mis_w, "Mistakes, most confident first")
+        self.trust = TrustPanel()
+        self.trust.threshold_saved.connect(self._save_threshold)
+        self.galleries.addTab(self.trust, "Confidence")
+        self.galleries.setCornerWidget(self.heatmap_btn)  # for the image selected in either gallery
         rl.addWidget(self.galleries, 1)
         outer.addWidget(right)
         outer.setSizes([360, 920])
@@ -233,6 +244,8 @@ class ResultsTab(QWidget):
         self.cell_grid.set_items([])
         self.cell_label.setText("Click a cell of the confusion matrix.")
         self._fill_mistakes()
+        self.meta = meta
+        self.trust.show_run(metrics, meta)
         self.run_opened.emit(run_dir)
 
     def show_cell(self, i: int, j: int) -> None:
@@ -254,6 +267,27 @@ class ResultsTab(QWidget):
                                   f"({float(r['confidence']):.1%})") for r in wrong])
         self.mistakes_label.setText(f"{len(wrong)} validation image(s) misclassified. Confident mistakes are often "
                                     "mislabelled files.")
+
+    def selected_image(self) -> str | None:
+        """The image selected in the gallery on show (cell images or mistakes)."""
+        grid = self.cell_grid if self.galleries.currentIndex() == 0 else self.mistakes
+        paths = grid.selected_paths()
+        return paths[0] if paths else None
+
+    def _heatmap(self) -> None:
+        path = self.selected_image()
+        if self.run_dir and path:
+            self.heatmap_requested.emit(self.run_dir, path)
+
+    def _save_threshold(self, target: float) -> None:
+        try:
+            unsure = set_unsure_threshold(self.run_dir, target)
+        except EngineError as exc:
+            self.trust.target_text.setText(str(exc))
+            return
+        self.meta["unsure"] = unsure
+        self.trust.target_text.setText(self.trust.target_text.text() + " — saved with the model")
+        self.run_opened.emit(self.run_dir)  # Predict reloads the model's thresholds
 
     def _reveal(self) -> None:
         paths = self.mistakes.selected_paths()

@@ -27,6 +27,7 @@ class TrainingTab(QWidget):
     copy_cluster_requested = Signal()
 
     def __init__(self, parent: QWidget | None = None) -> None:
+        # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
         super().__init__(parent)
         root = QHBoxLayout(self)
         side = QVBoxLayout()
