@@ -72,6 +72,8 @@ class TrainConfig:
     val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
     test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
     seed: int = option(0, "random seed: same seed, same split and same run")
+    exclude: str | None = option(None, "leave out the images listed in this CSV (a 'path' column: the doctor's CSV "
+                                       "works as it is)", parse=str)
     device: str = option("auto", "auto (prefers CUDA), cpu, cuda, cuda:N, mps")
     cache: bool = option(True, "read and write the embedding cache")
     cache_dir: str | None = option(None, "embedding cache folder (default: the user cache folder)", parse=str)
@@ -101,6 +103,7 @@ class ScanConfig:
     val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
     test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
     seed: int = option(0, "random seed of the split")
+    exclude: str | None = option(None, "leave out the images listed in this CSV (a 'path' column)", parse=str)
 
 
 @dataclass

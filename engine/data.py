@@ -10,9 +10,9 @@ Files that cannot be read are reported as ``(path, reason)`` and skipped, never 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import random
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -49,18 +49,22 @@ class Dataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     split_settings: tuple[float, float, int] = (0.2, 0.0, 0)  # (val_split, test_split, seed) it was scanned with
+    excluded: list[str] = field(default_factory=list)  # images left out on purpose (an exclude list)
 
-    def matches(self, root: str, val_split: float, test_split: float, seed: int) -> bool:
-        """Whether this scan is what scanning ``root`` with these split settings would give now (same folder,
-        same split; a pre-split folder ignores the fractions unless it has no val/ folder)."""
+    def matches(self, root: str, val_split: float, test_split: float, seed: int,
+                exclude: str | set | None = None) -> bool:
+        """Whether this scan is what scanning ``root`` with these settings would give now (same folder, split and
+        exclude list)."""
         if os.path.abspath(self.root) != os.path.abspath(root):
             return False
-        return self.split_settings == (val_split, test_split, seed)
+        return (self.split_settings == (val_split, test_split, seed)
+                and set(self.excluded) == {p for p in excluded_paths(exclude)
+                                           if p.startswith(os.path.abspath(self.root) + os.sep) and os.path.exists(p)})
 
     def copy(self) -> "Dataset":
         """A copy whose lists can be changed (``drop``) without touching this one."""
         return Dataset(self.root, self.layout, list(self.classes), list(self.samples), list(self.skipped),
-                       list(self.warnings), self.split_settings)
+                       list(self.warnings), self.split_settings, list(self.excluded))
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -174,39 +178,47 @@ def detect_layout(root: str) -> dict[str, str]:
     return splits if "train" in splits else {}
 
 
-def stratified_split(labels: list[int], val_split: float, test_split: float, seed: int) -> list[str]:
-    """Assign "train"/"val"/"test" to each index, per class, reproducibly.
+def _draw(seed: int, label: int, key: str) -> float:
+    """A number in [0, 1) fixed by the seed, the class and the image's own identity (nothing else)."""
+    h = hashlib.blake2b(f"{seed}|{label}|{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0**64
 
-    Every class with at least 2 images keeps at least one training image and, when ``val_split > 0``, gets at least
-    one validation image, so per-class metrics exist even for tiny classes.
+
+def stratified_split(labels: list[int], val_split: float, test_split: float, seed: int,
+                     keys: list[str] | None = None) -> list[str]:
+    """Assign "train"/"val"/"test" to each image, reproducibly, each image on its own.
+
+    An image's split depends only on the seed, its class and its key (its path within its class folder): it goes
+    to validation when its draw is below ``val_split``, to test below ``val_split + test_split``. So excluding,
+    adding or moving one image changes no other image's split (a count-based split drawn from one generator
+    reshuffled every class), and each class gets about its share. Tiny classes are then fixed up: every class with
+    at least 2 images keeps a training image and, when ``val_split > 0``, gets a validation image (and a test image
+    from 3 images when ``test_split > 0``), taking the images whose draws are nearest the boundary.
     """
     if not 0 <= val_split < 1 or not 0 <= test_split < 1 or val_split + test_split >= 1:
         raise EngineError("Validation and test fractions must each be in [0, 1) and add up to less than 1.")
-    rng = random.Random(seed)
+    keys = keys if keys is not None else [str(i) for i in range(len(labels))]
+    u = [_draw(seed, y, k) for y, k in zip(labels, keys)]
+    out = ["val" if v < val_split else "test" if v < val_split + test_split else "train" for v in u]
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
-    out = ["train"] * len(labels)
-    for y in sorted(by_class):
-        idx = by_class[y][:]
-        rng.shuffle(idx)
-        n = len(idx)
-        n_val = int(round(n * val_split))
-        n_test = int(round(n * test_split))
-        if n >= 2 and val_split > 0:
-            n_val = max(1, n_val)
-        if n >= 3 and test_split > 0:
-            n_test = max(1, n_test)
-        while n_val + n_test > n - 1 and (n_val + n_test) > 0:  # always keep one training image
-            if n_test >= n_val and n_test > 0:
-                n_test -= 1
-            else:
-                n_val -= 1
-        for i in idx[:n_val]:
-            out[i] = "val"
-        for i in idx[n_val:n_val + n_test]:
-            out[i] = "test"
+    for idx in by_class.values():
+        _fix_tiny_class(idx, u, out, val_split, test_split)
     return out
+
+
+def _fix_tiny_class(idx: list[int], u: list[float], out: list[str], val_split: float, test_split: float) -> None:
+    """Every class keeps a training image, gets a validation image from 2 images (when asked for) and a test image
+    from 3: moved from a split that can spare one, taking the image whose draw is nearest the boundary."""
+    n = len(idx)
+    need = {"train": 1, "val": 1 if n >= 2 and val_split > 0 else 0, "test": 1 if n >= 3 and test_split > 0 else 0}
+    for split in ("train", "val", "test"):
+        while sum(out[i] == split for i in idx) < need[split]:
+            spare = [i for i in idx if out[i] != split and sum(out[j] == out[i] for j in idx) > need[out[i]]]
+            if not spare:
+                break
+            out[max(spare, key=lambda i: u[i]) if split == "train" else min(spare, key=lambda i: u[i])] = split
 
 
 @dataclass
@@ -215,22 +227,48 @@ class ScanResult:
     cancelled: bool = False
 
 
+def _key(path: str, root: str) -> str:
+    """An image's identity for its split draw: its path inside its class folder ("a/b.jpg" in DATA/cats/a/b.jpg)."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/").split("/")
+    rel = rel[1:] if rel[0] in SPLIT_NAMES or rel[0].lower() in SPLIT_NAMES else rel
+    return "/".join(rel[1:]) or rel[-1]
+
+
 def scan_folder(config: ScanConfig, callbacks: Callbacks | None = None,
                 cancel: CancelToken | None = None) -> ScanResult:
     """The scan job (CLI ``scan``, the window's Dataset tab): :func:`scan` with the job contract."""
     cb = callbacks or Callbacks()
     try:
         return ScanResult(scan(config.data, config.val_split, config.test_split, config.seed, cancel,
-                               cb.on_progress))
+                               cb.on_progress, exclude=config.exclude))
     except Cancelled:
         return ScanResult(None, cancelled=True)
 
 
+def excluded_paths(exclude: str | set | None) -> set[str]:
+    """The absolute paths an exclude list names: a CSV file with a ``path`` column (the doctor's CSV works as it is),
+    or a set of paths."""
+    if not exclude:
+        return set()
+    if isinstance(exclude, (set, frozenset, list, tuple)):
+        return {os.path.abspath(p) for p in exclude}
+    import csv
+
+    try:
+        with open(exclude, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise EngineError(f"Cannot read the exclude list {exclude}: {exc.strerror or exc}.") from exc
+    if rows and "path" not in rows[0]:
+        raise EngineError(f"The exclude list {exclude} has no 'path' column.")
+    return {os.path.abspath(r["path"]) for r in rows if r.get("path")}
+
+
 def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
          cancel: CancelToken | None = None, progress: Callable[[Progress], None] | None = None,
-         check_files: bool = True) -> Dataset:
-    """Scan ``root`` into a :class:`Dataset`. Raises :class:`EngineError` with a suggestion when it cannot be used,
-    :class:`Cancelled` when cancelled."""
+         check_files: bool = True, exclude: str | set | None = None) -> Dataset:
+    """Scan ``root`` into a :class:`Dataset`, leaving out the images ``exclude`` lists. Raises :class:`EngineError`
+    with a suggestion when it cannot be used, :class:`Cancelled` when cancelled."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise EngineError(f"Folder not found: {root}. Choose a folder that contains one subfolder per class.")
@@ -255,6 +293,14 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
             warn.append(f"{len(loose)} image(s) directly in {root} were ignored: put each image in a folder "
                         "named after its class.")
 
+    leave_out = excluded_paths(exclude)
+    excluded: list[str] = []
+    if leave_out:
+        kept_groups = []
+        for split, cname, files in groups:
+            excluded += [p for p in files if os.path.abspath(p) in leave_out]
+            kept_groups.append((split, cname, [p for p in files if os.path.abspath(p) not in leave_out]))
+        groups = kept_groups
     total = sum(len(f) for _, _, f in groups)
     checked = 0
     files_by_group: list[tuple[str | None, str, list[str]]] = []
@@ -294,16 +340,19 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
             # A train/ (and test/) folder without val/: carve validation out of train.
             train = [s for s in samples if s.split == "train"]
             rest = [s for s in samples if s.split != "train"]
-            assign = stratified_split([s.label for s in train], val_split, 0.0, seed)
+            assign = stratified_split([s.label for s in train], val_split, 0.0, seed,
+                                      [_key(s.path, root) for s in train])
             samples = [Sample(s.path, s.label, a) for s, a in zip(train, assign)] + rest
             warn.append(f"No validation folder: {val_split:.0%} of train/ was held out for validation.")
     else:
         flat = [(p, index[c]) for _, c, files in files_by_group for p in files]
-        assign = stratified_split([y for _, y in flat], val_split, test_split, seed)
+        assign = stratified_split([y for _, y in flat], val_split, test_split, seed,
+                                  [_key(p, root) for p, _ in flat])
         samples = [Sample(p, y, a) for (p, y), a in zip(flat, assign)]
 
     ds = Dataset(root=root, layout="pre-split" if layout else "flat", classes=names, samples=samples,
-                 skipped=skipped, warnings=warn, split_settings=(val_split, test_split, seed))
+                 skipped=skipped, warnings=warn, split_settings=(val_split, test_split, seed),
+                 excluded=[os.path.abspath(p) for p in excluded])
     ds.warnings.extend(dataset_warnings(ds))
     return ds
 

@@ -21,6 +21,7 @@ class Phase:
     SAVING = "saving"
     PREDICTING = "predicting"
     EXPORTING = "exporting"
+    CHECKING = "checking"
 
 
 @dataclass(frozen=True)

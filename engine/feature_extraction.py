@@ -15,7 +15,7 @@ from .backbones import LoadedBackbone, describe_without_torch
 from .config import TrainConfig
 from .data import Dataset
 from .events import Callbacks, CancelToken, EngineError, Phase, Progress
-from .features import BackboneSnapshot, EmbeddingCache, embed_files
+from .features import BackboneSnapshot, EmbeddingCache, default_cache_dir, embed_files
 from .head import train_linear_head
 from .loop import TrainOutcome
 from .pixels import content_hash, read_bytes
@@ -157,3 +157,30 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
     return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=best, logits=logits,
                         features=split_feats,
                         embed_seconds=embed_s, embedded=n_embedded, from_cache=n_cached)
+
+
+def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple[np.ndarray, list[str]]:
+    """Every sample's embedding and content hash, aligned with ``ds.samples`` (unreadable files are dropped from
+    ``ds`` with their reason). ``cfg`` needs train's backbone, weights, download, device, cache and cache_dir.
+    From the cache alone without importing torch when every image is there (the bundled backbone)."""
+    cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
+    facts = describe_without_torch(cfg.backbone, cfg.weights) if cache_dir else None
+    if facts is not None:
+        cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0])
+        try:
+            hashes = [content_hash(read_bytes(s.path)) for s in ds.samples]
+        except OSError:
+            hashes = None
+        if hashes is not None and all(cache.get(h) is not None for h in hashes):
+            cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
+            return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
+    from .backbones import load_backbone
+    from .device import resolve_device
+
+    device = resolve_device(cfg.device)
+    backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
+    feats, kept, errors, stats = embed_files([s.path for s in ds.samples], backbone, device, cache_dir=cache_dir,
+                                             backbone_name=cfg.backbone, cancel=cancel, progress=cb.on_progress,
+                                             log=cb.on_log)
+    ds.drop(errors)
+    return feats, stats["hashes"]

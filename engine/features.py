@@ -230,6 +230,7 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
         stats["embedded"] = int(sum(ok[i] for i in todo))
         stats["embed_seconds"] = time.perf_counter() - t0
     kept = [i for i in range(n) if ok[i]]
+    stats["hashes"] = [hashes[i] for i in kept]  # content hashes of the kept files (the doctor's byte copies)
     return feats[kept], kept, errors, stats
 
 

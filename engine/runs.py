@@ -322,6 +322,7 @@ def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], d
         writer.write_csv("split.csv", ["path", "split", "class"],
                          ([x.path, x.split, classes[x.label]] for x in ds.samples))
         writer.write_csv("skipped.csv", ["path", "reason"], ds.skipped)
+        writer.write_csv("excluded.csv", ["path"], ([p] for p in ds.excluded))
         writer.write_csv("val_predictions.csv", ["path", "split", "label", "prediction", "confidence"]
                          + [f"p_{c}" for c in classes], predictions)
         writer.write_json("metrics.json", json_safe(metrics))

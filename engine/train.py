@@ -67,12 +67,12 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
 
 
 def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: CancelToken) -> Dataset:
-    if given is not None and given.matches(cfg.data, cfg.val_split, cfg.test_split, cfg.seed):
+    if given is not None and given.matches(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cfg.exclude):
         cb.on_log(f"Using the scan of {cfg.data} already made")
         ds = given.copy()  # fit drops files it cannot decode: never from the caller's object
     else:
         cb.on_log(f"Scanning {cfg.data}")
-        ds = scan(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cancel, cb.on_progress)
+        ds = scan(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cancel, cb.on_progress, exclude=cfg.exclude)
     counts = {c: sum(v.values()) for c, v in ds.counts().items()}
     cb.on_log(f"Found {len(ds.samples)} images in {len(ds.classes)} classes ({ds.layout} layout): "
               + ", ".join(f"{c} {n}" for c, n in counts.items()))
@@ -80,6 +80,8 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
         cb.on_log(f"Warning: {w}")
     if ds.skipped:
         cb.on_log(f"Skipped {len(ds.skipped)} unreadable file(s); see skipped.csv in the run folder")
+    if ds.excluded:
+        cb.on_log(f"Left out {len(ds.excluded)} image(s) on the exclude list; see excluded.csv in the run folder")
     return ds
 
 

@@ -29,11 +29,11 @@ def test_torchrun_two_processes_match_one(flat_data, tmp_path):
     one = _train(ft, 1, tmp_path, "ft1")
     two = _train(ft, 2, tmp_path, "ft2")
     print(f"\nfine-tuning val accuracy: 1 process {one['val_accuracy']}, 2 processes {two['val_accuracy']}")
-    assert one["n_val"] == two["n_val"] == 9
+    assert one["n_val"] == two["n_val"] >= 6
     assert one["epochs_run"] == two["epochs_run"] == 2
-    # 9 validation images: one image is 0.11; the two runs differ only in float summation order and batch-norm
+    # A few validation images (one is 1/n_val); the two runs differ only in float summation order and batch-norm
     # statistics per process, so they must agree within two images.
-    assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 0.23
+    assert abs(one["val_accuracy"] - two["val_accuracy"]) <= 2 / one["n_val"] + 1e-9
     assert two["val_accuracy"] >= 0.65
     fe = [str(flat_data), "--epochs", "30", "--no-cache", "--seed", "3"]
     fe1, fe2 = _train(fe, 1, tmp_path, "fe1"), _train(fe, 2, tmp_path, "fe2")

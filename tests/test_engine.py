@@ -77,16 +77,22 @@ def test_flat_split_is_stratified_and_reproducible(flat_data):
     assert a.layout == "flat" and a.classes == ["circles", "squares", "stripes"]
     assert [(s.path, s.split) for s in a.samples] == [(s.path, s.split) for s in b.samples]
     assert [(s.path, s.split) for s in a.samples] != [(s.path, s.split) for s in c.samples]
-    for cls, counts in a.counts().items():
-        assert counts == {"train": 8, "val": 4, "test": 2}, cls
+    for cls, counts in a.counts().items():  # every class gets each split; about its share overall
+        assert min(counts.values()) >= 1 and sum(counts.values()) == 14, cls
+    n_val = sum(c["val"] for c in a.counts().values())
+    assert 0.1 <= n_val / 42 <= 0.4
 
 
 def test_split_keeps_a_training_image_for_tiny_classes():
-    labels = [0] * 1 + [1] * 2 + [2] * 30
-    out = stratified_split(labels, 0.2, 0.1, seed=0)
-    assert out[0] == "train"
-    assert sorted(out[1:3]) == ["train", "val"]
-    assert out[3:].count("val") == 6 and out[3:].count("test") == 3
+    labels = [0] * 1 + [1] * 2 + [2] * 3 + [3] * 300
+    keys = [f"img{i}.jpg" for i in range(len(labels))]
+    for seed in range(20):
+        out = stratified_split(labels, 0.2, 0.1, seed=seed, keys=keys)
+        assert out[0] == "train"
+        assert sorted(out[1:3]) == ["train", "val"]
+        assert sorted(out[3:6]) == ["test", "train", "val"]
+        big = out[6:]
+        assert 0.12 <= big.count("val") / 300 <= 0.28 and 0.05 <= big.count("test") / 300 <= 0.15
 
 
 def test_presplit_layout_with_other_spellings(tmp_path):
@@ -140,7 +146,9 @@ def test_feature_extraction_run_folder(fe_run):
     assert metrics["val_accuracy"] >= 0.85  # the synthetic classes are easy for an ImageNet backbone
     lo, hi = metrics["val_accuracy_ci95"]
     assert lo <= metrics["val_accuracy"] <= hi
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["val_n"] == 9
+    with open(run / "split.csv") as f:
+        n_val = sum(r["split"] == "val" for r in csv.DictReader(f))
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["val_n"] == n_val > 0
     assert set(metrics["per_class"]) == set(meta["classes"])
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
