@@ -13,6 +13,7 @@ import sys
 import time
 
 from .config import EvaluateConfig, ExportConfig, PredictConfig, ScanConfig, TrainConfig, add_arguments, from_args
+from .doctor import DoctorConfig
 from .events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, Progress
 
 
@@ -87,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "write a CSV"),
                             ("evaluate", EvaluateConfig, "score a labelled folder with a saved run"),
                             ("export", ExportConfig, "export a run's network to ONNX or TorchScript"),
-                            ("scan", ScanConfig, "scan a folder and report classes, split and unreadable files")):
+                            ("scan", ScanConfig, "scan a folder and report classes, split and unreadable files"),
+                            ("doctor", DoctorConfig, "find duplicates, leaks between splits, likely wrong labels "
+                                                     "and outliers in a folder")):
         sp = sub.add_parser(name, help=text)
         add_arguments(sp, cls)
-        if name in ("train", "predict", "evaluate"):
+        if name in ("train", "predict", "evaluate", "doctor"):
             sp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     sub.choices["evaluate"].add_argument("--json", help="also write the metrics to this file")
 
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--ft-epochs", type=int, default=2)
     bt.add_argument("--other-images", type=int, default=400, help="images of the other folder(s) to predict")
     bt.add_argument("--json", help="also write the table as JSON here")
+
+    bd = sub.add_parser("bench-doctor", help="the dataset doctor on a folder with planted problems, against "
+                                             "cleanlab + imagehash (see docs/benchmarks.md)")
+    bd.add_argument("data", nargs="?", help="image folder (default: ../shared/datasets/flowers)")
     return p
 
 
@@ -205,6 +212,33 @@ def cmd_scan(a) -> int:
     return 0
 
 
+def cmd_doctor(a) -> int:
+    from .doctor import CSV_HEADER, ISSUES, doctor
+
+    res = _job(doctor, from_args(DoctorConfig, a), a.quiet)
+    if res.cancelled:
+        return 130
+    counts = res.counts()
+    n = len(res.dataset.samples)
+    print(f"Checked {n} images of {res.dataset.root} in {res.seconds:.1f} s")
+    words = {"duplicate": "byte-identical copies in the same split", "near-duplicate": "near copies in the same split",
+             "leak": "copies across splits (inflate the reported accuracy)", "label": "probably wrong class",
+             "outlier": "unlike every other image"}
+    for k in ISSUES:
+        print(f"  {k:15} {counts[k]:6}  {words[k]}")
+    if not res.findings:
+        print("No problems found.")
+    if res.leaked_eval:
+        print(f"{res.leaked_eval} validation/test image(s) have a copy in train.")
+    if res.rescored and res.rescored["accuracy_without_leaks"] is not None:
+        r = res.rescored
+        print(f"Run {a.run}: validation accuracy {r['accuracy']:.3f}; without the {r['removed']} leaked image(s) "
+              f"{r['accuracy_without_leaks']:.3f}")
+    if a.csv:
+        print(f"Findings written to {a.csv} (one row each: {', '.join(CSV_HEADER)})")
+    return 0
+
+
 def cmd_cache(a) -> int:
     from .features import cache_contents, clear_cache, default_cache_dir
 
@@ -232,6 +266,12 @@ def cmd_bench(a) -> int:
     return run_bench(a)
 
 
+def cmd_bench_doctor(a) -> int:
+    from .bench_doctor import run_bench_doctor
+
+    return run_bench_doctor(a)
+
+
 def cmd_bench_trust(a) -> int:
     from .bench_trust import run_bench_trust
 
@@ -242,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
                 "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench,
-                "bench-trust": cmd_bench_trust}
+                "bench-trust": cmd_bench_trust, "doctor": cmd_doctor,
+                "bench-doctor": cmd_bench_doctor}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

@@ -17,7 +17,8 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(base / "embedding-cache"))
     monkeypatch.setenv("TRANSFER_STUDIO_RUNS", str(base / "runs-default"))
-    monkeypatch.setenv("TORCH_HOME", str(base / "torch-home"))  # never the user's hub cache, never the network
+    monkeypatch.setenv("TORCH_HOME", str(base / "torch-home"))
+    monkeypatch.setenv("TRANSFER_STUDIO_DATA", str(base / "app-data"))  # never the user's hub cache, never the network
     yield
 
 

@@ -84,3 +84,22 @@ def draw_unlike(seed: int, size: int = 160) -> Image.Image:
             if (x // step + y // step) % 2:
                 d.rectangle([x, y, x + step - 1, y + step - 1], fill=(255, 255, 255))
     return im
+
+
+def draw_scene(kind: str, seed: int, size: int = 160) -> Image.Image:
+    """A busy picture of many random ``kind`` shapes ("circles", "lines", "boxes") in random colours: each one unlike
+    the next (the doctor must not take two of them for copies), the kind still plain to a pretrained network."""
+    rng = random.Random(seed)
+    im = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(rng.randint(6, 14)):
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        x, y = rng.randint(-20, size), rng.randint(-20, size)
+        r = rng.randint(8, 40)
+        if kind == "circles":
+            d.ellipse([x, y, x + r, y + r], fill=colour)
+        elif kind == "boxes":
+            d.rectangle([x, y, x + r, y + rng.randint(8, 40)], fill=colour)
+        else:
+            d.line([x, y, rng.randint(0, size), rng.randint(0, size)], fill=colour, width=rng.randint(2, 6))
+    return im

@@ -1,0 +1,175 @@
+"""``python -m engine bench-doctor [FOLDER]``: the dataset doctor on a real folder with planted problems, against a
+plain peer assembled from kept libraries (cleanlab + scikit-learn for labels, imagehash pHash for copies).
+
+1. The folder (default ../shared/datasets/flowers) is copied into a train/val layout (80/20, the app's split).
+2. Feature extraction runs on it from an empty cache (the first run a user makes: the time reference); the doctor
+   runs on the clean copy from an empty cache of its own, then again from the cache. Real folders have real
+   problems: what the clean copy already shows is neither a hit nor a false alarm below.
+3. Problems are planted: 20 label flips (train images moved to another class), 8 near-duplicates (train images
+   resized to 80% and re-saved at JPEG quality 60, beside the original), 8 leaks (train images cropped 5% per side
+   and re-saved into validation), 4 byte copies. Recall and precision per issue type over the planted ones, for
+   the doctor and for the peer, and the share of images flagged as ``label``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SHARED = os.path.join("..", "shared", "datasets")
+
+
+def _copy_layout(src: str, dst: str) -> None:
+    from .data import scan
+
+    ds = scan(src, val_split=0.2, seed=0, check_files=False)
+    for s in ds.samples:
+        folder = os.path.join(dst, s.split, ds.classes[s.label])
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy2(s.path, os.path.join(folder, os.path.basename(s.path)))
+
+
+def _plant(root: str, seed: int = 1) -> dict[str, list]:
+    """Plant problems in ``root`` (train/val layout); returns what was planted, by issue type."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    classes = sorted(os.listdir(os.path.join(root, "train")))
+    train = [(c, os.path.join(root, "train", c, f)) for c in classes
+             for f in sorted(os.listdir(os.path.join(root, "train", c)))]
+    picks = rng.sample(train, 40)
+    planted = {"label": [], "near-duplicate": [], "leak": [], "duplicate": []}
+    for c, p in picks[:20]:
+        other = rng.choice([k for k in classes if k != c])
+        dst = os.path.join(root, "train", other, "flipped-" + os.path.basename(p))
+        shutil.move(p, dst)
+        planted["label"].append(dst)
+    for c, p in picks[20:28]:
+        im = Image.open(p).convert("RGB")
+        im = im.resize((max(1, int(im.width * 0.8)), max(1, int(im.height * 0.8))), Image.BILINEAR)
+        dst = os.path.join(root, "train", c, "near-" + os.path.splitext(os.path.basename(p))[0] + ".jpg")
+        im.save(dst, quality=60)
+        planted["near-duplicate"].append((p, dst))
+    for c, p in picks[28:36]:
+        im = Image.open(p).convert("RGB")
+        dx, dy = int(im.width * 0.05), int(im.height * 0.05)
+        im = im.crop((dx, dy, im.width - dx, im.height - dy))
+        os.makedirs(os.path.join(root, "val", c), exist_ok=True)
+        dst = os.path.join(root, "val", c, "leak-" + os.path.splitext(os.path.basename(p))[0] + ".jpg")
+        im.save(dst, quality=90)
+        planted["leak"].append((p, dst))
+    for c, p in picks[36:40]:
+        dst = os.path.join(root, "train", c, "copy-" + os.path.basename(p))
+        shutil.copy2(p, dst)
+        planted["duplicate"].append((p, dst))
+    return planted
+
+
+def _score(found: list[tuple[str, str, str]], clean: set[tuple[str, str]], planted: dict) -> dict:
+    """found: (issue, path, other_path). Recall and precision per planted type over the findings that are new
+    (an issue/path already found in the clean copy is neither a hit nor a false alarm)."""
+    new = [(i, a, b) for i, a, b in found if (i, a) not in clean and (i, b) not in clean]
+    out = {}
+    for issue, items in planted.items():
+        mine = [(a, b) for i, a, b in new if i == issue]
+        if issue == "label":  # the moved file
+            hits_of = [lambda a, b, p=p: a == p for p in items]
+        elif issue == "leak":  # the copy in validation
+            hits_of = [lambda a, b, p=p: p[1] in (a, b) for p in items]
+        else:  # the pair
+            hits_of = [lambda a, b, p=p: {a, b} == set(p) for p in items]
+        recall = sum(any(h(a, b) for a, b in mine) for h in hits_of) / len(items)
+        good = sum(any(h(a, b) for h in hits_of) for a, b in mine)
+        out[issue] = {"recall": recall, "precision": good / len(mine) if mine else None, "findings": len(mine)}
+    return out
+
+
+def _doctor(data: str, cache: str):
+    from .doctor import DoctorConfig, doctor
+
+    t0 = time.perf_counter()
+    res = doctor(DoctorConfig(data=data, cache_dir=cache))
+    return res, time.perf_counter() - t0
+
+
+def _peer(res) -> list[tuple[str, str, str]]:
+    """cleanlab on 5-fold logistic-regression probabilities of the same embeddings + pHash (Hamming <= 8)."""
+    import imagehash
+    from cleanlab.filter import find_label_issues
+    from PIL import Image
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    ds, feats = res.dataset, res.features
+    y = np.array([s.label for s in ds.samples])
+    probs = cross_val_predict(LogisticRegression(max_iter=1000), feats, y, cv=5, method="predict_proba")
+    found = [("label", ds.samples[i].path, "") for i in np.flatnonzero(find_label_issues(y, probs))]
+    h = np.array([np.asarray(imagehash.phash(Image.open(s.path)).hash, dtype=bool).ravel() for s in ds.samples])
+    for i in range(len(h)):
+        d = (h[i + 1:] != h[i]).sum(1)
+        for j in np.flatnonzero(d <= 8) + i + 1:
+            a, b = ds.samples[i], ds.samples[j]
+            if a.split != b.split:
+                found.append(("leak", b.path, a.path) if a.split == "train" else ("leak", a.path, b.path))
+            else:
+                with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+                    same = fa.read() == fb.read()
+                found.append(("duplicate" if same else "near-duplicate", a.path, b.path))
+    return found
+
+
+def run_bench_doctor(a) -> int:
+    from .config import TrainConfig
+    from .train import fit
+
+    src = a.data or os.path.join(SHARED, "flowers")
+    if not os.path.isdir(src):
+        print(f"skipped: {src} not found (the shared datasets are not on this machine); pass a folder of images.")
+        return 0
+    tmp = tempfile.mkdtemp(prefix="ts-bench-doctor-")
+    root = os.path.join(tmp, "data")
+    _copy_layout(src, root)
+    t0 = time.perf_counter()
+    fit(TrainConfig(data=root, out=os.path.join(tmp, "fe"), cache_dir=os.path.join(tmp, "fe-cache")))
+    fe_s = time.perf_counter() - t0
+    print(f"  first feature extraction: {fe_s:.1f} s", file=sys.stderr, flush=True)
+    cache = os.path.join(tmp, "doctor-cache")
+    clean, empty_s = _doctor(root, cache)
+    _, cached_s = _doctor(root, cache)
+    print(f"  doctor: {empty_s:.1f} s from an empty cache, {cached_s:.1f} s cached", file=sys.stderr, flush=True)
+    clean_keys = {(f.issue, f.path) for f in clean.findings} | {(f.issue, f.other_path) for f in clean.findings}
+    print(f"\nClean copy of {src} ({len(clean.dataset.samples)} images): "
+          + ", ".join(f"{n} {k}" for k, n in clean.counts().items()))
+    for f in clean.findings[:12]:
+        print(f"  {f.issue:15} {os.path.relpath(f.path, root)}  {os.path.relpath(f.other_path, root) if f.other_path else ''}"
+              f"  {f.label}{' -> ' + f.suggested_label if f.suggested_label else ''}  {f.score:.3f}")
+    planted = _plant(root)
+    res, _ = _doctor(root, cache)
+    mine = _score([(f.issue, f.path, f.other_path) for f in res.findings], clean_keys, planted)
+    try:
+        peer_clean_found = _peer(clean)
+        peer_clean = {(i, p) for i, p, _ in peer_clean_found} | {(i, o) for i, _, o in peer_clean_found}
+        peer = _score(_peer(res), peer_clean, planted)
+    except ImportError as exc:
+        peer = None
+        print(f"peer skipped ({exc.name} missing): pip install -e '.[bench]'")
+    n = len(res.dataset.samples)
+    print(f"\nPlanted: 20 label flips, 8 near-duplicates, 8 leaks, 4 byte copies ({n} images)")
+    print(f"{'issue':15} {'recall':>7} {'precision':>9} {'findings':>8}   {'peer recall':>11} {'precision':>9} {'findings':>8}")
+    for issue in ("duplicate", "near-duplicate", "leak", "label"):
+        m = mine[issue]
+        p = peer[issue] if peer else {}
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{issue:15} {m['recall']:7.2f} {fmt(m['precision']):>9} {m['findings']:8}   "
+              f"{fmt(p.get('recall')):>11} {fmt(p.get('precision')):>9} {p.get('findings', '-'):>8}")
+    n_label = sum(f.issue == "label" for f in res.findings)
+    print(f"\nflagged as label: {n_label} of {n} images ({100 * n_label / n:.1f}%); time: doctor from an empty cache "
+          f"{empty_s:.1f} s = {empty_s / fe_s:.2f}x the first feature extraction ({fe_s:.1f} s), from the cache "
+          f"{cached_s:.1f} s = {100 * cached_s / fe_s:.0f}% of it")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
