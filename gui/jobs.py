@@ -2,7 +2,8 @@
 
 Jobs run in lanes: ``"main"`` (training, prediction, export: one at a time, the user's work), ``"scan"`` (the
 Dataset tab's folder scan: a new one supersedes the old), ``"discovery"`` (start-up's backbone list) and
-``"heatmap"`` (one image explained; a new request supersedes the old, and it may run beside a training). Each job's
+``"heatmap"`` (one image explained) and ``"projection"`` (the dataset map's t-SNE): a new request supersedes the
+old, and they may run beside a training. Each job's
 end goes to the handlers given when it started, so a failure or a stop reaches only the tab whose job it was.
 """
 from __future__ import annotations
@@ -13,13 +14,13 @@ from PySide6.QtCore import QObject
 
 from gui.worker import Job, start_job
 
-MAIN, SCAN, DISCOVERY, HEATMAP = "main", "scan", "discovery", "heatmap"
+MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION = "main", "scan", "discovery", "heatmap", "projection"
 
 
 class JobController(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.lanes: dict[str, Job | None] = {MAIN: None, SCAN: None, DISCOVERY: None, HEATMAP: None}
+        self.lanes: dict[str, Job | None] = {lane: None for lane in (MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION)}
 
     def job(self, lane: str = MAIN) -> Job | None:
         return self.lanes[lane]

@@ -276,7 +276,9 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
                       weights=str(tmp_path / "w.safetensors"), download=True, unfreeze="all", epochs=7,
                       batch_size=12, lr=0.002, backbone_lr_mult=0.25, weight_decay=0.0005, augment=False,
                       patience=4, linear_probe_init=False, val_split=0.3, test_split=0.1, seed=5, device="cpu",
-                      cache=False, cache_dir=str(tmp_path / "cache"), overwrite=False)
+                      cache=False, cache_dir=str(tmp_path / "cache"), exclude=str(tmp_path / "exclude.csv"),
+                      overwrite=False)
+    (tmp_path / "exclude.csv").write_text("path\n" + str(flat_data / "circles" / "circles_000.jpg") + "\n")
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if getattr(cfg, f.name) != getattr(defaults, f.name)}
     assert changed == {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}  # every field is exercised
@@ -545,3 +547,48 @@ def test_confidence_panel_saves_a_threshold_and_heatmaps_come_from_the_backgroun
     assert statuses <= {"ok", "unsure", "unfamiliar"}
     w.predict_tab.status_filter.setCurrentIndex(w.predict_tab.status_filter.findData("ok"))
     assert w.predict_tab.proxy.rowCount() == sum(r.status == "ok" for r in w.predict_tab.model.rows)
+
+
+def test_check_dataset_then_exclude_move_and_undo_from_the_panel(qtbot, window, tmp_path):
+    """Check dataset lists the planted problems and maps every image; Exclude adds to the folder's exclude list
+    (what Start trains without), Move to class moves the file (asked first) and Undo last move puts it back; the
+    class table follows each change."""
+    import shutil
+
+    from tests.test_doctor import make_scenes
+
+    w = window
+    root = make_scenes(tmp_path / "data", n_train=12, n_val=4)
+    moved = root / "train" / "circles" / "moved.jpg"
+    shutil.move(root / "train" / "lines" / "03.jpg", moved)
+    shutil.copy(root / "train" / "boxes" / "02.jpg", root / "train" / "boxes" / "copy.jpg")
+    open_folder(qtbot, w, root)
+    d = w.dataset_tab
+    counts = lambda: {d.class_table.item(r, 0).text(): int(d.class_table.item(r, 1).text())  # noqa: E731
+                      for r in range(d.class_table.rowCount())}
+    assert counts() == {"boxes": 17, "circles": 17, "lines": 15}
+    d.check_btn.click()
+    wait_job(qtbot, w)
+    issues = {(f.issue, f.path) for f in d.doctor.findings}
+    assert ("label", str(moved)) in issues and ("duplicate", str(root / "train" / "boxes" / "copy.jpg")) in issues
+    assert d.map.scatter is not None and len(d.map.scatter.points()) == 49
+    qtbot.waitUntil(lambda: "t-SNE" in d.map.caption.text(), timeout=60000)
+    # exclude the byte copy: the folder's exclude list, and the training config, have it
+    d.doctor.filter.setCurrentIndex(d.doctor.filter.findData("duplicate"))
+    d.doctor.exclude_btn.click()
+    qtbot.waitUntil(lambda: not d.scanning and counts()["boxes"] == 16, timeout=30000)
+    cfg = w.train_config()
+    assert cfg.exclude and str(root / "train" / "boxes" / "copy.jpg") in Path(cfg.exclude).read_text()
+    # move the mislabelled picture where it belongs, then undo
+    d.doctor.filter.setCurrentIndex(d.doctor.filter.findData("label"))
+    row = next(i for i, f in enumerate(d.doctor.visible()) if f.path == str(moved))
+    d.doctor.table.selectRow(row)
+    asked = []
+    d.confirm = lambda title, text: asked.append(text) or True
+    d.doctor.move_btn.click()
+    assert asked and not moved.exists() and (root / "train" / "lines" / "moved.jpg").exists()
+    qtbot.waitUntil(lambda: not d.scanning and counts() == {"boxes": 16, "circles": 16, "lines": 16}, timeout=30000)
+    d.doctor.undo_btn.click()
+    assert moved.exists() and not (root / "train" / "lines" / "moved.jpg").exists()
+    qtbot.waitUntil(lambda: not d.scanning and counts()["circles"] == 17, timeout=30000)
+    w.jobs.wait("projection", 60000)

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import html
+import json
 import os
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QGroupBox, QHBoxLayout,
                                QHeaderView, QLabel, QProgressBar, QPushButton, QSpinBox, QSplitter, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+                               QMessageBox, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from engine.config import ScanConfig
 from engine.data import Dataset
+from engine.doctor import pca_2d
+from engine.events import EngineError
+from engine.fixes import add_to_exclude_list, exclude_list_for, move_to_class, undo_last_move
 from gui.settings import load_values, save_values
+from gui.tabs.dataset_map import DatasetMap
+from gui.tabs.doctor_panel import DoctorPanel
 from gui.thumbs import ThumbnailLoader
 from gui.widgets import ImageGrid
 
@@ -22,6 +28,8 @@ class DatasetTab(QWidget):
 
     FIELDS = ["val_split", "test_split", "seed"]
     scan_requested = Signal(object)  # ScanConfig
+    doctor_requested = Signal()
+    stop_requested = Signal()
 
     def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
         # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
@@ -30,6 +38,9 @@ class DatasetTab(QWidget):
         self.folder = ""
         self.scanning = False
         self.recent_folders: list[str] = []
+        self.excludes: dict[str, str] = {}  # folder -> its exclude list (train's --exclude)
+        self.exclude_file: str | None = None  # the loaded folder's
+        self.checked = None  # the last DoctorResult
         root = QVBoxLayout(self)
 
         top = QHBoxLayout()
@@ -41,9 +52,14 @@ class DatasetTab(QWidget):
         self.recent.setMinimumWidth(380)
         self.recent.setToolTip("Recently used folders")
         self.recent.activated.connect(lambda i: self.request_scan(self.recent.itemData(i)))
+        self.check_btn = QPushButton("Check dataset")
+        self.check_btn.setToolTip("Find duplicates, copies across train and validation, images probably in the "
+                                  "wrong class and images unlike the rest (runs in the background)")
+        self.check_btn.clicked.connect(self._check_clicked)
         top.addWidget(self.open_btn)
         top.addWidget(QLabel("Recent:"))
         top.addWidget(self.recent, 1)
+        top.addWidget(self.check_btn)
         root.addLayout(top)
 
         split = QGroupBox("Split (for folders that are not already split into train/ and val/)")
@@ -114,7 +130,17 @@ class DatasetTab(QWidget):
         rl.addLayout(fl)
         self.grid = ImageGrid(loader)
         rl.addWidget(self.grid)
-        splitter.addWidget(right)
+        self.views = QTabWidget()
+        self.views.addTab(right, "Images")
+        self.doctor = DoctorPanel(loader)
+        self.doctor.exclude_requested.connect(self.exclude)
+        self.doctor.move_requested.connect(self.move)
+        self.doctor.undo_requested.connect(self.undo_move)
+        self.views.addTab(self.doctor, "Check")
+        self.map = DatasetMap()
+        self.map.image_clicked.connect(self.select_image)
+        self.views.addTab(self.map, "Map")
+        splitter.addWidget(self.views)
         splitter.setSizes([520, 740])
         root.addWidget(splitter, 1)
 
@@ -128,7 +154,9 @@ class DatasetTab(QWidget):
     def request_scan(self, folder: str) -> None:
         if folder:
             v = self.values()
-            self.scan_requested.emit(ScanConfig(folder, v["val_split"], v["test_split"], v["seed"]))
+            self.exclude_file = self.excludes.get(os.path.abspath(folder))
+            self.scan_requested.emit(ScanConfig(folder, v["val_split"], v["test_split"], v["seed"],
+                                                self.exclude_file))
 
     def set_recent(self, folders: list[str]) -> None:
         self.recent_folders = list(folders)[:10]
@@ -142,7 +170,7 @@ class DatasetTab(QWidget):
     def values(self) -> dict:
         """This tab's part of the training config: the loaded folder (what Start trains) and the split."""
         return {"data": self.dataset.root if self.dataset else "", "val_split": self.val_pct.value() / 100.0,
-                "test_split": self.test_pct.value() / 100.0, "seed": self.seed.value()}
+                "test_split": self.test_pct.value() / 100.0, "seed": self.seed.value(), "exclude": self.exclude_file}
 
     def set_values(self, values: dict) -> None:
         """Show these split settings; a ``data`` folder other than the loaded one is scanned."""
@@ -152,14 +180,30 @@ class DatasetTab(QWidget):
             self.test_pct.setValue(100 * values["test_split"])
         if "seed" in values:
             self.seed.setValue(int(values["seed"]))
+        folder = values.get("data") or (self.dataset.root if self.dataset else "")
+        if "exclude" in values and folder:
+            self._remember_exclude(folder, values["exclude"])
         if values.get("data") and (self.dataset is None or values["data"] != self.dataset.root):
             self.request_scan(values["data"])
+        elif "exclude" in values and self.dataset is not None:
+            self.exclude_file = values["exclude"]
+
+    def _remember_exclude(self, folder: str, csv_path: str | None) -> None:
+        if csv_path:
+            self.excludes[os.path.abspath(folder)] = csv_path
+        else:
+            self.excludes.pop(os.path.abspath(folder), None)
 
     def save_settings(self, settings) -> None:
         save_values(settings, {k: v for k, v in self.values().items() if k in self.FIELDS})
         settings.setValue("data/recent", self.recent_folders)
+        settings.setValue("data/excludes", json.dumps(self.excludes))
 
     def restore_settings(self, settings) -> None:
+        try:
+            self.excludes = dict(json.loads(str(settings.value("data/excludes", "{}"))))
+        except (ValueError, TypeError):
+            self.excludes = {}
         self.set_values(load_values(settings, self.FIELDS))
         recent = settings.value("data/recent", []) or []
         self.set_recent([recent] if isinstance(recent, str) else [r for r in recent if isinstance(r, str)])
@@ -168,10 +212,12 @@ class DatasetTab(QWidget):
         self.set_recent([folder] + [r for r in self.recent_folders if r != folder][:9])
 
     # ------------------------------------------------------------------------------------------------ scanning
-    def scan_started(self, folder: str) -> None:
+    def scan_started(self, folder: str, what: str = "Scanning") -> None:
         self.scanning = True
         self.folder = folder
-        self.status.setText(f"Scanning {folder} …")
+        self.status.setText(f"{what} {folder} …")
+        if what == "Checking":
+            self.check_btn.setText("Stop checking")
         self.scan_progress.setVisible(True)
         self.scan_progress.setRange(0, 0)
 
@@ -180,13 +226,84 @@ class DatasetTab(QWidget):
             self.scan_progress.setRange(0, p.total)
             self.scan_progress.setValue(p.done)
 
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_clicked(self) -> None:
+        (self.stop_requested if self.check_btn.text().startswith("Stop") else self.doctor_requested).emit()
+
+    def stopping(self) -> None:
+        self.status.setText("Stopping the check…")
+
+    def check_ended(self) -> None:
+        self.scanning = False
+        self.scan_progress.setVisible(False)
+        self.check_btn.setText("Check dataset")
+
+    def doctor_finished(self, res, leak_note: str = "") -> None:
+        self.check_ended()
+        if res.cancelled:
+            self.status.setText("Check stopped; nothing changed.")
+            return
+        self.status.setText(f"<b>{html.escape(res.dataset.root)}</b> checked: see the Check and Map views.")
+        self.doctor.show_result(res, leak_note)
+        self.views.setCurrentWidget(self.doctor)
+        self.checked = res
+        self.show_map(pca_2d(res.features), "placed by their two principal components (a finer map is computed)")
+
+    def show_map(self, coords, what: str) -> None:
+        res = self.checked
+        labels = [s.label for s in res.dataset.samples]
+        self.map.show_points(coords, res.paths, labels, res.dataset.classes, {f.path for f in res.findings}, what)
+
+    def exclude(self, paths: list[str]) -> None:
+        """Leave ``paths`` out of training: the folder's exclude list grows (files stay), the scan updates."""
+        folder = self.dataset.root
+        csv_path = self.exclude_file or exclude_list_for(folder)
+        n = add_to_exclude_list(csv_path, paths)
+        self._remember_exclude(folder, csv_path)
+        self.doctor.resolved(paths, f"{len(paths)} excluded ({n} on this folder's exclude list)")
+        self.request_scan(folder)
+
+    def move(self, path: str, cls: str) -> None:
+        if not self.confirm("Move to class", f"Move {path} into the '{cls}' folder? (Undo last move puts it back.)"):
+            return
+        try:
+            dst = move_to_class(self.dataset.root, path, cls)
+        except (EngineError, OSError) as exc:
+            self.doctor.summary.setText(f"Could not move it: {exc}")
+            return
+        self.doctor.resolved([path], f"moved to {dst}")
+        self.request_scan(self.dataset.root)
+
+    def undo_move(self) -> None:
+        try:
+            last = undo_last_move()
+        except EngineError as exc:
+            self.doctor.summary.setText(str(exc))
+            return
+        self.doctor.summary.setText("Nothing to undo." if last is None else f"Put back: {last['from']}")
+        if last is not None and self.dataset is not None:
+            self.request_scan(self.dataset.root)
+
+    def confirm(self, title: str, text: str) -> bool:
+        return QMessageBox.question(self, title, text) == QMessageBox.Yes
+
+    def select_image(self, path: str) -> None:
+        """Show ``path`` selected in the Images grid (a click on the map)."""
+        self.class_filter.setCurrentIndex(0)
+        rows = self.grid.model_.row_of.get(path, [])
+        if rows:
+            idx = self.grid.model_.index(rows[0])
+            self.grid.setCurrentIndex(idx)
+            self.grid.scrollTo(idx)
+            self.views.setCurrentIndex(0)
+
     def scan_finished(self, result) -> None:
         """The scan job's result (a cancelled one was superseded by a newer scan, which reports itself)."""
         if result.dataset is not None:
             self.show_dataset(result.dataset)
 
     def scan_failed(self, message: str) -> None:
-        self.scanning = False
+        self.check_ended()
         self.scan_progress.setVisible(False)
         ds = self.dataset
         if ds is None:

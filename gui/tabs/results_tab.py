@@ -268,6 +268,10 @@ class ResultsTab(QWidget):
         self.mistakes_label.setText(f"{len(wrong)} validation image(s) misclassified. Confident mistakes are often "
                                     "mislabelled files.")
 
+    def data_folder(self) -> str | None:
+        """The image folder the open run was trained on."""
+        return (getattr(self, "meta", None) or {}).get("data")
+
     def selected_image(self) -> str | None:
         """The image selected in the gallery on show (cell images or mistakes)."""
         grid = self.cell_grid if self.galleries.currentIndex() == 0 else self.mistakes
