@@ -13,7 +13,7 @@ embedding (both cached), so a folder already used for feature extraction is chec
 * ``label``: an image whose given class is probably wrong, with the class it more likely belongs to: confident
   learning (Northcutt et al. 2021) on out-of-sample probabilities from k-fold linear heads on the embeddings, so no
   image is judged by a model that was fitted on it;
-* ``outlier``: an image far from every other one (a screenshot, a blank frame, something else): the k-th nearest
+* ``outlier``: an image far from every other one (a screenshot, a blank frame, something else): the nearest-
   neighbour distance of engine/familiarity.py (the same distance marks ``unfamiliar`` predictions), beyond
   Tukey's far-out fence (Q3 + 3 IQR) of the folder's own distances.
 
@@ -36,7 +36,7 @@ from .config import TrainConfig, option
 from .data import Dataset, scan
 from .events import Callbacks, Cancelled, CancelToken, Phase, Progress
 from .feature_extraction import embed_dataset
-from .familiarity import K, knn_distance, normalise, threshold
+from .familiarity import K, fence, knn_distance, normalise
 from .head import softmax, train_linear_head
 from .runs import atomic_write_text
 
@@ -46,7 +46,8 @@ NEAR_LAYOUT = 0.80  # ... and correlation of the thumbnails, both at least this:
 FOLDS = 5
 CSV_HEADER = ["issue", "path", "other_path", "label", "suggested_label", "score"]
 
-_SHARED = ("data", "backbone", "weights", "download", "val_split", "test_split", "seed", "device", "cache",
+_SHARED = ("data", "backbone", "weights", "download", "val_split", "test_split", "seed", "device", "engine",
+           "precision", "cache",
            "cache_dir", "exclude")
 # The doctor takes train's options for the folder, backbone, split and cache: the same fields, declared once.
 DoctorConfig = dataclasses.make_dataclass(
@@ -200,7 +201,7 @@ def outliers(feats: np.ndarray) -> tuple[np.ndarray, float]:
     """Each image's k-th nearest-neighbour distance to the others, and the far-out fence (what marks an image
     ``unfamiliar`` at prediction time, applied to the folder itself)."""
     d = knn_distance(feats, feats, K, exclude_self=True)
-    return d, threshold(d)
+    return d, fence(d)
 
 
 # ------------------------------------------------------------------------------------------------ the job
