@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--device", default="auto")
     bt.add_argument("--ft-epochs", type=int, default=2)
     bt.add_argument("--other-images", type=int, default=400, help="images of the other folder(s) to predict")
+    bt.add_argument("--modes", default="feature-extraction,fine-tuning", help="comma-separated modes to run")
     bt.add_argument("--json", help="also write the table as JSON here")
+
+    bo = sub.add_parser("bench-onnx", help="the frozen backbone's CPU paths: PyTorch, ONNX Runtime fp32 and int8")
+    bo.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
 
     bd = sub.add_parser("bench-doctor", help="the dataset doctor on a folder with planted problems, against "
                                              "cleanlab + imagehash (see docs/benchmarks.md)")
@@ -266,6 +270,12 @@ def cmd_bench(a) -> int:
     return run_bench(a)
 
 
+def cmd_bench_onnx(a) -> int:
+    from .bench_onnx import run_bench_onnx
+
+    return run_bench_onnx(a)
+
+
 def cmd_bench_doctor(a) -> int:
     from .bench_doctor import run_bench_doctor
 
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
                 "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench,
                 "bench-trust": cmd_bench_trust, "doctor": cmd_doctor,
-                "bench-doctor": cmd_bench_doctor}
+                "bench-doctor": cmd_bench_doctor, "bench-onnx": cmd_bench_onnx}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

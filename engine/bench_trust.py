@@ -59,6 +59,8 @@ def run_bench_trust(a) -> int:
         random.Random(0).shuffle(other_paths)
         other_paths = other_paths[: a.other_images]
         for mode, epochs in (("feature-extraction", None), ("fine-tuning", a.ft_epochs)):
+            if mode not in a.modes.split(","):
+                continue
             t0 = time.perf_counter()
             res = fit(TrainConfig(data=flat[f], out=os.path.join(tmp, "runs", f"{os.path.basename(f)}-{mode}"),
                                   mode=mode, epochs=epochs, val_split=0.2, test_split=0.2, seed=0, device=a.device,

@@ -75,6 +75,10 @@ class TrainConfig:
     exclude: str | None = option(None, "leave out the images listed in this CSV (a 'path' column: the doctor's CSV "
                                        "works as it is)", parse=str)
     device: str = option("auto", "auto (prefers CUDA), cpu, cuda, cuda:N, mps")
+    engine: str = option("auto", "the frozen backbone's forward pass: auto (ONNX Runtime on the CPU, PyTorch on a GPU), "
+                                 "onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
+    precision: str = option("auto", "ONNX Runtime's precision: auto (int8 when its features agree with fp32 on your "
+                                    "images), fp32, int8", choices=("auto", "fp32", "int8"))
     cache: bool = option(True, "read and write the embedding cache")
     cache_dir: str | None = option(None, "embedding cache folder (default: the user cache folder)", parse=str)
     overwrite: bool = option(False, "replace --out if it exists")
@@ -115,6 +119,8 @@ class PredictConfig:
     csv: str | None = option(None, "CSV file to write", parse=str, required=True)
     top_k: int = option(1, "also list the k most likely classes")
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    engine: str = option("auto", "feature-extraction runs on the CPU: auto (ONNX Runtime, in the precision the run was "
+                                 "trained with), onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
     batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
     min_confidence: float | None = option(None, "mark predictions below this calibrated confidence 'unsure' "
                                                 "(default: the threshold saved with the model)", parse=float)
@@ -129,6 +135,8 @@ class EvaluateConfig:
     run: str = option("", "run folder", positional=True)
     data: str = option("", "labelled folder (either layout)", positional=True)
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+    engine: str = option("auto", "feature-extraction runs on the CPU: auto (ONNX Runtime, in the precision the run was "
+                                 "trained with), onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
     batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
 
 

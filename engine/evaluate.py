@@ -108,7 +108,8 @@ def evaluate(config: EvaluateConfig, callbacks: Callbacks | None = None,
         index = {c: i for i, c in enumerate(loaded.classes)}
         paths = [s.path for s in ds.samples]
         labels = np.array([index[ds.classes[s.label]] for s in ds.samples])
-        scored = predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel)
+        scored = predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel,
+                               engine=config.engine)
     except Cancelled:
         return EvaluateResult({}, skipped, cancelled=True)
     y = labels[scored.kept]

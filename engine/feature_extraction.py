@@ -16,6 +16,7 @@ from .config import TrainConfig
 from .data import Dataset
 from .events import Callbacks, CancelToken, EngineError, Phase, Progress
 from .features import BackboneSnapshot, EmbeddingCache, default_cache_dir, embed_files
+from .onnx_backend import cache_variants, describe_variant
 from .head import train_linear_head
 from .loop import TrainOutcome
 from .pixels import content_hash, read_bytes
@@ -69,20 +70,23 @@ def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbac
     if not snap.exists():
         return None
     t0 = time.perf_counter()
-    cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre)
-    if cache.rebuilt_reason:
-        cb.on_log(cache.rebuilt_reason)
-    by_path = {}
-    for i, s in enumerate(ds.samples):
-        if i % 256 == 0:
-            cancel.raise_if_cancelled()
-        try:
-            vec = cache.get(content_hash(read_bytes(s.path)))
-        except OSError:
-            return None
-        if vec is None:
-            return None
-        by_path[s.path] = vec
+    try:
+        hashes = []
+        for i, s in enumerate(ds.samples):
+            if i % 256 == 0:
+                cancel.raise_if_cancelled()
+            hashes.append(content_hash(read_bytes(s.path)))
+    except OSError:
+        return None
+    for variant in cache_variants(cfg.engine, cfg.precision):  # any complete cache these settings allow
+        cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre, variant)
+        if cache.rebuilt_reason:
+            cb.on_log(cache.rebuilt_reason)
+        if hashes and all(cache.get(h) is not None for h in hashes):
+            break
+    else:
+        return None
+    by_path = {s.path: cache.get(h) for s, h in zip(ds.samples, hashes)}
     backbone_sd = snap.load()
     if backbone_sd is None:
         return None
@@ -92,6 +96,7 @@ def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbac
     head, history, best, logits, feats = train_head(cfg, ds, by_path, dim, cb, cancel)
     return TrainOutcome(weights={**backbone_sd, **{f"head.{k}": v for k, v in head.items()}}, history=history,
                         best_epoch=best, logits=logits, features=feats, embed_seconds=embed_s, from_cache=len(by_path),
+                        features_path={**describe_variant(variant), "reason": "all from the cache"},
                         facts=BackboneFacts(pre, dim, source, wid,
                                             "cpu (head trained on cached features; backbone not run)"))
 
@@ -102,8 +107,10 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
     paths = [s.path for s in ds.samples]
     if not dist.enabled:
         f, kept, errors, stats = embed_files(paths, backbone, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
-                                             cancel=cancel, progress=cb.on_progress, log=cb.on_log)
-        return f, kept, errors, stats["cached"], stats["embedded"]
+                                             cancel=cancel, progress=cb.on_progress, log=cb.on_log, engine=cfg.engine,
+                                             precision=cfg.precision)
+        return f, kept, errors, stats["cached"], stats["embedded"], stats["features"]
+    # (under torchrun every rank uses PyTorch: the features are gathered into one cache)
     mine = list(range(dist.rank, len(paths), dist.world))
     f, k, errors, stats = embed_files([paths[i] for i in mine], backbone, device,
                                       cache_dir=cache_dir if dist.is_main else None, backbone_name=cfg.backbone,
@@ -114,12 +121,12 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
     kept = [i for part in parts for i in part[0]]
     feats = np.concatenate([part[1] for part in parts]) if kept else np.zeros((0, f.shape[1]), np.float32)
     if cache_dir:
-        cache = EmbeddingCache(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)
+        cache = EmbeddingCache(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)  # torch's
         for i, vec in zip(kept, feats):
             cache.put(content_hash(read_bytes(paths[i])), vec)
         cache.save()
     return (feats, kept, [e for part in parts for e in part[2]], sum(p[3]["cached"] for p in parts),
-            sum(p[3]["embedded"] for p in parts))
+            sum(p[3]["embedded"] for p in parts), {"engine": "torch", "precision": "fp32"})
 
 
 def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_dir: str | None, cb: Callbacks,
@@ -133,7 +140,7 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
     embedded = _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
     if embedded is None:
         return None
-    feats, kept, errors, n_cached, n_embedded = embedded
+    feats, kept, errors, n_cached, n_embedded, features_path = embedded
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s ({n_cached} from cache, {n_embedded} embedded)")
     paths = [s.path for s in ds.samples]
@@ -155,7 +162,7 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
     head, history, best, logits, split_feats = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel)
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()})
     return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=best, logits=logits,
-                        features=split_feats,
+                        features=split_feats, features_path=features_path,
                         embed_seconds=embed_s, embedded=n_embedded, from_cache=n_cached)
 
 
@@ -166,14 +173,15 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
     cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
     facts = describe_without_torch(cfg.backbone, cfg.weights) if cache_dir else None
     if facts is not None:
-        cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0])
         try:
             hashes = [content_hash(read_bytes(s.path)) for s in ds.samples]
         except OSError:
             hashes = None
-        if hashes is not None and all(cache.get(h) is not None for h in hashes):
-            cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
-            return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
+        for variant in cache_variants(cfg.engine, cfg.precision) if hashes else []:
+            cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0], variant)
+            if all(cache.get(h) is not None for h in hashes):
+                cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
+                return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
     from .backbones import load_backbone
     from .device import resolve_device
 
@@ -181,6 +189,6 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
     backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
     feats, kept, errors, stats = embed_files([s.path for s in ds.samples], backbone, device, cache_dir=cache_dir,
                                              backbone_name=cfg.backbone, cancel=cancel, progress=cb.on_progress,
-                                             log=cb.on_log)
+                                             log=cb.on_log, engine=cfg.engine, precision=cfg.precision)
     ds.drop(errors)
     return feats, stats["hashes"]

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backbones import LoadedBackbone, Preprocessing
-from .events import CancelToken, Phase, Progress
+from .events import Cancelled, CancelToken, EngineError, Phase, Progress
 from .forward import Forward
 from .loop import RateMeter
 from .pixels import content_hash, iter_decoded, read_bytes, stack_on
@@ -34,8 +34,10 @@ def default_cache_dir() -> str:
     return os.path.join(base, "transfer-studio", "embeddings")
 
 
-def _cache_key(backbone: str, weights_id: str, pre: Preprocessing) -> str:
-    return hashlib.blake2b(f"{backbone}|{weights_id}|{pre.key()}".encode(), digest_size=8).hexdigest()
+def _cache_key(backbone: str, weights_id: str, pre: Preprocessing, variant: str = "torch") -> str:
+    """One backbone + weights + preprocessing + the path that ran it ("torch" keeps the original keys)."""
+    text = f"{backbone}|{weights_id}|{pre.key()}" + ("" if variant == "torch" else f"|{variant}")
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 # The cache's file names: embeddings "<backbone>-<key>.safetensors", the backbone's weights beside them
@@ -45,16 +47,18 @@ _CACHE_FILE = re.compile(r"^(?P<backbone>.+)-(?P<key>[0-9a-f]{16})(?P<snapshot>%
                          % re.escape(_SNAPSHOT))
 
 
-def _cache_file(folder: str, backbone: str, weights_id: str, pre: Preprocessing, snapshot: bool = False) -> str:
-    key = _cache_key(backbone, weights_id, pre)
+def _cache_file(folder: str, backbone: str, weights_id: str, pre: Preprocessing, snapshot: bool = False,
+                variant: str = "torch") -> str:
+    key = _cache_key(backbone, weights_id, pre, variant)
     return os.path.join(folder, f"{backbone}-{key}{_SNAPSHOT if snapshot else ''}.safetensors")
 
 
 class EmbeddingCache:
     """``content hash -> feature vector`` for one (backbone, weights, preprocessing)."""
 
-    def __init__(self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing) -> None:
-        self.path = _cache_file(folder, backbone, weights_id, pre) if folder else None
+    def __init__(self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing,
+                 variant: str = "torch") -> None:
+        self.path = _cache_file(folder, backbone, weights_id, pre, variant=variant) if folder else None
         self.vectors: dict[str, np.ndarray] = {}
         self.dirty = False
         self.rebuilt_reason = ""
@@ -161,6 +165,12 @@ def cache_contents(folder: str | None = None) -> list[dict]:
                     e["images"] = len(json.loads(f.metadata()["keys"]))
             except Exception:
                 e["images"] = None  # damaged: the next run that uses it rebuilds it
+    graphs = os.path.join(folder, "graphs")  # ONNX Runtime's exported and quantised backbones
+    files = sorted(os.path.join(graphs, n) for n in (os.listdir(graphs) if os.path.isdir(graphs) else [])
+                   if n.endswith((".onnx", ".onnx.json")))
+    if files:
+        entries[("graphs", "")] = {"backbone": "(onnx graphs)", "key": "-", "images": 0,
+                                   "bytes": sum(os.path.getsize(f) for f in files), "files": files}
     return list(entries.values())
 
 
@@ -179,47 +189,116 @@ def clear_cache(folder: str | None = None) -> int:
     return freed
 
 
-def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache_dir: str | None = None,
-                backbone_name: str = "", batch_size: int | None = None, cancel: CancelToken | None = None,
-                progress: Callable[[Progress], None] | None = None,
-                log: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]], dict]:
-    """Features for ``paths``. Returns (features (K,D) float32, indices of the K readable files, errors, stats)."""
-    pre = backbone.preprocessing
-    cache = EmbeddingCache(cache_dir, backbone_name or "backbone", backbone.weights_id, pre)
-    if cache.rebuilt_reason and log:
-        log(cache.rebuilt_reason)
-    n = len(paths)
-    dim = backbone.net.feature_dim
-    feats = np.zeros((n, dim), dtype=np.float32)
-    ok = np.zeros(n, dtype=bool)
+def _hash_all(paths: Sequence[str], cancel: CancelToken | None) -> tuple[list[str | None], list[tuple[str, str]]]:
+    hashes: list[str | None] = [None] * len(paths)
     errors: list[tuple[str, str]] = []
-
-    # Pass 1: hash file contents and take what the cache already has.
-    hashes: list[str | None] = [None] * n
-    todo: list[int] = []
     for i, p in enumerate(paths):
         if cancel is not None and i % 256 == 0:
             cancel.raise_if_cancelled()
         try:
-            h = content_hash(read_bytes(p))
+            hashes[i] = content_hash(read_bytes(p))
         except OSError as exc:
             errors.append((p, f"cannot read file: {exc.strerror or exc}"))
-            continue
-        hashes[i] = h
-        vec = cache.get(h)
+    return hashes, errors
+
+
+def _sample_pixels(paths: Sequence[str], pre: Preprocessing, n: int, offset: int) -> np.ndarray:
+    """(K,3,S,S) uint8 of up to ``n`` readable images spread over ``paths`` (for calibration and checks)."""
+    from .pixels import decode_one
+
+    step = max(1, len(paths) // max(1, n))
+    out = []
+    for p in list(paths)[offset % step::step][:n]:
+        arr, _ = decode_one(p, pre, pre.size)
+        if arr is not None:
+            out.append(arr.transpose(2, 0, 1))
+    return np.stack(out) if out else np.zeros((0, 3, pre.size, pre.size), np.uint8)
+
+
+def _onnx_forward(paths, backbone, backbone_name, cache_dir, precision, batch_size, log):
+    """The ONNX Runtime session to embed with (graphs made once and kept under the cache folder) and the decision."""
+    from . import onnx_backend as ob
+
+    pre = backbone.preprocessing
+    graphs_home = cache_dir or os.path.join(default_cache_dir())
+    fp32, int8 = ob.graph_paths(graphs_home, backbone_name, backbone.weights_id)
+    calibration = None
+    if precision != "fp32" and not os.path.isfile(int8):
+        calibration = _sample_pixels(paths, pre, ob.CALIBRATION, 0)
+    graphs = ob.ensure_graphs(graphs_home, backbone_name, backbone, calibration, log)
+    sample = _sample_pixels(paths, pre, ob.SAMPLE, 1) if precision == "auto" else None
+    forward, decision = ob.choose(graphs, pre, precision, sample, batch_size or 16, log)
+    decision["graphs_seconds"] = round(graphs.seconds, 2)
+    decision["graph"] = graphs.int8 if decision["precision"] == "int8" else graphs.fp32
+    if calibration is not None and os.path.isfile(int8):
+        decision["calibrated_on"] = f"{len(calibration)} images of this folder"
+    return forward, decision
+
+
+def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache_dir: str | None = None,
+                backbone_name: str = "", batch_size: int | None = None, cancel: CancelToken | None = None,
+                progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] | None = None,
+                engine: str = "torch", precision: str = "auto"
+                ) -> tuple[np.ndarray, list[int], list[tuple[str, str]], dict]:
+    """Features for ``paths``. Returns (features (K,D) float32, indices of the K readable files, errors, stats).
+
+    ``engine``/``precision``: see engine/onnx_backend.py (``torch`` keeps PyTorch's eager forward). A cache in which
+    every image already is, from any path the settings allow, is used as it is; stats["features"] says which path
+    made the features.
+    """
+    from . import onnx_backend as ob
+
+    pre = backbone.preprocessing
+    name = backbone_name or "backbone"
+    n = len(paths)
+    hashes, errors = _hash_all(paths, cancel)
+    onnx = ob.use_onnx(engine, device)
+    readable = [h for h in hashes if h is not None]
+    cache = decision = None
+    for v in ob.cache_variants(engine, precision, device):  # a complete cache of an allowed path: nothing to run
+        c = EmbeddingCache(cache_dir, name, backbone.weights_id, pre, v)
+        if c.rebuilt_reason and log:
+            log(c.rebuilt_reason)
+        if cache_dir and readable and all(c.get(h) is not None for h in readable):
+            cache, decision = c, {**ob.describe_variant(v), "reason": "all from the cache"}
+            break
+    forward = None
+    if cache is None and onnx:
+        try:
+            forward, decision = _onnx_forward(paths, backbone, name, cache_dir, precision, batch_size, log)
+            cache = EmbeddingCache(cache_dir, name, backbone.weights_id, pre, ob.variant_name(decision["precision"]))
+        except Cancelled:
+            raise
+        except Exception as exc:  # a broken ONNX Runtime install must not stop feature extraction
+            if engine == "onnxruntime":
+                raise EngineError(f"ONNX Runtime could not run the backbone: {exc}") from exc
+            if log:
+                log(f"ONNX Runtime could not run the backbone ({exc.__class__.__name__}: {exc}); using PyTorch")
+            forward = None
+    if cache is None:
+        decision = {"engine": "torch", "precision": "fp32"}
+        cache = EmbeddingCache(cache_dir, name, backbone.weights_id, pre)
+    dim = backbone.net.feature_dim
+    feats = np.zeros((n, dim), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    todo: list[int] = []
+    for i, h in enumerate(hashes):
+        vec = cache.get(h) if h is not None else None
         if vec is not None:
             feats[i] = vec
             ok[i] = True
-        else:
+        elif h is not None:
             todo.append(i)
-    stats = {"cached": int(ok.sum()), "embedded": 0, "embed_seconds": 0.0}
+    stats = {"cached": int(ok.sum()), "embedded": 0, "embed_seconds": 0.0, "features": decision}
     if todo:
         if log:
-            log(f"Embedding {len(todo)} image(s) with the frozen backbone ({n - len(todo)} already cached)")
-        forward = Forward.frozen(backbone.net, pre, device, batch_size)
+            log(f"Embedding {len(todo)} image(s) with the frozen backbone ({n - len(todo)} already cached; "
+                f"{decision['engine']} {decision['precision']})")
+        forward = forward or Forward.frozen(backbone.net, pre, device, batch_size)
         t0 = time.perf_counter()
         try:
-            _embed_loop(forward, todo, [paths[i] for i in todo], feats, ok, hashes, cache, errors, cancel, progress)
+            _embed_loop(forward, device, todo, [paths[i] for i in todo], feats, ok, hashes, cache, errors, cancel,
+                        progress)
         finally:
             # Also on cancel or error: what was embedded so far is kept for the next run.
             try:
@@ -234,11 +313,12 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
     return feats[kept], kept, errors, stats
 
 
-def _embed_loop(forward: Forward, todo, todo_paths, feats, ok, hashes, cache, errors, cancel, progress) -> None:
+def _embed_loop(forward, device, todo, todo_paths, feats, ok, hashes, cache, errors, cancel, progress) -> None:
+    """``forward``: a ``Forward`` (torch tensors out) or an ``OrtForward`` (NumPy out)."""
     import torch
 
     done = 0
-    bs, pre, device = forward.batch_size, forward.pre, forward.device
+    bs, pre = forward.batch_size, forward.pre
     meter = RateMeter(len(todo))
     with torch.inference_mode():
         for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
@@ -250,7 +330,8 @@ def _embed_loop(forward: Forward, todo, todo_paths, feats, ok, hashes, cache, er
                 if cancel is not None:
                     cancel.raise_if_cancelled()
                 part = good[s:s + bs]
-                out = forward(stack_on([a for _, a in part], device)).cpu().numpy()
+                out = forward(stack_on([a for _, a in part], device))
+                out = out if isinstance(out, np.ndarray) else out.cpu().numpy()
                 for (i, _), vec in zip(part, out):
                     feats[i] = vec
                     ok[i] = True

@@ -102,3 +102,4 @@ class TrainOutcome:
     train_images_per_s: float | None = None  # fine-tuning: images through the backbone per second while training
     features_seconds: float = 0.0  # fine-tuning: the extra pass that embeds train/val with the tuned network
     facts: BackboneFacts | None = None  # set by a stage that knows them without a loaded backbone
+    features_path: dict | None = None  # feature extraction: which engine and precision made the features

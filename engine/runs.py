@@ -278,7 +278,8 @@ def save_weights(path: str, weights: dict) -> None:
 TRAIN_EMBEDDINGS = "train_embeddings.safetensors"
 
 
-def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, unfamiliar: dict | None = None) -> dict:
+def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, unfamiliar: dict | None = None,
+               features_path: dict | None = None) -> dict:
     """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config and
     what reproduces every prediction's status: the temperature, the "not sure" threshold, the "unfamiliar" one."""
     conf = asdict(cfg)
@@ -287,6 +288,8 @@ def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, u
         trust["calibration"] = {"temperature": calibration["temperature"]}
         trust["unsure"] = {k: calibration[k] for k in ("min_confidence", "target_accuracy", "expected_coverage",
                                                         "expected_accuracy", "target_reached")}
+    if features_path:  # feature extraction: the path that made the features (predict uses the same one)
+        trust["features"] = features_path
     if unfamiliar:
         trust["unfamiliar"] = {"k": unfamiliar["k"], "threshold": unfamiliar["threshold"],
                                "embeddings": TRAIN_EMBEDDINGS}

@@ -156,6 +156,8 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     if outcome.train_images_per_s is not None:  # fine-tuning: images through the backbone per second
         metrics["train_images_per_s"] = round(outcome.train_images_per_s, 1)
         metrics["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
+    if outcome.features_path:
+        metrics["features"] = outcome.features_path
     if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
         metrics["embed_seconds"] = round(outcome.embed_seconds, 3)
         metrics["embeddings_from_cache"] = outcome.from_cache
@@ -163,7 +165,7 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
                                          if outcome.embedded and outcome.embed_seconds > 0 else None)
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
-    meta = model_json(cfg, ds, facts, calibration, unfamiliar)
+    meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path)
     run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
                        metrics=metrics, predictions=predictions, meta=meta,
                        train_embeddings=outcome.features.get("train") if unfamiliar else None)

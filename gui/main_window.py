@@ -354,7 +354,8 @@ class MainWindow(QMainWindow):
         if not cfg.images or not all(p and os.path.exists(p) for p in cfg.images):
             self.show_error("Choose a folder of images, type the path of one image, or drop photos here to classify.")
             return
-        cfg = dataclasses.replace(cfg, device=self.training_tab.values()["device"])
+        t = self.training_tab.values()
+        cfg = dataclasses.replace(cfg, device=t["device"], engine=t["engine"])
         p = self.predict_tab
         p.job_started(cfg.top_k)
         self._start_main(p, predict_folder, cfg, done=self._prediction_finished, failed=self._predict_failed,

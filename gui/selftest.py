@@ -87,6 +87,9 @@ def run_self_test(timeout_s: float = 600.0) -> int:
         for mode, epochs in (("feature-extraction", 10), ("fine-tuning", 1)):
             win.model_tab.set_mode(mode)
             win.training_tab.epochs.setValue(epochs)
+            # feature extraction through ONNX Runtime int8 (the fastest CPU path must work in the bundle too)
+            win.training_tab.set_values({"engine": "onnxruntime" if mode == "feature-extraction" else "auto",
+                                         "precision": "int8" if mode == "feature-extraction" else "auto"})
             win.last_result = None
             win.start_training()
             wait(lambda: (not win.busy() and win.last_result is not None) or bool(win.last_error), f"{mode}")
@@ -96,7 +99,10 @@ def run_self_test(timeout_s: float = 600.0) -> int:
             if not res.run_dir:
                 raise RuntimeError(f"{mode}: no run was saved ({res.message})")
             runs[mode] = res.run_dir
-            _say(f"{mode}: val accuracy {res.metrics.get('val_accuracy')} ({res.run_dir})")
+            _say(f"{mode}: val accuracy {res.metrics.get('val_accuracy')}, features "
+                 f"{(res.metrics.get('features') or {}).get('precision', '-')} ({res.run_dir})")
+            if mode == "feature-extraction" and (res.metrics.get("features") or {}).get("precision") != "int8":
+                raise RuntimeError(f"feature extraction did not run through ONNX Runtime int8: {res.metrics}")
         out = os.path.join(tmp, "predictions.csv")
         predict_folder(PredictConfig(runs["fine-tuning"], [data], out, top_k=2))
         with open(out, encoding="utf-8", newline="") as f:

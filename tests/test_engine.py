@@ -286,7 +286,7 @@ def test_exported_model_gives_predicts_calibrated_probabilities(fe_run, flat_dat
 
 def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path):
     cache = tmp_path / "cache"
-    cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(cache))
+    cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(cache), engine="torch")  # (one cache file to tear)
     first = fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
     assert first.metrics["embeddings_from_cache"] == 0 and first.metrics["embed_images_per_s"] > 0
     assert "train_images_per_s" not in first.metrics  # the backbone does not train in feature extraction
@@ -497,3 +497,50 @@ def test_rerun_from_cached_features_needs_no_torch_and_saves_the_same_model(flat
     a, b = load_file(str(tmp_path / "r1" / "model.safetensors")), load_file(str(tmp_path / "r2" / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert load_model(out["run"]).classes == first.metrics["classes"]
+
+
+def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_data, tmp_path):
+    """The frozen backbone through ONNX Runtime: fp32 features match PyTorch's; int8 is used only when its features
+    agree with fp32 on the user's images (else it falls back and says so); each path has its own cache file; a run
+    made with int8 features predicts with them (predict agrees with evaluate); --engine torch is the old path."""
+    from engine import onnx_backend as ob
+    from engine.backbones import LITE0_PREPROCESSING, load_backbone
+    from engine.evaluate import evaluate
+    from engine.features import _cache_key, embed_files
+    from engine.predict import predict_folder
+
+    import torch
+
+    keys = {_cache_key("efficientnet_lite0", "w", LITE0_PREPROCESSING, v) for v in ("torch", "ort-fp32", "ort-int8")}
+    assert len(keys) == 3
+    paths = sorted(str(p) for p in flat_data.rglob("*.jpg"))[:24]
+    bb, cpu = load_backbone(), torch.device("cpu")
+    f_torch, _, _, s_torch = embed_files(paths, bb, cpu, engine="torch")
+    f_fp32, _, _, s_fp32 = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c"), engine="onnxruntime",
+                                       precision="fp32")
+    assert s_torch["features"]["engine"] == "torch" and s_fp32["features"]["precision"] == "fp32"
+    assert ob.agreement(f_fp32, f_torch).min() > 0.9999
+    logs = []
+    _, _, _, s_auto = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c2"), engine="auto", precision="auto",
+                                  log=logs.append)
+    d = s_auto["features"]
+    assert d["engine"] == "onnxruntime" and d["checked_images"] > 0
+    assert (d["precision"] == "int8") == (d["min_cosine"] >= ob.MIN_COSINE)
+    if d["precision"] == "fp32":
+        assert any("using fp32" in m for m in logs)
+    run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "int8"), precision="int8", epochs=20,
+                          cache_dir=str(tmp_path / "c3")))
+    meta = json.loads((Path(run.run_dir) / "model.json").read_text())
+    made = meta["features"]
+    assert (made["engine"], made["precision"], made["reason"]) == ("onnxruntime", "int8", "asked for")
+    assert made["graph"].endswith(".int8.onnx") and "images of this folder" in made["calibrated_on"]
+    logs = []
+
+    class Log(Callbacks):
+        def on_log(self, m):
+            logs.append(m)
+
+    rows = predict_folder(PredictConfig(run.run_dir, [str(flat_data)]), Log()).rows
+    assert not any("predicting with fp32" in m for m in logs)  # the run's own int8 graph
+    acc = sum(r.prediction == Path(r.path).parent.name for r in rows) / len(rows)
+    assert evaluate(EvaluateConfig(run.run_dir, str(flat_data))).metrics["accuracy"] == pytest.approx(acc)
