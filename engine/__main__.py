@@ -160,7 +160,8 @@ def cmd_predict(a) -> int:
     if res.cancelled:
         return 130
     print(json.dumps({"csv": res.csv_path, "rows": len(res.rows), "errors": res.n_errors,
-                      "seconds": round(res.seconds, 2)}, indent=2))
+                      "seconds": round(res.seconds, 2), **({"sorted": res.sorted_summary} if res.sorted_summary else {})},
+                     indent=2))
     return 0
 
 

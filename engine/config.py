@@ -67,6 +67,8 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "AdamW weight decay")
     augment: bool = option(True, "fine-tuning: random crop and flip each epoch")
     patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
+    balance: str = option("auto", "weight the loss by inverse class frequency: auto (when the largest class has 3x "
+                                  "the images of the smallest), on, off", choices=("auto", "on", "off"))
     linear_probe_init: bool = option(True, "fine-tuning: start the head from a linear probe (LP-FT)",
                                      flag="--no-lp-init")
     val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
@@ -126,6 +128,8 @@ class PredictConfig:
                                                 "(default: the threshold saved with the model)", parse=float)
     target_accuracy: float | None = option(None, "or: the lowest threshold at which validation images were at "
                                                  "least this accurate (e.g. 0.95)", parse=float)
+    sort_into: str | None = option(None, "also copy (or hard-link) each image into DIR/<predicted class>/, "
+                                         "DIR/_unsure/ or DIR/_unfamiliar/; nothing is moved or overwritten", parse=str)
 
 
 @dataclass

@@ -367,9 +367,10 @@ def dataset_warnings(ds: Dataset) -> list[str]:
             out.append(f"Class '{ds.classes[i]}' has only {n} image(s): results for it will be unreliable; "
                        "aim for at least 20 per class.")
     nonzero = [n for n in counts if n]
-    if nonzero and max(nonzero) >= 5 * min(nonzero):
-        out.append(f"Classes are imbalanced (largest {max(nonzero)} vs smallest {min(nonzero)} images); "
-                   "accuracy will favour the large classes.")
+    if nonzero and max(nonzero) >= 3 * min(nonzero):
+        out.append(f"Classes are imbalanced (largest {max(nonzero)} vs smallest {min(nonzero)} images): training "
+                   "weights each class by the inverse of its share, so small classes count as much, and Results "
+                   "shows balanced accuracy beside accuracy.")
     if not ds.split("train"):
         out.append("No training images.")
     return out

@@ -53,6 +53,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
         "n": n,
         "correct": correct,
         "macro_f1": round(float(np.mean([v["f1"] for v in supported])), 6) if supported else None,
+        # each class counts the same, whatever its size: the honest figure for unbalanced classes
+        "balanced_accuracy": round(float(np.mean([v["recall"] for v in supported])), 6) if supported else None,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
@@ -75,6 +77,7 @@ def split_report(ds, probs: dict) -> tuple[dict, list[list]]:
         metrics[f"{split}_accuracy"] = m["accuracy"]
         metrics[f"{split}_accuracy_ci95"] = m["accuracy_ci95"]
         metrics[f"{split}_macro_f1"] = m["macro_f1"]
+        metrics[f"{split}_balanced_accuracy"] = m["balanced_accuracy"]
         metrics[f"{split}_n"] = m["n"]
         metrics[f"{split}_per_class" if split == "test" else "per_class"] = m["per_class"]
         metrics[f"{split}_confusion_matrix" if split == "test" else "confusion_matrix"] = m["confusion_matrix"]

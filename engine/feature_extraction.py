@@ -17,7 +17,7 @@ from .data import Dataset
 from .events import Callbacks, CancelToken, EngineError, Phase, Progress
 from .features import BackboneSnapshot, EmbeddingCache, default_cache_dir, embed_files
 from .onnx_backend import cache_variants, describe_variant
-from .head import train_linear_head
+from .head import balanced_class_weights, train_linear_head
 from .loop import TrainOutcome
 from .pixels import content_hash, read_bytes
 from .runs import BackboneFacts
@@ -42,10 +42,14 @@ def train_head(cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], d
         raise EngineError("No training images left after skipping unreadable files.")
     cb.on_progress(Progress(Phase.TRAINING, 0, cfg.epochs))
     cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
+    weights = balanced_class_weights(split_X["train"][1], len(ds.classes), mode=cfg.balance)
+    if weights is not None:
+        cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share ("
+                  + ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, weights)) + ")")
     res = train_linear_head(*split_X["train"], *split_X["val"], len(ds.classes), epochs=cfg.epochs,
                             batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             patience=cfg.patience, seed=cfg.seed, cancel=cancel, on_batch=cb.on_train_batch_end,
-                            on_epoch=cb.on_train_epoch_end, on_log=cb.on_log)
+                            on_epoch=cb.on_train_epoch_end, on_log=cb.on_log, class_weight=weights)
     # Predictions come straight from the features (identical to running the saved model on the images).
     logits = {split: split_X[split][0] @ res.head["weight"].T + res.head["bias"]
               if len(split_X[split][0]) else None for split in ("val", "test")}

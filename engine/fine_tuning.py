@@ -21,7 +21,7 @@ from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError
     Throttle
 from .feature_extraction import labels
 from .forward import Forward
-from .head import train_linear_head
+from .head import balanced_class_weights, train_linear_head
 from .loop import EarlyStopping, RateMeter, TrainOutcome
 from .pixels import PixelStore, decode_all
 
@@ -62,13 +62,13 @@ def random_resized_crop(x, size: int, generator, scale=(0.25, 1.0), ratio=(3 / 4
     return out
 
 
-def forward_backward(model, x, y, scaler, fwd: Forward):
+def forward_backward(model, x, y, scaler, fwd: Forward, class_weight=None):
     """One optimiser step's forward and backward (a seam the tests use to simulate running out of GPU memory)."""
     import torch.nn.functional as F
 
     with fwd.autocast():
         logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=0.1)
     if scaler is not None:
         scaler.scale(loss).backward()
     else:
@@ -85,7 +85,7 @@ def steps_per_epoch(n: int, bs: int, dist) -> int:
 
 def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs: int, epoch: int, epochs: int,
                     augment: bool, generator, scaler, frozen_modules, dist, cb: Callbacks,
-                    cancel: CancelToken) -> EpochStats:
+                    cancel: CancelToken, class_weight=None) -> EpochStats:
     """One pass over ``data`` (uint8 (N,3,S,S)) in shuffled batches; reports throttled batch metrics."""
     import torch
     import torch.nn.functional as F
@@ -115,7 +115,7 @@ def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs
         elif xb.shape[-1] != size:
             xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True)
         opt.zero_grad(set_to_none=True)
-        logits, loss = forward_backward(train_model, fwd.normalise(xb), yb, scaler, fwd)
+        logits, loss = forward_backward(train_model, fwd.normalise(xb), yb, scaler, fwd, class_weight)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -138,13 +138,14 @@ def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs
     return EpochStats(loss_total / seen, correct_total / seen, seen, train_s)
 
 
-def validate(fwd: Forward, data, y, cancel: CancelToken | None) -> ValStats:
-    """Mean cross-entropy and accuracy on a held-out split."""
+def validate(fwd: Forward, data, y, cancel: CancelToken | None, class_weight=None) -> ValStats:
+    """Mean (class-weighted) cross-entropy and accuracy on a held-out split."""
     import torch.nn.functional as F
 
     logits = fwd.map(data, cancel)
     y = y.to(logits.device)
-    return ValStats(float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean()))
+    return ValStats(float(F.cross_entropy(logits, y, weight=class_weight)),
+                    float((logits.argmax(1) == y).float().mean()))
 
 
 def _decode_splits(ds: Dataset, pre, train_size: int, store: PixelStore, device, cb: Callbacks,
@@ -208,7 +209,8 @@ def _linear_probe(model, fwd: Forward, decoded: dict, ytr, yva, num_classes: int
     ftr = fwd.map(decoded["train"], cancel, module=model.backbone).cpu().numpy()
     fva = fwd.map(decoded["val"], cancel, module=model.backbone).cpu().numpy() if decoded["val"] is not None else None
     probe = train_linear_head(ftr, ytr.numpy(), fva, yva.numpy(), num_classes, epochs=100, batch_size=64, lr=3e-3,
-                              weight_decay=cfg.weight_decay, patience=15, seed=cfg.seed, cancel=cancel)
+                              weight_decay=cfg.weight_decay, patience=15, seed=cfg.seed, cancel=cancel,
+                              class_weight=balanced_class_weights(ytr.numpy(), num_classes, mode=cfg.balance))
     model.head.load_state_dict({k: torch.from_numpy(v).to(fwd.device) for k, v in probe.head.items()})
 
 
@@ -276,6 +278,10 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         cb.on_log(f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
                   f"({cfg.batch_size // dist.world} per process)")
     opt, scaler = _optimizer(model, cfg), grad_scaler(device)
+    cw = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
+    if cw is not None:
+        cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
+    cw = None if cw is None else torch.from_numpy(cw).to(device)
     n = len(ytr)
     bs = min(cfg.batch_size, n)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -289,9 +295,10 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         try:
             st = train_one_epoch(model, train_model, eval_fwd, decoded["train"], ytr, opt, sched, bs=bs,
                                  epoch=epoch + 1, epochs=cfg.epochs, augment=cfg.augment, generator=gen,
-                                 scaler=scaler, frozen_modules=frozen, dist=dist, cb=cb, cancel=cancel)
+                                 scaler=scaler, frozen_modules=frozen, dist=dist, cb=cb, cancel=cancel,
+                                 class_weight=cw)
             # Under DDP a rank must not stop alone between collectives: cancel is only checked per step.
-            val = (validate(eval_fwd, decoded["val"], yva, None if dist.enabled else cancel) if has_val
+            val = (validate(eval_fwd, decoded["val"], yva, None if dist.enabled else cancel, cw) if has_val
                    else ValStats(st.loss, float("nan")))
         except Cancelled:
             cancelled = True

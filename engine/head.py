@@ -64,21 +64,42 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def cross_entropy(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy and the class probabilities it came from."""
+def cross_entropy(logits: np.ndarray, y: np.ndarray,
+                  class_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy (weighted by class as PyTorch's ``weight=``: sum(w_y CE) / sum(w_y)) and the
+    probabilities it came from."""
     p = softmax(logits.astype(np.float32, copy=True))
-    loss = -np.log(np.maximum(p[np.arange(len(y)), y], 1e-30)).mean()
-    return float(loss), p
+    ce = -np.log(np.maximum(p[np.arange(len(y)), y], 1e-30))
+    if class_weight is None:
+        return float(ce.mean()), p
+    wy = class_weight[y]
+    return float((wy * ce).sum() / wy.sum()), p
 
 
-def loss_and_gradients(x: np.ndarray, y: np.ndarray, w: np.ndarray,
-                       b: np.ndarray) -> tuple[float, np.ndarray, list[np.ndarray]]:
-    """Mean cross-entropy of ``x @ w.T + b``, the logits, and the gradients for ``[w, b]``."""
+def loss_and_gradients(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray,
+                       class_weight: np.ndarray | None = None) -> tuple[float, np.ndarray, list[np.ndarray]]:
+    """Mean (class-weighted) cross-entropy of ``x @ w.T + b``, the logits, and the gradients for ``[w, b]``."""
     out = x @ w.T + b
-    loss, g = cross_entropy(out, y)
+    loss, g = cross_entropy(out, y, class_weight)
     g[np.arange(len(y)), y] -= 1.0  # d(mean CE)/d(logits) = (softmax - one_hot) / batch
-    g /= len(y)
+    if class_weight is None:
+        g /= len(y)
+    else:
+        wy = class_weight[y]
+        g *= (wy / wy.sum())[:, None]
     return loss, out, [g.T @ x, g.sum(0)]
+
+
+def balanced_class_weights(y: np.ndarray, num_classes: int, ratio: float = 3.0,
+                           mode: str = "auto") -> np.ndarray | None:
+    """Inverse-frequency class weights (mean 1) when asked ("on"), or by default ("auto") when the largest class
+    has at least ``ratio`` times the images of the smallest; None: every image counts the same."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    present = counts[counts > 0]
+    if mode == "off" or not len(present) or (mode == "auto" and present.max() < ratio * present.min()):
+        return None
+    w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return (w / w[counts > 0].mean()).astype(np.float32)
 
 
 @dataclass
@@ -91,6 +112,7 @@ class HeadResult:
 def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, yva: np.ndarray | None,
                       num_classes: int, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
                       patience: int, seed: int, dropout: float = 0.2, cancel: CancelToken | None = None,
+                      class_weight: np.ndarray | None = None,
                       on_batch: Callable[[BatchMetrics], None] | None = None,
                       on_epoch: Callable[[EpochMetrics], None] | None = None,
                       on_log: Callable[[str], None] | None = None) -> HeadResult:
@@ -126,7 +148,7 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
             x, y = Xtr[idx], ytr[idx]
             if dropout > 0:
                 x = x * ((rng.random(x.shape, dtype=np.float32) < keep) / np.float32(keep))
-            loss, out, grads = loss_and_gradients(x, y, w, b)
+            loss, out, grads = loss_and_gradients(x, y, w, b, class_weight)
             opt.step(grads)
             tot_loss += loss * len(idx)
             tot_correct += int((out.argmax(1) == y).sum())
@@ -135,7 +157,7 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
                 on_batch(BatchMetrics(epoch, step + 1, steps, tot_loss / seen, tot_correct / seen, 0.0, 0.0))
         if has_val:
             lv = Xva @ w.T + b
-            vloss, _ = cross_entropy(lv, yva)
+            vloss, _ = cross_entropy(lv, yva, class_weight)
             vacc = float((lv.argmax(1) == yva).mean())
         else:
             vloss, vacc = tot_loss / n, float("nan")

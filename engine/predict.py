@@ -181,6 +181,7 @@ class PredictResult:
     cancelled: bool = False
     seconds: float = 0.0
     n_errors: int = field(default=0)
+    sorted_summary: str = ""  # with sort_into: how many images went where
 
 
 def _collect(inputs: list, cancel: CancelToken) -> tuple[list[str], list[tuple[str, str]]]:
@@ -258,4 +259,11 @@ def predict_folder(config: PredictConfig, callbacks: Callbacks | None = None,
         except OSError as exc:
             raise EngineError(f"Cannot write {config.csv}: {exc.strerror or exc}. Choose another file.") from exc
     n_err = sum(1 for r in done if r.error)
-    return PredictResult(done, classes, config.csv, seconds=time.perf_counter() - t0, n_errors=n_err)
+    res = PredictResult(done, classes, config.csv, seconds=time.perf_counter() - t0, n_errors=n_err)
+    if config.sort_into:
+        from .sorting import SortConfig, sort_into
+
+        sorted_ = sort_into(SortConfig(done, config.sort_into), cb, cancel)
+        res.sorted_summary = sorted_.summary(config.sort_into)
+        cb.on_log(res.sorted_summary)
+    return res

@@ -24,6 +24,7 @@ from engine.export import export_model
 from engine.heatmap import HeatmapConfig, heatmap
 from engine.predict import predict_folder
 from engine.runs import default_runs_dir, new_run_name
+from engine.sorting import SortConfig, sort_into
 from engine.train import fit
 from gui.cache_dialog import manage_embedding_cache
 from gui.discovery import discover
@@ -74,6 +75,7 @@ class MainWindow(QMainWindow):
         self.predict_tab.predict_requested.connect(self.start_prediction)
         self.predict_tab.stop_requested.connect(self.stop_job)
         self.predict_tab.export_requested.connect(self.export_model)
+        self.predict_tab.sort_requested.connect(self.sort_predictions)
         self.results_tab.run_opened.connect(self._run_opened)
         self.results_tab.heatmap_requested.connect(self.show_heatmap)
         self.predict_tab.heatmap_requested.connect(self.show_heatmap)
@@ -368,6 +370,16 @@ class MainWindow(QMainWindow):
     def _predict_failed(self, message: str, details: str) -> None:
         self.predict_tab.job_failed(message)
         self.show_error(message, details)
+
+    def sort_predictions(self, cfg: SortConfig) -> None:
+        if self.busy():
+            self.show_error("Another job is running: stop it or wait for it to finish.")
+            return
+        self.predict_tab.sorting_into = cfg.folder
+        self.predict_tab.job_started()
+        self.predict_tab.status.setText(f"Sorting into {cfg.folder} …")
+        self._start_main(self.predict_tab, sort_into, cfg, done=self.predict_tab.sort_finished,
+                         failed=self._predict_failed)
 
     def export_model(self, cfg: ExportConfig) -> None:
         if self.busy():

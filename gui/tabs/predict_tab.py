@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpin
 from engine.config import ExportConfig, PredictConfig
 from engine.events import PredictionRow
 from engine.predict import predictions_csv
+from engine.sorting import SortConfig
 from engine.runs import atomic_write_text
 from gui.thumbs import ThumbnailLoader
 
@@ -154,6 +155,7 @@ class ExportDialog(QDialog):
 class PredictTab(QWidget):
     predict_requested = Signal(object)  # PredictConfig (the window fills in the device)
     heatmap_requested = Signal(str, str)  # run folder, image
+    sort_requested = Signal(object)  # SortConfig
     SEP = "; "  # between several dropped paths in the field
     stop_requested = Signal()
     export_requested = Signal(object)  # ExportConfig
@@ -162,6 +164,7 @@ class PredictTab(QWidget):
         super().__init__(parent)
         self.run_dir: str | None = None
         self.classes: list[str] = []
+        self.sorting_into = ""
         root = QVBoxLayout(self)
         self.run_label = QLabel("No model yet: train one, or open a saved run (File ▸ Open run…).")
         root.addWidget(self.run_label)
@@ -203,6 +206,10 @@ class PredictTab(QWidget):
         self.class_filter.currentIndexChanged.connect(self._filter)
         self.min_conf.valueChanged.connect(self._filter)
         self.status_filter.currentIndexChanged.connect(self._filter)
+        self.sort_btn = QPushButton("Sort into folders…")
+        self.sort_btn.setToolTip("Copy (or hard-link) each image into a folder per predicted class, plus _unsure and "
+                                 "_unfamiliar; nothing is moved or overwritten")
+        self.sort_btn.clicked.connect(self._sort_dialog)
         self.export_csv_btn = QPushButton("Export CSV…")
         self.export_csv_btn.clicked.connect(self._export_csv_dialog)
         self.export_model_btn = QPushButton("Export model…")
@@ -214,6 +221,7 @@ class PredictTab(QWidget):
             fl.addWidget(w)
         fl.addStretch(1)
         fl.addWidget(self.heatmap_btn)
+        fl.addWidget(self.sort_btn)
         fl.addWidget(self.export_csv_btn)
         fl.addWidget(self.export_model_btn)
         root.addLayout(fl)
@@ -262,6 +270,7 @@ class PredictTab(QWidget):
         self.start_btn.setEnabled(has_model)
         self.export_model_btn.setEnabled(has_model)
         self.export_csv_btn.setEnabled(bool(self.model.rows))
+        self.sort_btn.setEnabled(bool(self.model.rows))
 
     def set_run(self, run_dir: str, classes: list[str]) -> None:
         self.run_dir, self.classes = run_dir, list(classes)
@@ -334,6 +343,7 @@ class PredictTab(QWidget):
         self.start_btn.setEnabled(self.run_dir is not None)
         self.stop_btn.setEnabled(False)
         self.export_csv_btn.setEnabled(bool(self.model.rows))
+        self.sort_btn.setEnabled(bool(self.model.rows))
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.status.setText(text)
@@ -353,6 +363,18 @@ class PredictTab(QWidget):
         if not text:
             return []
         return [text] if os.path.exists(text) or self.SEP not in text else text.split(self.SEP)
+
+    def _sort_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Sort the predicted images into this folder",
+                                                  os.path.expanduser("~"))
+        if folder:
+            self.sort_into(folder)
+
+    def sort_into(self, folder: str) -> None:
+        self.sort_requested.emit(SortConfig(list(self.model.rows), folder))
+
+    def sort_finished(self, res) -> None:
+        self.job_ended("Sorting stopped." if res.cancelled else res.summary(self.sorting_into))
 
     def _export_csv_dialog(self) -> None:
         first = (self.paths() or [""])[0]

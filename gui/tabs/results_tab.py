@@ -205,6 +205,10 @@ class ResultsTab(QWidget):
             parts.append(f"<span style='font-size:16px'>Validation accuracy <b>{100 * acc:.1f}%</b></span> "
                          f"(95% interval {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, {n} images: "
                          f"± about {50 * (ci[1] - ci[0]):.0f} points)")
+        bal, f1 = metrics.get("val_balanced_accuracy"), metrics.get("val_macro_f1")
+        if bal is not None:
+            parts.append(f"Balanced accuracy {100 * bal:.1f}% (each class counts the same)"
+                         + (f", macro-F1 {f1:.3f}" if f1 is not None else ""))
         if metrics.get("test_accuracy") is not None:
             tci = metrics.get("test_accuracy_ci95") or [0, 0]
             parts.append(f"Test accuracy <b>{100 * metrics['test_accuracy']:.1f}%</b> "

@@ -20,7 +20,7 @@ class TrainingTab(QWidget):
     """Owns the TrainConfig fields of how to train (epochs ... device, and the advanced ones) and the runs folder."""
 
     FIELDS = ["epochs", "batch_size", "lr", "augment", "patience", "device", "backbone_lr_mult", "weight_decay",
-              "linear_probe_init", "cache", "cache_dir", "engine", "precision"]
+              "linear_probe_init", "cache", "cache_dir", "engine", "precision", "balance"]
     start_requested = Signal()
     stop_requested = Signal()
     copy_command_requested = Signal()
@@ -157,6 +157,11 @@ class TrainingTab(QWidget):
         form.addRow(self.linear_probe_init)
         form.addRow(self.cache)
         form.addRow("Cache folder", self.cache_dir)
+        self.balance = QComboBox()
+        for text, value in (("Auto (when classes differ 3x or more)", "auto"), ("Always", "on"), ("Never", "off")):
+            self.balance.addItem(text, value)
+        self.balance.setToolTip("Weight the loss by inverse class frequency, so small classes count as much")
+        form.addRow("Balance classes", self.balance)
         form.addRow("Engine", self.engine)
         form.addRow("Precision", self.precision)
         # Collapsed by default: the group's check box shows or hides the rows (the values always apply).
@@ -195,7 +200,7 @@ class TrainingTab(QWidget):
                 "backbone_lr_mult": self.backbone_lr_mult.value(), "weight_decay": self.weight_decay.value(),
                 "linear_probe_init": self.linear_probe_init.isChecked(), "cache": self.cache.isChecked(),
                 "cache_dir": self.cache_dir.text().strip() or None, "engine": self.engine.currentData(),
-                "precision": self.precision.currentData()}
+                "precision": self.precision.currentData(), "balance": self.balance.currentData()}
 
     def set_values(self, v: dict) -> None:
         for name, spin in (("epochs", self.epochs), ("batch_size", self.batch), ("lr", self.lr),
@@ -211,7 +216,7 @@ class TrainingTab(QWidget):
             self.select_device(v["device"] or "auto")
         if "cache_dir" in v:
             self.cache_dir.setText(v["cache_dir"] or "")
-        for name, combo in (("engine", self.engine), ("precision", self.precision)):
+        for name, combo in (("engine", self.engine), ("precision", self.precision), ("balance", self.balance)):
             if name in v:
                 combo.setCurrentIndex(max(0, combo.findData(v[name])))
 
