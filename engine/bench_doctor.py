@@ -142,22 +142,25 @@ def run_bench_doctor(a) -> int:
     clean, empty_s = _doctor(root, cache)
     _, cached_s = _doctor(root, cache)
     print(f"  doctor: {empty_s:.1f} s from an empty cache, {cached_s:.1f} s cached", file=sys.stderr, flush=True)
-    clean_keys = {(f.issue, f.path) for f in clean.findings} | {(f.issue, f.other_path) for f in clean.findings}
+    clean_keys = ({(f.issue, f.path) for f in clean.findings}
+                  | {(f.issue, f.other_path) for f in clean.findings if f.other_path})
     print(f"\nClean copy of {src} ({len(clean.dataset.samples)} images): "
           + ", ".join(f"{n} {k}" for k, n in clean.counts().items()))
     for f in clean.findings[:12]:
         print(f"  {f.issue:15} {os.path.relpath(f.path, root)}  {os.path.relpath(f.other_path, root) if f.other_path else ''}"
               f"  {f.label}{' -> ' + f.suggested_label if f.suggested_label else ''}  {f.score:.3f}")
+    try:
+        peer_clean_found = _peer(clean)  # before planting: the files move
+    except ImportError as exc:
+        peer_clean_found = None
+        print(f"peer skipped ({exc.name} missing): pip install -e '.[bench]'")
     planted = _plant(root)
     res, _ = _doctor(root, cache)
     mine = _score([(f.issue, f.path, f.other_path) for f in res.findings], clean_keys, planted)
-    try:
-        peer_clean_found = _peer(clean)
-        peer_clean = {(i, p) for i, p, _ in peer_clean_found} | {(i, o) for i, _, o in peer_clean_found}
+    peer = None
+    if peer_clean_found is not None:
+        peer_clean = {(i, p) for i, p, _ in peer_clean_found} | {(i, o) for i, _, o in peer_clean_found if o}
         peer = _score(_peer(res), peer_clean, planted)
-    except ImportError as exc:
-        peer = None
-        print(f"peer skipped ({exc.name} missing): pip install -e '.[bench]'")
     n = len(res.dataset.samples)
     print(f"\nPlanted: 20 label flips, 8 near-duplicates, 8 leaks, 4 byte copies ({n} images)")
     print(f"{'issue':15} {'recall':>7} {'precision':>9} {'findings':>8}   {'peer recall':>11} {'precision':>9} {'findings':>8}")
@@ -168,6 +171,8 @@ def run_bench_doctor(a) -> int:
         print(f"{issue:15} {m['recall']:7.2f} {fmt(m['precision']):>9} {m['findings']:8}   "
               f"{fmt(p.get('recall')):>11} {fmt(p.get('precision')):>9} {p.get('findings', '-'):>8}")
     n_label = sum(f.issue == "label" for f in res.findings)
+    if peer is not None:
+        print(f"peer flagged as label: {peer['label']['findings']} new + what the clean copy already had")
     print(f"\nflagged as label: {n_label} of {n} images ({100 * n_label / n:.1f}%); time: doctor from an empty cache "
           f"{empty_s:.1f} s = {empty_s / fe_s:.2f}x the first feature extraction ({fe_s:.1f} s), from the cache "
           f"{cached_s:.1f} s = {100 * cached_s / fe_s:.0f}% of it")

@@ -10,7 +10,6 @@ Files that cannot be read are reported as ``(path, reason)`` and skipped, never 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import warnings
@@ -19,14 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .config import ScanConfig
+from .splits import SPLIT_NAMES, _key, excluded_paths, stratified_split  # noqa: F401  (re-exported)
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPLIT_NAMES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
-}
 # Refuse images that would need more than this many pixels to decode (PIL's own bomb check warns at 89M).
 MAX_PIXELS = 16_000 * 16_000
 
@@ -178,60 +173,10 @@ def detect_layout(root: str) -> dict[str, str]:
     return splits if "train" in splits else {}
 
 
-def _draw(seed: int, label: int, key: str) -> float:
-    """A number in [0, 1) fixed by the seed, the class and the image's own identity (nothing else)."""
-    h = hashlib.blake2b(f"{seed}|{label}|{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2.0**64
-
-
-def stratified_split(labels: list[int], val_split: float, test_split: float, seed: int,
-                     keys: list[str] | None = None) -> list[str]:
-    """Assign "train"/"val"/"test" to each image, reproducibly, each image on its own.
-
-    An image's split depends only on the seed, its class and its key (its path within its class folder): it goes
-    to validation when its draw is below ``val_split``, to test below ``val_split + test_split``. So excluding,
-    adding or moving one image changes no other image's split (a count-based split drawn from one generator
-    reshuffled every class), and each class gets about its share. Tiny classes are then fixed up: every class with
-    at least 2 images keeps a training image and, when ``val_split > 0``, gets a validation image (and a test image
-    from 3 images when ``test_split > 0``), taking the images whose draws are nearest the boundary.
-    """
-    if not 0 <= val_split < 1 or not 0 <= test_split < 1 or val_split + test_split >= 1:
-        raise EngineError("Validation and test fractions must each be in [0, 1) and add up to less than 1.")
-    keys = keys if keys is not None else [str(i) for i in range(len(labels))]
-    u = [_draw(seed, y, k) for y, k in zip(labels, keys)]
-    out = ["val" if v < val_split else "test" if v < val_split + test_split else "train" for v in u]
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    for idx in by_class.values():
-        _fix_tiny_class(idx, u, out, val_split, test_split)
-    return out
-
-
-def _fix_tiny_class(idx: list[int], u: list[float], out: list[str], val_split: float, test_split: float) -> None:
-    """Every class keeps a training image, gets a validation image from 2 images (when asked for) and a test image
-    from 3: moved from a split that can spare one, taking the image whose draw is nearest the boundary."""
-    n = len(idx)
-    need = {"train": 1, "val": 1 if n >= 2 and val_split > 0 else 0, "test": 1 if n >= 3 and test_split > 0 else 0}
-    for split in ("train", "val", "test"):
-        while sum(out[i] == split for i in idx) < need[split]:
-            spare = [i for i in idx if out[i] != split and sum(out[j] == out[i] for j in idx) > need[out[i]]]
-            if not spare:
-                break
-            out[max(spare, key=lambda i: u[i]) if split == "train" else min(spare, key=lambda i: u[i])] = split
-
-
 @dataclass
 class ScanResult:
     dataset: Dataset | None  # None when cancelled
     cancelled: bool = False
-
-
-def _key(path: str, root: str) -> str:
-    """An image's identity for its split draw: its path inside its class folder ("a/b.jpg" in DATA/cats/a/b.jpg)."""
-    rel = os.path.relpath(path, root).replace(os.sep, "/").split("/")
-    rel = rel[1:] if rel[0] in SPLIT_NAMES or rel[0].lower() in SPLIT_NAMES else rel
-    return "/".join(rel[1:]) or rel[-1]
 
 
 def scan_folder(config: ScanConfig, callbacks: Callbacks | None = None,
@@ -243,25 +188,6 @@ def scan_folder(config: ScanConfig, callbacks: Callbacks | None = None,
                                cb.on_progress, exclude=config.exclude))
     except Cancelled:
         return ScanResult(None, cancelled=True)
-
-
-def excluded_paths(exclude: str | set | None) -> set[str]:
-    """The absolute paths an exclude list names: a CSV file with a ``path`` column (the doctor's CSV works as it is),
-    or a set of paths."""
-    if not exclude:
-        return set()
-    if isinstance(exclude, (set, frozenset, list, tuple)):
-        return {os.path.abspath(p) for p in exclude}
-    import csv
-
-    try:
-        with open(exclude, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise EngineError(f"Cannot read the exclude list {exclude}: {exc.strerror or exc}.") from exc
-    if rows and "path" not in rows[0]:
-        raise EngineError(f"The exclude list {exclude} has no 'path' column.")
-    return {os.path.abspath(r["path"]) for r in rows if r.get("path")}
 
 
 def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
@@ -301,6 +227,31 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
             excluded += [p for p in files if os.path.abspath(p) in leave_out]
             kept_groups.append((split, cname, [p for p in files if os.path.abspath(p) not in leave_out]))
         groups = kept_groups
+    files_by_group = _check_files(groups, check_files, cancel, progress, record)
+
+    names = sorted({c for _, c, f in files_by_group if f})
+    empty = sorted({c for _, c, f in files_by_group} - set(names))
+    for c in empty:
+        warn.append(f"Class folder '{c}' has no readable images and was ignored.")
+    if not names:
+        raise EngineError(f"No readable images found in {root}. Put images in one subfolder per class "
+                          "(for example photos/cats/*.jpg and photos/dogs/*.jpg).")
+    if len(names) < 2:
+        raise EngineError(f"Only one class ('{names[0]}') found in {root}. A classifier needs at least two "
+                          "classes: add a second subfolder of images.")
+    index = {c: i for i, c in enumerate(names)}
+
+    samples = _assign_splits(root, bool(layout), files_by_group, index, val_split, test_split, seed, warn)
+
+    ds = Dataset(root=root, layout="pre-split" if layout else "flat", classes=names, samples=samples,
+                 skipped=skipped, warnings=warn, split_settings=(val_split, test_split, seed),
+                 excluded=[os.path.abspath(p) for p in excluded])
+    ds.warnings.extend(dataset_warnings(ds))
+    return ds
+
+
+def _check_files(groups, check_files: bool, cancel, progress, record) -> list[tuple[str | None, str, list[str]]]:
+    """Each group's files whose header reads as an image (the others are recorded with their reason)."""
     total = sum(len(f) for _, _, f in groups)
     checked = 0
     files_by_group: list[tuple[str | None, str, list[str]]] = []
@@ -318,21 +269,15 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
             if progress is not None and (checked % 256 == 0 or checked == total):
                 progress(Progress(Phase.SCANNING, checked, total))
         files_by_group.append((split, cname, good))
+    return files_by_group
 
-    names = sorted({c for _, c, f in files_by_group if f})
-    empty = sorted({c for _, c, f in files_by_group} - set(names))
-    for c in empty:
-        warn.append(f"Class folder '{c}' has no readable images and was ignored.")
-    if not names:
-        raise EngineError(f"No readable images found in {root}. Put images in one subfolder per class "
-                          "(for example photos/cats/*.jpg and photos/dogs/*.jpg).")
-    if len(names) < 2:
-        raise EngineError(f"Only one class ('{names[0]}') found in {root}. A classifier needs at least two "
-                          "classes: add a second subfolder of images.")
-    index = {c: i for i, c in enumerate(names)}
 
+def _assign_splits(root: str, presplit: bool, files_by_group, index: dict[str, int], val_split: float,
+                   test_split: float, seed: int, warn: list[str]) -> list[Sample]:
+    """Samples with their split: the folder's for a pre-split layout (validation carved out of train when there is no
+    val/ folder), else each image's own draw (engine/splits.py)."""
     samples: list[Sample] = []
-    if layout:
+    if presplit:
         for split, cname, files in files_by_group:
             if files:
                 samples.extend(Sample(p, index[cname], split) for p in files)
@@ -349,12 +294,7 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
         assign = stratified_split([y for _, y in flat], val_split, test_split, seed,
                                   [_key(p, root) for p, _ in flat])
         samples = [Sample(p, y, a) for (p, y), a in zip(flat, assign)]
-
-    ds = Dataset(root=root, layout="pre-split" if layout else "flat", classes=names, samples=samples,
-                 skipped=skipped, warnings=warn, split_settings=(val_split, test_split, seed),
-                 excluded=[os.path.abspath(p) for p in excluded])
-    ds.warnings.extend(dataset_warnings(ds))
-    return ds
+    return samples
 
 
 def dataset_warnings(ds: Dataset) -> list[str]:

@@ -18,7 +18,6 @@ from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMainWindow, QM
 
 from engine.config import ExportConfig, PredictConfig, ScanConfig, TrainConfig, to_argv
 from engine.data import scan_folder
-from engine.doctor import DoctorConfig, MapConfig, doctor, tsne_map
 from engine.events import EngineError
 from engine.export import export_model
 from engine.heatmap import HeatmapConfig, heatmap
@@ -27,9 +26,10 @@ from engine.runs import default_runs_dir, new_run_name
 from engine.sorting import SortConfig, sort_into
 from engine.train import fit
 from gui.cache_dialog import manage_embedding_cache
+from gui.checks import DatasetChecks
 from gui.discovery import discover
 from gui.heatmap_view import HeatmapDialog
-from gui.jobs import DISCOVERY, HEATMAP, MAIN, PROJECTION, SCAN, JobController
+from gui.jobs import DISCOVERY, HEATMAP, MAIN, SCAN, JobController
 from gui.tabs.dataset_tab import DatasetTab
 from gui.tabs.model_tab import ModelTab
 from gui.tabs.predict_tab import PredictTab
@@ -66,7 +66,8 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
 
         self.dataset_tab.scan_requested.connect(self.start_scan)
-        self.dataset_tab.doctor_requested.connect(self.start_doctor)
+        self.checks = DatasetChecks(self)
+        self.dataset_tab.doctor_requested.connect(self.checks.start)
         self.dataset_tab.stop_requested.connect(self.stop_job)
         self.training_tab.start_requested.connect(self.start_training)
         self.training_tab.stop_requested.connect(self.stop_job)
@@ -175,11 +176,11 @@ class MainWindow(QMainWindow):
     def start_scan(self, cfg: ScanConfig) -> None:
         self.dataset_tab.scan_started(cfg.data)
         self.tabs.setCurrentWidget(self.dataset_tab)
-        self.jobs.start(SCAN, scan_folder, cfg, done=self._scanned, failed=self._scan_failed,
+        self.jobs.start(SCAN, scan_folder, cfg, done=self._scanned, failed=self.scan_failed,
                         signals={"progress": self.dataset_tab.scan_progress_update})
         self.dataset_tab.remember(cfg.data)
 
-    def _scan_failed(self, message: str, details: str) -> None:
+    def scan_failed(self, message: str, details: str) -> None:
         self.dataset_tab.scan_failed(message)
         self.show_error(message, details)
 
@@ -189,46 +190,6 @@ class MainWindow(QMainWindow):
         if ds is not None:
             self.model_tab.recommend(ds)
             self.status_label.setText(f"{len(ds.samples)} images, {len(ds.classes)} classes")
-
-    def start_doctor(self) -> None:
-        """Check dataset: the doctor on the loaded folder with the training settings (backbone, split, cache)."""
-        if self.busy():
-            self.show_error("Another job is running: stop it or wait for it to finish.")
-            return
-        if self.dataset_tab.scanning or self.dataset_tab.dataset is None:
-            self.show_error("Open an image folder first and wait until its classes are listed.")
-            return
-        cfg = self.train_config()
-        run = self.results_tab.run_dir
-        same = run and os.path.abspath(self.results_tab.data_folder() or "") == os.path.abspath(cfg.data)
-        names = {f.name for f in dataclasses.fields(DoctorConfig)}
-        doc = DoctorConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names},
-                           run=run if same else None)
-        d = self.dataset_tab
-        d.scan_started(cfg.data, "Checking")
-        self._start_main(d, doctor, doc, done=self._checked, failed=self._scan_failed,
-                         signals={"progress": d.scan_progress_update, "log": self.status_label.setText})
-
-    def _checked(self, res) -> None:
-        self.last_result = res
-        d = self.dataset_tab
-        note = ""
-        if res.leaked_eval:
-            note = f"{res.leaked_eval} validation/test image(s) have a copy in train, which flatters the accuracy."
-            r = res.rescored
-            if r and r["accuracy_without_leaks"] is not None:
-                note += (f" The open run's validation accuracy {100 * r['accuracy']:.1f}% is "
-                         f"{100 * r['accuracy_without_leaks']:.1f}% without them.")
-        d.doctor_finished(res, note)
-        if not res.cancelled and res.features is not None and len(res.features) >= 5:
-            self.jobs.start(PROJECTION, tsne_map, MapConfig(res.features), done=self._mapped,
-                            failed=self._map_failed)
-
-    def _mapped(self, coords) -> None:
-        self.dataset_tab.show_map(coords, "placed by t-SNE (neighbours in the map are similar images)")
-
-    def _map_failed(self, message: str, details: str) -> None:
-        self.dataset_tab.map.caption.setText(f"The finer map could not be computed: {message}")
 
     def _predicting_drops(self) -> bool:
         """Drops go to prediction on the Predict tab once a model is loaded; elsewhere a folder opens as a dataset."""
@@ -284,12 +245,12 @@ class MainWindow(QMainWindow):
         self.tabs.setCurrentWidget(self.training_tab)
         self.training_tab.job_started()
         t = self.training_tab
-        self._start_main(t, fit, cfg, dataset=self.dataset_tab.dataset, done=self._training_finished,
+        self.start_main(t, fit, cfg, dataset=self.dataset_tab.dataset, done=self._training_finished,
                          failed=self._training_failed,
                          signals={"log": t.add_log, "progress": t.on_progress, "batch": t.on_batch,
                                   "epoch": t.on_epoch})
 
-    def _start_main(self, owner, fn, *args, **kwargs) -> None:
+    def start_main(self, owner, fn, *args, **kwargs) -> None:
         self.main_owner = owner
         self.jobs.start(MAIN, fn, *args, **kwargs)
 
@@ -360,7 +321,7 @@ class MainWindow(QMainWindow):
         cfg = dataclasses.replace(cfg, device=t["device"], engine=t["engine"])
         p = self.predict_tab
         p.job_started(cfg.top_k)
-        self._start_main(p, predict_folder, cfg, done=self._prediction_finished, failed=self._predict_failed,
+        self.start_main(p, predict_folder, cfg, done=self._prediction_finished, failed=self._predict_failed,
                          signals={"progress": p.on_progress, "predictions": p.add_rows})
 
     def _prediction_finished(self, res) -> None:
@@ -378,7 +339,7 @@ class MainWindow(QMainWindow):
         self.predict_tab.sorting_into = cfg.folder
         self.predict_tab.job_started()
         self.predict_tab.status.setText(f"Sorting into {cfg.folder} …")
-        self._start_main(self.predict_tab, sort_into, cfg, done=self.predict_tab.sort_finished,
+        self.start_main(self.predict_tab, sort_into, cfg, done=self.predict_tab.sort_finished,
                          failed=self._predict_failed)
 
     def export_model(self, cfg: ExportConfig) -> None:
@@ -386,7 +347,7 @@ class MainWindow(QMainWindow):
             self.show_error("Another job is running: stop it or wait for it to finish.")
             return
         self.predict_tab.job_started()
-        self._start_main(self.predict_tab, export_model, cfg, done=self.predict_tab.export_finished,
+        self.start_main(self.predict_tab, export_model, cfg, done=self.predict_tab.export_finished,
                          failed=self._predict_failed)
 
     def show_heatmap(self, run_dir: str, path: str) -> None:
