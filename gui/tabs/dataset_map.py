@@ -54,8 +54,10 @@ class DatasetMap(QWidget):
                                           size=sizes, hoverable=True, hoverSize=14, tip=_tip)
         self.scatter.sigClicked.connect(self._clicked)
         self.plot.addItem(self.scatter)
-        for i, c in enumerate(classes):  # legend entries, one per class
-            self.plot.plot([], [], pen=None, symbol="o", symbolBrush=PALETTE[i % len(PALETTE)], name=c)
+        legend = self.plot.getPlotItem().legend
+        legend.clear()
+        for i, c in enumerate(classes):  # one entry per class (a sample item that is not plotted)
+            legend.addItem(pg.ScatterPlotItem(brush=pg.mkBrush(*PALETTE[i % len(PALETTE)]), pen=None, size=9), c)
         self.caption.setText(f"{len(paths)} images, {what}; ringed: the doctor's findings. Hover for the picture, "
                              "click to select it in Images.")
 

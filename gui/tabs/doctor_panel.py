@@ -131,6 +131,7 @@ class DoctorPanel(QWidget):
                 self.table.setItem(r, c, item)
         if rows:
             self.table.selectRow(0)
+            self._show_selected()  # (no selection change fires when row 0 was already selected)
         else:
             self._enable(None)
 
