@@ -32,11 +32,15 @@ SAMPLE = 24  # images compared before int8 is used
 CALIBRATION = 64  # images the int8 graph is calibrated on
 
 
+_MISSING: list[str] = []  # why ONNX Runtime could not be imported (said in the error message)
+
+
 def available() -> bool:
     try:
         import onnxruntime  # noqa: F401
         from onnxruntime.quantization import quantize_static  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
+        _MISSING[:] = [f"{exc.__class__.__name__}: {exc}"]
         return False
     return True
 
@@ -50,7 +54,7 @@ def use_onnx(engine: str, device) -> bool:
             raise EngineError("--engine onnxruntime runs on the CPU only: use --device cpu, or --engine auto.")
         if not available():
             raise EngineError("--engine onnxruntime needs the onnxruntime and onnx packages: pip install onnxruntime "
-                              "onnx")
+                              f"onnx ({'; '.join(_MISSING) or 'not importable'})")
         return True
     return device.type == "cpu" and available()
 
