@@ -58,7 +58,8 @@ def remove_from_exclude_list(csv_path: str, paths: list[str]) -> int:
     return len(have)
 
 
-def _free_name(path: str) -> str:
+def free_name(path: str) -> str:
+    """``path``, or ``path`` with a -2, -3, ... suffix when taken: nothing is ever overwritten."""
     base, ext = os.path.splitext(path)
     n, out = 2, path
     while os.path.exists(out):
@@ -100,7 +101,7 @@ def move_to_class(root: str, path: str, cls: str) -> str:
         raise EngineError(f"{path} is not there any more.")
     folder = class_folder(root, path, cls)
     os.makedirs(folder, exist_ok=True)
-    dst = _free_name(os.path.join(folder, os.path.basename(path)))
+    dst = free_name(os.path.join(folder, os.path.basename(path)))
     entries = _journal()
     entries.append({"from": os.path.abspath(path), "to": os.path.abspath(dst), "root": os.path.abspath(root)})
     _save_journal(entries)  # first: a crash between the two leaves a journal entry whose undo says it is gone

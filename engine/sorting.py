@@ -9,17 +9,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, PredictionRow, Progress
+from .fixes import free_name
 
 FOLDER_OF_STATUS = {"unsure": "_unsure", "unfamiliar": "_unfamiliar"}
-
-
-def _free_name(path: str) -> str:
-    base, ext = os.path.splitext(path)
-    n, out = 2, path
-    while os.path.exists(out):
-        out = f"{base}-{n}{ext}"
-        n += 1
-    return out
 
 
 def _place(src: str, dst: str) -> str:
@@ -71,7 +63,7 @@ def sort_into(config: SortConfig, callbacks: Callbacks | None = None,
             folder = os.path.join(config.folder, name)
             os.makedirs(folder, exist_ok=True)
             try:
-                how[_place(r.path, _free_name(os.path.join(folder, os.path.basename(r.path))))] += 1
+                how[_place(r.path, free_name(os.path.join(folder, os.path.basename(r.path))))] += 1
                 counts[name] += 1
             except OSError as exc:
                 cb.on_log(f"Could not sort {r.path}: {exc.strerror or exc}")
