@@ -200,7 +200,7 @@ def _freeze(model, backbone: LoadedBackbone, unfreeze, cb: Callbacks) -> list:
 
 
 def _linear_probe(model, fwd: Forward, decoded: dict, ytr, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks,
-                  cancel: CancelToken) -> None:
+                  cancel: CancelToken, class_weight=None) -> None:
     """LP-FT: start the new head from a linear probe on frozen features, so the first fine-tuning steps do not push
     random-head gradients into the pretrained layers (Kumar et al., 2022)."""
     import torch
@@ -210,8 +210,20 @@ def _linear_probe(model, fwd: Forward, decoded: dict, ytr, yva, num_classes: int
     fva = fwd.map(decoded["val"], cancel, module=model.backbone).cpu().numpy() if decoded["val"] is not None else None
     probe = train_linear_head(ftr, ytr.numpy(), fva, yva.numpy(), num_classes, epochs=100, batch_size=64, lr=3e-3,
                               weight_decay=cfg.weight_decay, patience=15, seed=cfg.seed, cancel=cancel,
-                              class_weight=balanced_class_weights(ytr.numpy(), num_classes, mode=cfg.balance))
+                              class_weight=class_weight)
     model.head.load_state_dict({k: torch.from_numpy(v).to(fwd.device) for k, v in probe.head.items()})
+
+
+def _distributed(model, device, dist, cfg: TrainConfig, cb: Callbacks):
+    """The model the optimiser steps through: itself, or DDP under torchrun (which broadcasts rank 0's weights,
+    head included, to every rank, then averages gradients each step)."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    cb.on_log(f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
+              f"({cfg.batch_size // dist.world} per process)")
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _optimizer(model, cfg: TrainConfig):
@@ -267,21 +279,14 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         model = model.to(memory_format=torch.channels_last)
     frozen = _freeze(model, backbone, cfg.unfreeze, cb)
     eval_fwd = Forward(model, backbone.preprocessing, device, batch_size=8 if device.type == "cpu" else 256)
-    if cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
-        _linear_probe(model, eval_fwd, decoded, ytr, yva, len(ds.classes), cfg, cb, cancel)
-    train_model = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Broadcasts rank 0's weights (head included) to every rank, then averages gradients each step.
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        cb.on_log(f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
-                  f"({cfg.batch_size // dist.world} per process)")
-    opt, scaler = _optimizer(model, cfg), grad_scaler(device)
-    cw = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
-    if cw is not None:
+    weights = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
+    if weights is not None:
         cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
-    cw = None if cw is None else torch.from_numpy(cw).to(device)
+    if cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
+        _linear_probe(model, eval_fwd, decoded, ytr, yva, len(ds.classes), cfg, cb, cancel, weights)
+    train_model = _distributed(model, device, dist, cfg, cb)
+    opt, scaler = _optimizer(model, cfg), grad_scaler(device)
+    cw = None if weights is None else torch.from_numpy(weights).to(device)
     n = len(ytr)
     bs = min(cfg.batch_size, n)
     gen = torch.Generator().manual_seed(cfg.seed)
