@@ -212,11 +212,6 @@ def to_argv(cfg) -> list[str]:
     return args
 
 
-def as_settings(cfg) -> dict[str, Any]:
-    """The config's fields as a plain dict (what the window stores between launches)."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
 def value_from_text(cls, name: str, text: Any) -> Any:
     """A stored setting (QSettings' INI files give strings back) as the field's value; "" means None."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)

@@ -51,13 +51,6 @@ def add_to_exclude_list(csv_path: str, paths: list[str]) -> int:
     return len(have)
 
 
-def remove_from_exclude_list(csv_path: str, paths: list[str]) -> int:
-    have = excluded_paths(csv_path) if os.path.exists(csv_path) else set()
-    have -= {os.path.abspath(p) for p in paths}
-    _write_paths(csv_path, have)
-    return len(have)
-
-
 def free_name(path: str) -> str:
     """``path``, or ``path`` with a -2, -3, ... suffix when taken: nothing is ever overwritten."""
     base, ext = os.path.splitext(path)
@@ -107,11 +100,6 @@ def move_to_class(root: str, path: str, cls: str) -> str:
     _save_journal(entries)  # first: a crash between the two leaves a journal entry whose undo says it is gone
     os.replace(path, dst)
     return dst
-
-
-def moves() -> list[dict]:
-    """The journal, oldest first."""
-    return _journal()
 
 
 def undo_last_move() -> dict | None:

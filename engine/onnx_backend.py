@@ -10,7 +10,6 @@ the path), and model.json records which path made a run's features.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -244,11 +243,3 @@ def choose(graphs: Graphs, pre: Preprocessing, precision: str, sample: np.ndarra
         log(f"int8 features differ from fp32 on your images (worst cosine {cos.min():.4f} < {MIN_COSINE}): "
             "using fp32")
     return fp32, {**decision, "precision": "fp32", "reason": "int8 disagreed with fp32"}
-
-
-def read_decision(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import QApplication
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
-    app = QApplication(sys.argv[:1])
+    app = QApplication(sys.argv[:1])  # noqa: F841  (kept alive for the whole run)
     from PIL import Image
 
     from engine.doctor import pca_2d
