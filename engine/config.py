@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .backbones import DEFAULT_BACKBONE
 from .events import EngineError
 
-MODES = ("feature-extraction", "fine-tuning")
+MODES = ("feature-extraction", "fine-tuning", "auto")
 # Per-mode defaults for the settings left at None ("auto" in the window).
 DEFAULTS = {
     # Head on cached features: an epoch costs milliseconds, so many epochs with early stopping.
@@ -54,8 +54,9 @@ class TrainConfig:
 
     data: str = option("", "folder of class subfolders, or with train/ val/ [test/] subfolders", positional=True)
     out: str | None = option(None, "run folder to create (default: a new folder in the runs folder)", parse=str)
-    mode: str = option("feature-extraction", "feature-extraction (frozen backbone, new head) or fine-tuning",
-                       choices=MODES)
+    mode: str = option("feature-extraction", "feature-extraction (frozen backbone, new head), fine-tuning, or auto "
+                                             "(both, fine-tuning from feature extraction's head within --budget; "
+                                             "the lower validation loss wins)", choices=MODES)
     backbone: str = option(DEFAULT_BACKBONE, "see `python -m engine backbones`")
     weights: str | None = option(None, "load backbone weights from this local file (.safetensors/.pth)", parse=str)
     download: bool = option(False, "allow downloading torchvision weights (needs internet)")
@@ -69,6 +70,8 @@ class TrainConfig:
     patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
     balance: str = option("auto", "weight the loss by inverse class frequency: auto (when the largest class has 3x "
                                   "the images of the smallest), on, off", choices=("auto", "on", "off"))
+    budget: float | None = option(None, "auto mode: minutes fine-tuning may take (default: its planned epochs)",
+                                  parse=float)
     linear_probe_init: bool = option(True, "fine-tuning: start the head from a linear probe (LP-FT)",
                                      flag="--no-lp-init")
     val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
@@ -89,6 +92,12 @@ class TrainConfig:
         """A copy with the per-mode defaults filled in, checked."""
         if self.mode not in MODES:
             raise EngineError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")
+        if self.budget is not None and not self.budget > 0:
+            raise EngineError("--budget is in minutes and must be above 0.")
+        if self.mode == "auto":  # each half fills in its own defaults
+            c = copy.copy(self)
+            c.unfreeze = unfreeze_value(c.unfreeze)
+            return c
         d = DEFAULTS[self.mode]
         c = copy.copy(self)
         c.epochs = self.epochs if self.epochs is not None else d["epochs"]

@@ -63,6 +63,9 @@ class EpochMetrics:
     seconds: float
     images_per_s: float
     is_best: bool
+    # --mode auto: which half this epoch belongs to, and seconds since the automatic run started (the race plot)
+    strategy: str = ""
+    elapsed: float = 0.0
 
     # A head on cached features runs many cheap epochs (100 by default): logs show every 10th of those.
     MANY_EPOCHS = 20

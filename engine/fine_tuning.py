@@ -246,8 +246,9 @@ def _schedule(opt, steps_per_epoch: int, epochs: int):
 
 
 def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_dir: str | None, cb: Callbacks,
-        cancel: CancelToken, dist) -> TrainOutcome:
-    """Decode, freeze, probe, train; returns the best epoch. Raises Cancelled when no epoch finished."""
+        cancel: CancelToken, dist, head_init: dict | None = None) -> TrainOutcome:
+    """Decode, freeze, probe (or start from ``head_init``), train; returns the best epoch. Raises Cancelled when no
+    epoch finished."""
     pre = backbone.preprocessing
     train_size = int(round(pre.size * 256 / 224)) if cfg.augment else pre.size
     need = 3 * (len(ds.split("train")) * train_size ** 2
@@ -259,13 +260,13 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
                   "epochs read them from disk, more slowly")
     try:
         decoded = _decode_splits(ds, pre, train_size, store, device, cb, cancel)
-        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist)
+        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist, head_init)
     finally:
         store.close()  # (the arrays die with this frame)
 
 
 def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, decoded: dict, cb: Callbacks,
-           cancel: CancelToken, dist) -> TrainOutcome:
+           cancel: CancelToken, dist, head_init: dict | None = None) -> TrainOutcome:
     """The epochs: out-of-memory retry with a halved batch, validation, early stopping, best epoch kept."""
     import torch
 
@@ -282,7 +283,10 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     weights = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
-    if cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
+    if head_init is not None:
+        cb.on_log("Starting the head from feature extraction's (already a linear probe)")
+        model.head.load_state_dict({k: torch.as_tensor(v).to(device) for k, v in head_init.items()})
+    elif cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
         _linear_probe(model, eval_fwd, decoded, ytr, yva, len(ds.classes), cfg, cb, cancel, weights)
     train_model = _distributed(model, device, dist, cfg, cb)
     opt, scaler = _optimizer(model, cfg), grad_scaler(device)

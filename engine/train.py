@@ -20,7 +20,7 @@ from .device import device_label, resolve_device, warm_optimizer_imports
 from .distributed import setup
 from .calibration import calibrate
 from .evaluate import split_report
-from .events import Callbacks, Cancelled, CancelToken, Phase, Progress
+from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from .familiarity import familiarity_block
 from .features import default_cache_dir
 from .forward import probabilities
@@ -41,12 +41,16 @@ class FitResult:
 
 
 def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None,
-        dataset: Dataset | None = None) -> FitResult:
+        dataset: Dataset | None = None, head_init: dict | None = None) -> FitResult:
     """Train a classifier on ``config.data`` and save a run folder.
 
     ``dataset``: that folder as already scanned (the window's Dataset tab); used when its split settings match the
     config's, instead of scanning again. Under torchrun only rank 0 reports and writes; the other ranks compute.
+    ``head_init``: fine-tuning starts its head from these weights (``weight``, ``bias``) instead of a linear probe.
+    ``mode="auto"``: both strategies, see engine/auto.py; the result is the winning run.
     """
+    if config.mode == "auto":
+        return _fit_auto(config, callbacks or Callbacks(), cancel or CancelToken(), dataset)
     cfg = config.resolved()
     dist = setup(cfg.device)
     cb = (callbacks or Callbacks()) if dist.is_main else Callbacks()
@@ -55,7 +59,7 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
     t_start = time.perf_counter()
     try:
         ds = _dataset(cfg, dataset, cb, cancel)
-        outcome, facts = _train(cfg, ds, dist, cb, cancel)
+        outcome, facts = _train(cfg, ds, dist, cb, cancel, head_init)
         if outcome is None:  # another rank under torchrun: rank 0 saves
             return FitResult(None, False, message=f"rank {dist.rank}: done (rank 0 saves)")
         return _save(cfg, ds, facts, outcome, cb, time.perf_counter() - t_start)
@@ -89,8 +93,8 @@ def _cache_dir(cfg: TrainConfig) -> str | None:
     return (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
 
 
-def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks,
-           cancel: CancelToken) -> tuple[TrainOutcome | None, BackboneFacts | None]:
+def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelToken,
+           head_init: dict | None = None) -> tuple[TrainOutcome | None, BackboneFacts | None]:
     """The chosen strategy's outcome and what the run folder records about the backbone."""
     if cfg.mode == "fine-tuning":
         warm_optimizer_imports()
@@ -111,8 +115,10 @@ def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks,
     backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
     cb.on_log(f"Backbone: {cfg.backbone} ({sum(p.numel() for p in backbone.net.parameters()) / 1e6:.2f} M "
               f"parameters, {backbone.net.feature_dim}-d features), weights from {backbone.weights_source}")
-    stage = feature_extraction if cfg.mode == "feature-extraction" else fine_tuning
-    outcome = stage.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
+    if cfg.mode == "feature-extraction":
+        outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
+    else:
+        outcome = fine_tuning.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
     if not dist.is_main:
         return None, None
     return outcome, BackboneFacts.of(backbone, device_label(device))
@@ -169,8 +175,58 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
                        metrics=metrics, predictions=predictions, meta=meta,
                        train_embeddings=outcome.features.get("train") if unfamiliar else None)
+    if not outcome.cancelled:
+        from . import speeds
+
+        speeds.record(cfg.mode, cfg.backbone, facts.device, cfg.unfreeze, metrics)
     acc, ci = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95")
     summary = (f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
                if acc is not None else "No validation split")
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
     return FitResult(run_dir, outcome.cancelled, metrics, outcome.history, ds.skipped, summary)
+
+
+def _fit_auto(cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, dataset: Dataset | None) -> FitResult:
+    """Feature extraction, then fine-tuning from its head within the budget; the lower validation loss wins."""
+    from dataclasses import replace
+
+    from . import auto, speeds
+    from .runs import read_json
+
+    cfg.resolved()  # checks the settings before anything runs
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EngineError("--mode auto runs in one process: under torchrun, choose feature-extraction or "
+                          "fine-tuning.")
+    target = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, "auto"))
+    if os.path.exists(target) and not cfg.overwrite:
+        raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
+    t0 = time.perf_counter()
+    cb.on_log("Automatic mode: feature extraction first; then fine-tuning, starting from its head")
+    fe = fit(replace(cfg, mode=auto.FE, out=f"{target}-{auto.FE}"), auto.Tagged(cb, auto.FE, t0), cancel, dataset)
+    if fe.run_dir is None or fe.cancelled:
+        return fe
+    fe_loss = auto.best_val_loss(fe.history)
+    ft_dir, stop = None, ""
+    if fe_loss == float("inf"):
+        cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
+    else:
+        ft_cfg = replace(cfg, mode=auto.FT, out=f"{target}-{auto.FT}")
+        epochs = ft_cfg.resolved().epochs
+        est = speeds.estimate_fine_tuning(cfg.backbone, cfg.device, ft_cfg.unfreeze, fe.metrics.get("n_train", 0),
+                                          epochs, fe.metrics.get("embed_images_per_s"))
+        budget = cfg.budget * 60 if cfg.budget else None
+        cb.on_log(f"Fine-tuning: {est.text}; budget "
+                  + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)"))
+        token = auto.BudgetToken(cancel, time.perf_counter() + budget if budget else None)
+        ft = fit(ft_cfg, auto.Race(cb, token, fe_loss, epochs, t0), token, dataset,
+                 head_init=auto.head_weights(fe.run_dir))
+        stop = token.reason if not cancel.cancelled else ""
+        if stop:
+            cb.on_log(f"Fine-tuning stopped: {stop}")
+        ft_dir = ft.run_dir
+        if ft_dir and stop:  # stopped by the race, not by the user: a completed run
+            auto.mark_stopped(ft_dir, stop)
+    block = auto.finish(target, cfg.overwrite, fe.run_dir, ft_dir, stop, cb)
+    won = block["runs"][block["winner"]]["run"]
+    metrics = read_json(os.path.join(won, "metrics.json"))
+    return FitResult(won, cancel.cancelled, metrics, auto.history(won), fe.skipped, message=block["summary"])

@@ -189,7 +189,19 @@ class MainWindow(QMainWindow):
         ds = result.dataset
         if ds is not None:
             self.model_tab.recommend(ds)
+            self._show_estimate(ds)
             self.status_label.setText(f"{len(ds.samples)} images, {len(ds.classes)} classes")
+
+    def _show_estimate(self, ds) -> None:
+        """How long fine-tuning this folder would take here (the automatic mode's budget follows it)."""
+        from engine import speeds
+        from engine.config import DEFAULTS
+
+        t = self.training_tab.values()
+        epochs = t.get("epochs") or DEFAULTS["fine-tuning"]["epochs"]
+        est = speeds.estimate_fine_tuning(self.model_tab.backbone(), t.get("device", "auto"),
+                                          self.model_tab.unfreeze_value(), len(ds.split("train")), epochs)
+        self.model_tab.show_estimate(est.text, est.seconds / 60)
 
     def _predicting_drops(self) -> bool:
         """Drops go to prediction on the Predict tab once a model is loaded; elsewhere a folder opens as a dataset."""

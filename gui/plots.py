@@ -45,13 +45,45 @@ class LivePlots(QWidget):
         self.timer.start()
 
     MAX_MARKERS = 40
+    # --mode auto: each half's validation curve against the seconds since the run started, on the same plots
+    RACE = {"feature-extraction": ((255, 127, 14), "feature extraction"), "fine-tuning": ((44, 160, 44), "fine-tuning")}
 
     def clear(self) -> None:
+        if getattr(self, "race", False):  # back to the train/validation curves and their legend
+            for key in [k for k in self.curves if k.startswith("race:")]:
+                plot = self.loss_plot if key.endswith(":loss") else self.acc_plot
+                plot.removeItem(self.curves.pop(key))
+            for p, prefix in ((self.loss_plot, "_loss"), (self.acc_plot, "_acc")):
+                legend = p.getPlotItem().legend
+                legend.clear()
+                legend.addItem(self.curves["train" + prefix], "train")
+                legend.addItem(self.curves["val" + prefix], "validation")
         self.data = {k: ([], []) for k in self.curves}
+        self.race = False
+        for p in (self.loss_plot, self.acc_plot):
+            p.setLabel("bottom", "epoch")
         self.dirty = True
         self.updates = 0
 
+    def _start_race(self) -> None:
+        """The first epoch of an automatic run: validation curves per strategy, x in seconds."""
+        self.race = True
+        for key in [k for k in self.curves if not k.startswith("race:")]:
+            self.data[key] = ([], [])
+            self.curves[key].setData([], [])
+        for p in (self.loss_plot, self.acc_plot):
+            p.setLabel("bottom", "seconds since start")
+            p.getPlotItem().legend.clear()
+        for strategy, (colour, name) in self.RACE.items():
+            for what, plot in (("loss", self.loss_plot), ("acc", self.acc_plot)):
+                key = f"race:{strategy}:{what}"
+                self.curves[key] = plot.plot(pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=5,
+                                             name=f"{name} (validation)")
+                self.data[key] = ([], [])
+
     def add_batch(self, m: BatchMetrics) -> None:
+        if self.race:  # batches carry no strategy or time: the race shows epochs only
+            return
         x = (m.epoch - 1) + m.step / max(1, m.steps)
         for key, y in (("train_loss_live", m.loss), ("train_acc_live", m.accuracy)):
             self.data[key][0].append(x)
@@ -59,6 +91,16 @@ class LivePlots(QWidget):
         self.dirty = True
 
     def add_epoch(self, m: EpochMetrics) -> None:
+        if m.strategy:
+            if not self.race:
+                self._start_race()
+            for what, y in (("loss", m.val_loss), ("acc", m.val_accuracy)):
+                if y == y:
+                    xs, ys = self.data[f"race:{m.strategy}:{what}"]
+                    xs.append(m.elapsed)
+                    ys.append(y)
+            self.dirty = True
+            return
         for key, y in (("train_loss", m.train_loss), ("val_loss", m.val_loss),
                        ("train_acc", m.train_accuracy), ("val_acc", m.val_accuracy)):
             if y == y:  # skip NaN (no validation split)

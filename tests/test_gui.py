@@ -86,6 +86,31 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path)
     assert w.predict_tab.start_btn.isEnabled()
 
 
+def test_automatic_mode_is_the_default_and_races_both_strategies_on_one_plot(qtbot, window, flat_data, tmp_path):
+    w = window
+    assert w.model_tab.mode() == "auto"  # the window's default (the command line keeps feature-extraction)
+    open_folder(qtbot, w, flat_data)
+    assert "Fine-tuning estimate: about" in w.model_tab.estimate.text() and w.model_tab.budget.value() >= 1
+    w.model_tab.budget.setValue(30)
+    assert w.train_config().budget == 30.0
+    w.start_training()
+    wait_job(qtbot, w)
+    res = w.last_result
+    assert res.run_dir and res.metrics["auto"]["winner"] in ("feature-extraction", "fine-tuning")
+    plots = w.training_tab.plots
+    plots.redraw()
+    for strategy in ("feature-extraction", "fine-tuning"):
+        xs, _ = plots.curves[f"race:{strategy}:loss"].getData()
+        assert xs is not None and len(xs) >= 1
+    fe_x = plots.curves["race:feature-extraction:loss"].getData()[0]
+    ft_x = plots.curves["race:fine-tuning:loss"].getData()[0]
+    assert max(fe_x) <= min(ft_x)  # one clock: feature extraction first
+    assert "Kept" in w.training_tab.summary.text()
+    assert w.results_tab.runs_table.rowCount() == 2  # both runs stay in Results
+    plots.clear()  # the next run goes back to train/validation curves per epoch
+    assert not any(k.startswith("race:") for k in plots.curves)
+
+
 def start_fine_tuning(qtbot, w, data, epochs: int, batch: int | None = 8) -> None:
     open_folder(qtbot, w, data)
     w.model_tab.ft.setChecked(True)
@@ -277,7 +302,7 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
                       batch_size=12, lr=0.002, backbone_lr_mult=0.25, weight_decay=0.0005, augment=False,
                       patience=4, linear_probe_init=False, val_split=0.3, test_split=0.1, seed=5, device="cpu",
                       cache=False, cache_dir=str(tmp_path / "cache"), exclude=str(tmp_path / "exclude.csv"),
-                      engine="torch", precision="fp32", balance="off",
+                      engine="torch", precision="fp32", balance="off", budget=12.0,
                       overwrite=False)
     (tmp_path / "exclude.csv").write_text("path\n" + str(flat_data / "circles" / "circles_000.jpg") + "\n")
     changed = {f.name for f in dataclasses.fields(TrainConfig)

@@ -9,6 +9,9 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QFileDialog, QGroupBox, 
 from engine.backbones import DEFAULT_BACKBONE
 from gui.settings import load_values, save_values
 
+AUTO_TEXT = ("<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in seconds), "
+             "then fine-tuning starting from it, within the time budget below. Fine-tuning stops early when it "
+             "cannot catch up. The more reliable of the two becomes the result; both stay in Results.")
 FE_TEXT = ("<b>Feature extraction</b> keeps the pretrained network frozen and trains only a new final layer on "
            "its features. Fast (each image is processed once), and the best choice when your images look like "
            "everyday photos and you have few of them.")
@@ -18,9 +21,9 @@ FT_TEXT = ("<b>Fine-tuning</b> also retrains the last stages of the network, wit
 
 
 class ModelTab(QWidget):
-    """Owns the TrainConfig fields ``mode``, ``backbone``, ``weights``, ``download``, ``unfreeze``."""
+    """Owns the TrainConfig fields ``mode``, ``backbone``, ``weights``, ``download``, ``unfreeze``, ``budget``."""
 
-    FIELDS = ["mode", "backbone", "weights", "download", "unfreeze"]
+    FIELDS = ["mode", "backbone", "weights", "download", "unfreeze", "budget"]
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -58,17 +61,19 @@ class ModelTab(QWidget):
         mg = QGroupBox("How to reuse it")
         ml = QVBoxLayout(mg)
         self.mode_group = QButtonGroup(self)
+        self.auto = QRadioButton("Automatic")
         self.fe = QRadioButton("Feature extraction")
         self.ft = QRadioButton("Fine-tuning")
-        self.fe.setChecked(True)
-        self.mode_group.addButton(self.fe)
-        self.mode_group.addButton(self.ft)
-        for btn, text in ((self.fe, FE_TEXT), (self.ft, FT_TEXT)):
+        self.auto.setChecked(True)
+        for btn, text in ((self.auto, AUTO_TEXT), (self.fe, FE_TEXT), (self.ft, FT_TEXT)):
+            self.mode_group.addButton(btn)
             ml.addWidget(btn)
             lab = QLabel(text)
             lab.setWordWrap(True)
             lab.setContentsMargins(22, 0, 0, 6)
             ml.addWidget(lab)
+            if btn is self.auto:
+                ml.addLayout(self._budget_row())
         ul = QHBoxLayout()
         ul.addSpacing(22)
         ul.addWidget(QLabel("Stages to unfreeze (from the top):"))
@@ -84,7 +89,7 @@ class ModelTab(QWidget):
         self.advice.setStyleSheet("background: #eef5ff; padding: 6px; border-radius: 4px;")
         ml.addWidget(self.advice)
         root.addWidget(mg, 1)
-        self.fe.toggled.connect(self._mode_changed)
+        self.mode_group.buttonToggled.connect(self._mode_changed)
         self.unfreeze_all.toggled.connect(lambda on: self.unfreeze.setEnabled(not on))
         self._mode_changed()
         self.recommend(None)
@@ -95,15 +100,40 @@ class ModelTab(QWidget):
             self.w_path.setText(path)
             self.w_file.setChecked(True)
 
-    def _mode_changed(self) -> None:
-        ft = self.ft.isChecked()
+    def _budget_row(self) -> QHBoxLayout:
+        row = QHBoxLayout()
+        row.addSpacing(22)
+        row.addWidget(QLabel("Time budget for fine-tuning:"))
+        self.budget = QSpinBox(minimum=0, maximum=24 * 60, value=0, suffix=" min", specialValueText="no limit")
+        self.budget.setToolTip("Fine-tuning stops when this time is up (keeping its best epoch so far); "
+                               "no limit: its planned epochs")
+        row.addWidget(self.budget)
+        self.estimate = QLabel()
+        self.estimate.setStyleSheet("color: #555;")
+        row.addWidget(self.estimate, 1)
+        self.budget_set_by_user = False
+        self.budget.valueChanged.connect(lambda _v: setattr(self, "budget_set_by_user", True))
+        return row
+
+    def show_estimate(self, text: str, minutes: float) -> None:
+        """The fine-tuning estimate for the open dataset; the budget follows it until the user sets one."""
+        self.estimate.setText(f"Fine-tuning estimate: {text}")
+        if not self.budget_set_by_user:
+            self.budget.blockSignals(True)
+            self.budget.setValue(max(1, int(minutes + 0.999)))
+            self.budget.blockSignals(False)
+
+    def _mode_changed(self, *_args) -> None:
+        ft = self.ft.isChecked() or self.auto.isChecked()
         self.unfreeze.setEnabled(ft and not self.unfreeze_all.isChecked())
         self.unfreeze_all.setEnabled(ft)
+        self.budget.setEnabled(self.auto.isChecked())
 
     # ------------------------------------------------------------------------------------------------ settings
     def values(self) -> dict:
         return {"mode": self.mode(), "backbone": self.backbone(), "weights": self.weights_file(),
-                "download": self.download.isChecked(), "unfreeze": self.unfreeze_value()}
+                "download": self.download.isChecked(), "unfreeze": self.unfreeze_value(),
+                "budget": float(self.budget.value()) or None}
 
     def set_values(self, values: dict) -> None:
         if "mode" in values:
@@ -115,6 +145,11 @@ class ModelTab(QWidget):
             (self.w_file if values["weights"] else self.w_default).setChecked(True)
         if "download" in values:
             self.download.setChecked(bool(values["download"]))
+        if "budget" in values:
+            self.budget.blockSignals(True)
+            self.budget.setValue(int(round(values["budget"] or 0)))
+            self.budget.blockSignals(False)
+            self.budget_set_by_user = bool(values["budget"])
         if "unfreeze" in values:
             self.unfreeze_all.setChecked(values["unfreeze"] == "all")
             if values["unfreeze"] != "all":
@@ -161,10 +196,10 @@ class ModelTab(QWidget):
                 self.table.selectRow(r)
 
     def mode(self) -> str:
-        return "fine-tuning" if self.ft.isChecked() else "feature-extraction"
+        return "auto" if self.auto.isChecked() else "fine-tuning" if self.ft.isChecked() else "feature-extraction"
 
     def set_mode(self, mode: str) -> None:
-        (self.ft if mode == "fine-tuning" else self.fe).setChecked(True)
+        {"auto": self.auto, "fine-tuning": self.ft}.get(mode, self.fe).setChecked(True)
 
     def unfreeze_value(self):
         return "all" if self.unfreeze_all.isChecked() else self.unfreeze.value()
@@ -175,11 +210,17 @@ class ModelTab(QWidget):
     def recommend(self, ds) -> None:
         """Advice from the scanned folder: few images per class -> feature extraction."""
         if ds is None:
-            self.advice.setText("Recommendation: open a dataset and this suggests a mode. Start with feature "
-                                "extraction: it takes seconds and is a strong baseline.")
+            self.advice.setText("Recommendation: <b>Automatic</b>. It tries feature extraction (seconds) and then "
+                                "fine-tuning, and keeps whichever gives more reliable answers on your images.")
             return
         per_class = len(ds.samples) / max(1, len(ds.classes))
-        if per_class < 150:
+        if self.auto.isChecked():
+            text = (f"Recommendation for this dataset: <b>Automatic</b>. With about {per_class:.0f} images per "
+                    "class it " + ("will most likely keep feature extraction (fine-tuning has little to learn from), "
+                                   "but checks." if per_class < 150 else
+                                   "has enough images for fine-tuning to pay off if your images look unlike "
+                                   "everyday photos; it measures both on your validation images."))
+        elif per_class < 150:
             text = (f"Recommendation for this dataset: <b>feature extraction</b>. With about {per_class:.0f} images "
                     "per class, fine-tuning has little to learn from and can overfit; try it afterwards only if "
                     "your images look unlike everyday photos.")

@@ -1,0 +1,115 @@
+"""--mode auto: feature extraction, then fine-tuning from its head within a budget; the lower validation loss wins."""
+from __future__ import annotations
+
+import json
+import os
+
+from engine import TrainConfig, fit
+from engine.auto import FE, FT, BudgetToken, Race, projected_loss
+from engine.events import Callbacks, CancelToken, EpochMetrics
+from engine.model import load_model
+
+
+class Log(Callbacks):
+    def __init__(self):
+        self.lines, self.epochs = [], []
+
+    def on_log(self, m):
+        self.lines.append(m)
+
+    def on_train_epoch_end(self, m):
+        self.epochs.append(m)
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_classes(flat_data, tmp_path):
+    out = tmp_path / "auto"
+    log = Log()
+    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")), log)
+    assert res.run_dir == str(out) and not res.cancelled
+    block = res.metrics["auto"]
+    assert block["winner"] == FE and block["this_run"] == FE
+    other = block["runs"][FT]["run"]
+    assert other == f"{out}-{FT}" and _metrics(other)["auto"]["this_run"] == FT  # both runs kept, both say so
+    assert block["runs"][FE]["val_loss"] < block["runs"][FT]["val_loss"]
+    assert "Starting the head from feature extraction's" in "\n".join(log.lines)
+    # both halves' epochs were reported, tagged, on one clock
+    fe_epochs = [m for m in log.epochs if m.strategy == FE]
+    ft_epochs = [m for m in log.epochs if m.strategy == FT]
+    assert fe_epochs and ft_epochs and max(m.elapsed for m in fe_epochs) <= min(m.elapsed for m in ft_epochs)
+    diff = block["fine_tuning_minus_feature_extraction"]
+    assert diff["ci95"][0] <= diff["val_accuracy"] <= diff["ci95"][1] and diff["n"] == res.metrics["val_n"]
+    assert "Feature extraction was kept" in res.message
+    for run in (str(out), other):
+        assert load_model(run).classes == ["circles", "squares", "stripes"]
+
+
+def test_the_budget_stops_fine_tuning_and_feature_extraction_is_kept(flat_data, tmp_path):
+    out = tmp_path / "auto"
+    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", budget=0.001, seed=1,
+                          cache_dir=str(tmp_path / "c")))
+    assert res.run_dir == str(out) and not res.cancelled
+    block = res.metrics["auto"]
+    assert block["winner"] == FE and block["stopped"] == "the time budget ran out"
+    assert FT not in block["runs"] and not os.path.exists(f"{out}-{FT}")
+
+
+def test_a_cancel_during_fine_tuning_keeps_both_halves_done_so_far(flat_data, tmp_path):
+    class CancelAfterFirstFineTuningEpoch(Log):
+        def __init__(self, token):
+            super().__init__()
+            self.token = token
+
+        def on_train_epoch_end(self, m):
+            super().on_train_epoch_end(m)
+            if m.strategy == FT:
+                self.token.cancel()
+
+    token = CancelToken()
+    out = tmp_path / "auto"
+    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")),
+              CancelAfterFirstFineTuningEpoch(token), token)
+    assert res.cancelled and res.run_dir
+    runs = res.metrics["auto"]["runs"]
+    assert set(runs) == {FE, FT} and runs[FT]["epochs_run"] == 1
+    assert _metrics(runs[FT]["run"])["status"] == "cancelled"  # the user's stop, not the race's
+    assert all(os.path.exists(os.path.join(r["run"], "model.safetensors")) for r in runs.values())
+
+
+def test_a_cancel_during_feature_extraction_saves_nothing_and_skips_fine_tuning(flat_data, tmp_path):
+    class CancelAtOnce(Log):
+        def on_train_epoch_end(self, m):
+            token.cancel()
+
+    token = CancelToken()
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "auto"), mode="auto", cache_dir=str(tmp_path / "c")),
+              CancelAtOnce(), token)
+    assert res.cancelled and res.run_dir is None
+    assert not any(p.name.startswith("auto") for p in tmp_path.iterdir())
+
+
+def _epoch(n, loss, seconds=10.0):
+    return EpochMetrics(n, 5, loss, 0.5, loss, 0.5, 1e-3, seconds, 10.0, False)
+
+
+def test_the_race_stops_fine_tuning_only_when_even_a_straight_line_cannot_reach_feature_extraction():
+    assert abs(projected_loss([0.5, 0.9, 0.85], 3) - (0.85 - 0.05 * 3)) < 1e-12
+    slow = BudgetToken(CancelToken(), None)
+    race = Race(Callbacks(), slow, fe_loss=0.5, epochs=5, t0=0.0)
+    race.on_train_epoch_end(_epoch(1, 0.9))
+    assert not slow.cancelled  # one epoch is too few to extrapolate from
+    race.on_train_epoch_end(_epoch(2, 0.85))  # 0.85 - 3 x 0.05 = 0.70 > 0.5
+    assert slow.cancelled and "would stay above feature extraction's" in slow.reason
+    fast = BudgetToken(CancelToken(), None)
+    race = Race(Callbacks(), fast, fe_loss=0.5, epochs=5, t0=0.0)
+    race.on_train_epoch_end(_epoch(1, 0.9))
+    race.on_train_epoch_end(_epoch(2, 0.7))  # 0.7 - 3 x 0.2 = 0.1 < 0.5: keep going
+    assert not fast.cancelled
+    user = CancelToken()
+    token = BudgetToken(user, None)
+    user.cancel()
+    assert token.cancelled and token.reason == ""  # the user's cancel is not the race's
