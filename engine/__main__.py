@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--modes", default="feature-extraction,fine-tuning", help="comma-separated modes to run")
     bt.add_argument("--json", help="also write the table as JSON here")
 
+    bs = sub.add_parser("bench-strategy", help="feature extraction vs fine-tuning (new and old recipe) vs auto, "
+                                              "scored on a test split (see docs/benchmarks.md)")
+    bs.add_argument("data", nargs="*", help="folders, or 'digits' (default: hymenoptera, flowers, digits)")
+    bs.add_argument("--device", default="auto")
+    bs.add_argument("--ft-epochs", type=int, default=0, help="fine-tuning epochs (default: the recipe's)")
+    bs.add_argument("--runs", default=",".join(["feature-extraction", "fine-tuning (new)", "fine-tuning (old)",
+                                                "auto"]), help="comma-separated runs to make")
+    bs.add_argument("--json", help="also write the table as JSON here")
+
     bo = sub.add_parser("bench-onnx", help="the frozen backbone's CPU paths: PyTorch, ONNX Runtime fp32 and int8")
     bo.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
 
@@ -283,6 +292,12 @@ def cmd_bench_doctor(a) -> int:
     return run_bench_doctor(a)
 
 
+def cmd_bench_strategy(a) -> int:
+    from .bench_strategy import run_bench_strategy
+
+    return run_bench_strategy(a)
+
+
 def cmd_bench_trust(a) -> int:
     from .bench_trust import run_bench_trust
 
@@ -294,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
                 "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench,
                 "bench-trust": cmd_bench_trust, "doctor": cmd_doctor,
-                "bench-doctor": cmd_bench_doctor, "bench-onnx": cmd_bench_onnx}
+                "bench-doctor": cmd_bench_doctor, "bench-onnx": cmd_bench_onnx,
+                "bench-strategy": cmd_bench_strategy}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

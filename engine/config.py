@@ -60,13 +60,17 @@ class TrainConfig:
     backbone: str = option(DEFAULT_BACKBONE, "see `python -m engine backbones`")
     weights: str | None = option(None, "load backbone weights from this local file (.safetensors/.pth)", parse=str)
     download: bool = option(False, "allow downloading torchvision weights (needs internet)")
-    unfreeze: int | str = option(2, "fine-tuning: last N stages, or 'all'", parse=unfreeze_value)
+    unfreeze: int | str = option(3, "fine-tuning: last N stages, or 'all'", parse=unfreeze_value)
     epochs: int | None = option(None, "default 100 (feature extraction, early-stopped) / 5 (fine-tuning)", parse=int)
     batch_size: int | None = option(None, "default 64 / 32", parse=int)
     lr: float | None = option(None, "head learning rate (default 3e-3 / 1e-3)", parse=float)
     backbone_lr_mult: float = option(0.1, "fine-tuning: backbone learning rate = lr x this")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    augment: bool = option(True, "fine-tuning: random crop and flip each epoch")
+    augment: bool = option(True, "fine-tuning: each image or its mirror image at random (other backbones than the "
+                                 "bundled one: random crops too)")
+    bn_stats: str = option("frozen", "fine-tuning: BatchNorm statistics: frozen (the pretrained ones; their scale and "
+                                     "shift still train) or update (re-estimated from each batch)",
+                           choices=("frozen", "update"))
     patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
     balance: str = option("auto", "weight the loss by inverse class frequency: auto (when the largest class has 3x "
                                   "the images of the smallest), on, off", choices=("auto", "on", "off"))

@@ -1,9 +1,11 @@
 """Fine-tuning: the last stages of the backbone retrained with the new head, on images decoded once.
 
 :func:`run` decodes every split once (uint8, kept in memory or in a file: engine/pixels.py ``PixelStore``),
-freezes all but the last stages, starts the head from a linear probe (LP-FT), then repeats
-:func:`train_one_epoch` and :func:`validate` (the timm / torchvision references' shape) with early stopping. A cancel
-during training keeps the best finished epoch; before the first one, :class:`Cancelled` goes up to ``fit``.
+freezes all but the last stages (BatchNorm statistics too, by default), starts the head from a linear probe (LP-FT),
+then repeats :func:`train_one_epoch` and :func:`validate` (the timm / torchvision references' shape) with early
+stopping. Where the backbone allows, the frozen stages run once per image and the epochs only through the trained
+ones (engine/ft_inputs.py). A cancel during training keeps the best finished epoch; before the first one,
+:class:`Cancelled` goes up to ``fit``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError
 from .feature_extraction import labels
 from .forward import Forward
 from .head import balanced_class_weights, train_linear_head
+from .ft_inputs import Inputs, applies
 from .loop import EarlyStopping, RateMeter, TrainOutcome
 from .pixels import PixelStore, decode_all
 
@@ -38,28 +41,6 @@ class EpochStats:
 class ValStats:
     loss: float
     accuracy: float  # NaN without a validation split
-
-
-def random_resized_crop(x, size: int, generator, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True):
-    """Per-sample random resized crop + horizontal flip of a float batch, in one batched op on its device."""
-    import torch
-    from torchvision.ops import roi_align
-
-    n, _, h, w = x.shape
-    dev = x.device
-    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
-    logr = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    r = torch.exp(logr)
-    cw = torch.sqrt(area * r).clamp(max=1.0) * w
-    ch = torch.sqrt(area / r).clamp(max=1.0) * h
-    x1 = torch.rand(n, generator=generator) * (w - cw)
-    y1 = torch.rand(n, generator=generator) * (h - ch)
-    boxes = torch.stack([torch.arange(n, dtype=torch.float32), x1, y1, x1 + cw, y1 + ch], 1).to(dev, x.dtype)
-    out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
-        out = torch.where(mask.view(n, 1, 1, 1), out.flip(-1), out)
-    return out
 
 
 def forward_backward(model, x, y, scaler, fwd: Forward, class_weight=None):
@@ -83,18 +64,18 @@ def steps_per_epoch(n: int, bs: int, dist) -> int:
     return steps
 
 
-def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs: int, epoch: int, epochs: int,
-                    augment: bool, generator, scaler, frozen_modules, dist, cb: Callbacks,
+def train_one_epoch(model, train_model, fwd: Forward, batch, y, opt, sched, *, bs: int, epoch: int, epochs: int,
+                    generator, scaler, frozen_modules, dist, cb: Callbacks,
                     cancel: CancelToken, class_weight=None) -> EpochStats:
-    """One pass over ``data`` (uint8 (N,3,S,S)) in shuffled batches; reports throttled batch metrics."""
+    """One pass over the training images in shuffled batches (``batch(indices, device)`` makes each one's input to
+    ``train_model``); reports throttled batch metrics."""
     import torch
-    import torch.nn.functional as F
 
-    n, device, size = len(y), fwd.device, fwd.pre.size
+    n, device = len(y), fwd.device
     steps = steps_per_epoch(n, bs, dist)
     model.train()
     for m in frozen_modules:
-        m.eval()  # frozen stages keep their ImageNet BatchNorm statistics
+        m.eval()  # frozen stages (and, by default, every BatchNorm layer) keep their ImageNet statistics
     perm = torch.randperm(n, generator=generator)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -108,14 +89,10 @@ def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs
             # Same global batch as one process: every rank draws the same permutation (same seed) and takes its
             # share of each batch; DDP averages the gradients.
             idx = idx[dist.rank::dist.world]
-        xb = data[idx.to(data.device)].to(device, non_blocking=True).float()
+        xb = batch(idx, device)
         yb = y[idx].to(device, non_blocking=True)
-        if augment:
-            xb = random_resized_crop(xb, size, generator)
-        elif xb.shape[-1] != size:
-            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True)
         opt.zero_grad(set_to_none=True)
-        logits, loss = forward_backward(train_model, fwd.normalise(xb), yb, scaler, fwd, class_weight)
+        logits, loss = forward_backward(train_model, xb, yb, scaler, fwd, class_weight)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -138,11 +115,10 @@ def train_one_epoch(model, train_model, fwd: Forward, data, y, opt, sched, *, bs
     return EpochStats(loss_total / seen, correct_total / seen, seen, train_s)
 
 
-def validate(fwd: Forward, data, y, cancel: CancelToken | None, class_weight=None) -> ValStats:
-    """Mean (class-weighted) cross-entropy and accuracy on a held-out split."""
+def validate(logits, y, class_weight=None) -> ValStats:
+    """Mean (class-weighted) cross-entropy and accuracy of a held-out split's logits."""
     import torch.nn.functional as F
 
-    logits = fwd.map(data, cancel)
     y = y.to(logits.device)
     return ValStats(float(F.cross_entropy(logits, y, weight=class_weight)),
                     float((logits.argmax(1) == y).float().mean()))
@@ -183,8 +159,15 @@ def _decode_splits(ds: Dataset, pre, train_size: int, store: PixelStore, device,
     return decoded
 
 
-def _freeze(model, backbone: LoadedBackbone, unfreeze, cb: Callbacks) -> list:
-    """Freeze all but the last ``unfreeze`` stages; returns the frozen modules (kept in eval mode)."""
+def _freeze(model, backbone: LoadedBackbone, unfreeze, bn_stats: str, cb: Callbacks) -> tuple[list, int]:
+    """Freeze all but the last ``unfreeze`` stages; returns the modules kept in eval mode while training (the frozen
+    stages, and with ``bn_stats="frozen"`` every BatchNorm layer) and the number of frozen stages.
+
+    Why BatchNorm stays frozen by default: in train mode a BatchNorm layer normalises with the batch's own
+    statistics instead of ImageNet's, so on images unlike ImageNet's the first step changes what every unfrozen
+    stage computes and the linear-probe head no longer fits it: on upscaled 8x8 digits the training loss jumped
+    from the probe's ~0.2 to 4.4 in the first epoch and validation accuracy fell from 0.950 to 0.88; with the
+    statistics frozen it rose to 0.979 (docs/benchmarks.md, fine-tuning recipe)."""
     stages = backbone.net.stages()
     n_unfreeze = len(stages) if unfreeze == "all" else max(0, min(int(unfreeze), len(stages)))
     frozen = [m for group in stages[:len(stages) - n_unfreeze] for m in group]
@@ -195,23 +178,26 @@ def _freeze(model, backbone: LoadedBackbone, unfreeze, cb: Callbacks) -> list:
             p.requires_grad = False
     n_params = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     cb.on_log(f"Fine-tuning the last {n_unfreeze} of {len(stages)} backbone stages "
-              f"({n_params / 1e6:.2f} M backbone parameters trainable)")
-    return frozen
+              f"({n_params / 1e6:.2f} M backbone parameters trainable); BatchNorm statistics {bn_stats}")
+    if bn_stats == "frozen":
+        from torch import nn
+
+        frozen = frozen + [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return frozen, len(stages) - n_unfreeze
 
 
-def _linear_probe(model, fwd: Forward, decoded: dict, ytr, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks,
+def _linear_probe(model, features, ytr, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks,
                   cancel: CancelToken, class_weight=None) -> None:
     """LP-FT: start the new head from a linear probe on frozen features, so the first fine-tuning steps do not push
     random-head gradients into the pretrained layers (Kumar et al., 2022)."""
     import torch
 
     cb.on_log("Initialising the head with a linear probe on frozen features")
-    ftr = fwd.map(decoded["train"], cancel, module=model.backbone).cpu().numpy()
-    fva = fwd.map(decoded["val"], cancel, module=model.backbone).cpu().numpy() if decoded["val"] is not None else None
+    ftr, fva = features("train", cancel), features("val", cancel)
     probe = train_linear_head(ftr, ytr.numpy(), fva, yva.numpy(), num_classes, epochs=100, batch_size=64, lr=3e-3,
                               weight_decay=cfg.weight_decay, patience=15, seed=cfg.seed, cancel=cancel,
                               class_weight=class_weight)
-    model.head.load_state_dict({k: torch.from_numpy(v).to(fwd.device) for k, v in probe.head.items()})
+    model.head.load_state_dict({k: torch.from_numpy(v).to(model.head.weight.device) for k, v in probe.head.items()})
 
 
 def _distributed(model, device, dist, cfg: TrainConfig, cb: Callbacks):
@@ -250,7 +236,9 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
     """Decode, freeze, probe (or start from ``head_init``), train; returns the best epoch. Raises Cancelled when no
     epoch finished."""
     pre = backbone.preprocessing
-    train_size = int(round(pre.size * 256 / 224)) if cfg.augment else pre.size
+    # random crops need a little more than the input size; the frozen-stages-once path only mirrors
+    crops = cfg.augment and not applies(backbone.net, cfg.unfreeze, dist)
+    train_size = int(round(pre.size * 256 / 224)) if crops else pre.size
     need = 3 * (len(ds.split("train")) * train_size ** 2
                 + (len(ds.split("val")) + len(ds.split("test"))) * pre.size ** 2)
     store = PixelStore(need, cache_dir)
@@ -260,13 +248,13 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
                   "epochs read them from disk, more slowly")
     try:
         decoded = _decode_splits(ds, pre, train_size, store, device, cb, cancel)
-        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist, head_init)
+        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist, head_init, cache_dir)
     finally:
         store.close()  # (the arrays die with this frame)
 
 
 def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, decoded: dict, cb: Callbacks,
-           cancel: CancelToken, dist, head_init: dict | None = None) -> TrainOutcome:
+           cancel: CancelToken, dist, head_init: dict | None = None, cache_dir: str | None = None) -> TrainOutcome:
     """The epochs: out-of-memory retry with a halved batch, validation, early stopping, best epoch kept."""
     import torch
 
@@ -278,8 +266,11 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     model = make_classifier(backbone.net, len(ds.classes)).to(device)
     if device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
-    frozen = _freeze(model, backbone, cfg.unfreeze, cb)
+    frozen, n_frozen = _freeze(model, backbone, cfg.unfreeze, cfg.bn_stats, cb)
     eval_fwd = Forward(model, backbone.preprocessing, device, batch_size=8 if device.type == "cpu" else 256)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    inputs = Inputs.choose(cfg, model, n_frozen, decoded, eval_fwd, dist, gen, cb, cancel, backbone.weights_id,
+                           cache_dir)
     weights = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
@@ -287,13 +278,12 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         cb.on_log("Starting the head from feature extraction's (already a linear probe)")
         model.head.load_state_dict({k: torch.as_tensor(v).to(device) for k, v in head_init.items()})
     elif cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
-        _linear_probe(model, eval_fwd, decoded, ytr, yva, len(ds.classes), cfg, cb, cancel, weights)
-    train_model = _distributed(model, device, dist, cfg, cb)
+        _linear_probe(model, inputs.features, ytr, yva, len(ds.classes), cfg, cb, cancel, weights)
+    train_model = inputs.tail if inputs.tail is not None else _distributed(model, device, dist, cfg, cb)
     opt, scaler = _optimizer(model, cfg), grad_scaler(device)
     cw = None if weights is None else torch.from_numpy(weights).to(device)
     n = len(ytr)
     bs = min(cfg.batch_size, n)
-    gen = torch.Generator().manual_seed(cfg.seed)
     has_val = decoded["val"] is not None and len(decoded["val"]) > 0
     eval_fwd.batch_size = max(bs, 8) if device.type == "cpu" else 256
     stopping, best_state, history, rates = EarlyStopping(cfg.patience), None, [], []
@@ -302,12 +292,12 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         sched = sched or _schedule(opt, steps_per_epoch(n, bs, dist), cfg.epochs)
         t0 = time.perf_counter()
         try:
-            st = train_one_epoch(model, train_model, eval_fwd, decoded["train"], ytr, opt, sched, bs=bs,
-                                 epoch=epoch + 1, epochs=cfg.epochs, augment=cfg.augment, generator=gen,
+            st = train_one_epoch(model, train_model, eval_fwd, inputs.batch, ytr, opt, sched, bs=bs,
+                                 epoch=epoch + 1, epochs=cfg.epochs, generator=gen,
                                  scaler=scaler, frozen_modules=frozen, dist=dist, cb=cb, cancel=cancel,
                                  class_weight=cw)
             # Under DDP a rank must not stop alone between collectives: cancel is only checked per step.
-            val = (validate(eval_fwd, decoded["val"], yva, None if dist.enabled else cancel, cw) if has_val
+            val = (validate(inputs.logits("val", None if dist.enabled else cancel), yva, cw) if has_val
                    else ValStats(st.loss, float("nan")))
         except Cancelled:
             cancelled = True
@@ -337,29 +327,24 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     if cancelled:
         cb.on_log(f"Stopped; keeping the best epoch so far ({stopping.best_epoch})")
     model.load_state_dict(best_state)
-    logits, feats, feat_s = _held_out_outputs(model, eval_fwd, decoded, cb)
+    logits, feats, feat_s = _held_out_outputs(inputs, cb)
     model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
     return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, logits=logits,
                         features=feats, cancelled=cancelled, features_seconds=feat_s,
                         train_images_per_s=float(np.median(rates)) if rates else 0.0)
 
 
-def _held_out_outputs(model, fwd: Forward, decoded: dict, cb: Callbacks) -> tuple[dict, dict, float]:
+def _held_out_outputs(inputs: Inputs, cb: Callbacks) -> tuple[dict, dict, float]:
     """The best epoch's logits on val/test, and the tuned network's embeddings of train and val (what
     "unfamiliar" compares new images with: one more pass over the training images, timed)."""
     logits, feats = {}, {}
     for split in ("val", "test"):
-        if decoded[split] is not None and len(decoded[split]):
-            cb.on_progress(Progress(Phase.EVALUATING, 0, len(decoded[split])))
-            logits[split] = fwd.map(decoded[split]).cpu().numpy()
-        else:
-            logits[split] = None
+        cb.on_progress(Progress(Phase.EVALUATING, 0, 1, message=split))
+        logits[split] = inputs.logits(split).cpu().numpy() if inputs.has(split) else None
     meter = RateMeter()
-    cb.on_progress(Progress(Phase.EMBEDDING, 0, len(decoded["train"]), message="for 'unfamiliar'"))
+    cb.on_progress(Progress(Phase.EMBEDDING, 0, 1, message="for 'unfamiliar'"))
     for split in ("train", "val"):
-        data = decoded[split]
-        feats[split] = (fwd.map(data, module=model.backbone).cpu().numpy()
-                        if data is not None and len(data) else None)
+        feats[split] = inputs.features(split) if inputs.has(split) else None
     seconds = meter.elapsed()
     cb.on_log(f"Embedded the training images with the tuned network for 'unfamiliar' in {seconds:.1f} s")
     return logits, feats, seconds

@@ -126,7 +126,8 @@ def graph_paths(cache_dir: str, backbone: str, weights_id: str) -> tuple[str, st
             os.path.join(folder, f"{backbone}-{weights_id}.int8-{weights}.onnx"))
 
 
-def _export(net, pre: Preprocessing, path: str) -> None:
+def export_graph(net, pre: Preprocessing, path: str) -> None:
+    """``net`` (BatchNorm folded, fp32) as an ONNX graph at ``path`` (atomically), batch size free."""
     import torch
 
     from .backbones import fold_batchnorm
@@ -197,7 +198,7 @@ def ensure_graphs(cache_dir: str, backbone_name: str, backbone, calibration: np.
     if not os.path.isfile(fp32):
         if log:
             log("Exporting the backbone to ONNX (once per backbone)")
-        _export(backbone.net, backbone.preprocessing, fp32)
+        export_graph(backbone.net, backbone.preprocessing, fp32)
     if not os.path.isfile(int8) and calibration is not None and len(calibration):
         if log:
             log(f"Quantising the backbone to int8, calibrated on {len(calibration)} of your images (once)")

@@ -117,7 +117,7 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
         precision = "fp32"
     if not os.path.isfile(fp32):
         os.makedirs(os.path.dirname(fp32), exist_ok=True)
-        ob._export(loaded.model.backbone, loaded.preprocessing, fp32)
+        ob.export_graph(loaded.model.backbone, loaded.preprocessing, fp32)
     return ob.OrtForward(int8 if precision == "int8" else fp32, loaded.preprocessing, precision, batch_size or 16)
 
 

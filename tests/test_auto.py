@@ -113,3 +113,28 @@ def test_the_race_stops_fine_tuning_only_when_even_a_straight_line_cannot_reach_
     token = BudgetToken(user, None)
     user.cancel()
     assert token.cancelled and token.reason == ""  # the user's cancel is not the race's
+
+
+def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_validation_probabilities(flat_data,
+                                                                                                      tmp_path):
+    """The cached path trains only the last stages on the frozen stages' outputs; the saved model, run on the whole
+    images by predict, must give the validation probabilities fine-tuning recorded (val_predictions.csv)."""
+    import csv
+
+    from engine.config import PredictConfig
+    from engine.predict import predict_folder
+
+    log = Log()
+    run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=2, batch_size=8,
+                          unfreeze=2, seed=3), log)
+    assert any("Ran the frozen stages once over" in m for m in log.lines)
+    assert any("The frozen stages run through ONNX Runtime (fp32)" in m for m in log.lines)  # the CPU's fast path
+    assert any("BatchNorm statistics frozen" in m for m in log.lines)
+    with open(os.path.join(run.run_dir, "val_predictions.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = run.metrics["classes"]
+    res = predict_folder(PredictConfig(run.run_dir, [r["path"] for r in rows], engine="torch"))
+    got = {r.path: r.probabilities for r in res.rows}
+    for r in rows:
+        want = [float(r[f"p_{c}"]) for c in classes]
+        assert max(abs(a - b) for a, b in zip(got[r["path"]], want)) < 1e-4

@@ -230,7 +230,7 @@ def test_fine_tuning_a_folder_bigger_than_memory_keeps_pixels_on_disk(flat_data,
 
     import engine.pixels
 
-    cfg = dict(data=str(flat_data), mode="fine-tuning", epochs=2, batch_size=8, unfreeze=1, seed=0,
+    cfg = dict(data=str(flat_data), mode="fine-tuning", epochs=2, batch_size=8, unfreeze="all", seed=0,
                cache_dir=str(tmp_path / "cache"))
     in_memory = fit(TrainConfig(out=str(tmp_path / "ram"), **cfg))
     logs = []

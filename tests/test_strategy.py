@@ -64,3 +64,18 @@ def test_sort_into_copies_by_class_and_never_overwrites(fe_run, tmp_path):
         assert any(n.startswith(f"{folder}/{r.path.rsplit('/', 1)[1][:-4]}") for n in names), (r, placed)
     assert all((photos / f"p{i}.jpg").exists() for i in range(4))  # nothing moved
     assert sum(r.error != "" for r in by_status.values()) == 1  # the broken file is reported, not sorted
+
+
+def test_efficientnet_lite1_and_lite2_are_listed_offline_and_train_at_their_own_input_size(flat_data, tmp_path):
+    from engine.backbones import list_backbones
+    from engine.predict import predict_folder
+
+    infos = {b.name: b for b in list_backbones()}
+    for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+        assert infos[name].weights_available and infos[name].input_size == size
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "lite2"), backbone="efficientnet_lite2", epochs=30,
+                          cache_dir=str(tmp_path / "cache")))
+    meta = (tmp_path / "lite2" / "model.json").read_text()
+    assert '"size": 260' in meta and res.metrics["val_accuracy"] >= 0.8
+    rows = predict_folder(PredictConfig(res.run_dir, [str(flat_data / "squares")])).rows
+    assert sum(r.prediction == "squares" for r in rows) >= 0.8 * len(rows)

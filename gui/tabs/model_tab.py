@@ -77,7 +77,7 @@ class ModelTab(QWidget):
         ul = QHBoxLayout()
         ul.addSpacing(22)
         ul.addWidget(QLabel("Stages to unfreeze (from the top):"))
-        self.unfreeze = QSpinBox(minimum=1, maximum=40, value=2)
+        self.unfreeze = QSpinBox(minimum=1, maximum=40, value=3)
         self.unfreeze.setToolTip("More stages adapt more of the network: slower, needs more images")
         self.unfreeze_all = QCheckBox("all")
         ul.addWidget(self.unfreeze)

@@ -20,7 +20,7 @@ class TrainingTab(QWidget):
     """Owns the TrainConfig fields of how to train (epochs ... device, and the advanced ones) and the runs folder."""
 
     FIELDS = ["epochs", "batch_size", "lr", "augment", "patience", "device", "backbone_lr_mult", "weight_decay",
-              "linear_probe_init", "cache", "cache_dir", "engine", "precision", "balance"]
+              "linear_probe_init", "cache", "cache_dir", "engine", "precision", "balance", "bn_stats"]
     start_requested = Signal()
     stop_requested = Signal()
     copy_command_requested = Signal()
@@ -42,9 +42,10 @@ class TrainingTab(QWidget):
         self.lr = QDoubleSpinBox(decimals=5, minimum=0.0, maximum=1.0, singleStep=0.0005, value=0.0,
                                  specialValueText="auto")
         self.lr.setToolTip("Learning rate of the new head (the backbone uses a tenth of it). auto: 0.003 / 0.001")
-        self.augment = QCheckBox("Random crop and flip")
+        self.augment = QCheckBox("Mirror images")
         self.augment.setChecked(True)
-        self.augment.setToolTip("Fine-tuning: show each image slightly differently every epoch (less overfitting)")
+        self.augment.setToolTip("Fine-tuning: show each image or its mirror image at random (less overfitting); "
+                                "backbones other than the bundled one also get random crops")
         self.patience = QSpinBox(minimum=0, maximum=100, value=0, specialValueText="auto")
         self.patience.setToolTip("Stop when validation loss has not improved for this many epochs; the best epoch "
                                  "is kept either way. auto: 15 / 3")
@@ -162,6 +163,12 @@ class TrainingTab(QWidget):
             self.balance.addItem(text, value)
         self.balance.setToolTip("Weight the loss by inverse class frequency, so small classes count as much")
         form.addRow("Balance classes", self.balance)
+        self.bn_stats = QComboBox()
+        for text, value in (("Frozen (pretrained)", "frozen"), ("Updated from each batch", "update")):
+            self.bn_stats.addItem(text, value)
+        self.bn_stats.setToolTip("Fine-tuning: BatchNorm layers keep the pretrained statistics (steadier, better on "
+                                 "images unlike everyday photos) or re-estimate them from each batch")
+        form.addRow("BatchNorm statistics", self.bn_stats)
         form.addRow("Engine", self.engine)
         form.addRow("Precision", self.precision)
         # Collapsed by default: the group's check box shows or hides the rows (the values always apply).
@@ -200,7 +207,8 @@ class TrainingTab(QWidget):
                 "backbone_lr_mult": self.backbone_lr_mult.value(), "weight_decay": self.weight_decay.value(),
                 "linear_probe_init": self.linear_probe_init.isChecked(), "cache": self.cache.isChecked(),
                 "cache_dir": self.cache_dir.text().strip() or None, "engine": self.engine.currentData(),
-                "precision": self.precision.currentData(), "balance": self.balance.currentData()}
+                "precision": self.precision.currentData(), "balance": self.balance.currentData(),
+                "bn_stats": self.bn_stats.currentData()}
 
     def set_values(self, v: dict) -> None:
         for name, spin in (("epochs", self.epochs), ("batch_size", self.batch), ("lr", self.lr),
@@ -216,7 +224,8 @@ class TrainingTab(QWidget):
             self.select_device(v["device"] or "auto")
         if "cache_dir" in v:
             self.cache_dir.setText(v["cache_dir"] or "")
-        for name, combo in (("engine", self.engine), ("precision", self.precision), ("balance", self.balance)):
+        for name, combo in (("engine", self.engine), ("precision", self.precision), ("balance", self.balance),
+                            ("bn_stats", self.bn_stats)):
             if name in v:
                 combo.setCurrentIndex(max(0, combo.findData(v[name])))
 
