@@ -56,6 +56,13 @@ def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12))))
 
 
+def scaled_log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    """Log-loss after the temperature that suits these logits best: how well a model ranks its answers, whatever
+    its overall confidence (a model trained with label smoothing is under-confident; its raw loss is not
+    comparable with one trained without; --mode auto compares this)."""
+    return log_loss(scaled(logits, fit_temperature(logits, y)), y)
+
+
 def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
     """Per equal-width confidence bin: its range, the images in it, their mean confidence and their accuracy."""
     conf = probs.max(1)

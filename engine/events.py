@@ -66,6 +66,8 @@ class EpochMetrics:
     # --mode auto: which half this epoch belongs to, and seconds since the automatic run started (the race plot)
     strategy: str = ""
     elapsed: float = 0.0
+    # validation loss after the best temperature for this epoch's logits (fine-tuning; NaN where not computed)
+    val_loss_calibrated: float = float("nan")
 
     # A head on cached features runs many cheap epochs (100 by default): logs show every 10th of those.
     MANY_EPOCHS = 20

@@ -41,6 +41,7 @@ class EpochStats:
 class ValStats:
     loss: float
     accuracy: float  # NaN without a validation split
+    calibrated_loss: float = float("nan")  # after the best temperature (engine/calibration.py scaled_log_loss)
 
 
 def forward_backward(model, x, y, scaler, fwd: Forward, class_weight=None):
@@ -116,12 +117,16 @@ def train_one_epoch(model, train_model, fwd: Forward, batch, y, opt, sched, *, b
 
 
 def validate(logits, y, class_weight=None) -> ValStats:
-    """Mean (class-weighted) cross-entropy and accuracy of a held-out split's logits."""
+    """Mean (class-weighted) cross-entropy, accuracy and temperature-scaled cross-entropy of a held-out split's
+    logits."""
     import torch.nn.functional as F
+
+    from .calibration import scaled_log_loss
 
     y = y.to(logits.device)
     return ValStats(float(F.cross_entropy(logits, y, weight=class_weight)),
-                    float((logits.argmax(1) == y).float().mean()))
+                    float((logits.argmax(1) == y).float().mean()),
+                    scaled_log_loss(logits.float().cpu().numpy(), y.cpu().numpy()))
 
 
 def _decode_splits(ds: Dataset, pre, train_size: int, store: PixelStore, device, cb: Callbacks,
@@ -316,7 +321,8 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         m = EpochMetrics(epoch, cfg.epochs, st.loss, st.accuracy, val.loss, val.accuracy, opt.param_groups[0]["lr"],
-                         time.perf_counter() - t0, st.seen / st.seconds if st.seconds else 0.0, improved)
+                         time.perf_counter() - t0, st.seen / st.seconds if st.seconds else 0.0, improved,
+                         val_loss_calibrated=val.calibrated_loss)
         history.append(m.as_row())
         rates.append(m.images_per_s)
         cb.on_train_epoch_end(m)

@@ -205,7 +205,7 @@ def _fit_auto(cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, dataset: Dat
     fe = fit(replace(cfg, mode=auto.FE, out=f"{target}-{auto.FE}"), auto.Tagged(cb, auto.FE, t0), cancel, dataset)
     if fe.run_dir is None or fe.cancelled:
         return fe
-    fe_loss = auto.best_val_loss(fe.history)
+    fe_loss = auto.calibrated_val_loss(fe.run_dir)
     ft_dir, stop = None, ""
     if fe_loss == float("inf"):
         cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")

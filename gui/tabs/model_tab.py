@@ -16,8 +16,8 @@ FE_TEXT = ("<b>Feature extraction</b> keeps the pretrained network frozen and tr
            "its features. Fast (each image is processed once), and the best choice when your images look like "
            "everyday photos and you have few of them.")
 FT_TEXT = ("<b>Fine-tuning</b> also retrains the last stages of the network, with a lower learning rate. Slower "
-           "(every epoch runs the network), better when your images look unlike everyday photos (medical, "
-           "satellite, microscope, documents) and you have a few hundred images per class or more.")
+           "(each epoch retrains those stages on every image), better when your images look unlike everyday photos "
+           "(medical, satellite, microscope, documents) and you have a few hundred images per class or more.")
 
 
 class ModelTab(QWidget):
