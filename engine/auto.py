@@ -144,9 +144,14 @@ def paired_difference(run_a: str, run_b: str) -> tuple[float, tuple[float, float
     return mean, (mean - half, mean + half), len(d)
 
 
-def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str) -> str:
-    """One sentence a non-specialist understands."""
+def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, raced: bool = True) -> str:
+    """One sentence a non-specialist understands. ``raced``: fine-tuning finished at least one epoch."""
     lo, hi = ci[0] * 100, ci[1] * 100
+    if not raced:
+        return ("Feature extraction was kept: fine-tuning " + (f"was stopped before its first epoch ended because "
+                                                              f"{stopped}; a larger time budget gives it a chance."
+                                                              if stopped else "had no validation images to be "
+                                                              "compared on."))
     if winner == FT:
         if lo > 0:
             return (f"Fine-tuning gained {gain_points:.1f} points: your images differ from the everyday photos the "
@@ -191,7 +196,7 @@ def finish(target: str, overwrite: bool, fe_dir: str, ft_dir: str | None, ft_sto
              "runs": {m: {**runs[m], "run": final[m]} for m in runs},
              "fine_tuning_minus_feature_extraction": {"val_accuracy": round(diff, 6),
                                                       "ci95": [round(ci[0], 6), round(ci[1], 6)], "n": n},
-             "why": why(winner, diff * 100, ci, ft_stop)}
+             "why": why(winner, diff * 100, ci, ft_stop, raced=ft_dir is not None)}
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
     for mode, d in final.items():
         path = os.path.join(d, "metrics.json")

@@ -55,6 +55,7 @@ def test_the_budget_stops_fine_tuning_and_feature_extraction_is_kept(flat_data, 
     assert res.run_dir == str(out) and not res.cancelled
     block = res.metrics["auto"]
     assert block["winner"] == FE and block["stopped"] == "the time budget ran out"
+    assert "stopped before its first epoch ended" in block["why"] and "larger time budget" in block["why"]
     assert FT not in block["runs"] and not os.path.exists(f"{out}-{FT}")
 
 

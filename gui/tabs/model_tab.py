@@ -116,11 +116,13 @@ class ModelTab(QWidget):
         return row
 
     def show_estimate(self, text: str, minutes: float) -> None:
-        """The fine-tuning estimate for the open dataset; the budget follows it until the user sets one."""
+        """The fine-tuning estimate for the open dataset; until the user sets a budget, it follows the estimate with
+        room to spare (twice it, at least 2 minutes more): an estimate from another folder or a quieter machine can
+        be short, and a budget that runs out before the first epoch wastes the wait."""
         self.estimate.setText(f"Fine-tuning estimate: {text}")
         if not self.budget_set_by_user:
             self.budget.blockSignals(True)
-            self.budget.setValue(max(1, int(minutes + 0.999)))
+            self.budget.setValue(max(1, int(max(2 * minutes, minutes + 2) + 0.999)))
             self.budget.blockSignals(False)
 
     def _mode_changed(self, *_args) -> None:
