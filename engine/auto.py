@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .events import Callbacks, CancelToken, EpochMetrics
+from .events import Callbacks, Cancelled, CancelToken, EpochMetrics
 from .runs import atomic_write_json, read_json, unique_dir
 
 FE, FT = "feature-extraction", "fine-tuning"
@@ -53,8 +53,6 @@ class BudgetToken(CancelToken):
 
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
-            from .events import Cancelled
-
             raise Cancelled()
 
 

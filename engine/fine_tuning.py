@@ -205,6 +205,19 @@ def _linear_probe(model, features, ytr, yva, num_classes: int, cfg: TrainConfig,
     model.head.load_state_dict({k: torch.from_numpy(v).to(model.head.weight.device) for k, v in probe.head.items()})
 
 
+def _start_head(model, head_init: dict | None, inputs: Inputs, ytr, yva, num_classes: int, cfg: TrainConfig, dist,
+                cb: Callbacks, cancel: CancelToken, class_weight=None) -> None:
+    """The head's first weights: ``head_init`` (--mode auto: feature extraction's head, already a linear probe), a
+    linear probe (LP-FT), or the random initialisation."""
+    import torch
+
+    if head_init is not None:
+        cb.on_log("Starting the head from feature extraction's (already a linear probe)")
+        model.head.load_state_dict({k: torch.as_tensor(v).to(model.head.weight.device) for k, v in head_init.items()})
+    elif cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
+        _linear_probe(model, inputs.features, ytr, yva, num_classes, cfg, cb, cancel, class_weight)
+
+
 def _distributed(model, device, dist, cfg: TrainConfig, cb: Callbacks):
     """The model the optimiser steps through: itself, or DDP under torchrun (which broadcasts rank 0's weights,
     head included, to every rank, then averages gradients each step)."""
@@ -279,11 +292,7 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     weights = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
-    if head_init is not None:
-        cb.on_log("Starting the head from feature extraction's (already a linear probe)")
-        model.head.load_state_dict({k: torch.as_tensor(v).to(device) for k, v in head_init.items()})
-    elif cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
-        _linear_probe(model, inputs.features, ytr, yva, len(ds.classes), cfg, cb, cancel, weights)
+    _start_head(model, head_init, inputs, ytr, yva, len(ds.classes), cfg, dist, cb, cancel, weights)
     train_model = inputs.tail if inputs.tail is not None else _distributed(model, device, dist, cfg, cb)
     opt, scaler = _optimizer(model, cfg), grad_scaler(device)
     cw = None if weights is None else torch.from_numpy(weights).to(device)
