@@ -15,7 +15,6 @@ lower validation loss becomes the result.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -25,7 +24,7 @@ import time
 import numpy as np
 
 from .events import Callbacks, Cancelled, CancelToken, EpochMetrics
-from .runs import atomic_write_json, read_json, unique_dir
+from .runs import atomic_write_json, read_json, read_predictions, unique_dir
 
 FE, FT = "feature-extraction", "fine-tuning"
 MIN_EPOCHS_BEFORE_EXTRAPOLATING = 2
@@ -113,26 +112,25 @@ class Race(Tagged):
                             f"epoch(s) left, would stay above feature extraction's ({self.fe_loss:.4f})")
 
 
-def calibrated_val_loss(run_dir: str) -> float:
-    """A run's validation log-loss with its temperature applied (val_predictions.csv), inf without validation
-    images. The temperature was fitted on these images: one number, as optimistic for either strategy. Raw losses
-    are not comparable: fine-tuning trains with label smoothing (under-confident), the feature-extraction head
-    without; on digits fine-tuning was 0.9 points more accurate with a raw loss of 0.208 against 0.152."""
-    with open(os.path.join(run_dir, "val_predictions.csv"), newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+def val_rows(run_dir: str) -> list[dict]:
+    """A run's validation rows of val_predictions.csv (calibrated probabilities, label, prediction)."""
+    return [r for r in read_predictions(run_dir) if r["split"] == "val"]
+
+
+def calibrated_val_loss(rows: list[dict]) -> float:
+    """Validation log-loss with the run's temperature applied (``val_rows``), inf without validation images. The
+    temperature was fitted on these images: one number, as optimistic for either strategy. Raw losses are not
+    comparable: fine-tuning trains with label smoothing (under-confident), the feature-extraction head without; on
+    digits fine-tuning was 0.9 points more accurate with a raw loss of 0.208 against 0.152."""
     if not rows:
         return math.inf
     return float(np.mean([-math.log(max(float(r[f"p_{r['label']}"]), 1e-12)) for r in rows]))
 
 
-def paired_difference(run_a: str, run_b: str) -> tuple[float, tuple[float, float], int]:
+def paired_difference(rows_a: list[dict], rows_b: list[dict]) -> tuple[float, tuple[float, float], int]:
     """Accuracy of b minus a on the validation images both runs predicted, with a 95% interval (normal
     approximation of the paired per-image differences), and how many images that is."""
-    def correct(run):
-        with open(os.path.join(run, "val_predictions.csv"), newline="", encoding="utf-8") as f:
-            return {r["path"]: r["label"] == r["prediction"] for r in csv.DictReader(f) if r["split"] == "val"}
-
-    a, b = correct(run_a), correct(run_b)
+    a, b = ({r["path"]: r["label"] == r["prediction"] for r in rows} for rows in (rows_a, rows_b))
     common = sorted(set(a) & set(b))
     if not common:
         return 0.0, (0.0, 0.0), 0
@@ -166,17 +164,17 @@ def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, 
 
 def finish(target: str, overwrite: bool, fe_dir: str, ft_dir: str | None, ft_stop: str, cb: Callbacks) -> dict:
     """Name the winner ``target`` and the other run beside it; write the ``auto`` block into both; returns it."""
-    fe_metrics = read_json(os.path.join(fe_dir, "metrics.json"))
-    runs = {FE: {"val_loss": calibrated_val_loss(fe_dir), "val_accuracy": fe_metrics.get("val_accuracy"),
+    fe_metrics, fe_rows = read_json(os.path.join(fe_dir, "metrics.json")), val_rows(fe_dir)
+    runs = {FE: {"val_loss": calibrated_val_loss(fe_rows), "val_accuracy": fe_metrics.get("val_accuracy"),
                  "seconds": fe_metrics.get("train_seconds")}}
     winner = FE
     if ft_dir:
-        ft_metrics = read_json(os.path.join(ft_dir, "metrics.json"))
-        runs[FT] = {"val_loss": calibrated_val_loss(ft_dir), "val_accuracy": ft_metrics.get("val_accuracy"),
+        ft_metrics, ft_rows = read_json(os.path.join(ft_dir, "metrics.json")), val_rows(ft_dir)
+        runs[FT] = {"val_loss": calibrated_val_loss(ft_rows), "val_accuracy": ft_metrics.get("val_accuracy"),
                     "seconds": ft_metrics.get("train_seconds"), "epochs_run": ft_metrics.get("epochs_run")}
         if runs[FT]["val_loss"] < runs[FE]["val_loss"]:
             winner = FT
-    diff, ci, n = paired_difference(fe_dir, ft_dir) if ft_dir else (0.0, (0.0, 0.0), 0)
+    diff, ci, n = paired_difference(fe_rows, ft_rows) if ft_dir else (0.0, (0.0, 0.0), 0)
     final = {}
     for mode, d in ((FE, fe_dir), (FT, ft_dir)):
         if d is None:
@@ -218,12 +216,6 @@ def summary(winner: str, runs: dict, diff: float, ci: tuple[float, float], n: in
     return (f"Kept {words}: calibrated validation loss {runs[winner]['val_loss']:.4f} vs "
             f"{runs[other]['val_loss']:.4f}"
             f" ({other}){acc}.")
-
-
-def history(run_dir: str) -> list[dict]:
-    """A run's history.csv as numbers."""
-    with open(os.path.join(run_dir, "history.csv"), newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def head_weights(run_dir: str) -> dict:

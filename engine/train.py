@@ -191,7 +191,7 @@ def _fit_auto(cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, dataset: Dat
     from dataclasses import replace
 
     from . import auto, speeds
-    from .runs import read_json
+    from .runs import read_history, read_json
 
     cfg.resolved()  # checks the settings before anything runs
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -205,7 +205,7 @@ def _fit_auto(cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, dataset: Dat
     fe = fit(replace(cfg, mode=auto.FE, out=f"{target}-{auto.FE}"), auto.Tagged(cb, auto.FE, t0), cancel, dataset)
     if fe.run_dir is None or fe.cancelled:
         return fe
-    fe_loss = auto.calibrated_val_loss(fe.run_dir)
+    fe_loss = auto.calibrated_val_loss(auto.val_rows(fe.run_dir))
     ft_dir, stop = None, ""
     if fe_loss == float("inf"):
         cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
@@ -229,4 +229,4 @@ def _fit_auto(cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, dataset: Dat
     block = auto.finish(target, cfg.overwrite, fe.run_dir, ft_dir, stop, cb)
     won = block["runs"][block["winner"]]["run"]
     metrics = read_json(os.path.join(won, "metrics.json"))
-    return FitResult(won, cancel.cancelled, metrics, auto.history(won), fe.skipped, message=block["summary"])
+    return FitResult(won, cancel.cancelled, metrics, read_history(won), fe.skipped, message=block["summary"])
