@@ -72,7 +72,7 @@ def test_each_planted_problem_is_found_and_clean_images_are_not_flagged(planted)
 
 
 def test_cli_writes_the_csv_and_a_summary_per_issue(planted, tmp_path):
-    root, p, _, cache = planted
+    root, p, res, cache = planted
     out = tmp_path / "report.csv"
     r = subprocess.run([sys.executable, "-m", "engine", "doctor", str(root), "--csv", str(out), "--cache-dir",
                         str(cache), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -82,6 +82,10 @@ def test_cli_writes_the_csv_and_a_summary_per_issue(planted, tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["issue", "path", "other_path", "label", "suggested_label", "score"]
     assert {"duplicate", "near-duplicate", "leak", "label", "outlier"} <= {r["issue"] for r in rows}
+    # the second check took embeddings and layout thumbnails from the cache, and found the same
+    assert (cache / "layouts-16px.safetensors").is_file()
+    assert {(r["issue"], r["path"], r["other_path"]) for r in rows} == {(f.issue, f.path, f.other_path)
+                                                                      for f in res.findings}
 
 
 def test_a_clean_folder_says_so(tmp_path):
