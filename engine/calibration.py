@@ -87,6 +87,21 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE
                      for b in reliability_bins(probs, y, bins) if b["n"]))
 
 
+def ece_noise_floor(probs: np.ndarray, bins: int = ECE_BINS, draws: int = 200, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model would still show on these images: each image's top answer drawn right
+    with exactly its confidence, ``draws`` times, the mean ECE. On a few hundred images it is a few points, so an
+    ECE near it is as low as these images can measure."""
+    conf = probs.max(1).astype(np.float64)
+    if not len(conf):
+        return float("nan")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    b = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # (lo, hi] as reliability_bins
+    conf_b = np.bincount(b, conf, minlength=bins)
+    right = np.random.default_rng(seed).random((draws, len(conf))) < conf
+    acc_b = np.stack([np.bincount(b, r, minlength=bins) for r in right])
+    return float(np.abs(acc_b - conf_b).sum(1).mean() / len(conf))
+
+
 def coverage_curve(probs: np.ndarray, y: np.ndarray) -> list[dict]:
     """Accuracy against coverage: answering only images whose confidence is at least each threshold.
 
@@ -159,6 +174,7 @@ def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray
     return {
         "temperature": temperature, "measured_on": measured_on, "n": int(len(y)), "bins_count": ECE_BINS,
         "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
+        "ece_noise_floor": ece_noise_floor(after),
         "log_loss_before": log_loss(before, y), "log_loss_after": log_loss(after, y),
         "bins": reliability_bins(after, y), "coverage": curve, **threshold,
     }
