@@ -6,6 +6,10 @@ the deep nearest-neighbour score of Sun et al. 2022, which needs no training and
 (k = 1 separated best on the shared folders: a hymenoptera model flagged 87% of flower photos at 3.7% of its own
 unseen test images, against 79% at 5.0% with k = 5 and 68% at 6.2% with k = 20; docs/benchmarks.md).
 
+For a fine-tuning run the embeddings compared are the output of the stages it left frozen, averaged over the
+picture (engine/ft_inputs.py): the tuned network's own embedding pulls every image towards some class and flagged
+none of 400 photos of another folder.
+
 "Unfamiliar" threshold: the conformal 95% quantile of held-out (validation) images' own distances (the
 ceil((n + 1) 0.95)-th smallest, the largest when n is small), so that new images like the training ones are
 flagged at most about 5% of the time. The dataset doctor's outliers use the same distance (leave-one-out within the

@@ -16,6 +16,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import TrainConfig
 from .events import Callbacks, CancelToken, Phase, Progress
 from .forward import Forward
@@ -32,6 +34,24 @@ def applies(net, unfreeze, dist) -> bool:
     return getattr(net, "kind", None) == "lite" and not dist.enabled and 1 <= n - trained < n
 
 
+def frozen_blocks(net, n_frozen_stages: int) -> int | None:
+    """How many of a Lite backbone's blocks the first ``n_frozen_stages`` stages hold (stage 0 is the stem); None
+    when the network cannot be cut there (a torchvision backbone, every stage frozen, or none)."""
+    if getattr(net, "kind", None) != "lite" or not 1 <= n_frozen_stages < len(net.stage_names):
+        return None
+    return sum(len(names) for names in net.stage_names[1:n_frozen_stages])
+
+
+def pooled_prefix_hook(net, n_frozen_stages: int, sink: list):
+    """Append the frozen stages' output, averaged over space, to ``sink`` on every forward pass of ``net`` (a Lite
+    backbone, or its folded copy); returns the hook's handle, or None when ``net`` cannot be cut there."""
+    n_blocks = frozen_blocks(net, n_frozen_stages)
+    if not n_blocks:
+        return None
+    return net.body._blocks[n_blocks - 1].register_forward_hook(
+        lambda _m, _i, out: sink.append(out.float().mean((2, 3))))
+
+
 def split(model, n_frozen_stages: int):
     """(prefix, tail) modules sharing ``model``'s layers: prefix(normalised images) -> the last frozen stage's
     output; tail(that) -> logits, ``tail.features(that)`` -> embeddings. None when this backbone cannot be cut
@@ -39,10 +59,10 @@ def split(model, n_frozen_stages: int):
     from torch import nn
 
     net = model.backbone
-    if getattr(net, "kind", None) != "lite" or not 1 <= n_frozen_stages < len(net.stage_names):
+    n_blocks = frozen_blocks(net, n_frozen_stages)
+    if n_blocks is None:
         return None
     body = net.body
-    n_blocks = sum(len(names) for names in net.stage_names[1:n_frozen_stages])  # stage 0: the stem
     rate = body._global_params.drop_connect_rate or 0.0
 
     class Prefix(nn.Module):
@@ -250,6 +270,15 @@ class Inputs:
             return self.fwd.map(self.images[split], cancel)
         self.model.eval()
         return map_tail(self.tail, self.cached[split], self.fwd, cancel)
+
+    def familiar_features(self, split: str) -> np.ndarray | None:
+        """What "unfamiliar" compares, for a split: the frozen stages' outputs averaged over space (None: not cached,
+        or an empty split). Fine-tuning pulls every image's tuned embedding towards some class, so the tuned
+        network flagged none of 400 photos of another folder as unfamiliar; its frozen stages, still the
+        pretrained network's, flagged 92-100% (docs/benchmarks.md, calibration)."""
+        if self.cached is None or not self.has(split) or self.cached.get(split) is None:
+            return None
+        return self.cached[split].float().mean((2, 3)).cpu().numpy()
 
     def features(self, split: str, cancel: CancelToken | None = None):
         """Embeddings (NumPy) of a split's images; None for an empty split."""

@@ -69,7 +69,14 @@ class LoadedModel:
             emb = load_file(os.path.join(self.run_dir, os.path.basename(name)))["embeddings"]
         except Exception:  # missing or damaged: predictions simply carry no "unfamiliar"
             return None
-        return emb.astype("float32") if emb.ndim == 2 and emb.shape[1] == self.meta.get("feature_dim") else None
+        dim = (self.meta.get("unfamiliar") or {}).get("dim", self.meta.get("feature_dim"))
+        return emb.astype("float32") if emb.ndim == 2 and emb.shape[1] == dim else None
+
+    @property
+    def familiar_frozen_stages(self) -> int | None:
+        """Set when "unfamiliar" compares the frozen stages' pooled output (fine-tuning), not the embedding."""
+        v = (self.meta.get("unfamiliar") or {}).get("frozen_stages")
+        return int(v) if isinstance(v, int) and v > 0 else None
 
 
 def load_model(run_dir: str) -> LoadedModel:

@@ -129,8 +129,6 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
 
     ``on_chunk(indices, probs, distances or None, errors)`` is called per chunk in file order (to stream rows).
     """
-    import torch
-
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
     pre = loaded.preprocessing
@@ -141,6 +139,24 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
     forward = onnx or Forward.frozen(loaded.model, pre, device, batch_size)
     head = loaded.model.head if onnx else forward.net.head
     bs = forward.batch_size
+    pooled: list = []  # fine-tuning runs: the frozen stages' pooled output, what "unfamiliar" compares
+    hook = None
+    if train_emb is not None and loaded.familiar_frozen_stages and not onnx:
+        from .ft_inputs import pooled_prefix_hook
+
+        hook = pooled_prefix_hook(forward.net.backbone, loaded.familiar_frozen_stages, pooled)
+        train_emb = train_emb if hook is not None else None
+    try:
+        return _score_chunks(loaded, paths, device, forward, onnx, head, bs, train_emb, pooled, cb, cancel, on_chunk)
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _score_chunks(loaded, paths, device, forward, onnx, head, bs, train_emb, pooled, cb, cancel, on_chunk) -> Scored:
+    import torch
+
+    pre = loaded.preprocessing
     probs_all, dist_all, kept, errors = [], [], [], []
     meter = RateMeter(len(paths))
     done = 0
@@ -157,7 +173,9 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
                          for s in range(0, len(good), bs)]
             f = torch.cat(feats) if feats else torch.zeros(0, head.in_features, device=device)
             p = probabilities(head(f).float().cpu().numpy(), loaded.temperature)
-            d = knn_distance(f.cpu().numpy(), train_emb) if train_emb is not None and len(f) else None
+            familiar = torch.cat(pooled) if pooled else f
+            pooled.clear()
+            d = knn_distance(familiar.cpu().numpy(), train_emb) if train_emb is not None and len(f) else None
             idx = [i for i, _ in good]
             probs_all.append(p)
             if d is not None:

@@ -136,6 +136,9 @@ def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, 
     unfamiliar = None
     if outcome.features.get("train") is not None:
         unfamiliar = familiarity_block(outcome.features["train"], outcome.features.get("val"), cfg.seed)
+        unfamiliar["dim"] = int(outcome.features["train"].shape[1])
+        if outcome.familiar_frozen_stages:
+            unfamiliar["frozen_stages"] = outcome.familiar_frozen_stages
     return probs, calibration, unfamiliar
 
 

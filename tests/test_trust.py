@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from engine import TrainConfig, fit
-from engine.calibration import calibrate, expected_calibration_error, fit_temperature, scaled
+from engine.calibration import calibrate, ece_noise_floor, expected_calibration_error, fit_temperature, scaled
 from engine.config import EvaluateConfig, PredictConfig
 from engine.events import Callbacks
 from tests.imagegen import draw_image, draw_unlike, make_flat_dataset
@@ -32,6 +32,27 @@ def test_temperature_fitting_recovers_a_known_temperature_and_keeps_top1():
     assert report["measured_on"] == "test" and report["ece_after"] < report["ece_before"]
     assert report["log_loss_after"] < report["log_loss_before"]
     assert sum(b["n"] for b in report["bins"]) == 2000 and len(report["bins"]) == 15
+
+
+def test_the_prior_on_the_temperature_stops_a_few_validation_images_from_sharpening_without_limit():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 1, (20, 3))
+    y = z.argmax(1)  # every one right: plain log-loss keeps sharpening, to the bound
+    assert fit_temperature(z, y, prior_sd=None) == pytest.approx(0.01, rel=0.05)
+    assert 0.1 < fit_temperature(z, y) < 1.0  # the prior (log T ~ N(0, 0.5^2)) stops it
+
+
+def test_the_ece_noise_floor_is_what_a_perfectly_calibrated_model_measures():
+    """On few images even a perfect model shows an ECE of several points: the floor says how much (bench-trust
+    prints it beside each measured ECE)."""
+    rng = np.random.default_rng(3)
+    for n in (150, 900):
+        conf = rng.uniform(0.4, 1.0, n)
+        probs = np.stack([conf, 1 - conf], 1)
+        measured = [expected_calibration_error(probs, np.where(rng.random(n) < conf, 0, 1)) for _ in range(300)]
+        assert ece_noise_floor(probs) == pytest.approx(np.mean(measured), rel=0.1)
+    big = rng.uniform(0.4, 1.0, 20000)
+    assert ece_noise_floor(np.stack([big, 1 - big], 1)) < 0.01  # it shrinks as the images grow
 
 
 def _probs_from_csv(path):
@@ -75,10 +96,15 @@ def test_calibrated_probabilities_agree_across_val_predictions_predict_and_evalu
 
 
 @pytest.fixture(scope="module")
-def trust_run(tmp_path_factory):
-    """Feature extraction on shapes with enough validation images to set thresholds."""
-    data = make_flat_dataset(tmp_path_factory.mktemp("shapes"), n_per_class=30, seed=3)
-    res = fit(TrainConfig(data=str(data), out=str(tmp_path_factory.mktemp("runs") / "fe"), epochs=40, seed=0,
+def trust_data(tmp_path_factory):
+    """Shapes with enough validation images to set thresholds."""
+    return make_flat_dataset(tmp_path_factory.mktemp("shapes"), n_per_class=30, seed=3)
+
+
+@pytest.fixture(scope="module", params=["feature-extraction", "fine-tuning"])
+def trust_run(request, trust_data, tmp_path_factory):
+    res = fit(TrainConfig(data=str(trust_data), out=str(tmp_path_factory.mktemp("runs") / "run"), seed=0,
+                          mode=request.param, epochs=40 if request.param == "feature-extraction" else 2,
                           cache_dir=str(tmp_path_factory.mktemp("cache"))))
     assert res.run_dir
     return res
@@ -86,6 +112,10 @@ def trust_run(tmp_path_factory):
 
 def test_unfamiliar_and_unsure_rows_on_planted_images(trust_run, tmp_path):
     from engine.predict import predict_folder
+
+    meta = json.loads((Path(trust_run.run_dir) / "model.json").read_text())
+    if meta["mode"] == "fine-tuning":  # tuned embeddings flagged nothing unfamiliar: the frozen stages' output does
+        assert meta["unfamiliar"]["frozen_stages"] >= 1 and meta["unfamiliar"]["dim"] < meta["feature_dim"]
 
     folder = tmp_path / "new"
     folder.mkdir()
