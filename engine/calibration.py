@@ -136,12 +136,14 @@ def coverage_curve(probs: np.ndarray, y: np.ndarray) -> list[dict]:
 
 def threshold_for(curve: list[dict], target_accuracy: float) -> tuple[float, float, float] | None:
     """(threshold, coverage, accuracy) of the lowest threshold whose answered images are at least
-    ``target_accuracy`` right (the most images answered); None when no threshold reaches it."""
+    ``target_accuracy`` right (the most images answered); None when no threshold reaches it. When answering every
+    image reaches it, the threshold is 0: a new image less confident than every measured one is not marked unsure
+    for that alone."""
     ok = [p for p in curve if p["accuracy"] >= target_accuracy]
     if not ok:
         return None
     best = max(ok, key=lambda p: p["coverage"])
-    return best["threshold"], best["coverage"], best["accuracy"]
+    return (0.0 if best["coverage"] >= 1.0 else best["threshold"]), best["coverage"], best["accuracy"]
 
 
 def _halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

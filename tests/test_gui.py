@@ -547,6 +547,7 @@ def test_confidence_panel_saves_a_threshold_and_heatmaps_come_from_the_backgroun
     assert w.open_run(str(run))
     trust = w.results_tab.trust
     assert "When it says" in trust.words.text() and "expected calibration error" in trust.words.text()
+    assert "even a perfectly calibrated model shows about" in trust.words.text()
     trust.target.setValue(50.0)
     assert "answers 100% of images" in trust.target_text.text()
     trust.save_btn.click()

@@ -81,7 +81,9 @@ class TrustPanel(QWidget):
         self.words.setText(
             f"{in_words(cal['bins'])} Calibrated with temperature {cal['temperature']:.2f}; expected calibration "
             f"error {100 * cal['ece_before']:.1f}% before, <b>{100 * cal['ece_after']:.1f}%</b> after "
-            f"(measured on {cal['measured_on']}, {cal['n']} images)."
+            f"(measured on {cal['measured_on']}, {cal['n']} images"
+            + (f"; on so many images even a perfectly calibrated model shows about "
+               f"{100 * cal['ece_noise_floor']:.1f}%" if isinstance(cal.get("ece_noise_floor"), float) else "") + ")."
             + (f" About {100 * rate:.0f}% of images like the validation ones are marked unfamiliar." if rate is not None
                else ""))
         saved = (meta.get("unsure") or {}).get("target_accuracy")
