@@ -33,7 +33,7 @@ def browse_and_check(app, w, browse_data, shot) -> None:
     shot("1-dataset.png")
     d = w.dataset_tab  # Check dataset on the same folder: findings, then the map (PCA, then t-SNE)
     d.check_btn.click()
-    wait(app, lambda: not w.busy())
+    wait(app, lambda: d.doctor.summary.text().startswith("Checked") and not w.busy())  # (busy starts a moment later)
     print("check:", d.doctor.summary.text())
     d.doctor.filter.setCurrentIndex(d.doctor.filter.findData("label"))
     wait(app, lambda: len(w.loader.pending) == 0, 60)
