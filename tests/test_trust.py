@@ -42,6 +42,20 @@ def test_the_prior_on_the_temperature_stops_a_few_validation_images_from_sharpen
     assert 0.1 < fit_temperature(z, y) < 1.0  # the prior (log T ~ N(0, 0.5^2)) stops it
 
 
+def test_the_unfamiliar_threshold_adds_training_distances_but_leaves_copies_out():
+    from engine.familiarity import familiarity_block, knn_distance, threshold
+
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(300, 16)), rng.normal(size=(30, 16))
+    block = familiarity_block(train, val)
+    assert "leave-one-out" in block["threshold_from"]
+    assert block["threshold"] == pytest.approx(threshold(np.r_[knn_distance(val, train),
+                                                               knn_distance(train, train, exclude_self=True)]))
+    # a third of the training images filed twice: their zero distances would pull the quantile down
+    copies = familiarity_block(np.r_[train, train[:100]], val)
+    assert copies["threshold"] == pytest.approx(block["threshold"], rel=0.03)
+
+
 def test_the_ece_noise_floor_is_what_a_perfectly_calibrated_model_measures():
     """On few images even a perfect model shows an ECE of several points: the floor says how much (bench-trust
     prints it beside each measured ECE)."""
