@@ -5,6 +5,7 @@ Probabilities are calibrated with the run's temperature; ``status`` says whether
 ``engine.events.PredictionRow``)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -129,6 +130,8 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
 
     ``on_chunk(indices, probs, distances or None, errors)`` is called per chunk in file order (to stream rows).
     """
+    import torch
+
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
     pre = loaded.preprocessing
@@ -146,21 +149,12 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
 
         hook = pooled_prefix_hook(forward.net.backbone, loaded.familiar_frozen_stages, pooled)
         train_emb = train_emb if hook is not None else None
-    try:
-        return _score_chunks(loaded, paths, device, forward, onnx, head, bs, train_emb, pooled, cb, cancel, on_chunk)
-    finally:
-        if hook is not None:
-            hook.remove()
-
-
-def _score_chunks(loaded, paths, device, forward, onnx, head, bs, train_emb, pooled, cb, cancel, on_chunk) -> Scored:
-    import torch
-
-    pre = loaded.preprocessing
     probs_all, dist_all, kept, errors = [], [], [], []
     meter = RateMeter(len(paths))
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        if hook is not None:
+            stack.callback(hook.remove)
         for group in iter_decoded(paths, pre, pre.size, chunk=max(bs, 32), cancel=cancel,
                                   overlap=device.type != "cpu", device=device):
             good = [(i, a) for i, a, e in group if a is not None]
