@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bs = sub.add_parser("bench-strategy", help="feature extraction vs fine-tuning (new and old recipe) vs auto, "
                                               "scored on a test split (see docs/benchmarks.md)")
-    bs.add_argument("data", nargs="*", help="folders, or 'digits' (default: hymenoptera, flowers, digits)")
+    bs.add_argument("data", nargs="*", help="folders, 'digits' or 'pairs' (default: hymenoptera, flowers, digits, "
+                                                 "pairs)")
     bs.add_argument("--device", default="auto")
     bs.add_argument("--ft-epochs", type=int, default=0, help="fine-tuning epochs (default: the recipe's)")
     bs.add_argument("--runs", default=",".join(["feature-extraction", "fine-tuning (new)", "fine-tuning (old)",

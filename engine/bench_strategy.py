@@ -1,7 +1,8 @@
 """``python -m engine bench-strategy [FOLDER ...]``: feature extraction, fine-tuning (new and old recipe) and auto.
 
 Folders: ../shared/datasets/hymenoptera and flowers (everyday photos) and, unlike photos, scikit-learn's bundled
-8x8 handwritten digits upscaled to 64 px (no download). Each is linked into a flat copy split 60/20/20 (seed 0);
+8x8 handwritten digits upscaled to 64 px (no download) and "pairs" (two discs of the same colour or of two colours,
+drawn here). Each is linked into a flat copy split 60/20/20 (seed 0);
 every run picks its epoch (and auto its strategy) on validation and is scored on the test split, which played no
 part in either. Each run starts from an empty embedding cache, as a user's first run does.
 
@@ -37,6 +38,45 @@ def digits_folder(dst: str, size: int = 64) -> str:
     return dst
 
 
+PAIR_COLOURS = ((220, 40, 40), (40, 60, 220), (40, 170, 60), (230, 200, 30))
+
+
+def draw_pair(match: bool, seed: int, size: int = 128):
+    """Two discs on a light background, one in each half: of the same colour (``match``) or of two colours.
+
+    Frozen features say which colours are in a picture, and a linear head on them sees roughly the sum of the two
+    discs' features: "two reds" and "two blues" then lie on either side of "one red, one blue", so no straight line
+    separates matching from mixed pairs. Stages that are trained can compare the two discs."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    im = Image.new("RGB", (size, size), tuple(rng.randint(200, 255) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    a = rng.randrange(len(PAIR_COLOURS))
+    b = a if match else rng.choice([c for c in range(len(PAIR_COLOURS)) if c != a])
+    colours = [a, b]
+    rng.shuffle(colours)
+    for (lo, hi), c in zip(((0, size // 2), (size // 2, size)), colours):
+        r = rng.randint(14, 26)
+        cx, cy = rng.randint(lo + r + 2, hi - r - 2), rng.randint(r + 2, size - r - 2)
+        fill = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in PAIR_COLOURS[c])
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    return im
+
+
+def pairs_folder(dst: str, n_per_class: int = 300, seed: int = 0) -> str:
+    """Classes ``same`` and ``mixed`` (see `draw_pair`): a folder where feature extraction stays well short of what
+    fine-tuning reaches."""
+    for ci, name in enumerate(("same", "mixed")):
+        folder = os.path.join(dst, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(n_per_class):
+            draw_pair(name == "same", seed * 100000 + ci * 10000 + i).save(os.path.join(folder, f"{i:04d}.png"))
+    return dst
+
+
 def _old_recipe():
     """A context that forces the previous fine-tuning path (whole network every epoch)."""
     import contextlib
@@ -68,12 +108,14 @@ RUNS = {
 
 def run_bench_strategy(a) -> int:
     tmp = tempfile.mkdtemp(prefix="ts-bench-strategy-")
-    folders = a.data or [os.path.join(SHARED, "hymenoptera"), os.path.join(SHARED, "flowers"), "digits"]
+    folders = a.data or [os.path.join(SHARED, "hymenoptera"), os.path.join(SHARED, "flowers"), "digits", "pairs"]
     rows = []
     for f in folders:
         name = os.path.basename(os.path.normpath(f))
         if f == "digits":
             flat = digits_folder(os.path.join(tmp, "digits"))
+        elif f == "pairs":
+            flat = pairs_folder(os.path.join(tmp, "pairs"))
         elif not os.path.isdir(f):
             print(f"skipped: {f} not found (the shared datasets are not on this machine)", file=sys.stderr)
             continue

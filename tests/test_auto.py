@@ -139,3 +139,20 @@ def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_va
     for r in rows:
         want = [float(r[f"p_{c}"]) for c in classes]
         assert max(abs(a - b) for a, b in zip(got[r["path"]], want)) < 1e-4
+
+
+def test_auto_picks_fine_tuning_where_frozen_features_cannot_compare_two_objects(tmp_path):
+    """Matching pairs of discs against mixed pairs: frozen features see which colours are there, not whether the
+    two discs agree, so feature extraction stays well short; fine-tuning's trained stages learn the comparison."""
+    from engine.bench_strategy import pairs_folder
+
+    data = pairs_folder(str(tmp_path / "pairs"))
+    out = tmp_path / "auto"
+    res = fit(TrainConfig(data=data, out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")))
+    block = res.metrics["auto"]
+    fe, ft = block["runs"][FE], block["runs"][FT]
+    assert block["winner"] == FT and res.run_dir == str(out) and not block.get("stopped")
+    assert ft["val_loss"] < fe["val_loss"] - 0.03
+    assert ft["val_accuracy"] >= fe["val_accuracy"] + 0.02, (fe, ft)
+    assert fe["val_accuracy"] < 0.9  # feature extraction really is short here, not only slightly worse
+    assert "Kept fine-tuning" in res.message and _metrics(f"{out}-{FE}")["auto"]["this_run"] == FE
