@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--device", default="auto")
     bt.add_argument("--ft-epochs", type=int, default=2)
     bt.add_argument("--other-images", type=int, default=400, help="images of the other folder(s) to predict")
+    bt.add_argument("--splits", type=int, default=3, help="random 60/20/20 splits per folder and mode (seeds 0..N-1)")
     bt.add_argument("--modes", default="feature-extraction,fine-tuning", help="comma-separated modes to run")
     bt.add_argument("--json", help="also write the table as JSON here")
 
