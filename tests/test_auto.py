@@ -99,6 +99,8 @@ def _epoch(n, loss, seconds=10.0):
 
 def test_the_race_stops_fine_tuning_only_when_even_a_straight_line_cannot_reach_feature_extraction():
     assert abs(projected_loss([0.5, 0.9, 0.85], 3) - (0.85 - 0.05 * 3)) < 1e-12
+    # a worse epoch is a swing, not a trend: from the best so far, by the largest swing (pairs folder, epochs 1-2)
+    assert abs(projected_loss([0.355, 0.389, 0.478], 3) - (0.389 - 0.089 * 3)) < 1e-12
     slow = BudgetToken(CancelToken(), None)
     race = Race(Callbacks(), slow, fe_loss=0.5, epochs=5, t0=0.0)
     race.on_train_epoch_end(_epoch(1, 0.9))
@@ -110,6 +112,11 @@ def test_the_race_stops_fine_tuning_only_when_even_a_straight_line_cannot_reach_
     race.on_train_epoch_end(_epoch(1, 0.9))
     race.on_train_epoch_end(_epoch(2, 0.7))  # 0.7 - 3 x 0.2 = 0.1 < 0.5: keep going
     assert not fast.cancelled
+    swing = BudgetToken(CancelToken(), None)
+    race = Race(Callbacks(), swing, fe_loss=0.355, epochs=5, t0=0.0)
+    race.on_train_epoch_end(_epoch(1, 0.389))
+    race.on_train_epoch_end(_epoch(2, 0.478))  # 0.389 - 3 x 0.089 = 0.122 < 0.355: epochs 3-4 may still win
+    assert not swing.cancelled
     user = CancelToken()
     token = BudgetToken(user, None)
     user.cancel()
