@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,8 +253,8 @@ def test_evaluate_scores_a_labelled_folder(fe_run, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_model_gives_predicts_calibrated_probabilities(fe_run, flat_data, tmp_path, fmt):
-    """The exported network's second output is the calibrated probabilities predict writes (within 1e-4), and its
-    first the logits whose top-1 they share."""
+    """The exported network's second output is the calibrated probabilities predict writes on the fp32 path (within
+    1e-4), and its first the logits whose top-1 they share."""
     import torch
 
     from engine.export import export_model
@@ -266,7 +267,7 @@ def test_exported_model_gives_predicts_calibrated_probabilities(fe_run, flat_dat
     side = json.loads(Path(str(out) + ".json").read_text())
     loaded = load_model(fe_run.run_dir)
     assert side["classes"] == ["circles", "squares", "stripes"] and side["temperature"] == loaded.temperature
-    rows = predict_folder(PredictConfig(fe_run.run_dir, [str(flat_data / "squares")])).rows[:6]
+    rows = predict_folder(PredictConfig(fe_run.run_dir, [str(flat_data / "squares")], engine="torch")).rows[:6]
     pre = loaded.preprocessing
     u8 = np.stack([decode_one(r.path, pre, pre.size)[0] for r in rows]).transpose(0, 3, 1, 2)
     x = ((u8 / 255.0 - np.array(pre.mean).reshape(1, 3, 1, 1)) / np.array(pre.std).reshape(1, 3, 1, 1))
@@ -499,7 +500,7 @@ def test_rerun_from_cached_features_needs_no_torch_and_saves_the_same_model(flat
     assert load_model(out["run"]).classes == first.metrics["classes"]
 
 
-def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_data, tmp_path):
+def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_data, tmp_path, monkeypatch):
     """The frozen backbone through ONNX Runtime: fp32 features match PyTorch's; int8 is used only when its features
     agree with fp32 on the user's images (else it falls back and says so); each path has its own cache file; a run
     made with int8 features predicts with them (predict agrees with evaluate); --engine torch is the old path."""
@@ -525,9 +526,16 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
                                   log=logs.append)
     d = s_auto["features"]
     assert d["engine"] == "onnxruntime" and d["checked_images"] > 0
-    assert (d["precision"] == "int8") == (d["min_cosine"] >= ob.MIN_COSINE)
-    if d["precision"] == "fp32":
-        assert any("using fp32" in m for m in logs)
+    assert d["precision"] == "int8" and d["min_cosine"] >= ob.MIN_COSINE  # the int8 graph agrees with fp32 here
+    assert d["mean_cosine"] > 0.99
+    monkeypatch.setattr(ob, "MIN_COSINE", 1.01)  # agreement made to fail: fp32, and the log says why
+    logs = []
+    shutil.copytree(tmp_path / "c2" / "graphs", tmp_path / "c4" / "graphs")  # the graphs, not the embeddings
+    _, _, _, s_strict = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c4"), engine="auto", precision="auto",
+                                    log=logs.append)
+    assert (s_strict["features"]["precision"], s_strict["features"]["reason"]) == ("fp32", "int8 disagreed with fp32")
+    assert any("using fp32" in m for m in logs)
+    monkeypatch.undo()
     run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "int8"), precision="int8", epochs=20,
                           cache_dir=str(tmp_path / "c3")))
     meta = json.loads((Path(run.run_dir) / "model.json").read_text())

@@ -1,0 +1,163 @@
+"""Static int8 quantisation of an exported backbone (ONNX Runtime QDQ), in the flavour this CPU runs exactly.
+
+With AVX-512 VNNI / AVX-VNNI the CPU multiplies uint8 activations by int8 weights into 32 bits: 8-bit activations,
+8-bit per-channel weights, the usual graph.
+
+Without VNNI, ONNX Runtime's uint8 x int8 kernels add pairs of products in 16 bits, which saturates once two products
+reach 2 x 255 x 128 (mean feature cosine with fp32 0.88 on hymenoptera). The usual way out, 7-bit weights
+(``reduce_range``), costs the weights a bit and that is where EfficientNet-Lite's error comes from (weights alone at
+7 bits: mean cosine 0.984; at 8 bits: 0.996). So here the *activations* get 7 bits (0..127) and the weights keep 8:
+127 x 128 x 2 stays under 32,767, so nothing saturates, and activations lose little (mean cosine 0.991 against 0.974
+for 7-bit weights, at the same speed). Measured on 48 hymenoptera validation images; docs/benchmarks.md has the table.
+
+How, with ONNX Runtime's own quantiser: a first pass calibrates the usual 8-bit activation ranges; a second one
+quantises with every activation's scale widened to 127 steps (``TensorQuantOverrides``), keeping the ReLU6 clips as
+nodes (``QDQKeepRemovableActivations``), which :func:`_clips_in_uint8` then turns into clips on the uint8 values
+(0..127: no float round trip, and nothing above 127 reaches a matrix product). The first few convolutions (the
+image and the half-resolution maps) stay in fp32: see ``FP32_LEADING_CONVS``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+QMAX_NO_VNNI = 127
+# Without VNNI these first convolutions stay in fp32 (EfficientNet-Lite: the stem, block 0, block 1's expansion and
+# depthwise: everything that reads the image or a half-resolution map, where 7-bit activations cost the most).
+# Kept in fp32 -> worst / mean cosine on 48 hymenoptera images, validation accuracy hymenoptera (fp32 0.948) and
+# flowers (fp32 0.771): stem only 0.975 / 0.992, 0.935, 0.785; 3 convolutions 0.980 / 0.993, 0.941, 0.780;
+# 5: 0.986 / 0.994, 0.948, 0.774 (about 4% slower than 3).
+FP32_LEADING_CONVS = 5
+
+
+def quantize(fp32: str, out: str, batches: list[np.ndarray], vnni: bool) -> dict:
+    """Quantise ``fp32`` into ``out`` (atomically), calibrated on ``batches`` of network inputs; returns what was
+    done (recorded beside the graph)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepped, tmp = f"{out}.pre-{os.getpid()}.onnx", f"{out}.tmp-{os.getpid()}.onnx"
+    quiet = logging.getLogger()  # the quantiser logs per-tensor notes on the root logger
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        quant_pre_process(fp32, prepped, skip_symbolic_shape=True)
+        if vnni:
+            _quantize_static(prepped, tmp, batches)
+            info = {"activations": "uint8", "weights": "int8 per channel"}
+        else:
+            first = _leading_convs(prepped)
+            _quantize_static(prepped, tmp, batches, exclude=first, keep_clips=True)
+            overrides = {t: [{"scale": np.array(s * 255 / QMAX_NO_VNNI, dtype=np.float32),
+                              "zero_point": np.array(round(z * QMAX_NO_VNNI / 255), dtype=np.uint8)}]
+                         for t, (s, z) in _activation_params(tmp).items()}
+            _quantize_static(prepped, tmp, batches, exclude=first, keep_clips=True,
+                             extra={"TensorQuantOverrides": overrides})
+            _clips_in_uint8(tmp)
+            info = {"activations": f"uint8, 0..{QMAX_NO_VNNI} (no VNNI)",
+                    "weights": "int8 per channel",
+                    "kept_in_fp32": first}
+        os.replace(tmp, out)
+    finally:
+        quiet.setLevel(level)
+        for p in (prepped, tmp):
+            if os.path.exists(p):
+                os.unlink(p)
+    return {"format": "QDQ", "per_channel": True, **info}
+
+
+def _quantize_static(src: str, dst: str, batches: list[np.ndarray], exclude=(), keep_clips=False, extra=None):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"images": b} for b in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    options = {"QDQKeepRemovableActivations": keep_clips, **(extra or {})}
+    quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
+                    nodes_to_exclude=list(exclude), extra_options=options)
+
+
+def _leading_convs(path: str) -> list[str]:
+    """The first ``FP32_LEADING_CONVS`` convolutions of the graph, in order."""
+    import onnx
+
+    return [node.name for node in onnx.load(path).graph.node if node.op_type == "Conv"][:FP32_LEADING_CONVS]
+
+
+def _activation_params(path: str) -> dict[str, tuple[float, int]]:
+    """Scale and zero point of every activation the QDQ graph at ``path`` quantises."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(path).graph
+    init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    return {n.input[0]: (float(init[n.input[1]]), int(init[n.input[2]])) for n in g.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in init}
+
+
+def _clips_in_uint8(path: str) -> None:
+    """Rewrite ``DequantizeLinear -> Clip -> QuantizeLinear`` (same scale and zero point on both sides) as a Clip of
+    the uint8 values, its top at most ``QMAX_NO_VNNI``; and clip every other quantised activation to that top too, so
+    no value the 16-bit kernel cannot take reaches a matrix product."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(path)
+    g = m.graph
+    init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replace, drop, clipped = {}, set(), set()
+
+    def u8(name: str, value: float) -> str:
+        g.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.uint8), name))
+        return name
+
+    for n in g.node:
+        if n.op_type != "Clip":
+            continue
+        dq, after = producer.get(n.input[0]), consumers.get(n.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(after) != 1 or after[0].op_type != "QuantizeLinear":
+            continue
+        q = after[0]
+        scale, zero = float(init[dq.input[1]]), int(init[dq.input[2]])
+        if float(init[q.input[1]]) != scale or int(init[q.input[2]]) != zero:
+            continue
+        lo = float(init[n.input[1]]) if len(n.input) > 1 and n.input[1] else -np.inf
+        hi = float(init[n.input[2]]) if len(n.input) > 2 and n.input[2] else np.inf
+        qlo = int(np.clip(zero + np.round(lo / scale), 0, QMAX_NO_VNNI)) if np.isfinite(lo) else 0
+        qhi = int(np.clip(zero + np.round(hi / scale), 0, QMAX_NO_VNNI)) if np.isfinite(hi) else QMAX_NO_VNNI
+        replace[id(n)] = helper.make_node("Clip", [dq.input[0], u8(f"{n.name}_u8lo", qlo), u8(f"{n.name}_u8hi", qhi)],
+                                          [q.output[0]], name=f"{n.name}_u8")
+        drop.add(id(q))
+        clipped.add(q.output[0])
+        if len(consumers[dq.output[0]]) == 1:  # the new clip is the only reader of the value before it
+            drop.add(id(dq))
+            clipped.add(dq.input[0])
+    nodes = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        nodes.append(replace.get(id(n), n))
+        out = n.output[0] if n.output else ""
+        if (n.op_type == "QuantizeLinear" and id(n) not in drop and out not in clipped
+                and init.get(n.input[2], np.zeros(0)).dtype == np.uint8 and n.input[0] not in init):
+            # the consumers read the clipped copy
+            clipped_name = f"{out}_u8top"
+            for c in consumers.get(out, []):
+                c.input[:] = [clipped_name if i == out else i for i in c.input]
+            nodes.append(helper.make_node("Clip", [out, u8(f"{out}_u8lo", 0), u8(f"{out}_u8hi", QMAX_NO_VNNI)],
+                                          [clipped_name], name=f"{out}_u8top_clip"))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
