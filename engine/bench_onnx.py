@@ -70,7 +70,7 @@ def end_to_end(folder: str) -> list[dict]:
     from .train import fit
 
     rows = []
-    for engine, precision in (("torch", "auto"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")):
+    for engine, precision in (("torch", "auto"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("auto", "auto")):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             res = fit(TrainConfig(data=folder, out=os.path.join(tmp, "r"), engine=engine, precision=precision,
@@ -80,7 +80,8 @@ def end_to_end(folder: str) -> list[dict]:
         rows.append({"folder": os.path.basename(os.path.normpath(folder)), "path": f"{engine} {precision}",
                      "wall_s": wall, "embed_s": m.get("embed_seconds"), "embed_images_per_s": m.get("embed_images_per_s"),
                      "val_accuracy": m.get("val_accuracy"), "val_n": m.get("val_n"),
-                     "graphs_s": (m.get("features") or {}).get("graphs_seconds", 0.0)})
+                     "graphs_s": (m.get("features") or {}).get("graphs_seconds", 0.0),
+                     "chosen": (m.get("features") or {}).get("precision")})
         print(f"  {rows[-1]['folder']} {rows[-1]['path']}: {wall:.1f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -97,10 +98,10 @@ def run_bench_onnx(a) -> int:
         print(f"end to end skipped: {', '.join(folders)} not found")
         return 0
     rows = [r for f in present for r in end_to_end(f)]
-    print(f"\n{'folder':12} {'path':18} {'wall s':>7} {'graphs s':>8} {'embed s':>8} {'img/s':>7} {'val acc':>8}")
+    print(f"\n{'folder':12} {'path':18} {'wall s':>7} {'graphs s':>8} {'embed s':>8} {'img/s':>7} {'val acc':>8}  used")
     for r in rows:
         print(f"{r['folder']:12} {r['path']:18} {r['wall_s']:7.1f} {r['graphs_s']:8.1f} {r['embed_s'] or 0:8.1f} "
-              f"{r['embed_images_per_s'] or 0:7.1f} {r['val_accuracy']:8.3f}")
+              f"{r['embed_images_per_s'] or 0:7.1f} {r['val_accuracy']:8.3f}  {r['chosen'] or ''}")
     print("\nwall s = the first feature-extraction run from an empty cache (scan, hashing, decoding, embedding, head); "
           "graphs s = the one-time ONNX export and int8 calibration inside it; embed s = hashing + decoding + forward")
     return 0
