@@ -244,13 +244,21 @@ def _onnx_forward(paths, backbone, backbone_name, cache_dir, precision, batch_si
     pre = backbone.preprocessing
     graphs_home = cache_dir or os.path.join(default_cache_dir())
     fp32, int8 = ob.graph_paths(graphs_home, backbone_name, backbone.weights_id)
-    calibration = None
-    if precision != "fp32" and not os.path.isfile(int8):
-        calibration = _sample_pixels(paths, pre, ob.CALIBRATION, 0)
+    calibration, small = None, False
+    if not os.path.isfile(int8):
+        small = precision == "auto" and len(paths) < ob.INT8_MIN_IMAGES
+        if precision == "int8" or (precision == "auto" and not small):
+            calibration = _sample_pixels(paths, pre, ob.CALIBRATION, 0)
+        elif small and log:
+            log(f"Embedding in fp32: {len(paths)} images are too few for the int8 graph's one-time calibration to "
+                f"pay off (from {ob.INT8_MIN_IMAGES}; --precision int8 makes it anyway)")
     graphs = ob.ensure_graphs(graphs_home, backbone_name, backbone, calibration, log)
-    sample = _sample_pixels(paths, pre, ob.SAMPLE, 1) if precision == "auto" else None
+    check = precision == "auto" and os.path.isfile(graphs.int8)
+    sample = _sample_pixels(paths, pre, ob.SAMPLE, 1) if check else None
     forward, decision = ob.choose(graphs, pre, precision, sample, batch_size or 16, log)
     decision["graphs_seconds"] = round(graphs.seconds, 2)
+    if small:
+        decision["reason"] = f"int8 graph not made for {len(paths)} images (from {ob.INT8_MIN_IMAGES})"
     decision["graph"] = graphs.int8 if decision["precision"] == "int8" else graphs.fp32
     if calibration is not None and os.path.isfile(int8):
         decision["calibrated_on"] = f"{len(calibration)} images of this folder"

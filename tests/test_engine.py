@@ -522,7 +522,12 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
     assert s_torch["features"]["engine"] == "torch" and s_fp32["features"]["precision"] == "fp32"
     assert ob.agreement(f_fp32, f_torch).min() > 0.9999
     logs = []
-    _, _, _, s_auto = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c2"), engine="auto", precision="auto",
+    _, _, _, s_small = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c2"), engine="auto", precision="auto",
+                                   log=logs.append)  # 24 images: the one-time int8 calibration would not pay off
+    assert s_small["features"]["precision"] == "fp32" and "not made" in s_small["features"]["reason"]
+    assert any("too few for the int8 graph" in m for m in logs) and not list((tmp_path / "c2" / "graphs").glob("*.int8*"))
+    monkeypatch.setattr(ob, "INT8_MIN_IMAGES", 10)
+    _, _, _, s_auto = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c2b"), engine="auto", precision="auto",
                                   log=logs.append)
     d = s_auto["features"]
     assert d["engine"] == "onnxruntime" and d["checked_images"] > 0
@@ -530,7 +535,7 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
     assert d["mean_cosine"] > 0.99
     monkeypatch.setattr(ob, "MIN_COSINE", 1.01)  # agreement made to fail: fp32, and the log says why
     logs = []
-    shutil.copytree(tmp_path / "c2" / "graphs", tmp_path / "c4" / "graphs")  # the graphs, not the embeddings
+    shutil.copytree(tmp_path / "c2b" / "graphs", tmp_path / "c4" / "graphs")  # the graphs, not the embeddings
     _, _, _, s_strict = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c4"), engine="auto", precision="auto",
                                     log=logs.append)
     assert (s_strict["features"]["precision"], s_strict["features"]["reason"]) == ("fp32", "int8 disagreed with fp32")
