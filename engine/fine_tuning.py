@@ -345,7 +345,7 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     if cancelled:
         cb.on_log(f"Stopped; keeping the best epoch so far ({stopping.best_epoch})")
     model.load_state_dict(best_state)
-    logits, feats, feat_s, familiar_stages = _held_out_outputs(inputs, n_frozen, cb)
+    logits, feats, feat_s, familiar_stages = _held_out_outputs(inputs, n_frozen, cb, familiar=dist.enabled)
     model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
     return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, logits=logits,
                         features=feats, cancelled=cancelled, features_seconds=feat_s,
@@ -353,14 +353,18 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
                         familiar_frozen_stages=familiar_stages)
 
 
-def _held_out_outputs(inputs: Inputs, n_frozen: int, cb: Callbacks) -> tuple[dict, dict, float, int | None]:
-    """The best epoch's logits on val/test, and what "unfamiliar" compares new images with for train and val: the
-    frozen stages' outputs pooled, already computed (then the number of frozen stages is returned), else the tuned
+def _held_out_outputs(inputs: Inputs, n_frozen: int, cb: Callbacks, familiar: bool = True
+                      ) -> tuple[dict, dict, float, int | None]:
+    """The best epoch's logits on val/test, and (``familiar``: under torchrun; otherwise engine/train.py embeds the
+    images with the pretrained backbone) what "unfamiliar" compares new images with for train and val: the frozen
+    stages' outputs pooled, already computed (then the number of frozen stages is returned), else the tuned
     network's embeddings (one more pass over the training images, timed; None)."""
     logits, feats = {}, {}
     for split in ("val", "test"):
         cb.on_progress(Progress(Phase.EVALUATING, 0, 1, message=split))
         logits[split] = inputs.logits(split).cpu().numpy() if inputs.has(split) else None
+    if not familiar:
+        return logits, {}, 0.0, None
     meter = RateMeter()
     pooled = {split: inputs.familiar_features(split) for split in ("train", "val")}
     if pooled["train"] is not None:

@@ -105,3 +105,4 @@ class TrainOutcome:
     facts: BackboneFacts | None = None  # set by a stage that knows them without a loaded backbone
     features_path: dict | None = None  # feature extraction: which engine and precision made the features
     familiar_frozen_stages: int | None = None  # fine-tuning: "unfamiliar" on the frozen stages' pooled output
+    familiar_pretrained: bool = False  # fine-tuning: "unfamiliar" on the pretrained backbone's embeddings

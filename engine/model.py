@@ -78,6 +78,11 @@ class LoadedModel:
         v = (self.meta.get("unfamiliar") or {}).get("frozen_stages")
         return int(v) if isinstance(v, int) and v > 0 else None
 
+    @property
+    def familiar_pretrained(self) -> bool:
+        """Set when "unfamiliar" compares the pretrained backbone's embeddings (fine-tuning runs since 2026-11-29)."""
+        return (self.meta.get("unfamiliar") or {}).get("space") == "pretrained"
+
 
 def load_model(run_dir: str) -> LoadedModel:
     """Load a run folder's model. Never unpickles; checks model.json and the weights' shapes before use."""

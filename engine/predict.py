@@ -122,6 +122,29 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
     return ob.OrtForward(int8 if precision == "int8" else fp32, loaded.preprocessing, precision, batch_size or 16)
 
 
+def _pretrained_forward(loaded, device, engine: str, batch_size: int | None, log):
+    """For a fine-tuning run whose "unfamiliar" compares the pretrained backbone's embeddings: that backbone (ONNX
+    Runtime fp32 on the CPU, else PyTorch), or None when its weights cannot be loaded here (no "unfamiliar" marks,
+    said in the log)."""
+    from . import onnx_backend as ob
+    from .backbones import load_backbone
+    from .features import default_cache_dir
+
+    name = loaded.meta["backbone"]
+    try:
+        bb = load_backbone(name, (loaded.meta.get("config") or {}).get("weights"))
+    except EngineError as exc:
+        log(f"No 'unfamiliar' marks: the pretrained backbone could not be loaded ({exc})")
+        return None
+    if bb.weights_id != loaded.meta.get("weights_id", bb.weights_id):
+        log("No 'unfamiliar' marks: the pretrained weights here differ from those the run was trained from")
+        return None
+    if ob.use_onnx(engine, device):
+        graphs = ob.ensure_graphs(default_cache_dir(), name, bb, None, log)
+        return ob.OrtForward(graphs.fp32, bb.preprocessing, "fp32", batch_size or 16)
+    return Forward.frozen(bb.net, bb.preprocessing, device, batch_size)
+
+
 def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None = None,
                   callbacks: Callbacks | None = None, cancel: CancelToken | None = None, on_chunk=None,
                   engine: str = "torch") -> Scored:
@@ -142,9 +165,12 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
     forward = onnx or Forward.frozen(loaded.model, pre, device, batch_size)
     head = loaded.model.head if onnx else forward.net.head
     bs = forward.batch_size
-    pooled: list = []  # fine-tuning runs: the frozen stages' pooled output, what "unfamiliar" compares
-    hook = None
-    if train_emb is not None and loaded.familiar_frozen_stages and not onnx:
+    pooled: list = []  # fine-tuning runs: what "unfamiliar" compares (pretrained embeddings, or frozen stages pooled)
+    hook = pretrained = None
+    if train_emb is not None and loaded.familiar_pretrained:
+        pretrained = _pretrained_forward(loaded, device, engine, batch_size, cb.on_log)
+        train_emb = train_emb if pretrained is not None else None
+    elif train_emb is not None and loaded.familiar_frozen_stages and not onnx:
         from .ft_inputs import pooled_prefix_hook
 
         hook = pooled_prefix_hook(forward.net.backbone, loaded.familiar_frozen_stages, pooled)
@@ -166,6 +192,9 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
                 feats = [forward(stack_on([a for _, a in good[s:s + bs]], device), module=forward.net.backbone)
                          for s in range(0, len(good), bs)]
             f = torch.cat(feats) if feats else torch.zeros(0, head.in_features, device=device)
+            if pretrained is not None:
+                pooled.extend(torch.as_tensor(pretrained(stack_on([a for _, a in good[s:s + bs]], device)))
+                              for s in range(0, len(good), bs))
             p = probabilities(head(f).float().cpu().numpy(), loaded.temperature)
             familiar = torch.cat(pooled) if pooled else f
             pooled.clear()

@@ -293,7 +293,8 @@ def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, u
     if unfamiliar:
         trust["unfamiliar"] = {"k": unfamiliar["k"], "threshold": unfamiliar["threshold"],
                                "embeddings": TRAIN_EMBEDDINGS,
-                               **{k: unfamiliar[k] for k in ("dim", "frozen_stages") if k in unfamiliar}}
+                               **{k: unfamiliar[k] for k in ("dim", "frozen_stages", "space")
+                                  if k in unfamiliar}}
     return json_safe({
         "format_version": FORMAT_VERSION, "app": "transfer-studio", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "classes": ds.classes, "backbone": cfg.backbone, "mode": cfg.mode,

@@ -119,9 +119,37 @@ def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelTok
         outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
     else:
         outcome = fine_tuning.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
+        if not dist.enabled:
+            _pretrained_familiarity(cfg, ds, outcome, device, cache_dir, cb)
     if not dist.is_main:
         return None, None
     return outcome, BackboneFacts.of(backbone, device_label(device))
+
+
+def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, device, cache_dir: str | None,
+                            cb: Callbacks) -> None:
+    """What "unfamiliar" compares for a fine-tuning run: the *pretrained* backbone's embeddings of the training and
+    validation images (fp32, through the embedding cache: free when feature extraction embedded them in fp32, as
+    --mode auto does below 4,000 images), the space feature extraction compares in. The tuned network pulls every image towards some class (it flagged none of 400 photos
+    of another folder); the frozen stages' pooled output, used before, flagged only 9-43% of plain synthetic
+    pictures that feature extraction flags 100% of (docs/benchmarks.md, calibration)."""
+    from .features import embed_files
+
+    t0 = time.perf_counter()
+    pretrained = load_backbone(cfg.backbone, cfg.weights, cfg.download)
+    features = {}
+    for split in ("train", "val"):
+        paths = [s.path for s in ds.split(split)]
+        # not cancellable: a cancel (or auto's budget) has already stopped training, and the run keeps its best
+        # epoch; this one pass (from the cache after feature extraction) finishes it
+        f = embed_files(paths, pretrained, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
+                        log=cb.on_log, engine=cfg.engine, precision="fp32")[0] if paths else None
+        features[split] = f if f is not None and len(f) else None
+    outcome.features, outcome.familiar_frozen_stages = features, None
+    outcome.familiar_pretrained = True
+    outcome.features_seconds = time.perf_counter() - t0
+    cb.on_log(f"'Unfamiliar' compares new images with the training images as the pretrained network sees them "
+              f"({outcome.features_seconds:.1f} s)")
 
 
 def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, dict | None, dict | None]:
@@ -139,6 +167,8 @@ def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, 
         unfamiliar["dim"] = int(outcome.features["train"].shape[1])
         if outcome.familiar_frozen_stages:
             unfamiliar["frozen_stages"] = outcome.familiar_frozen_stages
+        if outcome.familiar_pretrained:
+            unfamiliar["space"] = "pretrained"
     return probs, calibration, unfamiliar
 
 

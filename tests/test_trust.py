@@ -128,8 +128,9 @@ def test_unfamiliar_and_unsure_rows_on_planted_images(trust_run, tmp_path):
     from engine.predict import predict_folder
 
     meta = json.loads((Path(trust_run.run_dir) / "model.json").read_text())
-    if meta["mode"] == "fine-tuning":  # tuned embeddings flagged nothing unfamiliar: the frozen stages' output does
-        assert meta["unfamiliar"]["frozen_stages"] >= 1 and meta["unfamiliar"]["dim"] < meta["feature_dim"]
+    if meta["mode"] == "fine-tuning":  # tuned embeddings flag nothing unfamiliar: the pretrained network's are kept
+        assert meta["unfamiliar"]["space"] == "pretrained" and meta["unfamiliar"]["dim"] == meta["feature_dim"]
+        assert "frozen_stages" not in meta["unfamiliar"]
 
     folder = tmp_path / "new"
     folder.mkdir()
