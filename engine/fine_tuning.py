@@ -345,35 +345,27 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     if cancelled:
         cb.on_log(f"Stopped; keeping the best epoch so far ({stopping.best_epoch})")
     model.load_state_dict(best_state)
-    logits, feats, feat_s, familiar_stages = _held_out_outputs(inputs, n_frozen, cb, familiar=dist.enabled)
+    logits, feats, feat_s = _held_out_outputs(inputs, cb, familiar=dist.enabled)
     model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
     return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, logits=logits,
                         features=feats, cancelled=cancelled, features_seconds=feat_s,
-                        train_images_per_s=float(np.median(rates)) if rates else 0.0,
-                        familiar_frozen_stages=familiar_stages)
+                        train_images_per_s=float(np.median(rates)) if rates else 0.0)
 
 
-def _held_out_outputs(inputs: Inputs, n_frozen: int, cb: Callbacks, familiar: bool = True
-                      ) -> tuple[dict, dict, float, int | None]:
+def _held_out_outputs(inputs: Inputs, cb: Callbacks, familiar: bool) -> tuple[dict, dict, float]:
     """The best epoch's logits on val/test, and (``familiar``: under torchrun; otherwise engine/train.py embeds the
-    images with the pretrained backbone) what "unfamiliar" compares new images with for train and val: the frozen
-    stages' outputs pooled, already computed (then the number of frozen stages is returned), else the tuned
-    network's embeddings (one more pass over the training images, timed; None)."""
+    images with the pretrained backbone) the tuned network's embeddings of train and val for "unfamiliar" (one more
+    pass over the training images, timed)."""
     logits, feats = {}, {}
     for split in ("val", "test"):
         cb.on_progress(Progress(Phase.EVALUATING, 0, 1, message=split))
         logits[split] = inputs.logits(split).cpu().numpy() if inputs.has(split) else None
     if not familiar:
-        return logits, {}, 0.0, None
+        return logits, {}, 0.0
     meter = RateMeter()
-    pooled = {split: inputs.familiar_features(split) for split in ("train", "val")}
-    if pooled["train"] is not None:
-        cb.on_log("'Unfamiliar' compares new images with the training images after the frozen stages (still the "
-                  "pretrained network's: tuning pulls every image towards some class)")
-        return logits, pooled, meter.elapsed(), n_frozen
     cb.on_progress(Progress(Phase.EMBEDDING, 0, 1, message="for 'unfamiliar'"))
     for split in ("train", "val"):
         feats[split] = inputs.features(split) if inputs.has(split) else None
     seconds = meter.elapsed()
     cb.on_log(f"Embedded the training images with the tuned network for 'unfamiliar' in {seconds:.1f} s")
-    return logits, feats, seconds, None
+    return logits, feats, seconds

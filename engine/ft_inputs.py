@@ -16,8 +16,6 @@ import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
-
 from .config import TrainConfig
 from .events import Callbacks, CancelToken, Phase, Progress
 from .forward import Forward
@@ -270,15 +268,6 @@ class Inputs:
             return self.fwd.map(self.images[split], cancel)
         self.model.eval()
         return map_tail(self.tail, self.cached[split], self.fwd, cancel)
-
-    def familiar_features(self, split: str) -> np.ndarray | None:
-        """What "unfamiliar" compares, for a split: the frozen stages' outputs averaged over space (None: not cached,
-        or an empty split). Fine-tuning pulls every image's tuned embedding towards some class, so the tuned
-        network flagged none of 400 photos of another folder as unfamiliar; its frozen stages, still the
-        pretrained network's, flagged 92-100% (docs/benchmarks.md, calibration)."""
-        if self.cached is None or not self.has(split) or self.cached.get(split) is None:
-            return None
-        return self.cached[split].float().mean((2, 3)).cpu().numpy()
 
     def features(self, split: str, cancel: CancelToken | None = None):
         """Embeddings (NumPy) of a split's images; None for an empty split."""

@@ -88,7 +88,7 @@ class TrainOutcome:
     ``weights``: the best epoch's full classifier (torch tensors, or NumPy arrays when torch was never imported);
     ``logits``: the best epoch's raw class scores per held-out split ("val", "test"), None where a split is empty;
     ``features``: what "unfamiliar" compares for the "train" and "val" images: the trained network's embeddings, or
-    (``familiar_frozen_stages`` set) the frozen stages' output pooled.
+    (``familiar_pretrained`` set) the pretrained backbone's.
     """
 
     weights: dict
@@ -101,8 +101,7 @@ class TrainOutcome:
     embedded: int = 0  # images the backbone ran on (the rest came from the cache)
     from_cache: int = 0
     train_images_per_s: float | None = None  # fine-tuning: images through the backbone per second while training
-    features_seconds: float = 0.0  # fine-tuning: the extra pass for 'unfamiliar' (0: the frozen stages' output kept)
+    features_seconds: float = 0.0  # fine-tuning: the pass for 'unfamiliar' (pretrained backbone; tuned under torchrun)
     facts: BackboneFacts | None = None  # set by a stage that knows them without a loaded backbone
     features_path: dict | None = None  # feature extraction: which engine and precision made the features
-    familiar_frozen_stages: int | None = None  # fine-tuning: "unfamiliar" on the frozen stages' pooled output
     familiar_pretrained: bool = False  # fine-tuning: "unfamiliar" on the pretrained backbone's embeddings

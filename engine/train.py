@@ -145,8 +145,7 @@ def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome
         f = embed_files(paths, pretrained, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
                         log=cb.on_log, engine=cfg.engine, precision="fp32")[0] if paths else None
         features[split] = f if f is not None and len(f) else None
-    outcome.features, outcome.familiar_frozen_stages = features, None
-    outcome.familiar_pretrained = True
+    outcome.features, outcome.familiar_pretrained = features, True
     outcome.features_seconds = time.perf_counter() - t0
     cb.on_log(f"'Unfamiliar' compares new images with the training images as the pretrained network sees them "
               f"({outcome.features_seconds:.1f} s)")
@@ -165,8 +164,6 @@ def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, 
     if outcome.features.get("train") is not None:
         unfamiliar = familiarity_block(outcome.features["train"], outcome.features.get("val"), cfg.seed)
         unfamiliar["dim"] = int(outcome.features["train"].shape[1])
-        if outcome.familiar_frozen_stages:
-            unfamiliar["frozen_stages"] = outcome.familiar_frozen_stages
         if outcome.familiar_pretrained:
             unfamiliar["space"] = "pretrained"
     return probs, calibration, unfamiliar
