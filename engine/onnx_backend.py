@@ -2,11 +2,12 @@
 
 PyTorch's eager CPU forward is not what a CPU can do: the same EfficientNet-Lite0 features run by ONNX Runtime were
 2.2-3x faster in fp32, and 4.5-6x statically quantised to int8 (QDQ, per-channel weights; the network was designed
-for int8: no squeeze-excite, ReLU6; engine/int8.py makes the flavour the CPU runs without saturating). The graphs are exported once per backbone and weights and kept beside the
-embedding cache (``graphs/``); the int8 graph is calibrated on images of the first folder it is made for, and
-before each use its features are compared with fp32's on a sample of the user's own images: below the thresholds
-it is not used and the log says so (``MIN_MEAN_COSINE``, ``MIN_COSINE``). Embeddings from different paths never share a cache file (the cache key names
-the path), and model.json records which path made a run's features.
+for int8: no squeeze-excite, ReLU6; engine/int8.py makes the flavour the CPU runs without saturating). The graphs are
+exported once per backbone and weights and kept beside the embedding cache (``graphs/``); the int8 graph is
+calibrated on images of the first folder it is made for, and before each use its features are compared with fp32's on
+a sample of the user's own images: below the thresholds it is not used and the log says so (``MIN_MEAN_COSINE``,
+``MIN_COSINE``). Embeddings from different paths never share a cache file (the cache key names the path), and
+model.json records which path made a run's features.
 """
 from __future__ import annotations
 

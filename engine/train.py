@@ -130,9 +130,10 @@ def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome
                             cb: Callbacks) -> None:
     """What "unfamiliar" compares for a fine-tuning run: the *pretrained* backbone's embeddings of the training and
     validation images (fp32, through the embedding cache: free when feature extraction embedded them in fp32, as
-    --mode auto does below 4,000 images), the space feature extraction compares in. The tuned network pulls every image towards some class (it flagged none of 400 photos
-    of another folder); the frozen stages' pooled output, used before, flagged only 9-43% of plain synthetic
-    pictures that feature extraction flags 100% of (docs/benchmarks.md, calibration)."""
+    --mode auto does below 4,000 images), the space feature extraction compares in. The tuned network pulls every
+    image towards some class (it flagged none of 400 photos of another folder); the frozen stages' pooled output,
+    used before, flagged only 9-43% of plain synthetic pictures that feature extraction flags 100% of
+    (docs/benchmarks.md, calibration)."""
     from .features import embed_files
 
     t0 = time.perf_counter()
