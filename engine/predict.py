@@ -185,16 +185,14 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
                                   overlap=device.type != "cpu", device=device):
             good = [(i, a) for i, a, e in group if a is not None]
             bad = [(i, e) for i, a, e in group if a is None]
+            batches = [stack_on([a for _, a in good[s:s + bs]], device) for s in range(0, len(good), bs)]
             if onnx:
-                feats = [torch.from_numpy(onnx(stack_on([a for _, a in good[s:s + bs]], device)))
-                         for s in range(0, len(good), bs)]
+                feats = [torch.from_numpy(onnx(b)) for b in batches]
             else:
-                feats = [forward(stack_on([a for _, a in good[s:s + bs]], device), module=forward.net.backbone)
-                         for s in range(0, len(good), bs)]
+                feats = [forward(b, module=forward.net.backbone) for b in batches]
             f = torch.cat(feats) if feats else torch.zeros(0, head.in_features, device=device)
-            if pretrained is not None:
-                pooled.extend(torch.as_tensor(pretrained(stack_on([a for _, a in good[s:s + bs]], device)))
-                              for s in range(0, len(good), bs))
+            if pretrained is not None:  # the same stacked pixels, through the pretrained backbone
+                pooled.extend(torch.as_tensor(pretrained(b)) for b in batches)
             p = probabilities(head(f).float().cpu().numpy(), loaded.temperature)
             familiar = torch.cat(pooled) if pooled else f
             pooled.clear()

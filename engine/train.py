@@ -137,7 +137,7 @@ def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome
     from .features import embed_files
 
     t0 = time.perf_counter()
-    pretrained = load_backbone(cfg.backbone, cfg.weights, cfg.download)
+    pretrained = load_backbone(cfg.backbone, cfg.weights, cfg.download)  # fine-tuning tuned the other in place
     features = {}
     for split in ("train", "val"):
         paths = [s.path for s in ds.split(split)]
