@@ -26,13 +26,13 @@ DEFAULTS = {
 
 
 def unfreeze_value(v: str | int) -> int | str:
-    """``--unfreeze``: a number of stages, or "all"."""
-    if v == "all":
-        return "all"
+    """``--unfreeze``: a number of stages, "all", or "auto" (engine/recipe.py)."""
+    if v in ("all", "auto"):
+        return v
     try:
         return int(v)
     except (TypeError, ValueError) as exc:
-        raise EngineError("--unfreeze takes a number of stages or 'all'.") from exc
+        raise EngineError("--unfreeze takes a number of stages, 'all' or 'auto'.") from exc
 
 
 def option(default: Any, help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
@@ -60,17 +60,22 @@ class TrainConfig:
     backbone: str = option(DEFAULT_BACKBONE, "see `python -m engine backbones`")
     weights: str | None = option(None, "load backbone weights from this local file (.safetensors/.pth)", parse=str)
     download: bool = option(False, "allow downloading torchvision weights (needs internet)")
-    unfreeze: int | str = option(3, "fine-tuning: last N stages, or 'all'", parse=unfreeze_value)
+    unfreeze: int | str = option("auto", "fine-tuning: last N stages, 'all', or auto (3; small pictures on a Lite "
+                                         "backbone: all but the first 3)", parse=unfreeze_value)
     epochs: int | None = option(None, "default 100 (feature extraction, early-stopped) / 5 (fine-tuning)", parse=int)
     batch_size: int | None = option(None, "default 64 / 32", parse=int)
     lr: float | None = option(None, "head learning rate (default 3e-3 / 1e-3)", parse=float)
-    backbone_lr_mult: float = option(0.1, "fine-tuning: backbone learning rate = lr x this")
+    backbone_lr_mult: float | None = option(None, "fine-tuning: backbone learning rate = lr x this (default 0.1; "
+                                                  "small pictures, with more stages trained: 0.3)", parse=float)
     weight_decay: float = option(1e-4, "AdamW weight decay")
     augment: bool = option(True, "fine-tuning: each image or its mirror image at random (other backbones than the "
                                  "bundled one: random crops too)")
     bn_stats: str = option("frozen", "fine-tuning: BatchNorm statistics: frozen (the pretrained ones; their scale and "
                                      "shift still train) or update (re-estimated from each batch)",
                            choices=("frozen", "update"))
+    small_images: str = option("auto", "fine-tuning pictures of at most 160 px (median shorter side) with a Lite "
+                                       "backbone: auto (train at 128 px, not upscaled), off (upscaled to the "
+                                       "backbone's input)", choices=("auto", "off"))
     patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
     balance: str = option("auto", "weight the loss by inverse class frequency: auto (when the largest class has 3x "
                                   "the images of the smallest), on, off", choices=("auto", "on", "off"))

@@ -105,3 +105,4 @@ class TrainOutcome:
     facts: BackboneFacts | None = None  # set by a stage that knows them without a loaded backbone
     features_path: dict | None = None  # feature extraction: which engine and precision made the features
     familiar_pretrained: bool = False  # fine-tuning: "unfamiliar" on the pretrained backbone's embeddings
+    recipe: dict | None = None  # fine-tuning: input size and stages trained (engine/recipe.py)

@@ -279,7 +279,7 @@ TRAIN_EMBEDDINGS = "train_embeddings.safetensors"
 
 
 def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, unfamiliar: dict | None = None,
-               features_path: dict | None = None) -> dict:
+               features_path: dict | None = None, recipe: dict | None = None) -> dict:
     """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config and
     what reproduces every prediction's status: the temperature, the "not sure" threshold, the "unfamiliar" one."""
     conf = asdict(cfg)
@@ -290,6 +290,8 @@ def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, u
                                                         "expected_accuracy", "target_reached")}
     if features_path:  # feature extraction: the path that made the features (predict uses the same one)
         trust["features"] = features_path
+    if recipe:  # fine-tuning: the input size it trained at (also in preprocessing) and the stages it trained
+        trust["fine_tuning"] = recipe
     if unfamiliar:
         trust["unfamiliar"] = {"k": unfamiliar["k"], "threshold": unfamiliar["threshold"],
                                "embeddings": TRAIN_EMBEDDINGS,

@@ -118,12 +118,32 @@ def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelTok
     if cfg.mode == "feature-extraction":
         outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
     else:
-        outcome = fine_tuning.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
+        backbone, ft_cfg, rcp = _recipe(cfg, ds, backbone, dist, cb)
+        if rcp.small and head_init is not None:
+            cb.on_log(f"Feature extraction's head fits the features of larger inputs, not of {rcp.size} px ones: "
+                      "starting from a new linear probe instead")
+            head_init = None
+        outcome = fine_tuning.run(ft_cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
+        outcome.recipe = rcp.to_dict()
         if not dist.enabled:
             _pretrained_familiarity(cfg, ds, outcome, device, cache_dir, cb)
     if not dist.is_main:
         return None, None
     return outcome, BackboneFacts.of(backbone, device_label(device))
+
+
+def _recipe(cfg: TrainConfig, ds: Dataset, backbone, dist, cb: Callbacks):
+    """Small pictures fine-tune at their own size with more stages trained (engine/recipe.py): the backbone at that
+    input size, the config with those stages, and the recipe."""
+    from dataclasses import replace
+
+    from . import ft_inputs, recipe
+
+    rcp = recipe.choose(backbone, cfg.unfreeze, cfg.small_images, recipe.file_paths(ds),
+                        lambda n: ft_inputs.applies(backbone.net, n, dist), cfg.backbone_lr_mult)
+    if rcp.small:
+        cb.on_log(f"Small pictures: {rcp.reason}")
+    return recipe.at_size(backbone, rcp.size), replace(cfg, unfreeze=rcp.unfreeze, backbone_lr_mult=rcp.lr_mult), rcp
 
 
 def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, device, cache_dir: str | None,
@@ -195,6 +215,8 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
         metrics["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
     if outcome.features_path:
         metrics["features"] = outcome.features_path
+    if outcome.recipe:
+        metrics["fine_tuning_recipe"] = outcome.recipe
     if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
         metrics["embed_seconds"] = round(outcome.embed_seconds, 3)
         metrics["embeddings_from_cache"] = outcome.from_cache
@@ -202,7 +224,7 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
                                          if outcome.embedded and outcome.embed_seconds > 0 else None)
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
-    meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path)
+    meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path, outcome.recipe)
     run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
                        metrics=metrics, predictions=predictions, meta=meta,
                        train_embeddings=outcome.features.get("train") if unfamiliar else None)

@@ -29,7 +29,10 @@ def _metrics(run):
 def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_classes(flat_data, tmp_path):
     out = tmp_path / "auto"
     log = Log()
-    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")), log)
+    # (small_images off: at the backbone's input size fine-tuning starts from feature extraction's head; small
+    # pictures fine-tune at 128 px from a probe of their own, as the pairs test below does)
+    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c"),
+                          small_images="off"), log)
     assert res.run_dir == str(out) and not res.cancelled
     block = res.metrics["auto"]
     assert block["winner"] == FE and block["this_run"] == FE
@@ -163,3 +166,5 @@ def test_auto_picks_fine_tuning_where_frozen_features_cannot_compare_two_objects
     assert ft["val_accuracy"] >= fe["val_accuracy"] + 0.02, (fe, ft)
     assert fe["val_accuracy"] < 0.9  # feature extraction really is short here, not only slightly worse
     assert "Kept fine-tuning" in res.message and _metrics(f"{out}-{FE}")["auto"]["this_run"] == FE
+    assert res.metrics["fine_tuning_recipe"]["small_pictures"]  # 128 px pictures: trained at their own size
+    assert "your pictures are small (about 128 px)" in block["why"], block["why"]
