@@ -303,7 +303,7 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
                       patience=4, linear_probe_init=False, val_split=0.3, test_split=0.1, seed=5, device="cpu",
                       cache=False, cache_dir=str(tmp_path / "cache"), exclude=str(tmp_path / "exclude.csv"),
                       engine="torch", precision="fp32", balance="off", budget=12.0, bn_stats="update",
-                      overwrite=False)
+                      small_images="off", overwrite=False)
     (tmp_path / "exclude.csv").write_text("path\n" + str(flat_data / "circles" / "circles_000.jpg") + "\n")
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if getattr(cfg, f.name) != getattr(defaults, f.name)}

@@ -17,7 +17,8 @@ FE_TEXT = ("<b>Feature extraction</b> keeps the pretrained network frozen and tr
            "everyday photos and you have few of them.")
 FT_TEXT = ("<b>Fine-tuning</b> also retrains the last stages of the network, with a lower learning rate. Slower "
            "(each epoch retrains those stages on every image), better when your images look unlike everyday photos "
-           "(medical, satellite, microscope, documents) and you have a few hundred images per class or more.")
+           "(medical, satellite, microscope, documents) and you have a few hundred images per class or more. Small "
+           "pictures (160 px or less) train at their own size, which leaves time to retrain most of the network.")
 
 
 class ModelTab(QWidget):
@@ -77,8 +78,9 @@ class ModelTab(QWidget):
         ul = QHBoxLayout()
         ul.addSpacing(22)
         ul.addWidget(QLabel("Stages to unfreeze (from the top):"))
-        self.unfreeze = QSpinBox(minimum=1, maximum=40, value=3)
-        self.unfreeze.setToolTip("More stages adapt more of the network: slower, needs more images")
+        self.unfreeze = QSpinBox(minimum=0, maximum=40, value=0, specialValueText="auto")
+        self.unfreeze.setToolTip("More stages adapt more of the network: slower, needs more images. auto: the last "
+                                 "3; small pictures (160 px or less), trained at 128 px: all but the first 3")
         self.unfreeze_all = QCheckBox("all")
         ul.addWidget(self.unfreeze)
         ul.addWidget(self.unfreeze_all)
@@ -155,7 +157,7 @@ class ModelTab(QWidget):
         if "unfreeze" in values:
             self.unfreeze_all.setChecked(values["unfreeze"] == "all")
             if values["unfreeze"] != "all":
-                self.unfreeze.setValue(int(values["unfreeze"]))
+                self.unfreeze.setValue(0 if values["unfreeze"] == "auto" else int(values["unfreeze"]))
 
     def save_settings(self, settings) -> None:
         save_values(settings, self.values())
@@ -204,7 +206,7 @@ class ModelTab(QWidget):
         {"auto": self.auto, "fine-tuning": self.ft}.get(mode, self.fe).setChecked(True)
 
     def unfreeze_value(self):
-        return "all" if self.unfreeze_all.isChecked() else self.unfreeze.value()
+        return "all" if self.unfreeze_all.isChecked() else (self.unfreeze.value() or "auto")
 
     def weights_file(self) -> str | None:
         return self.w_path.text().strip() or None if self.w_file.isChecked() else None

@@ -20,7 +20,8 @@ class TrainingTab(QWidget):
     """Owns the TrainConfig fields of how to train (epochs ... device, and the advanced ones) and the runs folder."""
 
     FIELDS = ["epochs", "batch_size", "lr", "augment", "patience", "device", "backbone_lr_mult", "weight_decay",
-              "linear_probe_init", "cache", "cache_dir", "engine", "precision", "balance", "bn_stats"]
+              "linear_probe_init", "cache", "cache_dir", "engine", "precision", "balance", "bn_stats",
+              "small_images"]
     start_requested = Signal()
     stop_requested = Signal()
     copy_command_requested = Signal()
@@ -129,8 +130,10 @@ class TrainingTab(QWidget):
         box.setCheckable(True)
         box.setChecked(False)
         form = QFormLayout(box)
-        self.backbone_lr_mult = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=10.0, singleStep=0.05, value=0.1)
-        self.backbone_lr_mult.setToolTip("Fine-tuning: the backbone's learning rate is the head's times this")
+        self.backbone_lr_mult = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=10.0, singleStep=0.05, value=0.0,
+                                               specialValueText="auto")
+        self.backbone_lr_mult.setToolTip("Fine-tuning: the backbone's learning rate is the head's times this. auto: "
+                                         "0.1; 0.3 for small pictures trained at their own size (more stages train)")
         self.weight_decay = QDoubleSpinBox(decimals=6, minimum=0.0, maximum=1.0, singleStep=1e-4, value=1e-4)
         self.weight_decay.setToolTip("AdamW weight decay (both modes)")
         self.linear_probe_init = QCheckBox("Start the head from a linear probe")
@@ -170,6 +173,12 @@ class TrainingTab(QWidget):
         self.bn_stats.setToolTip("Fine-tuning: BatchNorm layers keep the pretrained statistics (steadier, better on "
                                  "images unlike everyday photos) or re-estimate them from each batch")
         form.addRow("BatchNorm statistics", self.bn_stats)
+        self.small_images = QCheckBox("Fine-tune small pictures at their own size")
+        self.small_images.setChecked(True)
+        self.small_images.setToolTip("Fine-tuning, bundled backbone family: pictures of at most 160 px train at "
+                                     "128 px instead of being upscaled, which leaves time to train all but the "
+                                     "first 3 stages (when the Model tab's stage count is auto)")
+        form.addRow("Small pictures", self.small_images)
         form.addRow("Engine", self.engine)
         form.addRow("Precision", self.precision)
         # Collapsed by default: the group's check box shows or hides the rows (the values always apply).
@@ -205,11 +214,12 @@ class TrainingTab(QWidget):
         return {"epochs": self.epochs.value() or None, "batch_size": self.batch.value() or None,
                 "lr": self.lr.value() or None, "augment": self.augment.isChecked(),
                 "patience": self.patience.value() or None, "device": self.device.currentData() or "auto",
-                "backbone_lr_mult": self.backbone_lr_mult.value(), "weight_decay": self.weight_decay.value(),
+                "backbone_lr_mult": self.backbone_lr_mult.value() or None, "weight_decay": self.weight_decay.value(),
                 "linear_probe_init": self.linear_probe_init.isChecked(), "cache": self.cache.isChecked(),
                 "cache_dir": self.cache_dir.text().strip() or None, "engine": self.engine.currentData(),
                 "precision": self.precision.currentData(), "balance": self.balance.currentData(),
-                "bn_stats": self.bn_stats.currentData()}
+                "bn_stats": self.bn_stats.currentData(),
+                "small_images": "auto" if self.small_images.isChecked() else "off"}
 
     def set_values(self, v: dict) -> None:
         for name, spin in (("epochs", self.epochs), ("batch_size", self.batch), ("lr", self.lr),
@@ -221,6 +231,8 @@ class TrainingTab(QWidget):
                           ("cache", self.cache)):
             if name in v:
                 box.setChecked(bool(v[name]))
+        if "small_images" in v:
+            self.small_images.setChecked(v["small_images"] != "off")
         if "device" in v:
             self.select_device(v["device"] or "auto")
         if "cache_dir" in v:
