@@ -148,8 +148,10 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict]) -> tuple[float, tu
     return mean, (mean - half, mean + half), len(d)
 
 
-def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, raced: bool = True) -> str:
-    """One sentence a non-specialist understands. ``raced``: fine-tuning finished at least one epoch."""
+def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, raced: bool = True,
+        small_side: int | None = None) -> str:
+    """One sentence a non-specialist understands. ``raced``: fine-tuning finished at least one epoch;
+    ``small_side``: fine-tuning trained small pictures (of this median shorter side) at their own size."""
     lo, hi = ci[0] * 100, ci[1] * 100
     if not raced:
         return ("Feature extraction was kept: fine-tuning " + (f"was stopped before its first epoch ended because "
@@ -157,6 +159,10 @@ def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, 
                                                               if stopped else "had no validation images to be "
                                                               "compared on."))
     if winner == FT:
+        if lo > 0 and small_side:
+            return (f"Fine-tuning gained {gain_points:.1f} points: your pictures are small (about {small_side} px) "
+                    "and unlike the everyday photos the network learned from, so retraining most of it at their "
+                    "own size paid off.")
         if lo > 0:
             return (f"Fine-tuning gained {gain_points:.1f} points: your images differ from the everyday photos the "
                     "network learned from, so retraining its last layers paid off.")
@@ -175,13 +181,15 @@ def finish(target: str, overwrite: bool, fe_dir: str, ft_dir: str | None, ft_sto
     fe_metrics, fe_rows = read_json(os.path.join(fe_dir, "metrics.json")), val_rows(fe_dir)
     runs = {FE: {"val_loss": calibrated_val_loss(fe_rows), "val_accuracy": fe_metrics.get("val_accuracy"),
                  "seconds": fe_metrics.get("train_seconds")}}
-    winner = FE
+    winner, small_side = FE, None
     if ft_dir:
         ft_metrics, ft_rows = read_json(os.path.join(ft_dir, "metrics.json")), val_rows(ft_dir)
         runs[FT] = {"val_loss": calibrated_val_loss(ft_rows), "val_accuracy": ft_metrics.get("val_accuracy"),
                     "seconds": ft_metrics.get("train_seconds"), "epochs_run": ft_metrics.get("epochs_run")}
         if runs[FT]["val_loss"] < runs[FE]["val_loss"]:
             winner = FT
+        recipe = ft_metrics.get("fine_tuning_recipe") or {}
+        small_side = recipe.get("median_shorter_side") if recipe.get("small_pictures") else None
     diff, ci, n = paired_difference(fe_rows, ft_rows) if ft_dir else (0.0, (0.0, 0.0), 0)
     final = {}
     for mode, d in ((FE, fe_dir), (FT, ft_dir)):
@@ -200,7 +208,7 @@ def finish(target: str, overwrite: bool, fe_dir: str, ft_dir: str | None, ft_sto
              "runs": {m: {**runs[m], "run": final[m]} for m in runs},
              "fine_tuning_minus_feature_extraction": {"val_accuracy": round(diff, 6),
                                                       "ci95": [round(ci[0], 6), round(ci[1], 6)], "n": n},
-             "why": why(winner, diff * 100, ci, ft_stop, raced=ft_dir is not None)}
+             "why": why(winner, diff * 100, ci, ft_stop, raced=ft_dir is not None, small_side=small_side)}
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
     for mode, d in final.items():
         path = os.path.join(d, "metrics.json")
