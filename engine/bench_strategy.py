@@ -101,7 +101,8 @@ def _old_recipe():
 RUNS = {
     "feature-extraction": dict(mode="feature-extraction"),
     "fine-tuning (new)": dict(mode="fine-tuning"),
-    "fine-tuning (old)": dict(mode="fine-tuning", unfreeze=2, bn_stats="update"),
+    "fine-tuning (224 px)": dict(mode="fine-tuning", small_images="off"),  # the default before small pictures
+    "fine-tuning (old)": dict(mode="fine-tuning", unfreeze=2, bn_stats="update", small_images="off"),
     "auto": dict(mode="auto"),
 }
 
