@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--ft-epochs", type=int, default=0, help="fine-tuning epochs (default: the recipe's)")
     bs.add_argument("--runs", default=",".join(["feature-extraction", "fine-tuning (new)", "fine-tuning (old)",
                                                 "auto"]),
-                    help="comma-separated runs to make, of: feature-extraction, fine-tuning (new), fine-tuning (224 px) "
-                         "(small pictures upscaled, the default before 2026-11-29), fine-tuning (old), auto")
+                    help="comma-separated runs to make, of: feature-extraction, fine-tuning (new), "
+                         "fine-tuning (224 px) (small pictures upscaled, the default before 2026-11-29), "
+                         "fine-tuning (old), auto")
     bs.add_argument("--json", help="also write the table as JSON here")
 
     bo = sub.add_parser("bench-onnx", help="the frozen backbone's CPU paths: PyTorch, ONNX Runtime fp32 and int8")

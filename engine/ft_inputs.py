@@ -111,7 +111,8 @@ def prefix_runner(prefix, fwd, cfg: TrainConfig, weights_id: str, n_frozen: int,
     from . import onnx_backend
 
     if cache_dir and fwd.device.type == "cpu" and onnx_backend.use_onnx(cfg.engine, fwd.device):
-        path = os.path.join(cache_dir, "graphs", f"{cfg.backbone}-{weights_id}.prefix{n_frozen}-{fwd.pre.size}px.fp32.onnx")
+        path = os.path.join(cache_dir, "graphs",
+                            f"{cfg.backbone}-{weights_id}.prefix{n_frozen}-{fwd.pre.size}px.fp32.onnx")
         try:
             if not os.path.exists(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -12,7 +12,6 @@ to learn how blurred, drawn or synthetic pictures look trains.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 SMALL_SIDE = 160  # pictures whose median shorter side is at most this are "small"
@@ -34,8 +33,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return {"input_size": self.size, "unfreeze": self.unfreeze, "backbone_lr_mult": self.lr_mult,
-                "small_pictures": self.small,
-                "median_shorter_side": self.median_side, "reason": self.reason}
+                "small_pictures": self.small, "median_shorter_side": self.median_side, "reason": self.reason}
 
 
 def median_shorter_side(paths: list[str], sample: int = SAMPLE) -> int | None:
@@ -82,7 +80,3 @@ def at_size(backbone, size: int):
     if backbone.preprocessing.size == size:
         return backbone
     return replace(backbone, preprocessing=replace(backbone.preprocessing, size=size, resize=size))
-
-
-def file_paths(ds) -> list[str]:
-    return [os.fspath(s.path) for s in ds.split("train")]

@@ -139,11 +139,12 @@ def _recipe(cfg: TrainConfig, ds: Dataset, backbone, dist, cb: Callbacks):
 
     from . import ft_inputs, recipe
 
-    rcp = recipe.choose(backbone, cfg.unfreeze, cfg.small_images, recipe.file_paths(ds),
+    rcp = recipe.choose(backbone, cfg.unfreeze, cfg.small_images, [s.path for s in ds.split("train")],
                         lambda n: ft_inputs.applies(backbone.net, n, dist), cfg.backbone_lr_mult)
     if rcp.small:
         cb.on_log(f"Small pictures: {rcp.reason}")
-    return recipe.at_size(backbone, rcp.size), replace(cfg, unfreeze=rcp.unfreeze, backbone_lr_mult=rcp.lr_mult), rcp
+    ft_cfg = replace(cfg, unfreeze=rcp.unfreeze, backbone_lr_mult=rcp.lr_mult)
+    return recipe.at_size(backbone, rcp.size), ft_cfg, rcp
 
 
 def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, device, cache_dir: str | None,

@@ -102,11 +102,12 @@ def test_the_recipe_fine_tunes_small_pictures_at_128_px_with_more_stages_and_kee
     cached = lambda n_trained: True  # noqa: E731
     r = choose(bb, "auto", "auto", small, cached)
     assert (r.size, r.unfreeze, r.small, r.median_side) == (128, n - 3, True, 96) and "96 px" in r.reason
+    assert r.lr_mult == 0.3 and choose(bb, "auto", "auto", small, cached, lr_mult=0.05).lr_mult == 0.05
     assert (choose(bb, 2, "auto", small, cached).size, choose(bb, 2, "auto", small, cached).unfreeze) == (128, 2)
     for args in (("auto", "auto", large, cached), ("auto", "off", small, cached), ("auto", "auto", small,
                                                                                     lambda n_trained: False)):
         r = choose(bb, *args)
-        assert (r.size, r.unfreeze, r.small) == (224, 3, False), args
+        assert (r.size, r.unfreeze, r.small, r.lr_mult) == (224, 3, False, 0.1), args
     assert choose(bb, "all", "auto", small, cached).size == 224  # every stage trained: nothing runs once
 
 
