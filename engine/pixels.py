@@ -262,18 +262,23 @@ def _read_for_torch(path: str) -> tuple[bytes | None, bool, str]:
 
 def _resize_tensor(img, pre: Preprocessing, size: int):
     """``to_square`` for a (3,H,W) uint8 tensor on any device (bilinear with antialiasing, as PIL's resize)."""
+    return resize_batch(img.unsqueeze(0), pre, size)[0]
+
+
+def resize_batch(u8, pre: Preprocessing, size: int):
+    """``to_square`` for a (N,3,H,W) uint8 batch on any device, still uint8 (bilinear with antialiasing)."""
     import torch
     import torch.nn.functional as F
 
-    x = img.unsqueeze(0).float()
-    h, w = img.shape[-2:]
+    x = u8.float()
+    h, w = u8.shape[-2:]
     if pre.mode == "center-crop":
         nw, nh, left, top = crop_geometry(w, h, pre, size)
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         x = x[..., top:top + size, left:left + size]
     else:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _torch_decode(items: list[tuple[int, bytes]], device) -> dict:

@@ -144,17 +144,12 @@ def _pretrained_forward(loaded, device, engine: str, batch_size: int | None, log
         ort = ob.OrtForward(graphs.fp32, bb.preprocessing, "fp32", batch_size or 16)
         size = bb.preprocessing.size
         # a small-pictures run decodes at its own size (engine/recipe.py); the pretrained backbone takes its own
-        return ort if loaded.preprocessing.size == size else (lambda u8: ort(resized_u8(u8, size)))
+        if loaded.preprocessing.size == size:
+            return ort
+        from .pixels import resize_batch
+
+        return lambda u8: ort(resize_batch(u8, bb.preprocessing, size))
     return Forward.frozen(bb.net, bb.preprocessing, device, batch_size)  # (Forward resizes to its own size)
-
-
-def resized_u8(u8, size: int):
-    """A uint8 batch (N,3,S,S) resized to ``size`` x ``size`` as Forward.prepare resizes, still uint8."""
-    import torch
-    import torch.nn.functional as F
-
-    x = F.interpolate(u8.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None = None,
