@@ -2,13 +2,13 @@
 
 A picture of 128 px upscaled to the backbone's 224 px input holds no more detail than at 128, but costs 3x as much
 per layer. On a Lite backbone the frozen stages run once per image (engine/ft_inputs.py), so at 128 px an epoch can
-train every stage but the stem and the first two block groups (13 of Lite0's 16 blocks) in about the time the last
-3 stages take at 224. Measured on flowers (128 px files that hold about 56 px of detail, 5 classes; validation
-accuracy, docs/benchmarks.md): feature extraction 0.771; the last 3 stages at 224 px 0.780; all but the first 3
-stages at 128 px 0.819 with the backbone at 0.1x the head's learning rate, 0.823 at 0.3x (validation loss 0.596 ->
-0.533), 0.833 at 1x, which on the 480 training pictures of the "pairs" folder collapsed to chance (0.3x: 1.000,
-0.1x: 0.983). Only the early stages (edges and textures at full resolution) stay as ImageNet taught them; what has
-to learn how blurred, drawn or synthetic pictures look trains.
+train every stage but the stem and the first two block groups (13 of Lite0's 16 blocks) in about the time the last 3
+stages take at 224. Measured on flowers (128 px files with no more detail than 50-60 px pictures: a 64 px round trip
+changes them by 45.6 dB PSNR; 5 classes; validation accuracy, docs/benchmarks.md): feature extraction 0.771; the
+last 3 stages at 224 px 0.780; all but the first 3 stages at 128 px 0.819 with the backbone at 0.1x the head's
+learning rate, 0.823 at 0.3x (validation loss 0.596 -> 0.533), 0.833 at 1x, which on the 483 training pictures of
+the "pairs" folder collapsed to chance (0.3x: 1.000, 0.1x: 0.983). Only the early stages (edges and textures at full
+resolution) stay as ImageNet taught them; what has to learn how blurred, drawn or synthetic pictures look trains.
 """
 from __future__ import annotations
 
