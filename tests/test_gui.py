@@ -272,6 +272,34 @@ def test_settings_persist_between_launches(qtbot, settings, tmp_path):
         w2.discovery.wait(60000)
 
 
+def test_settings_saved_before_auto_existed_give_small_pictures_their_recipe(qtbot, tmp_path):
+    """A window from before "auto" saved its defaults (3 stages, 0.1x) as if chosen: read back, they are auto again
+    (so small pictures get the recipe that fine-tunes them at their own size); a value the user did choose then,
+    and 3 stages chosen in a window of today, are kept."""
+    def window(lines: str) -> MainWindow:
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.ini"
+        path.write_text("[train]\n" + lines)
+        w = MainWindow(QSettings(str(path), QSettings.IniFormat))
+        qtbot.addWidget(w)
+        return w
+
+    def chosen(w: MainWindow) -> tuple:
+        values = w.model_tab.values() | w.training_tab.values()
+        return values["unfreeze"], values["backbone_lr_mult"]
+
+    old_defaults = window("unfreeze=3\nbackbone_lr_mult=0.1\nepochs=9\n")
+    assert chosen(old_defaults) == ("auto", None) and old_defaults.training_tab.epochs.value() == 9
+    assert chosen(window("unfreeze=5\nbackbone_lr_mult=0.25\n")) == (5, 0.25)
+    old_defaults.save_settings()  # saved again, now with the version: a later 3 / 0.1 is the user's
+    current = window(open(old_defaults.settings.fileName()).read().split("[train]\n", 1)[1]
+                     .replace("unfreeze=auto", "unfreeze=3").replace("backbone_lr_mult=\n", "backbone_lr_mult=0.1\n"))
+    assert chosen(current) == (3, 0.1)
+    for w in (old_defaults, current):
+        w.close()
+        if w.discovery is not None:
+            w.discovery.wait(60000)
+
+
 def test_compare_runs_overlays_curves(qtbot, window, flat_data, tmp_path):
     from engine import TrainConfig, fit
 
