@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .config import ScanConfig
+from .deep_grey import DEEP_GREY_MODES, grey_to_8_bits
 from .splits import SPLIT_NAMES, _key, excluded_paths, stratified_split  # noqa: F401  (re-exported)
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 
@@ -337,13 +338,8 @@ def open_rgb(source: str | bytes, draft_size: int | None = None):
         if draft_size and im.format == "JPEG":
             im.draft("RGB", (draft_size, draft_size))
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit grey: scale to 8 bits rather than clipping everything to white.
-            import numpy as np
-
-            arr = np.asarray(im, dtype=np.float32)
-            hi = float(arr.max()) or 1.0
-            im = Image.fromarray((arr * (255.0 / (65535.0 if hi > 255 else 255.0))).clip(0, 255).astype("uint8"))
+        if im.mode in DEEP_GREY_MODES:
+            im = Image.fromarray(grey_to_8_bits(im))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

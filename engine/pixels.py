@@ -19,6 +19,7 @@ import numpy as np
 
 from .backbones import Preprocessing
 from .data import MAX_PIXELS, describe_error, open_rgb
+from .deep_grey import is_deep_grey
 from .events import CancelToken
 
 
@@ -59,7 +60,13 @@ def read_bytes(path: str) -> bytes:
 
 
 def content_hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """A file's key in the embedding cache. Grey images deeper than 8 bits get a tag: their decoding changed on
+    2026-11-29 (engine/data.py ``grey_to_8_bits``), so embeddings cached from the old, nearly black pixels are not
+    reused."""
+    h = hashlib.blake2b(data, digest_size=16)
+    if is_deep_grey(data):
+        h.update(b"|deep-grey-2")
+    return h.hexdigest()
 
 
 def decode_one(path: str, pre: Preprocessing, size: int) -> tuple[np.ndarray | None, str]:

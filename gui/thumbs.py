@@ -24,14 +24,30 @@ class _LoadThumb(QRunnable):
         # Below the GUI thread: thumbnails decoding at full priority beside a job delayed repaints by ~100 ms
         # (stall traces while a training job scanned its folder).
         lower_this_thread_priority()
-        reader = QImageReader(self.path)
-        reader.setAutoTransform(True)  # EXIF orientation
-        src = reader.size()
-        if src.isValid() and src.width() > 0 and src.height() > 0:
-            # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
-            reader.setScaledSize(src.scaled(self.size, self.size, Qt.KeepAspectRatio))
-        img = reader.read()
+        img = read_image(self.path, self.size)
         self.emitter.loaded.emit(self.path, QImage() if img.isNull() else _on_square(img, self.size))
+
+
+def read_image(path: str, size: int) -> QImage:
+    """``path`` scaled to fit ``size`` px (null when unreadable), as the engine sees it: Qt scales a 16-bit grey
+    image by 65535, so the 12-bit values of a scan showed nearly black; those go through the engine's decoder."""
+    reader = QImageReader(path)
+    reader.setAutoTransform(True)  # EXIF orientation
+    src = reader.size()
+    if src.isValid() and src.width() > 0 and src.height() > 0:
+        # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
+        reader.setScaledSize(src.scaled(size, size, Qt.KeepAspectRatio))
+    img = reader.read()
+    if img.format() != QImage.Format_Grayscale16:
+        return img
+    from engine.data import open_rgb
+
+    try:
+        im = open_rgb(path)
+    except Exception:
+        return img
+    im.thumbnail((size, size))
+    return QImage(im.tobytes(), im.width, im.height, 3 * im.width, QImage.Format_RGB888).copy()
 
 
 def _on_square(img: QImage, size: int) -> QImage:

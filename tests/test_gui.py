@@ -454,6 +454,24 @@ def test_image_grid_leaves_room_for_every_caption(qtbot, tmp_path):
     loader.shutdown()
 
 
+def test_thumbnails_show_a_12_bit_scan_as_the_engine_sees_it(qapp, tmp_path):
+    """Qt scales 16-bit grey files by 65535: a scan holding 12-bit values showed nearly black in the window."""
+    import numpy as np
+    from PIL import Image
+
+    from gui.thumbs import read_image
+
+    path = tmp_path / "scan.png"
+    Image.fromarray(np.linspace(0, 4095, 80 * 80).reshape(80, 80).astype(np.uint16)).save(path)
+    img = read_image(str(path), 40)
+    assert (img.width(), img.height()) == (40, 40)
+    assert img.pixelColor(39, 39).value() > 240 and img.pixelColor(0, 0).value() < 15
+    ordinary = tmp_path / "ordinary.png"
+    draw_image("circles", 1).save(ordinary)
+    small = read_image(str(ordinary), 40)
+    assert max(small.width(), small.height()) == 40 and not small.isNull()
+
+
 def test_a_finished_job_thread_ends_while_the_gui_thread_waits(qapp):
     """Closing the window waits for background jobs (folder scan, backbone discovery) without running the event
     loop: the job's thread must end by itself, or closing during start-up hung for the whole wait."""

@@ -31,6 +31,36 @@ def test_modes_become_rgb_and_exif_rotation_is_applied(tmp_path):
     assert r.size == (10, 40)
 
 
+def test_a_12_bit_scan_keeps_its_grey_levels_and_scans_of_one_depth_scale_alike(tmp_path):
+    """X-ray and MRI exports often hold 12-bit values in 16-bit PNG or TIFF files: scaled by 65535 they decoded
+    nearly black, with 16 grey levels."""
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64)
+    dim = ramp * (2500 / 4095)  # a darker scan from the same 12-bit scanner
+    for name, values in (("full.png", ramp), ("full.tif", ramp), ("dim.png", dim)):
+        Image.fromarray(values.astype(np.uint16)).save(tmp_path / name)
+    Image.fromarray((ramp / 4095).astype(np.float32)).save(tmp_path / "float.tif")  # 0..1 floats
+
+    for name in ("full.png", "full.tif", "float.tif"):
+        grey = np.asarray(open_rgb(str(tmp_path / name)))[..., 0]
+        assert grey.max() == 255 and len(np.unique(grey)) > 200, name
+    full, dim8 = (np.asarray(open_rgb(str(tmp_path / n)))[..., 0] for n in ("full.png", "dim.png"))
+    at_2000 = np.abs(ramp - 2000).argmin(), np.abs(dim - 2000).argmin()  # the same raw value, 2000 of 4095
+    assert abs(int(full.flat[at_2000[0]]) - int(dim8.flat[at_2000[1]])) <= 1
+    assert abs(int(full.flat[at_2000[0]]) - round(2000 * 255 / 4095)) <= 1
+    # embeddings cached from the old, nearly black decoding (keyed by the file's bytes) are not reused; others are
+    import hashlib
+
+    from engine.pixels import content_hash
+
+    def old_key(name):
+        return hashlib.blake2b((tmp_path / name).read_bytes(), digest_size=16).hexdigest()
+
+    assert all(content_hash((tmp_path / n).read_bytes()) != old_key(n) for n in ("full.png", "full.tif", "float.tif"))
+    Image.new("L", (8, 8), 9).save(tmp_path / "grey8.png")
+    Image.new("RGB", (8, 8), 9).save(tmp_path / "photo.jpg")
+    assert all(content_hash((tmp_path / n).read_bytes()) == old_key(n) for n in ("grey8.png", "photo.jpg"))
+
+
 def test_decompression_bomb_is_skipped_with_a_reason(tmp_path):
     from tests.imagegen import make_flat_dataset
 

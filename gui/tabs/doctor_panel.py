@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QHBoxLayout, QHeade
                                QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from engine.doctor import ISSUES
-from gui.thumbs import ThumbnailLoader
+from gui.thumbs import ThumbnailLoader, read_image
 from gui.widgets import ImageGrid, reveal_in_file_manager
 
 WORDS = {"duplicate": "byte-identical copy", "near-duplicate": "near copy (resized, re-saved, cropped)",
@@ -24,8 +24,7 @@ WORDS = {"duplicate": "byte-identical copy", "near-duplicate": "near copy (resiz
 
 
 def _picture(path: str, size: int = 220) -> QPixmap:
-    pm = QPixmap(path)
-    return pm.scaled(size, size, Qt.KeepAspectRatio, Qt.SmoothTransformation) if not pm.isNull() else pm
+    return QPixmap.fromImage(read_image(path, size))
 
 
 class DoctorPanel(QWidget):
