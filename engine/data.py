@@ -191,6 +191,24 @@ def scan_folder(config: ScanConfig, callbacks: Callbacks | None = None,
         return ScanResult(None, cancelled=True)
 
 
+def _other_kinds(root: str, limit: int = 20000) -> str:
+    """A sentence on the files under ``root`` that are not images the app reads (their extensions, most common
+    first), with a hint for DICOM scans; "" when there are none."""
+    kinds: Counter = Counter()
+    for n, (_, dirnames, filenames) in enumerate(os.walk(root)):
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        kinds.update(os.path.splitext(f)[1].lower() or "(no extension)" for f in filenames
+                     if not _hidden(f) and not is_image_name(f))
+        if n > limit or sum(kinds.values()) > limit:
+            break
+    if not kinds:
+        return ""
+    listed = ", ".join(f"{k} ({v})" for k, v in kinds.most_common(5))
+    hint = " DICOM (.dcm) scans are not read: export them as PNG (16-bit is fine) first." if ".dcm" in kinds else ""
+    return (f" The folder holds files of other kinds: {listed}; the app reads JPEG, PNG, BMP, GIF, WebP and TIFF "
+            "images." + hint)
+
+
 def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
          cancel: CancelToken | None = None, progress: Callable[[Progress], None] | None = None,
          check_files: bool = True, exclude: str | set | None = None) -> Dataset:
@@ -236,7 +254,7 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
         warn.append(f"Class folder '{c}' has no readable images and was ignored.")
     if not names:
         raise EngineError(f"No readable images found in {root}. Put images in one subfolder per class "
-                          "(for example photos/cats/*.jpg and photos/dogs/*.jpg).")
+                          "(for example photos/cats/*.jpg and photos/dogs/*.jpg)." + _other_kinds(root))
     if len(names) < 2:
         raise EngineError(f"Only one class ('{names[0]}') found in {root}. A classifier needs at least two "
                           "classes: add a second subfolder of images.")

@@ -127,8 +127,15 @@ def test_folder_errors_say_what_to_change(tmp_path):
     with pytest.raises(EngineError, match="not found"):
         scan(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EngineError, match="No readable images"):
+    with pytest.raises(EngineError, match="No readable images") as empty:
         scan(tmp_path / "empty")
+    assert "other kinds" not in str(empty.value)
+    for c in ("glioma", "healthy"):  # a scanner's export the app cannot read: say what is there and what to do
+        (tmp_path / "dicom" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "dicom" / c / f"slice{i}.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(EngineError, match=r"other kinds: \.dcm \(6\).*export them as PNG"):
+        scan(tmp_path / "dicom")
     make_flat_dataset(tmp_path / "one", n_per_class=3, classes=("circles",))
     with pytest.raises(EngineError, match="Only one class"):
         scan(tmp_path / "one")
