@@ -113,11 +113,13 @@ class Race(Tagged):
         left = self.epochs - m.epoch
         if self.token.deadline is not None:
             left = min(left, int(max(0.0, self.token.deadline - time.perf_counter()) // max(m.seconds, 1e-9)))
-        if m.epoch < MIN_EPOCHS_BEFORE_EXTRAPOLATING or min(self.losses[1:]) < self.fe_loss:
-            return
+        if m.epoch < MIN_EPOCHS_BEFORE_EXTRAPOLATING or m.epoch >= self.epochs or min(self.losses[1:]) < self.fe_loss:
+            return  # (after its last epoch it ends by itself: nothing to stop)
         if projected_loss(self.losses, left) >= self.fe_loss:
-            self.token.stop(f"its calibrated validation loss ({min(self.losses[1:]):.4f}), extrapolated over the {left} "
-                            f"epoch(s) left, would stay above feature extraction's ({self.fe_loss:.4f})")
+            over = (f"extrapolated over the {left} epoch(s) left" if left else
+                    "with no time left in the budget for another epoch")
+            self.token.stop(f"its calibrated validation loss ({min(self.losses[1:]):.4f}), {over}, would stay above "
+                            f"feature extraction's ({self.fe_loss:.4f})")
 
 
 def val_rows(run_dir: str) -> list[dict]:
@@ -226,9 +228,12 @@ def summary(winner: str, runs: dict, diff: float, ci: tuple[float, float], n: in
     other = FE if winner == FT else FT
     a, b = runs[winner].get("val_accuracy"), runs[other].get("val_accuracy")
     sign = 1 if winner == FT else -1
-    acc = (f"; accuracy {a:.3f} vs {b:.3f} ({sign * diff * 100:+.1f} points, 95% interval "
-           f"{min(sign * ci[0], sign * ci[1]) * 100:+.1f} to {max(sign * ci[0], sign * ci[1]) * 100:+.1f}, "
-           f"{n} images)") if a is not None and b is not None else ""
+    def points(x: float) -> str:
+        return f"{round(x * 100, 1) + 0.0:+.1f}"  # (+ 0.0: "+0.0", never "-0.0")
+
+    lo, hi = sorted((sign * ci[0], sign * ci[1]))
+    acc = (f"; accuracy {a:.3f} vs {b:.3f} ({points(sign * diff)} points, 95% interval {points(lo)} to "
+           f"{points(hi)}, {n} images)") if a is not None and b is not None else ""
     return (f"Kept {words}: calibrated validation loss {runs[winner]['val_loss']:.4f} vs "
             f"{runs[other]['val_loss']:.4f}"
             f" ({other}){acc}.")

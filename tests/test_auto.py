@@ -124,6 +124,30 @@ def test_the_race_stops_fine_tuning_only_when_even_a_straight_line_cannot_reach_
     token = BudgetToken(user, None)
     user.cancel()
     assert token.cancelled and token.reason == ""  # the user's cancel is not the race's
+    # its last planned epoch: it ends by itself, and the app must not say it was stopped
+    done = BudgetToken(CancelToken(), None)
+    race = Race(Callbacks(), done, fe_loss=0.5, epochs=2, t0=0.0)
+    race.on_train_epoch_end(_epoch(1, 0.9))
+    race.on_train_epoch_end(_epoch(2, 0.85))
+    assert not done.cancelled and done.reason == ""
+    # a budget with no room for another epoch: stopped, and said so in those words
+    import time
+
+    tight = BudgetToken(CancelToken(), time.perf_counter() + 5.0)
+    race = Race(Callbacks(), tight, fe_loss=0.5, epochs=5, t0=0.0)
+    race.on_train_epoch_end(_epoch(1, 0.9, seconds=60.0))
+    race.on_train_epoch_end(_epoch(2, 0.85, seconds=60.0))
+    assert tight.cancelled and "no time left in the budget for another epoch" in tight.reason
+
+
+def test_the_summary_never_says_minus_zero_points():
+    from engine.auto import summary
+
+    runs = {FT: {"val_accuracy": 1.0, "val_loss": 0.0075}, FE: {"val_accuracy": 1.0, "val_loss": 0.0006}}
+    text = summary(FE, runs, 0.0, (0.0, 0.0), 32)
+    assert "(+0.0 points, 95% interval +0.0 to +0.0, 32 images)" in text and "-0.0" not in text
+    assert "(+6.7 points, 95% interval +4.1 to +9.3, 500 images)" in summary(FT, runs, 0.067, (0.041, 0.093), 500)
+    assert "(-6.7 points, 95% interval -9.3 to -4.1" in summary(FE, runs, 0.067, (0.041, 0.093), 500)
 
 
 def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_validation_probabilities(flat_data,
