@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from .config import ScanConfig
 from .deep_grey import DEEP_GREY_MODES, grey_to_8_bits
-from .splits import SPLIT_NAMES, _key, excluded_paths, stratified_split  # noqa: F401  (re-exported)
+from .splits import SPLIT_NAMES, _key, excluded_paths, stratified_split, untrained_classes  # noqa: F401 (re-exported)
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -332,7 +332,7 @@ def dataset_warnings(ds: Dataset) -> list[str]:
                    "shows balanced accuracy beside accuracy.")
     if not ds.split("train"):
         out.append("No training images.")
-    return out
+    return out + untrained_classes(ds.counts())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -85,3 +85,25 @@ def excluded_paths(exclude: str | set | None) -> set[str]:
     if rows and "path" not in rows[0]:
         raise EngineError(f"The exclude list {exclude} has no 'path' column.")
     return {os.path.abspath(r["path"]) for r in rows if r.get("path")}
+
+
+def untrained_classes(counts: dict[str, dict[str, int]]) -> list[str]:
+    """One sentence per class that has images but none for training (a pre-split folder whose validation or test
+    folder names a class differently, e.g. Training/glioma and Testing/glioma_tumor): the model cannot learn it."""
+    from difflib import SequenceMatcher
+
+    def alike(a: str, b: str) -> float:  # one name inside the other ("glioma", "glioma_tumor"), or nearly equal
+        a, b = a.lower(), b.lower()
+        return 1.0 if a in b or b in a else SequenceMatcher(None, a, b).ratio()
+
+    trained = [c for c, n in counts.items() if n["train"]]
+    out = []
+    for c, n in counts.items():
+        if sum(n.values()) and not n["train"] and trained:
+            near = [t for t in sorted(trained, key=lambda t: -alike(c, t)) if alike(c, t) >= 0.75][:1]
+            fix = (f"Is it '{near[0]}' of the training folder under another name? Give both folders the same name."
+                   if near else "Add its images to the training folder, or remove it.")
+            out.append(f"Class '{c}' ({n['val'] + n['test']} images) is only in the validation or test folder, "
+                       f"not in the training folder: the model cannot learn it. {fix}")
+    return out
+

@@ -16,6 +16,7 @@ from . import feature_extraction, fine_tuning
 from .backbones import load_backbone
 from .config import TrainConfig
 from .data import Dataset, scan
+from .splits import untrained_classes
 from .device import device_label, resolve_device, warm_optimizer_imports
 from .distributed import setup
 from .calibration import calibrate
@@ -82,6 +83,9 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
               + ", ".join(f"{c} {n}" for c, n in counts.items()))
     for w in ds.warnings:
         cb.on_log(f"Warning: {w}")
+    untrained = untrained_classes(ds.counts())
+    if untrained:  # its validation and test images would count as errors the model cannot avoid
+        raise EngineError(" ".join(untrained))
     if ds.skipped:
         cb.on_log(f"Skipped {len(ds.skipped)} unreadable file(s); see skipped.csv in the run folder")
     if ds.excluded:

@@ -103,6 +103,24 @@ def test_presplit_layout_with_other_spellings(tmp_path):
     assert ds.counts() == {"circles": {"train": 6, "val": 3, "test": 2}, "squares": {"train": 6, "val": 3, "test": 2}}
 
 
+def test_a_class_only_in_the_test_folder_is_named_before_training_not_scored_as_errors(tmp_path):
+    """Training/glioma but Testing/glioma_tumor: the model had an output it could never learn, and its test images
+    silently counted as errors (test accuracy 0.667 on an otherwise perfect run)."""
+    make_split_dataset(tmp_path, names=("Training",), n=(8,), classes=("circles", "squares"))
+    make_split_dataset(tmp_path, names=("Testing",), n=(3,), classes=("circles", "squares", "stripes"))
+    (tmp_path / "Training" / "squares").rename(tmp_path / "Training" / "glioma")
+    (tmp_path / "Testing" / "squares").rename(tmp_path / "Testing" / "glioma_tumor")
+    ds = scan(tmp_path)
+    said = " ".join(ds.warnings)
+    assert "Class 'glioma_tumor' (3 images) is only in the validation or test folder" in said
+    assert "Is it 'glioma' of the training folder under another name?" in said
+    stripes = next(w for w in ds.warnings if w.startswith("Class 'stripes' (3 images)"))
+    assert stripes.endswith("Add its images to the training folder, or remove it.")  # no far-fetched name
+    with pytest.raises(EngineError, match="glioma_tumor.*cannot learn it"):
+        fit(TrainConfig(data=str(tmp_path), out=str(tmp_path / "run"), cache=False))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unreadable_files_are_listed_not_fatal(tmp_path):
     root = make_flat_dataset(tmp_path / "d", n_per_class=4, classes=("circles", "squares"))
     (root / "circles" / "empty.jpg").write_bytes(b"")
