@@ -9,13 +9,13 @@ DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # Pillow's modes for gre
 
 
 def is_deep_grey(data: bytes) -> bool:
-    """Whether a file's bytes hold a grey image deeper than 8 bits (PNG from its header, JPEG never, others by
-    Pillow's lazy open)."""
+    """Whether a file's bytes hold a grey image deeper than 8 bits: PNG from its header, TIFF by Pillow's lazy
+    open; the other formats the app reads (JPEG, BMP, GIF, WebP) hold at most 8 bits per channel."""
     from PIL import Image
 
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return len(data) > 25 and data[24] == 16 and data[25] == 0  # IHDR: bit depth 16, colour type grey
-    if data[:2] == b"\xff\xd8":
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
         return False
     try:
         with warnings.catch_warnings():
