@@ -32,21 +32,21 @@ def read_image(path: str, size: int) -> QImage:
     """``path`` scaled to fit ``size`` px (null when unreadable), as the engine sees it: Qt scales a 16-bit grey
     image by 65535, so the 12-bit values of a scan showed nearly black; those go through the engine's decoder."""
     reader = QImageReader(path)
-    reader.setAutoTransform(True)  # EXIF orientation
-    src = reader.size()
-    if src.isValid() and src.width() > 0 and src.height() > 0:
-        # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
-        reader.setScaledSize(src.scaled(size, size, Qt.KeepAspectRatio))
-    img = reader.read()
-    if img.format() != QImage.Format_Grayscale16:
-        return img
+    if reader.imageFormat() != QImage.Format_Grayscale16:  # (known from the header, before decoding)
+        reader.setAutoTransform(True)  # EXIF orientation
+        src = reader.size()
+        if src.isValid() and src.width() > 0 and src.height() > 0:
+            # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
+            reader.setScaledSize(src.scaled(size, size, Qt.KeepAspectRatio))
+        return reader.read()
     from engine.data import open_rgb
 
     try:
         im = open_rgb(path)
     except Exception:
-        return img
-    im.thumbnail((size, size))
+        return QImage()
+    scale = size / max(im.width, im.height)  # fitted to size either way, as Qt's scaled read does
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))))
     return QImage(im.tobytes(), im.width, im.height, 3 * im.width, QImage.Format_RGB888).copy()
 
 
