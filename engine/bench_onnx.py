@@ -5,9 +5,14 @@
    Runtime fp32 and int8 (the engine's batch of 16).
 2. End to end, the first feature-extraction run on each folder from an empty cache with ``--engine torch``,
    ONNX Runtime fp32 and int8: wall time, embedding images/s, validation accuracy, and where the time went.
+3. ``--flavours v8,a7,s8``: each int8 flavour (engine/int8.py) on each folder: its one-time calibration, feature
+   cosine with fp32 (worst / mean over 48 images) through this CPU's kernels and computed exactly (what a CPU that
+   never saturates gives), forward images/s, and the validation accuracy of a feature-extraction run whose int8
+   features are computed exactly. A flavour this CPU cannot run exactly is marked: its speed here says nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -65,6 +70,63 @@ def forward_rates(seconds: float = 5.0) -> dict[str, float]:
     return best
 
 
+@contextlib.contextmanager
+def _flavour(name: str, exact: bool):
+    """Make the engine use int8 flavour ``name`` (and run it exactly) inside the block."""
+    from . import onnx_backend as ob
+
+    keep = {k: os.environ.get(k) for k in (ob.FLAVOUR_ENV, ob.EXACT_ENV)}
+    os.environ[ob.FLAVOUR_ENV], os.environ[ob.EXACT_ENV] = name, "1" if exact else "0"
+    try:
+        yield
+    finally:
+        for k, v in keep.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def flavour_rows(folder: str, flavours: list[str]) -> list[dict]:
+    """Agreement, speed and exact accuracy of each int8 flavour on ``folder`` (see the module docstring)."""
+    from . import onnx_backend as ob
+    from .backbones import load_backbone
+    from .config import TrainConfig
+    from .data import walk_images
+    from .features import _sample_pixels
+    from .int8 import quantize
+    from .train import fit
+
+    bb = load_backbone()
+    pre = bb.preprocessing
+    paths = walk_images(folder)
+    calib, sample = _sample_pixels(paths, pre, ob.CALIBRATION, 0), _sample_pixels(paths, pre, 48, 1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = os.path.join(tmp, "fp32.onnx")
+        ob.export_graph(bb.net, pre, fp32)
+        ref = ob.OrtForward(fp32, pre, "fp32")(sample)
+        batches = [ob._normalise(calib[i:i + 8], pre) for i in range(0, len(calib), 8)]
+        for name in flavours:
+            path = os.path.join(tmp, f"{name}.onnx")
+            t0 = time.perf_counter()
+            quantize(fp32, path, batches, name)
+            row = {"folder": os.path.basename(os.path.normpath(folder)), "flavour": name,
+                   "calibration_s": time.perf_counter() - t0, "runs_exactly_here": name == "a7" or ob.has_vnni()}
+            fast = ob.OrtForward(path, pre, "int8")
+            for key, fwd in (("kernels", fast), ("exact", ob.OrtForward(path, pre, "int8", exact=True))):
+                cos = ob.agreement(fwd(sample), ref)
+                row[f"{key}_worst"], row[f"{key}_mean"] = float(cos.min()), float(cos.mean())
+            row["images_per_s"] = _rate(fast, sample[:16], 5.0)
+            with _flavour(name, exact=True):
+                res = fit(TrainConfig(data=folder, out=os.path.join(tmp, f"r-{name}"), engine="onnxruntime",
+                                      precision="int8", cache_dir=os.path.join(tmp, f"cache-{name}")))
+            row["val_accuracy"] = res.metrics.get("val_accuracy")
+            rows.append(row)
+            print(f"  {row['folder']} {name}: {row}", file=sys.stderr, flush=True)
+    return rows
+
+
 def end_to_end(folder: str) -> list[dict]:
     from .config import TrainConfig
     from .train import fit
@@ -97,6 +159,11 @@ def run_bench_onnx(a) -> int:
     if not present:
         print(f"end to end skipped: {', '.join(folders)} not found")
         return 0
+    flavours = [f for f in (a.flavours or "").split(",") if f]
+    if flavours:
+        _print_flavours([r for f in present for r in flavour_rows(f, flavours)])
+    if a.flavours_only:
+        return 0
     rows = [r for f in present for r in end_to_end(f)]
     print(f"\n{'folder':12} {'path':18} {'wall s':>7} {'graphs s':>8} {'embed s':>8} {'img/s':>7} {'val acc':>8}  used")
     for r in rows:
@@ -105,3 +172,16 @@ def run_bench_onnx(a) -> int:
     print("\nwall s = the first feature-extraction run from an empty cache (scan, hashing, decoding, embedding, head); "
           "graphs s = the one-time ONNX export and int8 calibration inside it; embed s = hashing + decoding + forward")
     return 0
+
+
+def _print_flavours(rows: list[dict]) -> None:
+    from .onnx_backend import has_vnni
+
+    print(f"\nint8 flavours (this CPU: {'VNNI' if has_vnni() else 'no VNNI'}; cosine with fp32 worst / mean over 48 "
+          "images; exact = what a CPU that never saturates computes; val acc from exact int8 features):")
+    print(f"{'folder':12} {'flavour':8} {'calib s':>7} {'kernels here':>14} {'exact':>14} {'img/s':>7} {'val acc':>8}")
+    for r in rows:
+        speed = f"{r['images_per_s']:7.1f}" if r["runs_exactly_here"] else "    n/a"  # saturates: not a real speed
+        print(f"{r['folder']:12} {r['flavour']:8} {r['calibration_s']:7.1f} "
+              f"{r['kernels_worst']:6.3f} / {r['kernels_mean']:5.3f} {r['exact_worst']:6.3f} / {r['exact_mean']:5.3f} "
+              f"{speed} {r['val_accuracy']:8.3f}")

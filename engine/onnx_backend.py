@@ -37,6 +37,8 @@ MIN_COSINE = 0.95
 INT8_MIN_IMAGES = 4000
 SAMPLE = 24  # images compared before int8 is used
 CALIBRATION = 64  # images the int8 graph is calibrated on
+FLAVOUR_ENV = "TRANSFER_STUDIO_INT8_FLAVOUR"  # bench-onnx and the tests measure a flavour this CPU would not pick
+EXACT_ENV = "TRANSFER_STUDIO_INT8_EXACT"  # "1": int8 sessions run exactly (OrtForward), for bench-onnx
 
 
 _MISSING: list[str] = []  # why ONNX Runtime could not be imported (said in the error message)
@@ -101,11 +103,17 @@ class OrtForward:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str, pre: Preprocessing, precision: str, batch_size: int = 16) -> None:
+    def __init__(self, path: str, pre: Preprocessing, precision: str, batch_size: int = 16, exact: bool = False
+                 ) -> None:
+        """``exact``: run the graph with ONNX Runtime's optimisations off (an int8 graph's QDQ in float), which is
+        what a CPU whose integer products never saturate computes: how a flavour this CPU cannot run exactly is
+        measured and tested (engine/int8.py). Slow; never the app's path."""
         import onnxruntime as ort
 
+        exact = exact or (precision == "int8" and os.environ.get(EXACT_ENV) == "1")
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         threads = int(os.environ.get("TRANSFER_STUDIO_ORT_THREADS", "0"))
         if threads:
             opts.intra_op_num_threads = threads
@@ -128,10 +136,10 @@ class Graphs:
 
 
 def graph_paths(cache_dir: str, backbone: str, weights_id: str) -> tuple[str, str]:
+    """The fp32 graph and this CPU's int8 graph (each flavour its own file: engine/int8.py)."""
     folder = os.path.join(cache_dir, "graphs")
-    flavour = "s8" if has_vnni() else "a7"  # the int8 flavour this CPU runs exactly (engine/int8.py)
     return (os.path.join(folder, f"{backbone}-{weights_id}.fp32.onnx"),
-            os.path.join(folder, f"{backbone}-{weights_id}.int8-{flavour}.onnx"))
+            os.path.join(folder, f"{backbone}-{weights_id}.int8-{int8_flavour()}.onnx"))
 
 
 def export_graph(net, pre: Preprocessing, path: str) -> None:
@@ -154,9 +162,22 @@ def export_graph(net, pre: Preprocessing, path: str) -> None:
     os.replace(tmp, path)
 
 
+def int8_flavour() -> str:
+    """The int8 flavour to make: ``a7`` on every CPU (engine/int8.py says why VNNI CPUs get it too)."""
+    from .int8 import FLAVOURS
+
+    forced = os.environ.get(FLAVOUR_ENV, "")
+    if forced:
+        if forced not in FLAVOURS:
+            raise EngineError(f"{FLAVOUR_ENV}={forced!r}: use one of {', '.join(FLAVOURS)}, or unset it.")
+        return forced
+    return "a7"
+
+
 def has_vnni() -> bool:
     """Whether the CPU multiplies uint8 by int8 without saturating (AVX-512 VNNI / AVX-VNNI; Linux tells, elsewhere
-    assume not). Without it, ONNX Runtime's uint8 x int8 kernels saturate their 16-bit intermediate sums."""
+    assume not). Without it, ONNX Runtime's uint8 x int8 kernels saturate their 16-bit intermediate sums, so only
+    the a7 flavour runs exactly (what bench-onnx and the tests need to know)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
@@ -169,7 +190,7 @@ def _quantize(fp32: str, int8: str, calibration: np.ndarray, pre: Preprocessing)
     from .int8 import quantize
 
     batches = [_normalise(calibration[i:i + 8], pre) for i in range(0, len(calibration), 8)]
-    return quantize(fp32, int8, batches, has_vnni())
+    return quantize(fp32, int8, batches, int8_flavour())
 
 
 def ensure_graphs(cache_dir: str, backbone_name: str, backbone, calibration: np.ndarray | None,
@@ -213,12 +234,13 @@ def choose(graphs: Graphs, pre: Preprocessing, precision: str, sample: np.ndarra
         return fp32, {"engine": "onnxruntime", "precision": "fp32", "reason": "asked for" if precision == "fp32"
                       else "no int8 graph"}
     int8 = OrtForward(graphs.int8, pre, "int8", batch_size)
+    flavour = {"int8_flavour": int8_flavour()}
     if precision == "int8":
-        return int8, {"engine": "onnxruntime", "precision": "int8", "reason": "asked for"}
+        return int8, {"engine": "onnxruntime", "precision": "int8", "reason": "asked for", **flavour}
     if sample is None or not len(sample):
         return fp32, {"engine": "onnxruntime", "precision": "fp32", "reason": "no images to check int8 on"}
     cos = agreement(int8(sample), fp32(sample))
-    decision = {"engine": "onnxruntime", "checked_images": int(len(sample)), "min_cosine": float(cos.min()),
+    decision = {"engine": "onnxruntime", **flavour, "checked_images": int(len(sample)), "min_cosine": float(cos.min()),
                 "mean_cosine": float(cos.mean()), "threshold": MIN_COSINE, "mean_threshold": MIN_MEAN_COSINE}
     if cos.min() >= MIN_COSINE and cos.mean() >= MIN_MEAN_COSINE:
         return int8, {**decision, "precision": "int8", "reason": "agrees with fp32"}

@@ -99,8 +99,9 @@ def run_self_test(timeout_s: float = 600.0) -> int:
             if not res.run_dir:
                 raise RuntimeError(f"{mode}: no run was saved ({res.message})")
             runs[mode] = res.run_dir
-            _say(f"{mode}: val accuracy {res.metrics.get('val_accuracy')}, features "
-                 f"{(res.metrics.get('features') or {}).get('precision', '-')} ({res.run_dir})")
+            feats = res.metrics.get("features") or {}
+            _say(f"{mode}: val accuracy {res.metrics.get('val_accuracy')}, features {feats.get('precision', '-')}"
+                 f"{' (flavour ' + feats['int8_flavour'] + ')' if feats.get('int8_flavour') else ''} ({res.run_dir})")
             if mode == "feature-extraction" and (res.metrics.get("features") or {}).get("precision") != "int8":
                 raise RuntimeError(f"feature extraction did not run through ONNX Runtime int8: {res.metrics}")
         out = os.path.join(tmp, "predictions.csv")
