@@ -38,6 +38,7 @@ from .feature_extraction import embed_dataset
 from .features import default_cache_dir
 from .familiarity import K, fence, knn_distance, normalise
 from .head import softmax, train_linear_head
+from . import same_picture
 from .runs import atomic_write_text
 
 ISSUES = ("duplicate", "near-duplicate", "leak", "label", "outlier")
@@ -71,6 +72,29 @@ class Finding:
 
     def row(self) -> list[str]:
         return [self.issue, self.path, self.other_path, self.label, self.suggested_label, f"{self.score:.4f}"]
+
+
+class DetailThumbnails:
+    """engine/same_picture.py's thumbnails of the images in candidate pairs, decoded once and kept in the cache."""
+
+    def __init__(self, paths: list[str], hashes: list[str], cache_dir: str | None) -> None:
+        from .features import DetailCache
+
+        self.paths, self.hashes, self.cache = paths, hashes, DetailCache(cache_dir)
+        self.memo: dict[int, np.ndarray] = {}
+
+    def get(self, i: int) -> np.ndarray:
+        if i not in self.memo:
+            v = self.cache.get(self.hashes[i])
+            if v is None:
+                v = same_picture.detail_thumbnail(self.paths[i]).astype(np.float32).ravel()
+                if v.any():
+                    self.cache.put(self.hashes[i], v)
+            self.memo[i] = v.reshape(same_picture.SIZE, same_picture.SIZE)
+        return self.memo[i]
+
+    def save(self) -> None:
+        self.cache.save()
 
 
 @dataclass
@@ -131,10 +155,12 @@ def layouts(paths: list[str], hashes: list[str] | None = None, cache_dir: str | 
     return np.stack(out).astype(np.float32) if paths else np.zeros((0, 256), np.float32)
 
 
-def copies(ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray | None = None) -> list[Finding]:
+def copies(ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray | None = None,
+           cache_dir: str | None = None) -> list[Finding]:
     """Exact and near copies: ``duplicate`` / ``near-duplicate`` in one split, ``leak`` across splits (the copy in
-    validation or test is the finding; its train original is ``other_path``). ``layout``: :func:`layouts` of the
-    samples (computed when not given)."""
+    validation or test is the finding; its train original is ``other_path``). Near copies are decided by
+    engine/same_picture.py. ``layout``: :func:`layouts` of the samples (computed when not given); ``cache_dir``:
+    where the detail thumbnails of candidate pairs are kept."""
     samples = ds.samples
     out: list[Finding] = []
     first: dict[str, int] = {}
@@ -145,16 +171,12 @@ def copies(ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray
         else:
             first[h] = i
     pairs = [(i, j, 1.0, True) for i, j in sorted(exact)]
-    f = normalise(feats)
     lay = layouts([s.path for s in samples]) if layout is None else layout
-    for s in range(0, len(f), 512):  # near pairs: both similarities high, upper triangle, in blocks
-        sim = f[s:s + 512] @ f.T
-        corr = lay[s:s + 512] @ lay.T
-        rows, cols = np.nonzero((sim >= NEAR_EMBEDDING) & (corr >= NEAR_LAYOUT))
-        for r, c in zip(rows, cols):
-            i = s + int(r)
-            if i < c and (i, int(c)) not in exact and hashes[i] != hashes[c]:
-                pairs.append((i, int(c), float(min(sim[r, c], corr[r, c])), False))
+    candidates = sorted(p for p in same_picture.candidate_pairs(normalise(feats), lay)
+                        if p not in exact and hashes[p[0]] != hashes[p[1]])
+    details = DetailThumbnails([s.path for s in samples], hashes, cache_dir)
+    pairs += [(i, j, v, False) for i, j, v in same_picture.same_pictures(candidates, details.get)]
+    details.save()
     for i, j, sim, is_exact in pairs:
         a, b = samples[i], samples[j]
         if a.split != b.split:
@@ -227,7 +249,7 @@ def check(ds: Dataset, hashes: list[str], feats: np.ndarray, seed: int = 0,
     """Every finding for the dataset's kept samples (``hashes``/``feats`` aligned with ``ds.samples``), worst first
     within each issue type. ``cache_dir``: where the layout thumbnails are kept (None: computed each time)."""
     y = np.array([s.label for s in ds.samples], dtype=np.int64)
-    found = copies(ds, hashes, feats, layouts([s.path for s in ds.samples], hashes, cache_dir))
+    found = copies(ds, hashes, feats, layouts([s.path for s in ds.samples], hashes, cache_dir), cache_dir)
     if len(ds.classes) >= 2 and len(y) >= 2 * FOLDS:
         probs = out_of_sample_probs(feats, y, len(ds.classes), seed, cancel=cancel)
         for i, k, margin in label_issues(probs, y):

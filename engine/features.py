@@ -120,6 +120,16 @@ class LayoutCache(VectorCache):
         super().__init__(os.path.join(folder, LAYOUT_FILE) if folder else None)
 
 
+DETAIL_FILE = "details-64px.safetensors"  # engine/same_picture.py's thumbnails of candidate pairs, any backbone
+
+
+class DetailCache(VectorCache):
+    """``content hash -> 64x64 detail thumbnail`` (engine/same_picture.py), for the images of candidate pairs only."""
+
+    def __init__(self, folder: str | None) -> None:
+        super().__init__(os.path.join(folder, DETAIL_FILE) if folder else None)
+
+
 class BackboneSnapshot:
     """The frozen backbone's weights, keyed like its embeddings and stored beside them.
 
@@ -183,10 +193,10 @@ def cache_contents(folder: str | None = None) -> list[dict]:
                     e["images"] = len(json.loads(f.metadata()["keys"]))
             except Exception:
                 e["images"] = None  # damaged: the next run that uses it rebuilds it
-    layouts = os.path.join(folder, LAYOUT_FILE)
-    if os.path.isfile(layouts):
+    thumbs = [p for p in (os.path.join(folder, LAYOUT_FILE), os.path.join(folder, DETAIL_FILE)) if os.path.isfile(p)]
+    if thumbs:
         entries[("layouts", "")] = {"backbone": "(dataset check thumbnails)", "key": "-", "images": None,
-                                    "bytes": os.path.getsize(layouts), "files": [layouts]}
+                                    "bytes": sum(os.path.getsize(p) for p in thumbs), "files": thumbs}
     graphs = os.path.join(folder, "graphs")  # ONNX Runtime's exported and quantised backbones
     files = sorted(os.path.join(graphs, n) for n in (os.listdir(graphs) if os.path.isdir(graphs) else [])
                    if n.endswith((".onnx", ".onnx.json")))

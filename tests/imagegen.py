@@ -2,6 +2,7 @@
 separates them after a few images (tests can then assert real accuracy, not only that files exist)."""
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -103,3 +104,141 @@ def draw_scene(kind: str, seed: int, size: int = 160) -> Image.Image:
         else:
             d.line([x, y, rng.randint(0, size), rng.randint(0, size)], fill=colour, width=rng.randint(2, 6))
     return im
+
+
+# ---------------------------------------------------------------------------------------- folders of one kind
+# What the app's users bring besides everyday photos: every picture has the same layout and the same kind of
+# content, so two different pictures are alike everywhere but in their detail. Each picture is drawn from its own
+# seed (no two are copies of each other); tests and tools/make_onekind.py plant the copies themselves.
+
+ONE_KIND = {"digits": [str(d) for d in range(10)], "scans": ["healthy", "bright", "dark", "ring"],
+            "texture": ["ok", "scratch", "spot"], "product": ["bottle", "mug", "box"]}
+
+
+def _field(rng, size: int, sigma: float):
+    """A smooth random grey field, zero mean, unit spread."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+
+    f = gaussian_filter(rng.standard_normal((size, size)), sigma)
+    return (f - f.mean()) / max(float(f.std()), 1e-6)
+
+
+def _grey(a, rng, noise: float) -> Image.Image:
+    import numpy as np
+
+    a = a + rng.normal(0, noise, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    from sklearn.datasets import load_digits
+
+    return load_digits()
+
+
+def draw_one_kind(kind: str, label: str, seed: int, size: int = 160) -> Image.Image:
+    """One picture of a one-kind folder ``kind`` (keys of ``ONE_KIND``) of class ``label``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    if kind == "digits":  # scikit-learn's 8x8 handwritten digits, one sample each, upscaled with shifts and noise
+        d = _digits()
+        pool = np.flatnonzero(d.target == int(label))
+        img = d.images[pool[seed % len(pool)]] * 16
+        big = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((size - 32, size - 32), Image.BICUBIC), float)
+        a = np.zeros((size, size))
+        ox, oy = rng.integers(4, 28, 2)
+        a[oy:oy + size - 32, ox:ox + size - 32] = big
+        return _grey(a, rng, 10)
+    if kind == "scans":  # an axial "MRI" slice: one head outline, its own tissue texture, a lesion by class
+        cx, cy = 0.5 + rng.normal(0, 0.015, 2)
+        rx, ry = 0.36 + rng.normal(0, 0.01), 0.43 + rng.normal(0, 0.01)
+        r = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
+        a = np.where(r < 1, 110 + 28 * _field(rng, size, 2.5) + 14 * _field(rng, size, 1.0), 8.0)
+        a = np.where((r > 0.86) & (r < 1), 200.0, a)  # the skull
+        lx, ly = cx + rng.uniform(-0.18, 0.18), cy + rng.uniform(-0.2, 0.2)
+        q = ((xx - lx) ** 2 + (yy - ly) ** 2) / rng.uniform(0.004, 0.009)
+        if label == "bright":
+            a = np.where(q < 1, 230.0, a)
+        elif label == "dark":
+            a = np.where(q < 1, 40.0, a)
+        elif label == "ring":
+            a = np.where((q > 0.5) & (q < 1), 235.0, a)
+        return _grey(a, rng, 6)
+    if kind == "texture":  # crops of one woven grey material, a scratch or a spot as the defect
+        a = 128 + 40 * np.sin(2 * np.pi * (xx * 11 + 0.2 * _field(rng, size, 8))) * np.sin(2 * np.pi * yy * 11)
+        a += 18 * _field(rng, size, 1.2)
+        if label == "scratch":
+            y0, slope = rng.uniform(0.2, 0.8), rng.uniform(-0.4, 0.4)
+            a = np.where(np.abs(yy - (y0 + slope * (xx - 0.5))) < 0.012, 25.0, a)
+        elif label == "spot":
+            sx, sy = rng.uniform(0.2, 0.8, 2)
+            a = np.where((xx - sx) ** 2 + (yy - sy) ** 2 < 0.003, 235.0, a)
+        return _grey(a, rng, 5)
+    # product: one object on one studio background, its pose and light a little different each time
+    bg = 225 + 15 * (yy - 0.5) + 4 * _field(rng, size, 20)
+    im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).convert("RGB")
+    obj = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(obj)
+    s = size * rng.uniform(0.9, 1.05)
+    c = size / 2 + rng.normal(0, 4, 2)
+    if label == "bottle":
+        d.rounded_rectangle([c[0] - 0.14 * s, c[1] - 0.2 * s, c[0] + 0.14 * s, c[1] + 0.38 * s], 10, fill=255)
+        d.rectangle([c[0] - 0.05 * s, c[1] - 0.4 * s, c[0] + 0.05 * s, c[1] - 0.2 * s], fill=255)
+    elif label == "mug":
+        d.rounded_rectangle([c[0] - 0.24 * s, c[1] - 0.22 * s, c[0] + 0.16 * s, c[1] + 0.26 * s], 8, fill=255)
+        d.ellipse([c[0] + 0.08 * s, c[1] - 0.12 * s, c[0] + 0.34 * s, c[1] + 0.14 * s], outline=255, width=7)
+    else:
+        d.rectangle([c[0] - 0.28 * s, c[1] - 0.2 * s, c[0] + 0.28 * s, c[1] + 0.28 * s], fill=255)
+    obj = obj.rotate(float(rng.normal(0, 6)), resample=Image.BILINEAR)
+    shade = 70 + 25 * _field(rng, size, 6) + 30 * xx * rng.uniform(0.5, 1.5)
+    colour = np.stack([shade * f for f in (1.6, 0.7, 0.5)], -1)
+    fg = Image.fromarray(np.clip(colour, 0, 255).astype(np.uint8))
+    im.paste(fg, (0, 0), obj)
+    a = np.asarray(im, float) + rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def make_one_kind(root: Path, kind: str, n_per_class: int, seed: int = 0, val_share: float = 0.2) -> Path:
+    """A train/val folder of one kind of picture (``ONE_KIND``), no two pictures copies of each other."""
+    root = Path(root)
+    for ci, label in enumerate(ONE_KIND[kind]):
+        for i in range(n_per_class):
+            split = "val" if i < round(n_per_class * val_share) else "train"
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            draw_one_kind(kind, label, seed * 1_000_003 + ci * 10_007 + i).save(folder / f"{label}_{i:04d}.png")
+    return root
+
+
+def plant_copies(root: Path, n: int = 4, seed: int = 1) -> dict[str, list[tuple[str, str]]]:
+    """In a train/val folder: ``n`` near copies (a train picture resized to 80% and re-saved at JPEG quality 60
+    beside it), ``n`` leaks (cropped 5% per side into validation) and ``n`` byte copies. Returns (original, copy)
+    pairs by the finding each should give."""
+    import shutil
+
+    rng = random.Random(seed)
+    root = Path(root)
+    train = sorted(p for p in (root / "train").rglob("*") if p.is_file() and not p.name.startswith(("near-", "copy-")))
+    picks = rng.sample(train, 3 * n)
+    out: dict[str, list[tuple[str, str]]] = {"near-duplicate": [], "leak": [], "duplicate": []}
+    for p in picks[:n]:
+        im = Image.open(p).convert("RGB")
+        dst = p.with_name(f"near-{p.stem}.jpg")
+        im.resize((int(im.width * 0.8), int(im.height * 0.8)), Image.BILINEAR).save(dst, quality=60)
+        out["near-duplicate"].append((str(p), str(dst)))
+    for p in picks[n:2 * n]:
+        im = Image.open(p).convert("RGB")
+        dx, dy = int(im.width * 0.05), int(im.height * 0.05)
+        dst = root / "val" / p.parent.name / f"leak-{p.stem}.jpg"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        im.crop((dx, dy, im.width - dx, im.height - dy)).save(dst, quality=90)
+        out["leak"].append((str(p), str(dst)))
+    for p in picks[2 * n:]:
+        dst = p.with_name(f"copy-{p.name}")
+        shutil.copy2(p, dst)
+        out["duplicate"].append((str(p), str(dst)))
+    return out

@@ -124,3 +124,20 @@ def test_training_leaves_out_the_exclude_list_and_says_so(planted, tmp_path):
         used = {r["path"] for r in csv.DictReader(f)}
     assert {p["outlier"], p["label"], p["leak"][1]} <= excluded and not excluded & used
     assert json.loads((Path(run.run_dir) / "model.json").read_text())["config"]["exclude"] == str(exclude)
+
+
+@pytest.mark.parametrize("kind,n", [("scans", 14), ("digits", 7), ("texture", 18), ("product", 18)])
+def test_on_a_folder_of_one_kind_of_picture_only_the_planted_copies_are_copies(kind, n, tmp_path):
+    """Folders where every picture has the same layout and content (scans, digits, one material, one product on one
+    background): the old rule called most pairs copies here. Every planted near copy (80% + JPEG quality 60), leak
+    (5% crop into validation) and byte copy is found as what it is, and no other pair is reported as a copy."""
+    from tests.imagegen import make_one_kind, plant_copies
+
+    root = make_one_kind(tmp_path / kind, kind, n)
+    planted = plant_copies(root, n=3)
+    res = doctor(DoctorConfig(data=str(root), cache_dir=str(tmp_path / "cache")))
+    found = {(f.issue, frozenset((f.path, f.other_path))) for f in res.findings
+             if f.issue in ("duplicate", "near-duplicate", "leak")}
+    assert found == {(issue, frozenset(p)) for issue, pairs in planted.items() for p in pairs}
+    assert res.leaked_eval == 3
+    assert (tmp_path / "cache" / "details-64px.safetensors").is_file()  # candidates' detail kept for the next check
