@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("bench-doctor", help="the dataset doctor on a folder with planted problems, against "
                                              "cleanlab + imagehash (see docs/benchmarks.md)")
-    bd.add_argument("data", nargs="?", help="image folder (default: ../shared/datasets/flowers)")
+    bd.add_argument("data", nargs="*", help="image folders (default: ../shared/datasets/flowers); one-kind folders "
+                                            "to try: tools/make_onekind.py")
     return p
 
 
@@ -249,6 +250,8 @@ def cmd_doctor(a) -> int:
         print(f"  {k:15} {counts[k]:6}  {words[k]}")
     if not res.findings:
         print("No problems found.")
+    if res.label_note:
+        print(res.label_note)
     if res.leaked_eval:
         print(f"{res.leaked_eval} validation/test image(s) have a copy in train.")
     if res.rescored and res.rescored["accuracy_without_leaks"] is not None:

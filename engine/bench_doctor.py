@@ -1,5 +1,6 @@
-"""``python -m engine bench-doctor [FOLDER]``: the dataset doctor on a real folder with planted problems, against a
-plain peer assembled from kept libraries (cleanlab + scikit-learn for labels, imagehash pHash for copies).
+"""``python -m engine bench-doctor [FOLDER ...]``: the dataset doctor on real folders with planted problems, against
+a plain peer assembled from kept libraries (cleanlab + scikit-learn for labels, imagehash pHash for copies).
+Folders of one kind of picture for it: ``python tools/make_onekind.py DEST KIND`` (scans, digits, texture, product).
 
 1. The folder (default ../shared/datasets/flowers) is copied into a train/val layout (80/20, the app's split).
 2. Feature extraction runs on it from an empty cache (the first run a user makes: the time reference); the doctor
@@ -156,13 +157,28 @@ def _label_trials(feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int
 
 
 def run_bench_doctor(a) -> int:
+    folders = a.data or [os.path.join(SHARED, "flowers")]
+    summary = []
+    for src in folders:
+        if not os.path.isdir(src):
+            print(f"skipped: {src} not found (the shared datasets are not on this machine); pass a folder of images.")
+            continue
+        summary.append(_bench_one(src))
+    if summary:
+        print(f"\n{'folder':24} {'images':>6} {'clean copies':>12} {'near rec':>8} {'leak rec':>8} {'dup rec':>7} "
+              f"{'unplanted copies':>16} {'label %':>7} {'doctor cached s':>15}")
+        for r in summary:
+            print(f"{r['folder'][-24:]:24} {r['images']:6} {r['clean_copies']:12} {r['near-duplicate']:8.2f} "
+                  f"{r['leak']:8.2f} {r['duplicate']:7.2f} {r['unplanted']:16} {r['label_pct']:7.1f} {r['cached_s']:15.1f}")
+        print("clean copies: copy findings on the folder before planting (real copies, or false ones on a folder "
+              "that has none); unplanted copies: copy findings after planting that are neither planted nor clean")
+    return 0
+
+
+def _bench_one(src: str) -> dict:
     from .config import TrainConfig
     from .train import fit
 
-    src = a.data or os.path.join(SHARED, "flowers")
-    if not os.path.isdir(src):
-        print(f"skipped: {src} not found (the shared datasets are not on this machine); pass a folder of images.")
-        return 0
     tmp = tempfile.mkdtemp(prefix="ts-bench-doctor-")
     root = os.path.join(tmp, "data")
     _copy_layout(src, root)
@@ -218,5 +234,13 @@ def run_bench_doctor(a) -> int:
     print(f"\nflagged as label: {n_label} of {n} images ({100 * n_label / n:.1f}%); time: doctor from an empty cache "
           f"{empty_s:.1f} s = {empty_s / fe_s:.2f}x the first feature extraction ({fe_s:.1f} s), from the cache "
           f"{cached_s:.1f} s = {100 * cached_s / fe_s:.0f}% of it")
+    if res.label_note:
+        print(res.label_note)
+    copy_kinds = ("duplicate", "near-duplicate", "leak")
+    planted_pairs = {frozenset(p) for k in copy_kinds for p in planted[k]}
+    unplanted = [f for f in res.findings if f.issue in copy_kinds and (f.issue, f.path) not in clean_keys
+                 and frozenset((f.path, f.other_path)) not in planted_pairs]
     shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return {"folder": os.path.normpath(src), "images": n, "cached_s": cached_s, "label_pct": 100 * n_label / n,
+            "clean_copies": sum(clean.counts()[k] for k in copy_kinds), "unplanted": len(unplanted),
+            **{k: mine[k]["recall"] for k in copy_kinds}}

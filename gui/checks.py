@@ -45,6 +45,8 @@ class DatasetChecks(QObject):
             if r and r["accuracy_without_leaks"] is not None:
                 note += (f" The open run's validation accuracy {100 * r['accuracy']:.1f}% is "
                          f"{100 * r['accuracy_without_leaks']:.1f}% without them.")
+        if res.label_note:
+            note = f"{note} {res.label_note}".strip()
         d.doctor_finished(res, note)
         if not res.cancelled and res.features is not None and len(res.features) >= 5:
             self.w.jobs.start(PROJECTION, tsne_map, MapConfig(res.features), done=self._mapped,

@@ -117,7 +117,6 @@ ONE_KIND = {"digits": [str(d) for d in range(10)], "scans": ["healthy", "bright"
 
 def _field(rng, size: int, sigma: float):
     """A smooth random grey field, zero mean, unit spread."""
-    import numpy as np
     from scipy.ndimage import gaussian_filter
 
     f = gaussian_filter(rng.standard_normal((size, size)), sigma)

@@ -141,3 +141,7 @@ def test_on_a_folder_of_one_kind_of_picture_only_the_planted_copies_are_copies(k
     assert found == {(issue, frozenset(p)) for issue, pairs in planted.items() for p in pairs}
     assert res.leaked_eval == 3
     assert (tmp_path / "cache" / "details-64px.safetensors").is_file()  # candidates' detail kept for the next check
+    # every label here is right: the label check either says why it did not run, or flags few images
+    labels = [f for f in res.findings if f.issue == "label"]
+    assert (res.label_note and not labels) if kind == "digits" else len(labels) <= 0.05 * len(res.dataset.samples)
+    assert not res.label_note or "not checked" in res.label_note
