@@ -9,8 +9,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .events import (BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase,  # noqa: F401
-                     PredictionRow, Progress)
+from .events import (  # noqa: F401
+    BatchMetrics,
+    Callbacks,
+    Cancelled,
+    CancelToken,
+    EngineError,
+    EpochMetrics,
+    Phase,
+    PredictionRow,
+    Progress,
+)
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Command line: ``python -m engine {train,predict,evaluate,export,backbones,scan,bench}``.
+"""Command line: ``python -m engine {train,predict,evaluate,export,backbones,scan,cache,doctor}`` (benchmarks:
+``python -m benchmarks``, beside the package).
 
 Progress goes to stderr; results (paths, metrics) to stdout. Ctrl-C stops cleanly (the best epoch so far is kept);
 a second Ctrl-C aborts at once.
@@ -105,44 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", help="default: ~/.cache/transfer-studio/embeddings (or $TRANSFER_STUDIO_CACHE)")
     c.add_argument("--clear", action="store_true", help="delete it; later runs embed their images again")
 
-    bench = sub.add_parser("bench", help="benchmark the engine against a tutorial-style loop (see docs/benchmarks.md)")
-    bench.add_argument("data", nargs="?", help="image folder (default: ../shared/datasets/hymenoptera)")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--epochs", type=int, default=10, help="epochs of the reference fixed-feature loop")
-    bench.add_argument("--ft-epochs", type=int, default=2)
-    bench.add_argument("--json", help="also write the table as JSON here")
-
-    bt = sub.add_parser("bench-trust", help="measure calibration, 'unsure' and 'unfamiliar' (see docs/benchmarks.md)")
-    bt.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
-    bt.add_argument("--device", default="auto")
-    bt.add_argument("--ft-epochs", type=int, default=2)
-    bt.add_argument("--other-images", type=int, default=400, help="images of the other folder(s) to predict")
-    bt.add_argument("--splits", type=int, default=3, help="random 60/20/20 splits per folder and mode (seeds 0..N-1)")
-    bt.add_argument("--modes", default="feature-extraction,fine-tuning", help="comma-separated modes to run")
-    bt.add_argument("--json", help="also write the table as JSON here")
-
-    bs = sub.add_parser("bench-strategy", help="feature extraction vs fine-tuning (new and old recipe) vs auto, "
-                                              "scored on a test split (see docs/benchmarks.md)")
-    bs.add_argument("data", nargs="*", help="folders, 'digits' or 'pairs' (default: hymenoptera, flowers, digits, "
-                                                 "pairs)")
-    bs.add_argument("--device", default="auto")
-    bs.add_argument("--ft-epochs", type=int, default=0, help="fine-tuning epochs (default: the recipe's)")
-    bs.add_argument("--runs", default=",".join(["feature-extraction", "fine-tuning (new)", "fine-tuning (old)",
-                                                "auto"]),
-                    help="comma-separated runs to make, of: feature-extraction, fine-tuning (new), "
-                         "fine-tuning (224 px) (small pictures upscaled, the default before 2026-11-29), "
-                         "fine-tuning (old), auto")
-    bs.add_argument("--json", help="also write the table as JSON here")
-
-    bo = sub.add_parser("bench-onnx", help="the frozen backbone's CPU paths: PyTorch, ONNX Runtime fp32 and int8")
-    bo.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
-    bo.add_argument("--flavours", default="", help="also measure these int8 flavours, e.g. v8,a7,s8 (engine/int8.py)")
-    bo.add_argument("--flavours-only", action="store_true", help="only the flavour table")
-
-    bd = sub.add_parser("bench-doctor", help="the dataset doctor on a folder with planted problems, against "
-                                             "cleanlab + imagehash (see docs/benchmarks.md)")
-    bd.add_argument("data", nargs="*", help="image folders (default: ../shared/datasets/flowers); one-kind folders "
-                                            "to try: tools/make_onekind.py")
     return p
 
 
@@ -177,7 +140,8 @@ def cmd_predict(a) -> int:
     if res.cancelled:
         return 130
     print(json.dumps({"csv": res.csv_path, "rows": len(res.rows), "errors": res.n_errors,
-                      "seconds": round(res.seconds, 2), **({"sorted": res.sorted_summary} if res.sorted_summary else {})},
+                      "seconds": round(res.seconds, 2),
+                      **({"sorted": res.sorted_summary} if res.sorted_summary else {})},
                      indent=2))
     return 0
 
@@ -284,43 +248,10 @@ def cmd_cache(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
-    from .bench import run_bench
-
-    return run_bench(a)
-
-
-def cmd_bench_onnx(a) -> int:
-    from .bench_onnx import run_bench_onnx
-
-    return run_bench_onnx(a)
-
-
-def cmd_bench_doctor(a) -> int:
-    from .bench_doctor import run_bench_doctor
-
-    return run_bench_doctor(a)
-
-
-def cmd_bench_strategy(a) -> int:
-    from .bench_strategy import run_bench_strategy
-
-    return run_bench_strategy(a)
-
-
-def cmd_bench_trust(a) -> int:
-    from .bench_trust import run_bench_trust
-
-    return run_bench_trust(a)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
-                "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "bench": cmd_bench,
-                "bench-trust": cmd_bench_trust, "doctor": cmd_doctor,
-                "bench-doctor": cmd_bench_doctor, "bench-onnx": cmd_bench_onnx,
-                "bench-strategy": cmd_bench_strategy}
+                "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "doctor": cmd_doctor}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

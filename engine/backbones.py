@@ -40,7 +40,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(size=int(d["size"]), resize=int(d["resize"]), mode=str(d["mode"]),
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
 
@@ -65,7 +65,7 @@ class BackboneInfo:
 
 @dataclass
 class LoadedBackbone:
-    net: "object"  # FeatureNet (typed loosely so this module imports without torch)
+    net: object  # FeatureNet (typed loosely so this module imports without torch)
     preprocessing: Preprocessing
     weights_source: str
     weights_id: str  # short content hash of the weights, used in cache keys

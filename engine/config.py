@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .backbones import DEFAULT_BACKBONE
 from .events import EngineError
@@ -89,15 +90,15 @@ class TrainConfig:
     exclude: str | None = option(None, "leave out the images listed in this CSV (a 'path' column: the doctor's CSV "
                                        "works as it is)", parse=str)
     device: str = option("auto", "auto (prefers CUDA), cpu, cuda, cuda:N, mps")
-    engine: str = option("auto", "the frozen backbone's forward pass: auto (ONNX Runtime on the CPU, PyTorch on a GPU), "
-                                 "onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
+    engine: str = option("auto", "the frozen backbone's forward pass: auto (ONNX Runtime on the CPU, PyTorch on a "
+                                 "GPU), onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
     precision: str = option("auto", "ONNX Runtime's precision: auto (int8 when its features agree with fp32 on your "
                                     "images), fp32, int8", choices=("auto", "fp32", "int8"))
     cache: bool = option(True, "read and write the embedding cache")
     cache_dir: str | None = option(None, "embedding cache folder (default: the user cache folder)", parse=str)
     overwrite: bool = option(False, "replace --out if it exists")
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the per-mode defaults filled in, checked."""
         if self.mode not in MODES:
             raise EngineError(f"Unknown mode '{self.mode}': use one of {', '.join(MODES)}.")

@@ -14,13 +14,13 @@ import io
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from .config import ScanConfig
 from .deep_grey import DEEP_GREY_MODES, grey_to_8_bits
-from .splits import SPLIT_NAMES, _key, excluded_paths, stratified_split, untrained_classes  # noqa: F401 (re-exported)
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
+from .splits import SPLIT_NAMES, _key, excluded_paths, stratified_split, untrained_classes
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Refuse images that would need more than this many pixels to decode (PIL's own bomb check warns at 89M).
@@ -57,7 +57,7 @@ class Dataset:
                 and set(self.excluded) == {p for p in excluded_paths(exclude)
                                            if p.startswith(os.path.abspath(self.root) + os.sep) and os.path.exists(p)})
 
-    def copy(self) -> "Dataset":
+    def copy(self) -> Dataset:
         """A copy whose lists can be changed (``drop``) without touching this one."""
         return Dataset(self.root, self.layout, list(self.classes), list(self.samples), list(self.skipped),
                        list(self.warnings), self.split_settings, list(self.excluded))
@@ -92,7 +92,8 @@ def _hidden(name: str) -> bool:
 
 def walk_images(root: str | os.PathLike, cancel: CancelToken | None = None,
                 on_error: Callable[[str, str], None] | None = None) -> list[str]:
-    """All files with an image extension under ``root`` (recursive, sorted, hidden entries and symlink loops skipped)."""
+    """All files with an image extension under ``root`` (recursive, sorted; hidden entries and symlink loops
+    skipped)."""
     found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
 

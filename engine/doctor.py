@@ -18,7 +18,7 @@ embedding (both cached), so a folder already used for feature extraction is chec
   Tukey's far-out fence (Q3 + 3 IQR) of the folder's own distances.
 
 cleanlab is not a dependency: the rule used here is two lines of NumPy, and cleanlab would bring pandas and its own
-model wrappers into the app and its bundle. ``python -m engine bench-doctor`` runs cleanlab beside it.
+model wrappers into the app and its bundle. ``python -m benchmarks doctor`` runs cleanlab beside it.
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ from . import same_picture
 from .config import TrainConfig, option
 from .data import Dataset, scan
 from .events import Callbacks, Cancelled, CancelToken, Phase, Progress
+from .familiarity import K, fence, knn_distance, normalise
 from .feature_extraction import embed_dataset
 from .features import default_cache_dir
-from .familiarity import K, fence, knn_distance, normalise
 from .head import softmax, train_linear_head
 from .runs import atomic_write_text
 
@@ -309,7 +309,7 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
     res.seconds = time.perf_counter() - t0
     cb.on_progress(Progress(Phase.CHECKING, 1, 1))
     counts = res.counts()
-    cb.on_log("Checked {} images in {:.1f} s: ".format(len(ds.samples), res.seconds)
+    cb.on_log(f"Checked {len(ds.samples)} images in {res.seconds:.1f} s: "
               + (", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no problems found")
               + (f". {res.label_note}" if res.label_note else ""))
     return res

@@ -16,9 +16,9 @@ from .config import TrainConfig
 from .data import Dataset
 from .events import Callbacks, CancelToken, EngineError, Phase, Progress
 from .features import BackboneSnapshot, EmbeddingCache, default_cache_dir, embed_files
-from .onnx_backend import cache_variants, describe_variant
 from .head import balanced_class_weights, train_linear_head
 from .loop import TrainOutcome
+from .onnx_backend import cache_variants, describe_variant
 from .pixels import content_hash, read_bytes
 from .runs import BackboneFacts
 

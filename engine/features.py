@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,8 +43,8 @@ def _cache_key(backbone: str, weights_id: str, pre: Preprocessing, variant: str 
 # The cache's file names: embeddings "<backbone>-<key>.safetensors", the backbone's weights beside them
 # "<backbone>-<key>.backbone.safetensors" (key: 16 hex digits). cache_contents() reads them back with _CACHE_FILE.
 _SNAPSHOT = ".backbone"
-_CACHE_FILE = re.compile(r"^(?P<backbone>.+)-(?P<key>[0-9a-f]{16})(?P<snapshot>%s)?\.safetensors$"
-                         % re.escape(_SNAPSHOT))
+_CACHE_FILE = re.compile(rf"^(?P<backbone>.+)-(?P<key>[0-9a-f]{{16}})(?P<snapshot>{re.escape(_SNAPSHOT)})?"
+                         r"\.safetensors$")
 
 
 def _cache_file(folder: str, backbone: str, weights_id: str, pre: Preprocessing, snapshot: bool = False,

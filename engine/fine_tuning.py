@@ -19,12 +19,21 @@ from .backbones import LoadedBackbone
 from .config import TrainConfig
 from .data import Dataset
 from .device import grad_scaler, is_oom
-from .events import BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, Phase, Progress, \
-    Throttle
+from .events import (
+    BatchMetrics,
+    Callbacks,
+    Cancelled,
+    CancelToken,
+    EngineError,
+    EpochMetrics,
+    Phase,
+    Progress,
+    Throttle,
+)
 from .feature_extraction import labels
 from .forward import Forward
-from .head import balanced_class_weights, train_linear_head
 from .ft_inputs import Inputs, applies
+from .head import balanced_class_weights, train_linear_head
 from .loop import EarlyStopping, RateMeter, TrainOutcome
 from .pixels import PixelStore, decode_all
 

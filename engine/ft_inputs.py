@@ -245,7 +245,7 @@ class Inputs:
 
     @classmethod
     def choose(cls, cfg: TrainConfig, model, n_frozen: int, decoded: dict, fwd: Forward, dist, generator,
-               cb: Callbacks, cancel: CancelToken, weights_id: str = "", cache_dir: str | None = None) -> "Inputs":
+               cb: Callbacks, cancel: CancelToken, weights_id: str = "", cache_dir: str | None = None) -> Inputs:
         from .pixels import available_memory
 
         parts = split(model, n_frozen) if not dist.enabled else None

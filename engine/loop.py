@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class BackboneFacts:
     device: str  # label for metrics.json
 
     @classmethod
-    def of(cls, backbone, device_text: str) -> "BackboneFacts":
+    def of(cls, backbone, device_text: str) -> BackboneFacts:
         return cls(backbone.preprocessing, int(backbone.net.feature_dim), backbone.weights_source,
                    backbone.weights_id, device_text)
 

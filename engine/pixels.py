@@ -12,8 +12,8 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 

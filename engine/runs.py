@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .events import EngineError
-from .loop import BackboneFacts  # noqa: F401  (re-exported: what model.json records)
+from .loop import BackboneFacts
 
 FORMAT_VERSION = 1
 RUN_FILES = ("model.safetensors", "model.json", "metrics.json")

@@ -119,8 +119,8 @@ def _pool_flat(x: np.ndarray) -> np.ndarray:
 def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) -> set[tuple[int, int]]:
     """(i, j), i < j: each image's ``k`` nearest by embedding cosine among those whose cosine and layout correlation
     reach ``EMBEDDING_CANDIDATE`` (or whose cosine reaches ``EMBEDDING_ALONE``), and its ``k`` nearest by layout
-    correlation (whole, or its 5% crop against the other whole) among those reaching ``LAYOUT_CANDIDATE``. ``emb`` rows unit
-    length, ``layout`` rows as engine/doctor.py's thumbnails."""
+    correlation (whole, or its 5% crop against the other whole) among those reaching ``LAYOUT_CANDIDATE``. ``emb``
+    rows unit length, ``layout`` rows as engine/doctor.py's thumbnails."""
     out: set[tuple[int, int]] = set()
     n = len(emb)
     if n < 2:

@@ -14,12 +14,11 @@ import numpy as np
 
 from . import feature_extraction, fine_tuning
 from .backbones import load_backbone
+from .calibration import calibrate
 from .config import TrainConfig
 from .data import Dataset, scan
-from .splits import untrained_classes
 from .device import device_label, resolve_device, warm_optimizer_imports
 from .distributed import setup
-from .calibration import calibrate
 from .evaluate import split_report
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from .familiarity import familiarity_block
@@ -27,6 +26,7 @@ from .features import default_cache_dir
 from .forward import probabilities
 from .loop import TrainOutcome
 from .runs import BackboneFacts, default_runs_dir, model_json, new_run_name, save_run
+from .splits import untrained_classes
 
 __all__ = ["TrainConfig", "FitResult", "fit"]
 

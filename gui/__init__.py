@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if (os.cpu_count() or 2) <= 4:
     os.environ.setdefault("TRANSFER_STUDIO_DECODE_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
 
-import sys  # noqa: E402
+import sys
 
 # The job thread runs Python between PyTorch calls; each PySide call from the GUI thread releases the GIL and may
 # wait a whole switch interval to get it back. 1 ms (default 5) keeps repaints short. Process-wide, so it is set

@@ -37,6 +37,6 @@ def _discover():
     backbones = list_backbones()
     # torch.optim imports torch._dynamo (and sympy) on its first step: ~2 s of imports that hold the GIL in long
     # stretches and stalled the GUI by ~120 ms at the start of every first training. Pay it here, at start-up.
-    import torch._dynamo  # noqa: F401
+    import torch._dynamo
 
     return backbones, devices

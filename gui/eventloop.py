@@ -7,7 +7,7 @@ A ``processEvents()`` + ``sleep()`` loop would distort what they measure (stalls
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from PySide6.QtCore import QElapsedTimer, QObject, QTimer
 

@@ -8,7 +8,8 @@ end goes to the handlers given when it started, so a failure or a stop reaches o
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import QObject
 

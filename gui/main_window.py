@@ -207,12 +207,12 @@ class MainWindow(QMainWindow):
         """Drops go to prediction on the Predict tab once a model is loaded; elsewhere a folder opens as a dataset."""
         return self.tabs.currentWidget() is self.predict_tab and bool(self.predict_tab.run_dir)
 
-    def dragEnterEvent(self, e) -> None:  # noqa: N802
+    def dragEnterEvent(self, e) -> None:
         paths = [u.toLocalFile() for u in e.mimeData().urls()] if e.mimeData().hasUrls() else []
         if any(os.path.isdir(p) for p in paths) or (self._predicting_drops() and any(os.path.isfile(p) for p in paths)):
             e.acceptProposedAction()
 
-    def dropEvent(self, e) -> None:  # noqa: N802
+    def dropEvent(self, e) -> None:
         self.drop_paths([u.toLocalFile() for u in e.mimeData().urls() if u.isLocalFile()])
 
     def drop_paths(self, paths: list[str]) -> None:
@@ -372,7 +372,7 @@ class MainWindow(QMainWindow):
                         failed=self.heatmap_dialog.show_failure)
 
     # ------------------------------------------------------------------------------------------------ closing
-    def closeEvent(self, e) -> None:  # noqa: N802
+    def closeEvent(self, e) -> None:
         if self.busy():
             if not self.confirm("A job is running", "Training or prediction is still running. Stop it and quit? "
                                 "The best epoch so far is saved."):

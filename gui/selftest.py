@@ -59,7 +59,7 @@ def run_self_test(timeout_s: float = 600.0) -> int:
     from gui.eventloop import wait_until
 
     t0 = time.perf_counter()
-    app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])
+    app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])  # noqa: F841 (kept alive)
     from engine.config import PredictConfig
     from engine.predict import predict_folder
 
@@ -108,7 +108,8 @@ def run_self_test(timeout_s: float = 600.0) -> int:
         predict_folder(PredictConfig(runs["fine-tuning"], [data], out, top_k=2))
         with open(out, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
-        if len(rows) != 16 or any(r["error"] for r in rows) or not all(r["prediction"] in ("red", "blue") for r in rows):
+        if (len(rows) != 16 or any(r["error"] for r in rows)
+                or not all(r["prediction"] in ("red", "blue") for r in rows)):
             raise RuntimeError(f"unexpected CSV: {len(rows)} rows")
         correct = sum(1 for r in rows if r["path"].split(os.sep)[-2] == r["prediction"])
         _say(f"predicted {len(rows)} images, {correct} correct; CSV ok")

@@ -48,7 +48,7 @@ class ImageListModel(QAbstractListModel):
             self.row_of.setdefault(p, []).append(i)
         self.endResetModel()
 
-    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: N802
+    def rowCount(self, parent=QModelIndex()) -> int:  # noqa: B008 (Qt's own signature; the index is never mutated)
         return 0 if parent.isValid() else len(self.items)
 
     def data(self, index, role=Qt.DisplayRole):

@@ -8,16 +8,25 @@ worker thread.
 from __future__ import annotations
 
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
-from engine.events import (BatchMetrics, Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics, PredictionRow,
-                           Progress)
+from engine.events import (
+    BatchMetrics,
+    Callbacks,
+    Cancelled,
+    CancelToken,
+    EngineError,
+    EpochMetrics,
+    PredictionRow,
+    Progress,
+)
 
 
 class _SignalCallbacks(Callbacks):
-    def __init__(self, worker: "JobWorker") -> None:
+    def __init__(self, worker: JobWorker) -> None:
         self.w = worker
 
     def on_log(self, message: str) -> None:

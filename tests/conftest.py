@@ -7,9 +7,9 @@ import threading
 # Set before anything imports Qt or the engine: headless Qt, and caches/runs inside the test session only.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.imagegen import make_flat_dataset  # noqa: E402
+from tests.imagegen import make_flat_dataset
 
 
 @pytest.fixture(autouse=True)

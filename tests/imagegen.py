@@ -3,6 +3,7 @@ separates them after a few images (tests can then assert real accuracy, not only
 from __future__ import annotations
 
 import functools
+import os
 import random
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def make_flat_dataset(root: Path, n_per_class: int = 12, classes=("circles", "sq
 def make_split_dataset(root: Path, names=("train", "val"), n=(10, 4), classes=("circles", "squares")) -> Path:
     root = Path(root)
     for split, count in zip(names, n):
-        for ci, c in enumerate(classes):
+        for c in classes:
             folder = root / split / c
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
@@ -241,3 +242,39 @@ def plant_copies(root: Path, n: int = 4, seed: int = 1) -> dict[str, list[tuple[
         shutil.copy2(p, dst)
         out["duplicate"].append((str(p), str(dst)))
     return out
+
+
+# ------------------------------------------------------------------------------- pairs (benchmarks/strategy.py)
+PAIR_COLOURS = ((220, 40, 40), (40, 60, 220), (40, 170, 60), (230, 200, 30))
+
+
+def draw_pair(match: bool, seed: int, size: int = 128):
+    """Two discs on a light background, one in each half: of the same colour (``match``) or of two colours.
+
+    Frozen features say which colours are in a picture, and a linear head on them sees roughly the sum of the two
+    discs' features: "two reds" and "two blues" then lie on either side of "one red, one blue", so no straight line
+    separates matching from mixed pairs. Stages that are trained can compare the two discs."""
+    rng = random.Random(seed)
+    im = Image.new("RGB", (size, size), tuple(rng.randint(200, 255) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    a = rng.randrange(len(PAIR_COLOURS))
+    b = a if match else rng.choice([c for c in range(len(PAIR_COLOURS)) if c != a])
+    colours = [a, b]
+    rng.shuffle(colours)
+    for (lo, hi), c in zip(((0, size // 2), (size // 2, size)), colours):
+        r = rng.randint(14, 26)
+        cx, cy = rng.randint(lo + r + 2, hi - r - 2), rng.randint(r + 2, size - r - 2)
+        fill = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in PAIR_COLOURS[c])
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    return im
+
+
+def pairs_folder(dst: str, n_per_class: int = 300, seed: int = 0) -> str:
+    """Classes ``same`` and ``mixed`` (see `draw_pair`): a folder where feature extraction stays well short of what
+    fine-tuning reaches."""
+    for ci, name in enumerate(("same", "mixed")):
+        folder = os.path.join(dst, name)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(n_per_class):
+            draw_pair(name == "same", seed * 100000 + ci * 10000 + i).save(os.path.join(folder, f"{i:04d}.png"))
+    return dst

@@ -178,7 +178,7 @@ def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_va
 def test_auto_picks_fine_tuning_where_frozen_features_cannot_compare_two_objects(tmp_path):
     """Matching pairs of discs against mixed pairs: frozen features see which colours are there, not whether the
     two discs agree, so feature extraction stays well short; fine-tuning's trained stages learn the comparison."""
-    from engine.bench_strategy import pairs_folder
+    from tests.imagegen import pairs_folder
 
     data = pairs_folder(str(tmp_path / "pairs"))
     out = tmp_path / "auto"

@@ -23,10 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_importing_engine_loads_no_qt():
     code = ("import sys, engine, engine.train, engine.predict, engine.evaluate, engine.export, engine.__main__;"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6')];"
+            "bad = [m for m in sys.modules"
+            " if m.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6')];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_shipped_packages_hold_no_benchmark_code():
+    """The wheel (and the bundle, which collects engine and gui) holds engine/ and gui/ only: the benchmarks live in
+    benchmarks/, which the package list leaves out (import-linter keeps the product from importing them)."""
+    from setuptools import find_packages
+
+    shipped = find_packages(str(ROOT), include=["engine*", "gui*"])
+    assert shipped and all(p.split(".")[0] in ("engine", "gui") for p in shipped)
+    assert not [p for pkg in ("engine", "gui") for p in (ROOT / pkg).rglob("bench*.py")]
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "doctor" in r.stdout and "onnx" in r.stdout, r.stderr
 
 
 def test_engine_modules_import_each_other_without_cycles():
@@ -178,7 +191,8 @@ def test_feature_extraction_run_folder(fe_run):
     assert set(metrics["per_class"]) == set(meta["classes"])
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == metrics["epochs_run"] and {"train_loss", "val_loss", "val_accuracy", "lr", "seconds"} <= set(rows[0])
+    assert len(rows) == metrics["epochs_run"]
+    assert {"train_loss", "val_loss", "val_accuracy", "lr", "seconds"} <= set(rows[0])
     with open(run / "split.csv") as f:
         assert len(list(csv.DictReader(f))) == 42
 
@@ -584,13 +598,13 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
     """The frozen backbone through ONNX Runtime: fp32 features match PyTorch's; int8 is used only when its features
     agree with fp32 on the user's images (else it falls back and says so); each path has its own cache file; a run
     made with int8 features predicts with them (predict agrees with evaluate); --engine torch is the old path."""
+    import torch
+
     from engine import onnx_backend as ob
     from engine.backbones import LITE0_PREPROCESSING, load_backbone
     from engine.evaluate import evaluate
     from engine.features import _cache_key, embed_files
     from engine.predict import predict_folder
-
-    import torch
 
     keys = {_cache_key("efficientnet_lite0", "w", LITE0_PREPROCESSING, v) for v in ("torch", "ort-fp32", "ort-int8")}
     assert len(keys) == 3

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("PySide6")
-from PySide6.QtCore import QSettings, Qt  # noqa: E402
+from PySide6.QtCore import QSettings, Qt
 
-from gui.main_window import MainWindow  # noqa: E402
-from tests.imagegen import draw_image, make_flat_dataset  # noqa: E402
+from gui.main_window import MainWindow
+from tests.imagegen import draw_image, make_flat_dataset
 
 
 @pytest.fixture
@@ -389,7 +389,8 @@ def test_clicking_through_tabs_while_a_job_runs(qtbot, window, flat_data):
     assert w.last_result is not None and w.last_result.run_dir and not w.last_result.cancelled
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="None is immortal from Python 3.12: a lost reference cannot crash")
+@pytest.mark.skipif(sys.version_info >= (3, 12),
+                    reason="None is immortal from Python 3.12: a lost reference cannot crash")
 def test_qt_calls_do_not_lose_references_to_none(qapp):
     """PySide6 6.12.0 returned None from every void method without a reference, on Python 3.11: each progress
     update took one reference away, and a long training session ended in "Fatal Python error: deallocating None"."""
@@ -420,7 +421,7 @@ def test_start_up_imports_are_kept_out_of_garbage_collection(tmp_path):
             "print('FROZEN', before, gc.get_freeze_count(), gc.isenabled()); w.close()")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, HOME=str(tmp_path)))
-    line = next(l for l in r.stdout.splitlines() if l.startswith("FROZEN")), r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("FROZEN")), r.stdout + r.stderr
     _, before, after, enabled = line[0].split()
     assert int(before) == 0 and int(after) > 100_000 and enabled == "True"
 

@@ -40,7 +40,6 @@ def make_bad_corpus(root: Path) -> dict[str, bool]:
     add(s / "truncated.jpg", False)
     (c / "text.png").write_text("hello, I am not a PNG")
     add(c / "text.png", False)
-    png = bytearray((c / "zero.jpg").read_bytes())
     buf = Path(root / "tmp.png")
     draw_image("circles", 5).save(buf)
     raw = bytearray(buf.read_bytes())
@@ -52,7 +51,7 @@ def make_bad_corpus(root: Path) -> dict[str, bool]:
     add(c / "bomb.png", False)
     draw_image("circles", 6).convert("CMYK").save(c / "cmyk.jpg")
     add(c / "cmyk.jpg", True)
-    Image.fromarray((np.asarray(draw_image("squares", 7).convert("L"), dtype=np.uint16) * 257)).save(s / "grey16.png")
+    Image.fromarray(np.asarray(draw_image("squares", 7).convert("L"), dtype=np.uint16) * 257).save(s / "grey16.png")
     add(s / "grey16.png", True)
     draw_image("circles", 8).convert("RGBA").save(c / "rgba.png")
     add(c / "rgba.png", True)
@@ -147,7 +146,8 @@ def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeyp
     monkeypatch.setattr(data.os, "walk", walk)
     real_check = data.check_image
     gone = str(root / "circles" / "circles_002.jpg")
-    monkeypatch.setattr(data, "check_image", lambda p: "file disappeared while scanning" if p == gone else real_check(p))
+    monkeypatch.setattr(data, "check_image",
+                        lambda p: "file disappeared while scanning" if p == gone else real_check(p))
     ds = scan(root)
     reasons = dict(ds.skipped)
     assert "permission" in reasons[str(root / "squares" / "private")].lower()

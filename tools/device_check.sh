@@ -26,4 +26,4 @@ python3 -c "import json; print(json.load(open('/tmp/r-auto/metrics.json'))['auto
 for r in /tmp/r-fe /tmp/r-fe2 /tmp/r-fe-pil /tmp/r-ft /tmp/r-ft-ddp1 /tmp/r-auto; do
   python3 -c "import json,sys; m=json.load(open(sys.argv[1]+'/metrics.json')); print(sys.argv[1], m['val_accuracy'], m['val_accuracy_ci95'], m['train_seconds'], 's', 'train', m.get('train_images_per_s'), 'img/s', 'embed', m.get('embed_seconds'), 's', m.get('embed_images_per_s'), 'img/s', m['device'])" $r
 done
-[ -n "${SKIP_BENCH:-}" ] || t python3 -m engine bench $D --device $DEV --json "$OUT/bench.json"
+[ -n "${SKIP_BENCH:-}" ] || t python3 -m benchmarks tutorial $D --device $DEV --json "$OUT/bench.json"

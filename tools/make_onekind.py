@@ -1,4 +1,4 @@
-"""Make a folder of one kind of picture for ``python -m engine bench-doctor`` (and for looking at the doctor by eye).
+"""Make a folder of one kind of picture for ``python -m benchmarks doctor`` (and for looking at the doctor by eye).
 
     python tools/make_onekind.py /tmp/scans scans --per-class 60
 
@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tests.imagegen import ONE_KIND, make_one_kind  # noqa: E402  (the checkout's tests package, after the path)
+from tests.imagegen import ONE_KIND, make_one_kind
 
 
 def main() -> int:

@@ -16,9 +16,10 @@ import sys
 import tempfile
 import time
 
-import gui  # noqa: F401  (sets the GUI's OpenMP policy before torch loads)
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
+
+import gui  # noqa: F401  (sets the GUI's OpenMP policy before torch loads)
 
 
 class StallTracer:
@@ -137,8 +138,8 @@ def main() -> int:
             bar = w.dataset_tab.grid.verticalScrollBar()
             scroller = QTimer()
             scroller.setInterval(250)
-            scroller.timeout.connect(lambda: bar.setValue(0 if bar.value() >= bar.maximum()
-                                                          else bar.value() + bar.pageStep()))
+            scroller.timeout.connect(lambda bar=bar: bar.setValue(0 if bar.value() >= bar.maximum()
+                                                                  else bar.value() + bar.pageStep()))
             scroller.start()
         wait(lambda: not w.busy())
         if scroller:
@@ -173,8 +174,8 @@ def main() -> int:
     wait(lambda: not w.busy())
     timer.stop()
     n = w.predict_tab.model.rowCount()
-    print(f"predict: {n} files in {time.time() - t0:.1f} s, worst GUI stall {stall.stop():.0f} ms; rows visible at 0.5 s "
-          f"intervals: {streamed[:3]} ... {streamed[-3:]}")
+    print(f"predict: {n} files in {time.time() - t0:.1f} s, worst GUI stall {stall.stop():.0f} ms; rows visible at "
+          f"0.5 s intervals: {streamed[:3]} ... {streamed[-3:]}")
     if tracer:
         tracer.report("predict")
     w.close()

@@ -2,16 +2,30 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView, QLabel,
-                               QLineEdit, QPushButton, QRadioButton, QSpinBox, QTableWidget, QTableWidgetItem,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.backbones import DEFAULT_BACKBONE
 from gui.settings import load_values, save_values
 
-AUTO_TEXT = ("<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in seconds), "
-             "then fine-tuning starting from it, within the time budget below. Fine-tuning stops early when it "
-             "cannot catch up. The more reliable of the two becomes the result; both stay in Results.")
+AUTO_TEXT = ("<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in "
+             "seconds), then fine-tuning starting from it, within the time budget below. Fine-tuning stops early when "
+             "it cannot catch up. The more reliable of the two becomes the result; both stay in Results.")
 FE_TEXT = ("<b>Feature extraction</b> keeps the pretrained network frozen and trains only a new final layer on "
            "its features. Fast (each image is processed once), and the best choice when your images look like "
            "everyday photos and you have few of them.")
@@ -179,7 +193,8 @@ class ModelTab(QWidget):
             self.table.setItem(r, 2, QTableWidgetItem(f"{b.input_size} px"))
             ok = QTableWidgetItem("yes" if b.weights_available else "no")
             ok.setForeground(Qt.darkGreen if b.weights_available else Qt.darkRed)
-            ok.setToolTip("" if b.weights_available else "Not on this machine: pick a weights file, or allow the download")
+            ok.setToolTip("" if b.weights_available
+                          else "Not on this machine: pick a weights file, or allow the download")
             self.table.setItem(r, 3, ok)
             if b.name == DEFAULT_BACKBONE:
                 select = r

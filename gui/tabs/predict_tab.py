@@ -6,15 +6,30 @@ import os
 
 from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer, Signal
 from PySide6.QtGui import QStandardItem, QStandardItemModel
-from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox,
-                               QTableView, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.config import ExportConfig, PredictConfig
 from engine.events import PredictionRow
 from engine.predict import predictions_csv
-from engine.sorting import SortConfig
 from engine.runs import atomic_write_text
+from engine.sorting import SortConfig
 from gui.thumbs import ThumbnailLoader
 
 COLUMNS = ["", "Path", "Prediction", "Confidence", "Status", "Top-k", "Error"]
@@ -105,7 +120,7 @@ class PredictionFilter(QSortFilterProxyModel):
         self.cls, self.min_conf, self.status = cls, min_conf, status
         self.invalidateFilter()
 
-    def filterAcceptsRow(self, row, parent) -> bool:  # noqa: N802
+    def filterAcceptsRow(self, row, parent) -> bool:
         r = self.sourceModel().rows[row]
         if self.status is not None and r.status != self.status:
             return False

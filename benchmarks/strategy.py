@@ -1,4 +1,4 @@
-"""``python -m engine bench-strategy [FOLDER ...]``: feature extraction, fine-tuning (new and old recipe) and auto.
+"""``python -m benchmarks strategy [FOLDER ...]``: feature extraction, fine-tuning (new and old recipe) and auto.
 
 Folders: ../shared/datasets/hymenoptera and flowers (everyday photos) and, unlike photos, scikit-learn's bundled
 8x8 handwritten digits upscaled to 64 px (no download) and "pairs" (two discs of the same colour or of two colours,
@@ -18,9 +18,11 @@ import sys
 import tempfile
 import time
 
-from .bench_trust import SHARED, _flat_links
-from .config import TrainConfig
-from .train import fit
+from engine.config import TrainConfig
+from engine.train import fit
+from tests.imagegen import pairs_folder
+
+from .trust import SHARED, _flat_links
 
 
 def digits_folder(dst: str, size: int = 64) -> str:
@@ -38,56 +40,17 @@ def digits_folder(dst: str, size: int = 64) -> str:
     return dst
 
 
-PAIR_COLOURS = ((220, 40, 40), (40, 60, 220), (40, 170, 60), (230, 200, 30))
-
-
-def draw_pair(match: bool, seed: int, size: int = 128):
-    """Two discs on a light background, one in each half: of the same colour (``match``) or of two colours.
-
-    Frozen features say which colours are in a picture, and a linear head on them sees roughly the sum of the two
-    discs' features: "two reds" and "two blues" then lie on either side of "one red, one blue", so no straight line
-    separates matching from mixed pairs. Stages that are trained can compare the two discs."""
-    import random
-
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    im = Image.new("RGB", (size, size), tuple(rng.randint(200, 255) for _ in range(3)))
-    d = ImageDraw.Draw(im)
-    a = rng.randrange(len(PAIR_COLOURS))
-    b = a if match else rng.choice([c for c in range(len(PAIR_COLOURS)) if c != a])
-    colours = [a, b]
-    rng.shuffle(colours)
-    for (lo, hi), c in zip(((0, size // 2), (size // 2, size)), colours):
-        r = rng.randint(14, 26)
-        cx, cy = rng.randint(lo + r + 2, hi - r - 2), rng.randint(r + 2, size - r - 2)
-        fill = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in PAIR_COLOURS[c])
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    return im
-
-
-def pairs_folder(dst: str, n_per_class: int = 300, seed: int = 0) -> str:
-    """Classes ``same`` and ``mixed`` (see `draw_pair`): a folder where feature extraction stays well short of what
-    fine-tuning reaches."""
-    for ci, name in enumerate(("same", "mixed")):
-        folder = os.path.join(dst, name)
-        os.makedirs(folder, exist_ok=True)
-        for i in range(n_per_class):
-            draw_pair(name == "same", seed * 100000 + ci * 10000 + i).save(os.path.join(folder, f"{i:04d}.png"))
-    return dst
-
-
 def _old_recipe():
     """A context that forces the previous fine-tuning path (whole network every epoch)."""
     import contextlib
 
-    from . import ft_inputs
+    from engine import ft_inputs
 
     @contextlib.contextmanager
     def forced():
         keep_split, keep_applies = ft_inputs.split, ft_inputs.applies
         ft_inputs.split = lambda *a, **k: None
-        from . import fine_tuning
+        from engine import fine_tuning
 
         fine_tuning.applies = lambda *a, **k: False
         try:
@@ -144,7 +107,8 @@ def run_bench_strategy(a) -> int:
             rows.append(row)
             print(f"  {name} {label}: test {row['test_accuracy']:.3f} in {row['seconds']:.0f} s"
                   + (f" (kept {row['winner']})" if row["winner"] else ""), file=sys.stderr, flush=True)
-    print(f"\n{'folder':12} {'run':20} {'test acc':>8} {'95% interval':>13} {'n':>5} {'epochs':>6} {'wall s':>7}  winner")
+    print(f"\n{'folder':12} {'run':20} {'test acc':>8} {'95% interval':>13} {'n':>5} {'epochs':>6} "
+          f"{'wall s':>7}  winner")
     for r in rows:
         ci = f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}" if r["ci95"] else "-"
         print(f"{r['folder']:12} {r['run']:20} {r['test_accuracy']:8.3f} {ci:>13} {r['n_test']:5} "

@@ -1,4 +1,4 @@
-"""``python -m engine bench-onnx [FOLDER ...]``: the frozen backbone's CPU paths, in one process.
+"""``python -m benchmarks onnx [FOLDER ...]``: the frozen backbone's CPU paths, in one process.
 
 1. Forward only, random inputs already in memory, alternating the paths twice (the faster round counts): PyTorch
    eager fp32 (as loaded), the ``bench`` limit row (BatchNorm folded, channels_last, the engine's batch), ONNX
@@ -35,9 +35,9 @@ def _rate(fn, batch, seconds: float) -> float:
 def forward_rates(seconds: float = 5.0) -> dict[str, float]:
     import torch
 
-    from . import onnx_backend as ob
-    from .backbones import load_backbone
-    from .forward import Forward
+    from engine import onnx_backend as ob
+    from engine.backbones import load_backbone
+    from engine.forward import Forward
 
     bb = load_backbone()
     pre = bb.preprocessing
@@ -73,7 +73,7 @@ def forward_rates(seconds: float = 5.0) -> dict[str, float]:
 @contextlib.contextmanager
 def _flavour(name: str, exact: bool):
     """Make the engine use int8 flavour ``name`` (and run it exactly) inside the block."""
-    from . import onnx_backend as ob
+    from engine import onnx_backend as ob
 
     keep = {k: os.environ.get(k) for k in (ob.FLAVOUR_ENV, ob.EXACT_ENV)}
     os.environ[ob.FLAVOUR_ENV], os.environ[ob.EXACT_ENV] = name, "1" if exact else "0"
@@ -89,13 +89,13 @@ def _flavour(name: str, exact: bool):
 
 def flavour_rows(folder: str, flavours: list[str]) -> list[dict]:
     """Agreement, speed and exact accuracy of each int8 flavour on ``folder`` (see the module docstring)."""
-    from . import onnx_backend as ob
-    from .backbones import load_backbone
-    from .config import TrainConfig
-    from .data import walk_images
-    from .features import _sample_pixels
-    from .int8 import quantize
-    from .train import fit
+    from engine import onnx_backend as ob
+    from engine.backbones import load_backbone
+    from engine.config import TrainConfig
+    from engine.data import walk_images
+    from engine.features import _sample_pixels
+    from engine.int8 import quantize
+    from engine.train import fit
 
     bb = load_backbone()
     pre = bb.preprocessing
@@ -128,8 +128,8 @@ def flavour_rows(folder: str, flavours: list[str]) -> list[dict]:
 
 
 def end_to_end(folder: str) -> list[dict]:
-    from .config import TrainConfig
-    from .train import fit
+    from engine.config import TrainConfig
+    from engine.train import fit
 
     rows = []
     for engine, precision in (("torch", "auto"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("auto", "auto")):
@@ -140,7 +140,8 @@ def end_to_end(folder: str) -> list[dict]:
             wall = time.perf_counter() - t0
         m = res.metrics
         rows.append({"folder": os.path.basename(os.path.normpath(folder)), "path": f"{engine} {precision}",
-                     "wall_s": wall, "embed_s": m.get("embed_seconds"), "embed_images_per_s": m.get("embed_images_per_s"),
+                     "wall_s": wall, "embed_s": m.get("embed_seconds"),
+                     "embed_images_per_s": m.get("embed_images_per_s"),
                      "val_accuracy": m.get("val_accuracy"), "val_n": m.get("val_n"),
                      "graphs_s": (m.get("features") or {}).get("graphs_seconds", 0.0),
                      "chosen": (m.get("features") or {}).get("precision")})
@@ -175,7 +176,7 @@ def run_bench_onnx(a) -> int:
 
 
 def _print_flavours(rows: list[dict]) -> None:
-    from .onnx_backend import has_vnni
+    from engine.onnx_backend import has_vnni
 
     print(f"\nint8 flavours (this CPU: {'VNNI' if has_vnni() else 'no VNNI'}; cosine with fp32 worst / mean over 48 "
           "images; exact = what a CPU that never saturates computes; val acc from exact int8 features):")

@@ -1,4 +1,4 @@
-"""``python -m engine bench-trust [FOLDER ...]``: how far the app's confidence, "unsure" and "unfamiliar" hold.
+"""``python -m benchmarks trust [FOLDER ...]``: how far the app's confidence, "unsure" and "unfamiliar" hold.
 
 For each folder (default: ../shared/datasets/hymenoptera and flowers) and each mode, runs are trained on a
 flat copy of the folder (links, not copies) split 60/20/20, once per split (``--splits``, seeds 0, 1, ...): the
@@ -19,12 +19,12 @@ import time
 
 import numpy as np
 
-from .calibration import coverage_curve, ece_noise_floor, expected_calibration_error, log_loss
-from .config import PredictConfig, TrainConfig
-from .data import scan
-from .head import softmax
-from .predict import predict_folder
-from .train import fit
+from engine.calibration import coverage_curve, ece_noise_floor, expected_calibration_error, log_loss
+from engine.config import PredictConfig, TrainConfig
+from engine.data import scan
+from engine.head import softmax
+from engine.predict import predict_folder
+from engine.train import fit
 
 SHARED = os.path.join("..", "shared", "datasets")
 
@@ -132,7 +132,7 @@ def run_bench_trust(a) -> int:
           f"marked unfamiliar; 'unfam other' = {a.other_images} images of the other folder(s); both as the mean "
           "(lowest-highest) over splits.")
     if a.json:
-        from .runs import atomic_write_json, json_safe
+        from engine.runs import atomic_write_json, json_safe
 
         atomic_write_json(a.json, json_safe(rows))
     return 0

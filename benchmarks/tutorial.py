@@ -1,5 +1,5 @@
-"""``python -m engine bench DATA``: the engine against a PyTorch-tutorial-style loop, on the same machine, data and
-backbone, in one run. Each phase runs in its own process so that wall time includes start-up and peak memory
+"""``python -m benchmarks tutorial DATA``: the engine against a PyTorch-tutorial-style loop, on the same machine, data
+and backbone, in one run. Each phase runs in its own process so that wall time includes start-up and peak memory
 (max RSS) belongs to that phase alone.
 
 Phases:
@@ -37,8 +37,8 @@ def _synthetic_rate(device, seconds: float) -> tuple[int, float]:
     device, at the batch size the engine embeds with. Returns (images, images/s)."""
     import torch
 
-    from .backbones import fold_batchnorm, load_backbone
-    from .forward import pick_batch_size
+    from engine.backbones import fold_batchnorm, load_backbone
+    from engine.forward import pick_batch_size
 
     net = fold_batchnorm(load_backbone().net).to(device).to(memory_format=torch.channels_last)
     bs = pick_batch_size(device)
@@ -66,8 +66,8 @@ def _reference(data: str, device, epochs: int) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from .backbones import load_backbone
-    from .data import scan
+    from engine.backbones import load_backbone
+    from engine.data import scan
 
     ds = scan(data, val_split=0.2, seed=0)
     items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
@@ -93,7 +93,7 @@ def _reference(data: str, device, epochs: int) -> dict:
     seen = 0
     first = None
     t_train = time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         te = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -114,7 +114,7 @@ def _reference(data: str, device, epochs: int) -> dict:
 
 def _phase(name: str, args: dict) -> dict:
     t0 = time.perf_counter()
-    from .train import TrainConfig, fit
+    from engine.train import TrainConfig, fit
 
     data = args["data"]
     out: dict = {"phase": name}
@@ -122,7 +122,7 @@ def _phase(name: str, args: dict) -> dict:
     if name != "fe-second":  # a rerun from cached features never imports torch (its import alone takes seconds)
         import torch
 
-        from .device import resolve_device
+        from engine.device import resolve_device
 
         device = resolve_device(args["device"])
     if name == "reference":
@@ -178,12 +178,12 @@ def run_bench(a) -> int:
         phase = name.replace("-again", "")
         phase_args = dict(args, cache_dir=tempfile.mkdtemp(prefix="ts-bench-cache-")) if name == "fe-first-again" \
             else args
-        code = ("import json,sys; from engine.bench import _phase; "
+        code = ("import json,sys; from benchmarks.tutorial import _phase; "
                 f"print('BENCH'+json.dumps(_phase({phase!r}, json.loads(sys.argv[1]))))")
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-c", code, json.dumps(phase_args)], capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        line = next((l for l in r.stdout.splitlines() if l.startswith("BENCH")), None)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH")), None)
         if r.returncode or not line:
             print(f"{name}: failed\n{r.stderr[-2000:]}")
             return 1
@@ -204,8 +204,8 @@ def run_bench(a) -> int:
     ref, lim = rows["reference"], rows["limit"]
     print(f"\nData: {data}; device: {rows['limit'].get('gpu', 'cpu')}; backbone efficientnet_lite0; "
           f"reference = {a.epochs} epochs of the tutorial-style fixed feature extractor\n")
-    print(f"{'phase':12} {'wall s':>8} {'job s':>7} {'img/s':>8} {'peak RSS MB':>12} {'val acc':>8} {'vs reference':>13} "
-          f"{'vs limit':>9}")
+    print(f"{'phase':12} {'wall s':>8} {'job s':>7} {'img/s':>8} {'peak RSS MB':>12} {'val acc':>8} "
+          f"{'vs reference':>13} {'vs limit':>9}")
     for name, r in rows.items():
         speed = ref["process_s"] / r["process_s"] if name != "limit" else float("nan")
         lim_ratio = r["images_per_s"] / lim["images_per_s"] if r.get("images_per_s") else float("nan")
@@ -230,7 +230,7 @@ def run_bench(a) -> int:
           f"{fe['images_per_s']:.1f} / {fe['paired_limit_images_per_s']:.1f} img/s = "
           f"{fe['images_per_s'] / fe['paired_limit_images_per_s']:.0%}")
     if a.json:
-        from .runs import atomic_write_json, json_safe
+        from engine.runs import atomic_write_json, json_safe
 
         atomic_write_json(a.json, json_safe(rows))
     return 0

@@ -1,6 +1,7 @@
-"""``python -m engine bench-doctor [FOLDER ...]``: the dataset doctor on real folders with planted problems, against
+"""``python -m benchmarks doctor [FOLDER ...]``: the dataset doctor on real folders with planted problems, against
 a plain peer assembled from kept libraries (cleanlab + scikit-learn for labels, imagehash pHash for copies).
-Folders of one kind of picture for it: ``python tools/make_onekind.py DEST KIND`` (scans, digits, texture, product).
+Folders of one kind of picture: name a kind (scans, digits, texture, product) instead of a folder and it is drawn
+here (tests/imagegen.py; the same folders as ``python tools/make_onekind.py DEST KIND``).
 
 1. The folder (default ../shared/datasets/flowers) is copied into a train/val layout (80/20, the app's split).
 2. Feature extraction runs on it from an empty cache (the first run a user makes: the time reference); the doctor
@@ -26,7 +27,7 @@ SHARED = os.path.join("..", "shared", "datasets")
 
 
 def _copy_layout(src: str, dst: str) -> None:
-    from .data import scan
+    from engine.data import scan
 
     ds = scan(src, val_split=0.2, seed=0, check_files=False)
     for s in ds.samples:
@@ -91,7 +92,7 @@ def _score(found: list[tuple[str, str, str]], clean: set[tuple[str, str]], plant
 
 
 def _doctor(data: str, cache: str):
-    from .doctor import DoctorConfig, doctor
+    from engine.doctor import DoctorConfig, doctor
 
     t0 = time.perf_counter()
     res = doctor(DoctorConfig(data=data, cache_dir=cache))
@@ -134,7 +135,7 @@ def _label_trials(feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from .doctor import label_issues, out_of_sample_probs
+    from engine.doctor import label_issues, out_of_sample_probs
 
     rng = np.random.default_rng(seed)
     c = int(y.max()) + 1
@@ -157,9 +158,14 @@ def _label_trials(feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int
 
 
 def run_bench_doctor(a) -> int:
-    folders = a.data or [os.path.join(SHARED, "flowers")]
+    from tests.imagegen import ONE_KIND, make_one_kind
+
+    folders = a.data or [os.path.join(SHARED, "flowers"), "scans", "product"]
     summary = []
+    made = tempfile.mkdtemp(prefix="ts-bench-onekind-")
     for src in folders:
+        if src in ONE_KIND:  # a folder of one kind of picture, drawn here (tests/imagegen.py)
+            src = str(make_one_kind(os.path.join(made, src), src, 30 if src == "digits" else 70))
         if not os.path.isdir(src):
             print(f"skipped: {src} not found (the shared datasets are not on this machine); pass a folder of images.")
             continue
@@ -169,15 +175,17 @@ def run_bench_doctor(a) -> int:
               f"{'unplanted copies':>16} {'label %':>7} {'doctor cached s':>15}")
         for r in summary:
             print(f"{r['folder'][-24:]:24} {r['images']:6} {r['clean_copies']:12} {r['near-duplicate']:8.2f} "
-                  f"{r['leak']:8.2f} {r['duplicate']:7.2f} {r['unplanted']:16} {r['label_pct']:7.1f} {r['cached_s']:15.1f}")
+                  f"{r['leak']:8.2f} {r['duplicate']:7.2f} {r['unplanted']:16} {r['label_pct']:7.1f} "
+                  f"{r['cached_s']:15.1f}")
         print("clean copies: copy findings on the folder before planting (real copies, or false ones on a folder "
               "that has none); unplanted copies: copy findings after planting that are neither planted nor clean")
+    shutil.rmtree(made, ignore_errors=True)
     return 0
 
 
 def _bench_one(src: str) -> dict:
-    from .config import TrainConfig
-    from .train import fit
+    from engine.config import TrainConfig
+    from engine.train import fit
 
     tmp = tempfile.mkdtemp(prefix="ts-bench-doctor-")
     root = os.path.join(tmp, "data")
@@ -195,7 +203,8 @@ def _bench_one(src: str) -> dict:
     print(f"\nClean copy of {src} ({len(clean.dataset.samples)} images): "
           + ", ".join(f"{n} {k}" for k, n in clean.counts().items()))
     for f in clean.findings[:12]:
-        print(f"  {f.issue:15} {os.path.relpath(f.path, root)}  {os.path.relpath(f.other_path, root) if f.other_path else ''}"
+        other = os.path.relpath(f.other_path, root) if f.other_path else ""
+        print(f"  {f.issue:15} {os.path.relpath(f.path, root)}  {other}"
               f"  {f.label}{' -> ' + f.suggested_label if f.suggested_label else ''}  {f.score:.3f}")
     try:
         peer_clean_found = _peer(clean)  # before planting: the files move
@@ -216,7 +225,8 @@ def _bench_one(src: str) -> dict:
         peer = _score(_peer(res), peer_clean, planted)
     n = len(res.dataset.samples)
     print(f"\nPlanted: 20 label flips, 8 near-duplicates, 8 leaks, 4 byte copies ({n} images)")
-    print(f"{'issue':15} {'recall':>7} {'precision':>9} {'findings':>8}   {'peer recall':>11} {'precision':>9} {'findings':>8}")
+    print(f"{'issue':15} {'recall':>7} {'precision':>9} {'findings':>8}   "
+          f"{'peer recall':>11} {'precision':>9} {'findings':>8}")
     for issue in ("duplicate", "near-duplicate", "leak", "label"):
         m = mine[issue]
         p = peer[issue] if peer else {}
