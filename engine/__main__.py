@@ -228,7 +228,8 @@ def cmd_doctor(a) -> int:
 
 
 def cmd_cache(a) -> int:
-    from .features import cache_contents, clear_cache, default_cache_dir
+    from .features import cache_contents, clear_cache
+    from .paths import default_cache_dir
 
     folder = a.cache_dir or default_cache_dir()
     if a.clear:

@@ -37,8 +37,8 @@ from .data import Dataset, scan
 from .events import Callbacks, Cancelled, CancelToken, Phase, Progress
 from .familiarity import K, fence, knn_distance, normalise
 from .feature_extraction import embed_dataset
-from .features import default_cache_dir
 from .head import softmax, train_linear_head
+from .paths import default_cache_dir
 from .runs import atomic_write_text
 
 ISSUES = ("duplicate", "near-duplicate", "leak", "label", "outlier")

@@ -15,10 +15,11 @@ from .backbones import LoadedBackbone, describe_without_torch
 from .config import TrainConfig
 from .data import Dataset
 from .events import Callbacks, CancelToken, EngineError, Phase, Progress
-from .features import BackboneSnapshot, EmbeddingCache, default_cache_dir, embed_files
+from .features import BackboneSnapshot, EmbeddingCache, embed_files
 from .head import balanced_class_weights, train_linear_head
 from .loop import TrainOutcome
 from .onnx_backend import cache_variants, describe_variant
+from .paths import default_cache_dir
 from .pixels import content_hash, read_bytes
 from .runs import BackboneFacts
 
@@ -86,7 +87,7 @@ def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbac
         cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre, variant)
         if cache.rebuilt_reason:
             cb.on_log(cache.rebuilt_reason)
-        if hashes and all(cache.get(h) is not None for h in hashes):
+        if cache.has_all(hashes):
             break
     else:
         return None
@@ -183,7 +184,7 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
             hashes = None
         for variant in cache_variants(cfg.engine, cfg.precision) if hashes else []:
             cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0], variant)
-            if all(cache.get(h) is not None for h in hashes):
+            if cache.has_all(hashes):
                 cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
                 return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
     from .backbones import load_backbone

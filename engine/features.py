@@ -19,19 +19,9 @@ from .backbones import LoadedBackbone, Preprocessing
 from .events import Cancelled, CancelToken, EngineError, Phase, Progress
 from .forward import Forward
 from .loop import RateMeter
+from .paths import default_cache_dir
 from .pixels import content_hash, iter_decoded, read_bytes, stack_on
 from .runs import atomic_write_bytes
-
-
-def default_cache_dir() -> str:
-    env = os.environ.get("TRANSFER_STUDIO_CACHE")
-    if env:
-        return env
-    if os.name == "nt":
-        base = os.environ.get("LOCALAPPDATA", os.path.expanduser("~"))
-    else:
-        base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(base, "transfer-studio", "embeddings")
 
 
 def _cache_key(backbone: str, weights_id: str, pre: Preprocessing, variant: str = "torch") -> str:
@@ -84,6 +74,11 @@ class VectorCache:
 
     def get(self, key: str) -> np.ndarray | None:
         return self.vectors.get(key)
+
+    def has_all(self, keys) -> bool:
+        """Whether every one of ``keys`` (at least one) is cached: a run can then skip the backbone."""
+        keys = list(keys)
+        return bool(keys) and all(k in self.vectors for k in keys)
 
     def put(self, key: str, vec: np.ndarray) -> None:
         self.vectors[key] = vec
@@ -252,7 +247,7 @@ def _onnx_forward(paths, backbone, backbone_name, cache_dir, precision, batch_si
     from . import onnx_backend as ob
 
     pre = backbone.preprocessing
-    graphs_home = cache_dir or os.path.join(default_cache_dir())
+    graphs_home = cache_dir or default_cache_dir()
     fp32, int8 = ob.graph_paths(graphs_home, backbone_name, backbone.weights_id)
     calibration, small = None, False
     if not os.path.isfile(int8):
@@ -299,7 +294,7 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
         c = EmbeddingCache(cache_dir, name, backbone.weights_id, pre, v)
         if c.rebuilt_reason and log:
             log(c.rebuilt_reason)
-        if cache_dir and readable and all(c.get(h) is not None for h in readable):
+        if cache_dir and c.has_all(readable):
             cache, decision = c, {**ob.describe_variant(v), "reason": "all from the cache"}
             break
     forward = None

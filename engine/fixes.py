@@ -14,18 +14,8 @@ import os
 
 from .data import SPLIT_NAMES, excluded_paths
 from .events import EngineError
+from .paths import app_data_dir
 from .runs import atomic_write_text
-
-
-def app_data_dir() -> str:
-    """The app's own files (exclude lists, the move journal): $TRANSFER_STUDIO_DATA, else the platform's place."""
-    env = os.environ.get("TRANSFER_STUDIO_DATA")
-    if env:
-        return env
-    if os.name == "nt":
-        return os.path.join(os.environ.get("LOCALAPPDATA", os.path.expanduser("~")), "Transfer Studio")
-    base = os.environ.get("XDG_DATA_HOME", os.path.join(os.path.expanduser("~"), ".local", "share"))
-    return os.path.join(base, "transfer-studio")
 
 
 def exclude_list_for(folder: str) -> str:

@@ -18,7 +18,8 @@ from .data import walk_images
 from .device import resolve_device
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, PredictionRow, Progress
 from .familiarity import knn_distance
-from .forward import Forward, probabilities
+from .forward import Forward
+from .head import probabilities
 from .loop import RateMeter
 from .model import load_model
 from .pixels import iter_decoded, stack_on
@@ -97,7 +98,7 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
     """For a feature-extraction run on the CPU: an ONNX Runtime session of its frozen backbone, in the precision its
     training features were made with (so predictions see the same features), or None to use PyTorch."""
     from . import onnx_backend as ob
-    from .features import default_cache_dir
+    from .paths import default_cache_dir
 
     made = loaded.meta.get("features") or {}
     if loaded.meta.get("mode") != "feature-extraction" or not ob.use_onnx(engine, device):
@@ -128,7 +129,7 @@ def _pretrained_forward(loaded, device, engine: str, batch_size: int | None, log
     said in the log)."""
     from . import onnx_backend as ob
     from .backbones import load_backbone
-    from .features import default_cache_dir
+    from .paths import default_cache_dir
 
     name = loaded.meta["backbone"]
     try:

@@ -61,16 +61,6 @@ def csv_text(header: list[str], rows) -> str:
     return buf.getvalue()
 
 
-def default_runs_dir() -> str:
-    """Where runs go when the user does not say: ``~/Documents/Transfer Studio/runs`` or the app-data folder."""
-    env = os.environ.get("TRANSFER_STUDIO_RUNS")
-    if env:
-        return env
-    docs = os.path.join(os.path.expanduser("~"), "Documents")
-    base = docs if os.path.isdir(docs) else os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "Transfer Studio", "runs")
-
-
 def new_run_name(backbone: str, mode: str) -> str:
     return time.strftime("%Y%m%d-%H%M%S") + f"-{backbone}-{mode}"
 

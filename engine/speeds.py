@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .fixes import app_data_dir
+from .paths import app_data_dir
 from .runs import atomic_write_json
 
 STEP_COST = 4.0  # seconds per fine-tuning image-epoch ~ STEP_COST / embedding images/s (measured 3.1-4.4 here)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QMessageBox
 
-from engine.features import cache_contents, clear_cache, default_cache_dir
+from engine.features import cache_contents, clear_cache
+from engine.paths import default_cache_dir
 
 
 def manage_embedding_cache(window, busy: bool) -> int | None:

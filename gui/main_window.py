@@ -21,8 +21,9 @@ from engine.data import scan_folder
 from engine.events import EngineError
 from engine.export import export_model
 from engine.heatmap import HeatmapConfig, heatmap
+from engine.paths import default_runs_dir
 from engine.predict import predict_folder
-from engine.runs import default_runs_dir, new_run_name
+from engine.runs import new_run_name
 from engine.sorting import SortConfig, sort_into
 from engine.train import fit
 from gui.cache_dialog import manage_embedding_cache

@@ -530,7 +530,8 @@ def test_embedding_cache_can_be_seen_and_deleted_from_the_app(qtbot, window, mon
     from PySide6.QtWidgets import QMessageBox
 
     from engine.backbones import LITE0_PREPROCESSING
-    from engine.features import EmbeddingCache, cache_contents, default_cache_dir
+    from engine.features import EmbeddingCache, cache_contents
+    from engine.paths import default_cache_dir
 
     monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(tmp_path / "cache"))  # this test's own
     shown = []

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.events import BatchMetrics, EpochMetrics, Progress
-from engine.runs import default_runs_dir
+from engine.paths import default_runs_dir
 from gui.plots import LivePlots
 from gui.settings import load_values, save_values
 
