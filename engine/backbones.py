@@ -34,6 +34,13 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
+    def scale_255(self):
+        """``(mean, std)`` for pixels of 0-255, each (1, 3, 1, 1) float32: the network's input is ``(pixels - mean) /
+        std``. The one statement of it (forward.py, heatmap.py and onnx_backend.py apply it on their devices)."""
+        import numpy as np
+
+        return tuple(np.asarray(v, np.float32).reshape(1, 3, 1, 1) * np.float32(255) for v in (self.mean, self.std))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)

@@ -2,7 +2,7 @@
 
 One temperature T is fitted on validation logits by minimising log-loss (Guo et al. 2017) under a weak prior that
 keeps a few validation images from pushing it far from 1 (:func:`fit_temperature`); probabilities are then
-``softmax(logits / T)`` everywhere (engine/forward.py ``probabilities``). Dividing by T > 0 never changes the top
+``softmax(logits / T)`` everywhere (engine/head.py ``probabilities``). Dividing by T > 0 never changes the top
 class, so accuracy is unchanged. Every figure reported (expected calibration error, log-loss, the reliability bins,
 accuracy against coverage) is measured on images the temperature was not fitted on: the test split when there is
 one, otherwise two-fold on validation (fit on one half, measure on the other, and the reverse). NumPy only.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .head import softmax
+from .head import probabilities
 
 ECE_BINS = 15
 DEFAULT_TARGET_ACCURACY = 0.95
@@ -59,10 +59,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, prior_sd: float | None = 
     return float(np.exp(-(lo + hi) / 2))
 
 
-def scaled(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return softmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature))
-
-
 def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12))))
 
@@ -71,7 +67,7 @@ def scaled_log_loss(logits: np.ndarray, y: np.ndarray) -> float:
     """Log-loss after the temperature that suits these logits best: how well a model ranks its answers, whatever
     its overall confidence (a model trained with label smoothing is under-confident; its raw loss is not
     comparable with one trained without; --mode auto compares this)."""
-    return log_loss(scaled(logits, fit_temperature(logits, y)), y)
+    return log_loss(probabilities(logits, fit_temperature(logits, y)), y)
 
 
 def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
@@ -171,7 +167,7 @@ def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray
     if test_logits is not None and len(test_logits):
         measured_on = "test"
         raw, y = np.asarray(test_logits, np.float32), np.asarray(test_y, dtype=np.int64)
-        after = scaled(raw, temperature)
+        after = probabilities(raw, temperature)
     else:
         measured_on = "validation, two-fold"
         a, b = _halves(val_y, seed)
@@ -180,8 +176,8 @@ def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray
         for fit_idx, eval_idx in ((a, b), (b, a)):
             if len(eval_idx):
                 t = fit_temperature(raw[fit_idx], y[fit_idx]) if len(fit_idx) else 1.0
-                after[eval_idx] = scaled(raw[eval_idx], t)
-    before = scaled(raw, 1.0)
+                after[eval_idx] = probabilities(raw[eval_idx], t)
+    before = probabilities(raw, 1.0)
     curve = coverage_curve(after, y)
     threshold = default_threshold(curve, target_accuracy)
     return {

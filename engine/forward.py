@@ -2,19 +2,16 @@
 
 Embedding (feature extraction), fine-tuning's validation and linear-probe start, predict and evaluate all run the
 network through :class:`Forward`, so normalisation, memory format, the mixed-precision policy and batching are
-written once. It is the seam for another backend (only PyTorch today) and :func:`probabilities` is the one place
-where logits become the probabilities a user sees.
+written once. It is the seam for another backend (only PyTorch today); logits become probabilities in
+``head.probabilities``.
 """
 from __future__ import annotations
 
 import copy
 
-import numpy as np
-
 from .backbones import Preprocessing, fold_batchnorm
 from .device import amp_dtype
 from .events import CancelToken
-from .head import softmax
 from .model import make_classifier
 
 
@@ -22,12 +19,6 @@ def pick_batch_size(device) -> int:
     # Small batches keep a 2-core CPU's caches warm (measured on 2 cores: batch 4 ~42 img/s, 16 ~32 img/s); GPUs
     # want big ones.
     return 4 if device.type == "cpu" else 128
-
-
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities from logits (N, C), scaled by a calibration temperature (1 = none)."""
-    logits = np.asarray(logits, dtype=np.float32)
-    return softmax(logits / np.float32(temperature) if temperature != 1.0 else logits.copy())
 
 
 class Forward:
@@ -42,8 +33,7 @@ class Forward:
         self.net, self.pre, self.device = net, pre, device
         self.amp = amp_dtype(device)
         self.batch_size = batch_size or pick_batch_size(device)
-        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = (torch.from_numpy(v).to(device) for v in pre.scale_255())
 
     @classmethod
     def frozen(cls, net, pre: Preprocessing, device, batch_size: int | None = None) -> Forward:

@@ -64,6 +64,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities from logits (N, C), scaled by a calibration temperature (1 = none): ``softmax(logits /
+    T)``, the one place where logits become the probabilities a user sees (predict, evaluate, calibration)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    return softmax(logits / np.float32(temperature) if temperature != 1.0 else logits.copy())
+
+
 def cross_entropy(logits: np.ndarray, y: np.ndarray,
                   class_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Mean cross-entropy (weighted by class as PyTorch's ``weight=``: sum(w_y CE) / sum(w_y)) and the

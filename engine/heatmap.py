@@ -14,7 +14,7 @@ import numpy as np
 from .config import option
 from .device import resolve_device
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
-from .forward import probabilities
+from .head import probabilities
 from .model import load_model
 from .pixels import decode_one
 
@@ -86,8 +86,7 @@ def heatmap(config: HeatmapConfig, callbacks: Callbacks | None = None,
         device = resolve_device(config.device)
         model = loaded.model.to(device).eval()
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].float().to(device)
-        mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+        mean, std = (torch.from_numpy(v).to(device) for v in pre.scale_255())
         x = (x - mean) / std
         with torch.inference_mode():
             probs = probabilities(model(x).float().cpu().numpy(), loaded.temperature)[0]

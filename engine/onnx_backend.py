@@ -21,8 +21,6 @@ import numpy as np
 from .backbones import Preprocessing
 from .events import EngineError
 
-ENGINES = ("auto", "onnxruntime", "torch")
-PRECISIONS = ("auto", "fp32", "int8")
 # int8 is used when the sample's mean cosine with fp32 reaches MIN_MEAN_COSINE and its worst image MIN_COSINE.
 # Measured on the 2-core machine (no VNNI), worst / mean, then validation accuracy against fp32: int8 with 7-bit
 # weights 0.937 / 0.974 on hymenoptera, 0.774 / 0.915 on flowers, and it lost 4 images there and 1.0 point on
@@ -93,8 +91,7 @@ def variant_name(precision: str) -> str:
 
 def _normalise(u8: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """(N,3,S,S) uint8 -> the network's float32 input."""
-    mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1) * 255
-    std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1) * 255
+    mean, std = pre.scale_255()
     return (u8.astype(np.float32) - mean) / std
 
 

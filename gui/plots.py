@@ -1,4 +1,4 @@
-"""Live loss/accuracy plots: signals append to buffers, a QTimer redraws at ~15 Hz with ``setData``."""
+"""Live loss/accuracy plots: signals append to buffers, a QTimer redraws at 10 Hz with ``setData``."""
 from __future__ import annotations
 
 import pyqtgraph as pg

@@ -1,4 +1,4 @@
-"""Run one engine job in a QThread and turn its callbacks into Qt signals (STYLE.md §2.5).
+"""Run one engine job in a QThread and turn its callbacks into Qt signals (STYLE.md section 2, examples 4-5).
 
 The worker is a parentless QObject moved to a QThread; ``thread.started -> worker.run``; when the job returns,
 ``finished``/``failed`` (or ``cancelled``) fire and the thread quits by itself. Cancel sets the engine's CancelToken

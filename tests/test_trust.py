@@ -11,9 +11,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from engine import TrainConfig, fit
-from engine.calibration import calibrate, ece_noise_floor, expected_calibration_error, fit_temperature, scaled
+from engine.calibration import calibrate, ece_noise_floor, expected_calibration_error, fit_temperature
 from engine.config import EvaluateConfig, PredictConfig
 from engine.events import Callbacks
+from engine.head import probabilities
 from tests.imagegen import draw_image, draw_unlike, make_flat_dataset
 
 
@@ -21,13 +22,14 @@ def test_temperature_fitting_recovers_a_known_temperature_and_keeps_top1():
     rng = np.random.default_rng(0)
     n, k, true_t = 4000, 5, 2.5
     base = rng.normal(0, 3, (n, k)).astype(np.float32)  # the "true" logits
-    p = scaled(base, 1.0)
+    p = probabilities(base, 1.0)
     y = np.array([rng.choice(k, p=row) for row in p])  # labels drawn from softmax(base)
     over = base * true_t  # an over-confident network: logits scaled up by T
     t = fit_temperature(over, y)
     assert t == pytest.approx(true_t, rel=0.08)
-    assert (scaled(over, t).argmax(1) == over.argmax(1)).all()
-    assert expected_calibration_error(scaled(over, t), y) < expected_calibration_error(scaled(over, 1.0), y) / 2
+    assert (probabilities(over, t).argmax(1) == over.argmax(1)).all()
+    ece = expected_calibration_error
+    assert ece(probabilities(over, t), y) < ece(probabilities(over, 1.0), y) / 2
     report = calibrate(over[:2000], y[:2000], over[2000:], y[2000:])
     assert report["measured_on"] == "test" and report["ece_after"] < report["ece_before"]
     assert report["log_loss_after"] < report["log_loss_before"]
