@@ -12,6 +12,9 @@ lower validation loss becomes the result.
    (``RUN-feature-extraction`` / ``RUN-fine-tuning``). Both ``metrics.json`` files get an ``auto`` block: which won,
    both runs' scores, the accuracy difference on the same validation images with its 95% interval, and one sentence
    saying why.
+
+The whole mode is :func:`fit_auto`; its halves hand each other their ``train.FitResult`` (held-out probabilities,
+the head, metrics) in memory, and the run folders are only written, never read back.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ import time
 
 import numpy as np
 
-from .events import Callbacks, Cancelled, CancelToken, EpochMetrics
-from .runs import atomic_write_json, read_json, read_predictions, unique_dir
+from . import speeds
+from .events import Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics
+from .paths import default_runs_dir
+from .runs import atomic_write_json, new_run_name, read_json, unique_dir
 
 FE, FT = "feature-extraction", "fine-tuning"
 MIN_EPOCHS_BEFORE_EXTRAPOLATING = 2
@@ -41,6 +46,9 @@ class BudgetToken(CancelToken):
     def stop(self, reason: str) -> None:
         self.reason = self.reason or reason
         self.cancel()
+
+    def early_stop_reason(self) -> str:
+        return "" if self.user.cancelled else self.reason
 
     @property
     def cancelled(self) -> bool:
@@ -122,29 +130,25 @@ class Race(Tagged):
                             f"feature extraction's ({self.fe_loss:.4f})")
 
 
-def val_rows(run_dir: str) -> list[dict]:
-    """A run's validation rows of val_predictions.csv (calibrated probabilities, label, prediction)."""
-    return [r for r in read_predictions(run_dir) if r["split"] == "val"]
-
-
-def calibrated_val_loss(rows: list[dict]) -> float:
-    """Validation log-loss with the run's temperature applied (``val_rows``), inf without validation images. The
-    temperature was fitted on these images: one number, as optimistic for either strategy. Raw losses are not
-    comparable: fine-tuning trains with label smoothing (under-confident), the feature-extraction head without; on
-    digits fine-tuning was 0.9 points more accurate with a raw loss of 0.208 against 0.152."""
-    if not rows:
+def calibrated_val_loss(held) -> float:
+    """Validation log-loss with the run's temperature applied (a ``train.HeldOut``; None: no validation images,
+    inf). The temperature was fitted on these images: one number, as optimistic for either strategy. Raw losses are
+    not comparable: fine-tuning trains with label smoothing (under-confident), the feature-extraction head without;
+    on digits fine-tuning was 0.9 points more accurate with a raw loss of 0.208 against 0.152."""
+    if held is None or not len(held.labels):
         return math.inf
-    return float(np.mean([-math.log(max(float(r[f"p_{r['label']}"]), 1e-12)) for r in rows]))
+    p = held.probs[np.arange(len(held.labels)), held.labels]
+    return float(np.mean(-np.log(np.maximum(p, 1e-12))))
 
 
-def paired_difference(rows_a: list[dict], rows_b: list[dict]) -> tuple[float, tuple[float, float], int]:
-    """Accuracy of b minus a on the validation images both runs predicted, with a 95% interval (normal
-    approximation of the paired per-image differences), and how many images that is."""
-    a, b = ({r["path"]: r["label"] == r["prediction"] for r in rows} for rows in (rows_a, rows_b))
-    common = sorted(set(a) & set(b))
+def paired_difference(a, b) -> tuple[float, tuple[float, float], int]:
+    """Accuracy of b minus a (``train.HeldOut``) on the validation images both runs predicted, with a 95% interval
+    (normal approximation of the paired per-image differences), and how many images that is."""
+    right_a, right_b = ({p: bool(ok) for p, ok in zip(h.paths, h.probs.argmax(1) == h.labels)} for h in (a, b))
+    common = sorted(set(right_a) & set(right_b))
     if not common:
         return 0.0, (0.0, 0.0), 0
-    d = np.array([float(b[p]) - float(a[p]) for p in common])
+    d = np.array([float(right_b[p]) - float(right_a[p]) for p in common])
     mean = float(d.mean())
     half = 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     return mean, (mean - half, mean + half), len(d)
@@ -178,25 +182,28 @@ def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, 
             + (f" ({-gain_points:.1f} points more accurate)." if gain_points < 0 else "."))
 
 
-def finish(target: str, overwrite: bool, fe_dir: str, ft_dir: str | None, ft_stop: str, cb: Callbacks) -> dict:
-    """Name the winner ``target`` and the other run beside it; write the ``auto`` block into both; returns it."""
-    fe_metrics, fe_rows = read_json(os.path.join(fe_dir, "metrics.json")), val_rows(fe_dir)
-    runs = {FE: {"val_loss": calibrated_val_loss(fe_rows), "val_accuracy": fe_metrics.get("val_accuracy"),
-                 "seconds": fe_metrics.get("train_seconds")}}
+def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) -> dict:
+    """Name the winner ``target`` and the other run beside it; write the ``auto`` block into both (``fe``/``ft``:
+    the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block."""
+    fe_val = fe.held_out.get("val")
+    runs = {FE: {"val_loss": calibrated_val_loss(fe_val), "val_accuracy": fe.metrics.get("val_accuracy"),
+                 "seconds": fe.metrics.get("train_seconds")}}
     winner, small_side = FE, None
-    if ft_dir:
-        ft_metrics, ft_rows = read_json(os.path.join(ft_dir, "metrics.json")), val_rows(ft_dir)
-        runs[FT] = {"val_loss": calibrated_val_loss(ft_rows), "val_accuracy": ft_metrics.get("val_accuracy"),
-                    "seconds": ft_metrics.get("train_seconds"), "epochs_run": ft_metrics.get("epochs_run")}
+    if ft is not None:
+        ft_val = ft.held_out.get("val")
+        runs[FT] = {"val_loss": calibrated_val_loss(ft_val), "val_accuracy": ft.metrics.get("val_accuracy"),
+                    "seconds": ft.metrics.get("train_seconds"), "epochs_run": ft.metrics.get("epochs_run")}
         if runs[FT]["val_loss"] < runs[FE]["val_loss"]:
             winner = FT
-        recipe = ft_metrics.get("fine_tuning_recipe") or {}
+        recipe = ft.metrics.get("fine_tuning_recipe") or {}
         small_side = recipe.get("median_shorter_side") if recipe.get("small_pictures") else None
-    diff, ci, n = paired_difference(fe_rows, ft_rows) if ft_dir else (0.0, (0.0, 0.0), 0)
+    both = ft is not None and fe_val is not None and ft_val is not None
+    diff, ci, n = paired_difference(fe_val, ft_val) if both else (0.0, (0.0, 0.0), 0)
     final = {}
-    for mode, d in ((FE, fe_dir), (FT, ft_dir)):
-        if d is None:
+    for mode, res in ((FE, fe), (FT, ft)):
+        if res is None:
             continue
+        d = res.run_dir
         want = target if mode == winner else f"{target}-{mode}"
         if os.path.abspath(want) != os.path.abspath(d):
             if os.path.exists(want):
@@ -210,9 +217,9 @@ def finish(target: str, overwrite: bool, fe_dir: str, ft_dir: str | None, ft_sto
              "runs": {m: {**runs[m], "run": final[m]} for m in runs},
              "fine_tuning_minus_feature_extraction": {"val_accuracy": round(diff, 6),
                                                       "ci95": [round(ci[0], 6), round(ci[1], 6)], "n": n},
-             "why": why(winner, diff * 100, ci, ft_stop, raced=ft_dir is not None, small_side=small_side)}
+             "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side)}
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
-    for mode, d in final.items():
+    for mode, d in final.items():  # the one field written after the run was saved: who won needs both runs
         path = os.path.join(d, "metrics.json")
         atomic_write_json(path, {**read_json(path), "auto": {**block, "this_run": mode}})
     cb.on_log(block["summary"])
@@ -239,15 +246,43 @@ def summary(winner: str, runs: dict, diff: float, ci: tuple[float, float], n: in
             f" ({other}){acc}.")
 
 
-def head_weights(run_dir: str) -> dict:
-    """The linear head (``weight``, ``bias``) of a saved run, as NumPy arrays."""
-    from safetensors.numpy import load_file
-
-    sd = load_file(os.path.join(run_dir, "model.safetensors"))
-    return {"weight": sd["head.weight"], "bias": sd["head.bias"]}
-
-
-def mark_stopped(run_dir: str, reason: str) -> None:
-    """A fine-tuning run the race stopped is complete (its best epoch), not cancelled by the user."""
-    path = os.path.join(run_dir, "metrics.json")
-    atomic_write_json(path, {**read_json(path), "status": "completed", "stopped_early": reason})
+def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
+    """``--mode auto`` (``train.fit`` with ``mode="auto"``; ``fit`` is that function, handed over rather than
+    imported, since it calls back into here): feature extraction, then fine-tuning from its head within the budget;
+    the lower calibrated validation loss wins. The two halves hand each other their ``FitResult``s in memory."""
+    cfg.resolved()  # checks the settings before anything runs
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EngineError("--mode auto runs in one process: under torchrun, choose feature-extraction or "
+                          "fine-tuning.")
+    target = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, "auto"))
+    if os.path.exists(target) and not cfg.overwrite:
+        raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
+    t0 = time.perf_counter()
+    cb.on_log("Automatic mode: feature extraction first; then fine-tuning, starting from its head")
+    fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset)
+    if fe.run_dir is None or fe.cancelled:
+        return fe
+    fe_loss = calibrated_val_loss(fe.held_out.get("val"))
+    ft, stop = None, ""
+    if fe_loss == math.inf:
+        cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
+    else:
+        ft_cfg = dataclasses.replace(cfg, mode=FT, out=f"{target}-{FT}")
+        epochs = ft_cfg.resolved().epochs
+        est = speeds.estimate_fine_tuning(cfg.backbone, cfg.device, ft_cfg.unfreeze, fe.metrics.get("n_train", 0),
+                                          epochs, fe.metrics.get("embed_images_per_s"))
+        budget = cfg.budget * 60 if cfg.budget else None
+        cb.on_log(f"Fine-tuning: {est.text}; budget "
+                  + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)"))
+        token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
+        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=fe.head)
+        stop = token.early_stop_reason()
+        if stop:
+            cb.on_log(f"Fine-tuning stopped: {stop}")
+        if ft.run_dir is None:
+            ft = None
+    block = finish(target, cfg.overwrite, fe, ft, stop, cb)
+    won = fe if block["winner"] == FE else ft
+    return dataclasses.replace(won, run_dir=block["runs"][block["winner"]]["run"], cancelled=cancel.cancelled,
+                               metrics={**won.metrics, "auto": {**block, "this_run": block["winner"]}},
+                               skipped=fe.skipped, message=block["summary"])

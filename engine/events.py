@@ -96,7 +96,6 @@ class EpochMetrics:
         }
 
 
-STATUSES = ("ok", "unsure", "unfamiliar", "error")
 
 
 @dataclass(frozen=True)
@@ -155,6 +154,10 @@ class CancelToken:
     def raise_if_cancelled(self) -> None:
         if self._event.is_set():
             raise Cancelled()
+
+    def early_stop_reason(self) -> str:
+        """Why the job was stopped early on purpose, not by the user (automatic mode's budget token); "" here."""
+        return ""
 
 
 class Cancelled(Exception):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import feature_extraction, fine_tuning
+from . import auto, feature_extraction, fine_tuning
 from .backbones import load_backbone
 from .calibration import calibrate
 from .config import TrainConfig
@@ -22,23 +22,36 @@ from .distributed import setup
 from .evaluate import split_report
 from .events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from .familiarity import familiarity_block
-from .features import default_cache_dir
-from .forward import probabilities
+from .head import probabilities
 from .loop import TrainOutcome
-from .runs import BackboneFacts, default_runs_dir, model_json, new_run_name, save_run
+from .paths import default_cache_dir, default_runs_dir
+from .runs import BackboneFacts, model_json, new_run_name, save_run
 from .splits import untrained_classes
 
 __all__ = ["TrainConfig", "FitResult", "fit"]
 
 
 @dataclass
+class HeldOut:
+    """One held-out split as the saved run scores it: paths, true class indices, calibrated probabilities."""
+
+    paths: list[str]
+    labels: np.ndarray  # (N,) int
+    probs: np.ndarray  # (N, C) float32, the run's temperature applied
+
+
+@dataclass
 class FitResult:
+    """What a finished job hands on in memory (the run folder is for the user and for reopening old runs)."""
+
     run_dir: str | None  # None: nothing was saved
     cancelled: bool
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     message: str = ""
+    held_out: dict[str, HeldOut] = field(default_factory=dict)  # "val" / "test", where the split has images
+    head: dict | None = None  # the linear head ("weight", "bias") as NumPy arrays
 
 
 def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None,
@@ -51,7 +64,7 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
     ``mode="auto"``: both strategies, see engine/auto.py; the result is the winning run.
     """
     if config.mode == "auto":
-        return _fit_auto(config, callbacks or Callbacks(), cancel or CancelToken(), dataset)
+        return auto.fit_auto(config, callbacks or Callbacks(), cancel or CancelToken(), dataset, fit)
     cfg = config.resolved()
     dist = setup(cfg.device)
     cb = (callbacks or Callbacks()) if dist.is_main else Callbacks()
@@ -63,7 +76,8 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
         outcome, facts = _train(cfg, ds, dist, cb, cancel, head_init)
         if outcome is None:  # another rank under torchrun: rank 0 saves
             return FitResult(None, False, message=f"rank {dist.rank}: done (rank 0 saves)")
-        return _save(cfg, ds, facts, outcome, cb, time.perf_counter() - t_start)
+        stopped = cancel.early_stop_reason()  # automatic mode's budget or race, never the user
+        return _save(cfg, ds, facts, outcome, cb, time.perf_counter() - t_start, stopped)
     except Cancelled:
         return FitResult(None, True, skipped=ds.skipped if ds else [],
                          message="Cancelled before the first epoch finished; nothing was saved.")
@@ -196,12 +210,16 @@ def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, 
 
 
 def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOutcome, cb: Callbacks,
-          seconds: float) -> FitResult:
-    """Calibrate and score the held-out splits, write the run folder, say where it went."""
+          seconds: float, stopped: str = "") -> FitResult:
+    """Calibrate and score the held-out splits, write the run folder, say where it went. ``stopped``: why automatic
+    mode stopped the run early (then it is a completed run: its best epoch), "" otherwise."""
     cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
     probs, calibration, unfamiliar = _trust(cfg, ds, outcome)
     metrics, predictions = split_report(ds, probs)
-    metrics = {"classes": ds.classes, "status": "cancelled" if outcome.cancelled else "completed", **metrics}
+    cancelled = outcome.cancelled and not stopped
+    metrics = {"classes": ds.classes, "status": "cancelled" if cancelled else "completed", **metrics}
+    if stopped:
+        metrics["stopped_early"] = stopped
     if calibration:
         metrics["calibration"] = calibration
         cb.on_log(f"Calibration: temperature {calibration['temperature']:.2f}; expected calibration error "
@@ -233,7 +251,7 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
                        metrics=metrics, predictions=predictions, meta=meta,
                        train_embeddings=outcome.features.get("train") if unfamiliar else None)
-    if not outcome.cancelled:
+    if not outcome.cancelled:  # (a run auto's race stopped mid-epoch measured no whole epoch either)
         from . import speeds
 
         speeds.record(cfg.mode, cfg.backbone, facts.device, cfg.unfreeze, metrics)
@@ -241,50 +259,12 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     summary = (f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
                if acc is not None else "No validation split")
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
-    return FitResult(run_dir, outcome.cancelled, metrics, outcome.history, ds.skipped, summary)
+    held_out = {split: HeldOut([s.path for s in ds.split(split)], np.array([s.label for s in ds.split(split)]), p)
+                for split, p in probs.items() if p is not None and len(p)}
+    head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
+    return FitResult(run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None)
 
 
-def _fit_auto(cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, dataset: Dataset | None) -> FitResult:
-    """Feature extraction, then fine-tuning from its head within the budget; the lower validation loss wins."""
-    from dataclasses import replace
-
-    from . import auto, speeds
-    from .runs import read_history, read_json
-
-    cfg.resolved()  # checks the settings before anything runs
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise EngineError("--mode auto runs in one process: under torchrun, choose feature-extraction or "
-                          "fine-tuning.")
-    target = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, "auto"))
-    if os.path.exists(target) and not cfg.overwrite:
-        raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
-    t0 = time.perf_counter()
-    cb.on_log("Automatic mode: feature extraction first; then fine-tuning, starting from its head")
-    fe = fit(replace(cfg, mode=auto.FE, out=f"{target}-{auto.FE}"), auto.Tagged(cb, auto.FE, t0), cancel, dataset)
-    if fe.run_dir is None or fe.cancelled:
-        return fe
-    fe_loss = auto.calibrated_val_loss(auto.val_rows(fe.run_dir))
-    ft_dir, stop = None, ""
-    if fe_loss == float("inf"):
-        cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
-    else:
-        ft_cfg = replace(cfg, mode=auto.FT, out=f"{target}-{auto.FT}")
-        epochs = ft_cfg.resolved().epochs
-        est = speeds.estimate_fine_tuning(cfg.backbone, cfg.device, ft_cfg.unfreeze, fe.metrics.get("n_train", 0),
-                                          epochs, fe.metrics.get("embed_images_per_s"))
-        budget = cfg.budget * 60 if cfg.budget else None
-        cb.on_log(f"Fine-tuning: {est.text}; budget "
-                  + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)"))
-        token = auto.BudgetToken(cancel, time.perf_counter() + budget if budget else None)
-        ft = fit(ft_cfg, auto.Race(cb, token, fe_loss, epochs, t0), token, dataset,
-                 head_init=auto.head_weights(fe.run_dir))
-        stop = token.reason if not cancel.cancelled else ""
-        if stop:
-            cb.on_log(f"Fine-tuning stopped: {stop}")
-        ft_dir = ft.run_dir
-        if ft_dir and stop:  # stopped by the race, not by the user: a completed run
-            auto.mark_stopped(ft_dir, stop)
-    block = auto.finish(target, cfg.overwrite, fe.run_dir, ft_dir, stop, cb)
-    won = block["runs"][block["winner"]]["run"]
-    metrics = read_json(os.path.join(won, "metrics.json"))
-    return FitResult(won, cancel.cancelled, metrics, read_history(won), fe.skipped, message=block["summary"])
+def _numpy(v) -> np.ndarray:
+    """A weight as NumPy (torch tensors from fine-tuning, arrays from a rerun that never imported torch)."""
+    return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)

@@ -38,6 +38,9 @@ def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_c
     assert block["winner"] == FE and block["this_run"] == FE
     other = block["runs"][FT]["run"]
     assert other == f"{out}-{FT}" and _metrics(other)["auto"]["this_run"] == FT  # both runs kept, both say so
+    # what the job hands on in memory is what the folder shows when reopened; a run the race stopped is complete
+    assert _metrics(str(out))["auto"] == block and _metrics(str(out))["val_accuracy"] == res.metrics["val_accuracy"]
+    assert (_metrics(other)["status"], _metrics(other).get("stopped_early")) == ("completed", block["stopped"])
     assert block["runs"][FE]["val_loss"] <= block["runs"][FT]["val_loss"]  # a tie keeps the cheaper one
     assert "Starting the head from feature extraction's" in "\n".join(log.lines)
     # both halves' epochs were reported, tagged, on one clock
