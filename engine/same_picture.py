@@ -10,10 +10,10 @@ different photos (docs/benchmarks.md, "Near copies on folders of one kind").
 
 Here the candidates are the pairs alike in embedding or in layout (each image's nearest few by either, so a folder
 of N images gives at most a few N pairs), and a candidate is the same picture when its band-passed 64x64 grey
-detail correlates at ``SAME`` or more once aligned: one picture's centre crop at a few scales, against the other, at
-the best shift (phase-free cross-correlation by FFT, shifts up to ``MAX_SHIFT`` pixels), both ways round. Two
-different photos of one kind share their layout but not their detail (texture, noise, the exact outline); a copy
-keeps its detail through resizing and JPEG.
+detail correlates at ``SAME`` or more once aligned: one picture's centre crop (the scale and direction whose 16x16
+layout fits best, of ``SCALES`` either way round) against the other, at the best shift up to ``MAX_SHIFT`` pixels
+(cross-correlation by FFT). Two different photos of one kind share their layout but not their detail (texture,
+noise, the exact outline); a copy keeps its detail through resizing and JPEG.
 """
 from __future__ import annotations
 
@@ -70,11 +70,16 @@ def _spectrum(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f, (np.abs(f) ** 2 * w).sum((1, 2))
 
 
-def _pool(x: np.ndarray, side: int = 16) -> np.ndarray:
-    """(P, SIZE, SIZE) -> (P, side*side) block means, mean removed, unit length: the coarse layout."""
-    p = x.reshape(len(x), side, SIZE // side, side, SIZE // side).mean((2, 4)).reshape(len(x), -1)
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Each picture of (P, ...) as a vector with its mean removed, unit length (what correlations compare)."""
+    p = x.reshape(len(x), -1)
     p = p - p.mean(1, keepdims=True)
     return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-6)
+
+
+def _pool(x: np.ndarray, side: int = 16) -> np.ndarray:
+    """(P, SIZE, SIZE) -> (P, side*side): block means as a unit vector, the coarse layout."""
+    return _unit(x.reshape(len(x), side, SIZE // side, side, SIZE // side).mean((2, 4)))
 
 
 _COARSE = [_crop_matrix(s, 16) for s in SCALES]
@@ -91,7 +96,7 @@ def aligned_detail(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.astype(np.float32), b.astype(np.float32)
     ca, cb = _pool(a), _pool(b)
     coarse_a, coarse_b = ca.reshape(-1, 16, 16), cb.reshape(-1, 16, 16)
-    fit = np.stack([((_pool_flat(np.matmul(np.matmul(m, x16), m.T)) * y).sum(1))
+    fit = np.stack([((_unit(np.matmul(np.matmul(m, x16), m.T)) * y).sum(1))
                     for m in _COARSE for x16, y in ((coarse_a, cb), (coarse_b, ca))], 1)  # (P, 2 * len(SCALES))
     order = np.argsort(-fit, 1)[:, :TRIED]
     spectra = {0: _spectrum(b), 1: _spectrum(a)}  # the uncropped other picture, by direction
@@ -110,12 +115,6 @@ def aligned_detail(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def _pool_flat(x: np.ndarray) -> np.ndarray:
-    p = x.reshape(len(x), -1)
-    p = p - p.mean(1, keepdims=True)
-    return p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-6)
-
-
 def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) -> set[tuple[int, int]]:
     """(i, j), i < j: each image's ``k`` nearest by embedding cosine among those whose cosine and layout correlation
     reach ``EMBEDDING_CANDIDATE`` (or whose cosine reaches ``EMBEDDING_ALONE``), and its ``k`` nearest by layout
@@ -127,9 +126,7 @@ def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) ->
         return out
     side = int(round(np.sqrt(layout.shape[1])))
     m = _crop_matrix(0.9, side)  # a 5%-per-side crop's layout, to match cropped copies too
-    cropped = np.matmul(np.matmul(m, layout.reshape(-1, side, side)), m.T).reshape(len(layout), -1)
-    cropped -= cropped.mean(1, keepdims=True)
-    cropped /= np.maximum(np.linalg.norm(cropped, axis=1, keepdims=True), 1e-6)
+    cropped = _unit(np.matmul(np.matmul(m, layout.reshape(-1, side, side)), m.T))
     for start in range(0, n, 1024):
         rows = np.arange(start, min(n, start + 1024))
         # this image cropped against every other one whole; the other way round is that image's own row
