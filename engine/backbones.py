@@ -35,10 +35,8 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def scale_255(self):
-        """``(mean, std)`` for pixels of 0-255, each (1, 3, 1, 1) float32: the network's input is ``(pixels - mean) /
-        std``. The one statement of it (forward.py, heatmap.py and onnx_backend.py apply it on their devices)."""
+        """(mean, std) as (1, 3, 1, 1) float32 for 0-255 pixels: input = (pixels - mean) / std, stated once here."""
         import numpy as np
-
         return tuple(np.asarray(v, np.float32).reshape(1, 3, 1, 1) * np.float32(255) for v in (self.mean, self.std))
 
     def to_dict(self) -> dict:
