@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bo = sub.add_parser("onnx", help="the frozen backbone's CPU paths: PyTorch, ONNX Runtime fp32 and int8")
     bo.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
-    bo.add_argument("--flavours", default="", help="also measure these int8 flavours, e.g. v8,a7,s8 (engine/int8.py)")
+    bo.add_argument("--flavours", default="",
+                    help="also measure these int8 flavours, e.g. v8,a7,s8 (engine/network/int8.py)")
     bo.add_argument("--flavours-only", action="store_true", help="only the flavour table")
 
     bd = sub.add_parser("doctor", help="the dataset doctor on a folder with planted problems, against "

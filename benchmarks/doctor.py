@@ -27,7 +27,7 @@ SHARED = os.path.join("..", "shared", "datasets")
 
 
 def _copy_layout(src: str, dst: str) -> None:
-    from engine.data import scan
+    from engine.data.folder import scan
 
     ds = scan(src, val_split=0.2, seed=0, check_files=False)
     for s in ds.samples:
@@ -92,7 +92,7 @@ def _score(found: list[tuple[str, str, str]], clean: set[tuple[str, str]], plant
 
 
 def _doctor(data: str, cache: str):
-    from engine.doctor import DoctorConfig, doctor
+    from engine.doctor.findings import DoctorConfig, doctor
 
     t0 = time.perf_counter()
     res = doctor(DoctorConfig(data=data, cache_dir=cache))
@@ -135,7 +135,7 @@ def _label_trials(feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from engine.doctor import label_issues, out_of_sample_probs
+    from engine.doctor.findings import label_issues, out_of_sample_probs
 
     rng = np.random.default_rng(seed)
     c = int(y.max()) + 1
@@ -185,7 +185,7 @@ def run_bench_doctor(a) -> int:
 
 def _bench_one(src: str) -> dict:
     from engine.config import TrainConfig
-    from engine.train import fit
+    from engine.train.fit import fit
 
     tmp = tempfile.mkdtemp(prefix="ts-bench-doctor-")
     root = os.path.join(tmp, "data")

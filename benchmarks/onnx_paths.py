@@ -5,7 +5,7 @@
    Runtime fp32 and int8 (the engine's batch of 16).
 2. End to end, the first feature-extraction run on each folder from an empty cache with ``--engine torch``,
    ONNX Runtime fp32 and int8: wall time, embedding images/s, validation accuracy, and where the time went.
-3. ``--flavours v8,a7,s8``: each int8 flavour (engine/int8.py) on each folder: its one-time calibration, feature
+3. ``--flavours v8,a7,s8``: each int8 flavour (engine/network/int8.py) on each folder: its one-time calibration, feature
    cosine with fp32 (worst / mean over 48 images) through this CPU's kernels and computed exactly (what a CPU that
    never saturates gives), forward images/s, and the validation accuracy of a feature-extraction run whose int8
    features are computed exactly. A flavour this CPU cannot run exactly is marked: its speed here says nothing.
@@ -35,9 +35,9 @@ def _rate(fn, batch, seconds: float) -> float:
 def forward_rates(seconds: float = 5.0) -> dict[str, float]:
     import torch
 
-    from engine import onnx_backend as ob
-    from engine.backbones import load_backbone
-    from engine.forward import Forward
+    from engine.network import onnx_runtime as ob
+    from engine.network.backbones import load_backbone
+    from engine.network.forward import Forward
 
     bb = load_backbone()
     pre = bb.preprocessing
@@ -73,7 +73,7 @@ def forward_rates(seconds: float = 5.0) -> dict[str, float]:
 @contextlib.contextmanager
 def _flavour(name: str, exact: bool):
     """Make the engine use int8 flavour ``name`` (and run it exactly) inside the block."""
-    from engine import onnx_backend as ob
+    from engine.network import onnx_runtime as ob
 
     keep = {k: os.environ.get(k) for k in (ob.FLAVOUR_ENV, ob.EXACT_ENV)}
     os.environ[ob.FLAVOUR_ENV], os.environ[ob.EXACT_ENV] = name, "1" if exact else "0"
@@ -89,13 +89,13 @@ def _flavour(name: str, exact: bool):
 
 def flavour_rows(folder: str, flavours: list[str]) -> list[dict]:
     """Agreement, speed and exact accuracy of each int8 flavour on ``folder`` (see the module docstring)."""
-    from engine import onnx_backend as ob
-    from engine.backbones import load_backbone
     from engine.config import TrainConfig
-    from engine.data import walk_images
-    from engine.features import _sample_pixels
-    from engine.int8 import quantize
-    from engine.train import fit
+    from engine.data.folder import walk_images
+    from engine.embed.embeddings import _sample_pixels
+    from engine.network import onnx_runtime as ob
+    from engine.network.backbones import load_backbone
+    from engine.network.int8 import quantize
+    from engine.train.fit import fit
 
     bb = load_backbone()
     pre = bb.preprocessing
@@ -129,7 +129,7 @@ def flavour_rows(folder: str, flavours: list[str]) -> list[dict]:
 
 def end_to_end(folder: str) -> list[dict]:
     from engine.config import TrainConfig
-    from engine.train import fit
+    from engine.train.fit import fit
 
     rows = []
     for engine, precision in (("torch", "auto"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("auto", "auto")):
@@ -176,7 +176,7 @@ def run_bench_onnx(a) -> int:
 
 
 def _print_flavours(rows: list[dict]) -> None:
-    from engine.onnx_backend import has_vnni
+    from engine.network.onnx_runtime import has_vnni
 
     print(f"\nint8 flavours (this CPU: {'VNNI' if has_vnni() else 'no VNNI'}; cosine with fp32 worst / mean over 48 "
           "images; exact = what a CPU that never saturates computes; val acc from exact int8 features):")

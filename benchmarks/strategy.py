@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from engine.config import TrainConfig
-from engine.train import fit
+from engine.train.fit import fit
 from tests.imagegen import pairs_folder
 
 from .trust import SHARED, _flat_links
@@ -44,19 +44,19 @@ def _old_recipe():
     """A context that forces the previous fine-tuning path (whole network every epoch)."""
     import contextlib
 
-    from engine import ft_inputs
+    from engine.train.fine_tuning import inputs
 
     @contextlib.contextmanager
     def forced():
-        keep_split, keep_applies = ft_inputs.split, ft_inputs.applies
-        ft_inputs.split = lambda *a, **k: None
-        from engine import fine_tuning
+        keep_split, keep_applies = inputs.split, inputs.applies
+        inputs.split = lambda *a, **k: None
+        from engine.train.fine_tuning import loop as fine_tuning
 
         fine_tuning.applies = lambda *a, **k: False
         try:
             yield
         finally:
-            ft_inputs.split, fine_tuning.applies = keep_split, keep_applies
+            inputs.split, fine_tuning.applies = keep_split, keep_applies
 
     return forced()
 

@@ -19,12 +19,11 @@ import time
 
 import numpy as np
 
-from engine.calibration import coverage_curve, ece_noise_floor, expected_calibration_error, log_loss
 from engine.config import PredictConfig, TrainConfig
-from engine.data import scan
-from engine.head import softmax
-from engine.predict import predict_folder
-from engine.train import fit
+from engine.data.folder import scan
+from engine.predict.predictions import predict_folder
+from engine.train.fit import fit
+from engine.trust.calibration import coverage_curve, ece_noise_floor, expected_calibration_error, log_loss, softmax
 
 SHARED = os.path.join("..", "shared", "datasets")
 

@@ -37,8 +37,8 @@ def _synthetic_rate(device, seconds: float) -> tuple[int, float]:
     device, at the batch size the engine embeds with. Returns (images, images/s)."""
     import torch
 
-    from engine.backbones import fold_batchnorm, load_backbone
-    from engine.forward import pick_batch_size
+    from engine.network.backbones import fold_batchnorm, load_backbone
+    from engine.network.forward import pick_batch_size
 
     net = fold_batchnorm(load_backbone().net).to(device).to(memory_format=torch.channels_last)
     bs = pick_batch_size(device)
@@ -66,8 +66,8 @@ def _reference(data: str, device, epochs: int) -> dict:
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
-    from engine.backbones import load_backbone
-    from engine.data import scan
+    from engine.data.folder import scan
+    from engine.network.backbones import load_backbone
 
     ds = scan(data, val_split=0.2, seed=0)
     items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
@@ -114,7 +114,7 @@ def _reference(data: str, device, epochs: int) -> dict:
 
 def _phase(name: str, args: dict) -> dict:
     t0 = time.perf_counter()
-    from engine.train import TrainConfig, fit
+    from engine.train.fit import TrainConfig, fit
 
     data = args["data"]
     out: dict = {"phase": name}
@@ -122,7 +122,7 @@ def _phase(name: str, args: dict) -> dict:
     if name != "fe-second":  # a rerun from cached features never imports torch (its import alone takes seconds)
         import torch
 
-        from engine.device import resolve_device
+        from engine.network.device import resolve_device
 
         device = resolve_device(args["device"])
     if name == "reference":

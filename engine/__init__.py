@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .events import (  # noqa: F401
+from engine.events import (  # noqa: F401
     BatchMetrics,
     Callbacks,
     Cancelled,
@@ -25,12 +25,12 @@ from .events import (  # noqa: F401
 def __getattr__(name: str):
     # Lazy re-exports keep `import engine` fast (torch loads only when a job needs it).
     lazy = {
-        "fit": ("train", "fit"), "TrainConfig": ("config", "TrainConfig"), "FitResult": ("train", "FitResult"),
+        "fit": ("train.fit", "fit"), "TrainConfig": ("config", "TrainConfig"), "FitResult": ("train.fit", "FitResult"),
         "ScanConfig": ("config", "ScanConfig"), "PredictConfig": ("config", "PredictConfig"),
         "EvaluateConfig": ("config", "EvaluateConfig"), "ExportConfig": ("config", "ExportConfig"),
-        "predict_folder": ("predict", "predict_folder"), "evaluate": ("evaluate", "evaluate"),
-        "export_model": ("export", "export_model"), "scan_folder": ("data", "scan_folder"),
-        "list_backbones": ("backbones", "list_backbones"), "load_model": ("model", "load_model"),
+        "predict_folder": ("predict.predictions", "predict_folder"), "evaluate": ("predict.evaluate", "evaluate"),
+        "export_model": ("predict.export", "export_model"), "scan_folder": ("data.folder", "scan_folder"),
+        "list_backbones": ("network.backbones", "list_backbones"), "load_model": ("network.model", "load_model"),
     }
     if name in lazy:
         import importlib

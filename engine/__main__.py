@@ -13,9 +13,9 @@ import signal
 import sys
 import time
 
-from .config import EvaluateConfig, ExportConfig, PredictConfig, ScanConfig, TrainConfig, add_arguments, from_args
-from .doctor import DoctorConfig
-from .events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, Progress
+from engine.config import EvaluateConfig, ExportConfig, PredictConfig, ScanConfig, TrainConfig, add_arguments, from_args
+from engine.doctor.findings import DoctorConfig
+from engine.events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, Progress
 
 
 def _err(msg: str) -> None:
@@ -117,7 +117,7 @@ def _job(fn, cfg, quiet: bool):
 
 
 def cmd_train(a) -> int:
-    from .train import fit
+    from engine.train.fit import fit
 
     res = _job(fit, from_args(TrainConfig, a), a.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -134,7 +134,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    from .predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     res = _job(predict_folder, from_args(PredictConfig, a), a.quiet)
     if res.cancelled:
@@ -147,8 +147,8 @@ def cmd_predict(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import evaluate
-    from .runs import atomic_write_json
+    from engine.predict.evaluate import evaluate
+    from engine.runs import atomic_write_json
 
     res = _job(evaluate, from_args(EvaluateConfig, a), a.quiet)
     if res.cancelled:
@@ -162,7 +162,7 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .export import export_model
+    from engine.predict.export import export_model
 
     res = _job(export_model, from_args(ExportConfig, a), True)
     if res.cancelled:
@@ -172,7 +172,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_backbones(a) -> int:
-    from .backbones import list_backbones
+    from engine.network.backbones import list_backbones
 
     rows = list_backbones(include_all=a.all)
     if a.json:
@@ -187,7 +187,7 @@ def cmd_backbones(a) -> int:
 
 
 def cmd_scan(a) -> int:
-    from .data import scan_folder
+    from engine.data.folder import scan_folder
 
     ds = _job(scan_folder, from_args(ScanConfig, a), True).dataset
     if ds is None:
@@ -199,7 +199,7 @@ def cmd_scan(a) -> int:
 
 
 def cmd_doctor(a) -> int:
-    from .doctor import CSV_HEADER, ISSUES, doctor
+    from engine.doctor.findings import CSV_HEADER, ISSUES, doctor
 
     res = _job(doctor, from_args(DoctorConfig, a), a.quiet)
     if res.cancelled:
@@ -228,8 +228,8 @@ def cmd_doctor(a) -> int:
 
 
 def cmd_cache(a) -> int:
-    from .features import cache_contents, clear_cache
-    from .paths import default_cache_dir
+    from engine.embed.embeddings import cache_contents, clear_cache
+    from engine.paths import default_cache_dir
 
     folder = a.cache_dir or default_cache_dir()
     if a.clear:

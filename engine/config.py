@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backbones import DEFAULT_BACKBONE
-from .events import EngineError
+from engine.events import EngineError
+from engine.network.backbones import DEFAULT_BACKBONE
 
 MODES = ("feature-extraction", "fine-tuning", "auto")
 # Per-mode defaults for the settings left at None ("auto" in the window).
@@ -27,7 +27,7 @@ DEFAULTS = {
 
 
 def unfreeze_value(v: str | int) -> int | str:
-    """``--unfreeze``: a number of stages, "all", or "auto" (engine/recipe.py)."""
+    """``--unfreeze``: a number of stages, "all", or "auto" (engine/train/fine_tuning/recipe.py)."""
     if v in ("all", "auto"):
         return v
     try:

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .events import EngineError
-from .loop import BackboneFacts
+from engine.events import EngineError
+from engine.meters import BackboneFacts
 
 FORMAT_VERSION = 1
 RUN_FILES = ("model.safetensors", "model.json", "metrics.json")
@@ -235,7 +235,7 @@ def json_safe(obj):
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from engine import __version__
 
     def installed(name: str) -> str:
         # Metadata, not an import: `import torchvision` alone took 1.9 s here, and a run from cached features
@@ -307,13 +307,10 @@ def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], d
     classes = ds.classes
     try:
         save_weights(writer.path("model.safetensors"), weights)
-        if train_embeddings is not None:  # normalised, float16: half the size, cosine distances to ~1e-3
+        if train_embeddings is not None:  # unit length (the caller's), float16: half the size, cosines to ~1e-3
             from safetensors.numpy import save_file
 
-            from .familiarity import normalise
-
-            save_file({"embeddings": normalise(train_embeddings).astype(np.float16)},
-                      writer.path(TRAIN_EMBEDDINGS))
+            save_file({"embeddings": np.asarray(train_embeddings, np.float16)}, writer.path(TRAIN_EMBEDDINGS))
         writer.write_csv("history.csv", list(history[0].keys()) if history else ["epoch"],
                          [list(h.values()) for h in history])
         writer.write_csv("split.csv", ["path", "split", "class"],
@@ -332,20 +329,3 @@ def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], d
     except BaseException:
         writer.abort()
         raise
-
-
-def set_unsure_threshold(run_dir: str, target_accuracy: float) -> dict:
-    """Save a new "not sure" threshold with a run: the one that made validation images ``target_accuracy`` right
-    (from its metrics.json coverage curve). model.json is rewritten atomically; returns its new ``unsure`` block."""
-    from .calibration import default_threshold
-
-    meta_path = os.path.join(run_dir, "model.json")
-    meta = read_json(meta_path)
-    validate_model_json(meta, meta_path)
-    curve = (read_json(os.path.join(run_dir, "metrics.json")).get("calibration") or {}).get("coverage")
-    if not curve:
-        raise EngineError("This run has no accuracy-against-coverage measurement (saved before calibration existed, "
-                          "or without validation images): it cannot pick a threshold from a target.")
-    meta["unsure"] = json_safe(default_threshold(curve, target_accuracy))
-    atomic_write_json(meta_path, meta)
-    return meta["unsure"]

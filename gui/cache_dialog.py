@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QMessageBox
 
-from engine.features import cache_contents, clear_cache
+from engine.embed.embeddings import cache_contents, clear_cache
 from engine.paths import default_cache_dir
 
 

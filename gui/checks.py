@@ -7,7 +7,7 @@ import os
 
 from PySide6.QtCore import QObject
 
-from engine.doctor import DoctorConfig, MapConfig, doctor, tsne_map
+from engine.doctor.findings import DoctorConfig, MapConfig, doctor, tsne_map
 from gui.jobs import PROJECTION
 
 

@@ -25,7 +25,7 @@ def discover(callbacks=None, cancel=None):
 def _discover():
     import torch
 
-    from engine.backbones import list_backbones
+    from engine.network.backbones import list_backbones
 
     devices = []
     if torch.cuda.is_available():

@@ -17,15 +17,15 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget
 
 from engine.config import ExportConfig, PredictConfig, ScanConfig, TrainConfig, to_argv
-from engine.data import scan_folder
+from engine.data.folder import scan_folder
 from engine.events import EngineError
-from engine.export import export_model
-from engine.heatmap import HeatmapConfig, heatmap
 from engine.paths import default_runs_dir
-from engine.predict import predict_folder
+from engine.predict.export import export_model
+from engine.predict.heatmap import HeatmapConfig, heatmap
+from engine.predict.predictions import predict_folder
+from engine.predict.sorting import SortConfig, sort_into
 from engine.runs import new_run_name
-from engine.sorting import SortConfig, sort_into
-from engine.train import fit
+from engine.train.fit import fit
 from gui.cache_dialog import manage_embedding_cache
 from gui.checks import DatasetChecks
 from gui.discovery import discover
@@ -195,12 +195,12 @@ class MainWindow(QMainWindow):
 
     def _show_estimate(self, ds) -> None:
         """How long fine-tuning this folder would take here (the automatic mode's budget follows it)."""
-        from engine import speeds
         from engine.config import DEFAULTS
+        from engine.train.fine_tuning import estimate
 
         t = self.training_tab.values()
         epochs = t.get("epochs") or DEFAULTS["fine-tuning"]["epochs"]
-        est = speeds.estimate_fine_tuning(self.model_tab.backbone(), t.get("device", "auto"),
+        est = estimate.estimate_fine_tuning(self.model_tab.backbone(), t.get("device", "auto"),
                                           self.model_tab.unfreeze_value(), len(ds.split("train")), epochs)
         self.model_tab.show_estimate(est.text, est.seconds / 60)
 

@@ -61,7 +61,7 @@ def run_self_test(timeout_s: float = 600.0) -> int:
     t0 = time.perf_counter()
     app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])  # noqa: F841 (kept alive)
     from engine.config import PredictConfig
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     tmp = tempfile.mkdtemp(prefix="ts-selftest-")
     os.environ["TRANSFER_STUDIO_CACHE"] = os.path.join(tmp, "cache")

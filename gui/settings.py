@@ -6,7 +6,8 @@ is exactly what its ``values()`` gave (a round-trip test checks every field).
 Settings carry a format version. Before version 2 the window had no "auto" for the stages to unfreeze and the
 backbone's learning rate, so every window saved its defaults then (3 stages, 0.1x) as if the user had chosen them;
 read back as such they would keep small pictures from the recipe that fine-tunes them at their own size
-(engine/recipe.py). Those two old defaults are read as "auto"; any other stored value is the user's and kept.
+(engine/train/fine_tuning/recipe.py). Those two old defaults are read as "auto"; any other stored value is the user's
+and kept.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def read_image(path: str, size: int) -> QImage:
             # Decode straight to thumbnail size (JPEG decoders scale while decoding): fast on large photos.
             reader.setScaledSize(src.scaled(size, size, Qt.KeepAspectRatio))
         return reader.read()
-    from engine.data import open_rgb
+    from engine.data.folder import open_rgb
 
     try:
         im = open_rgb(path)

@@ -5,9 +5,9 @@ import json
 import os
 
 from engine import TrainConfig, fit
-from engine.auto import FE, FT, BudgetToken, Race, projected_loss
 from engine.events import Callbacks, CancelToken, EpochMetrics
-from engine.model import load_model
+from engine.network.model import load_model
+from engine.train.auto import FE, FT, BudgetToken, Race, projected_loss
 
 
 class Log(Callbacks):
@@ -144,7 +144,7 @@ def test_the_race_stops_fine_tuning_only_when_even_a_straight_line_cannot_reach_
 
 
 def test_the_summary_never_says_minus_zero_points():
-    from engine.auto import summary
+    from engine.train.auto import summary
 
     runs = {FT: {"val_accuracy": 1.0, "val_loss": 0.0075}, FE: {"val_accuracy": 1.0, "val_loss": 0.0006}}
     text = summary(FE, runs, 0.0, (0.0, 0.0), 32)
@@ -160,7 +160,7 @@ def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_va
     import csv
 
     from engine.config import PredictConfig
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     log = Log()
     run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=2, batch_size=8,

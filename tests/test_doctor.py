@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from engine import TrainConfig, fit
-from engine.data import scan
-from engine.doctor import DoctorConfig, doctor
+from engine.data.folder import scan
+from engine.doctor.findings import DoctorConfig, doctor
 from tests.imagegen import draw_scene, draw_unlike
 
 ROOT = Path(__file__).resolve().parents[1]

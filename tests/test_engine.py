@@ -14,7 +14,7 @@ import pytest
 
 from engine import CancelToken, EngineError, TrainConfig, fit
 from engine.config import EvaluateConfig, ExportConfig, PredictConfig
-from engine.data import scan, stratified_split
+from engine.data.folder import scan, stratified_split
 from engine.events import Callbacks
 from tests.imagegen import draw_image, make_flat_dataset, make_split_dataset
 
@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_engine_loads_no_qt():
-    code = ("import sys, engine, engine.train, engine.predict, engine.evaluate, engine.export, engine.__main__;"
+    """At run time, not only in the source (import-linter checks that): no library the engine loads pulls Qt in, so
+    ``python -m engine`` runs on a machine without a screen."""
+    code = ("import sys, engine, engine.train.fit, engine.predict.predictions, engine.predict.evaluate, "
+            "engine.predict.export, engine.__main__;"
             "bad = [m for m in sys.modules"
             " if m.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6')];"
             "print(bad); sys.exit(1 if bad else 0)")
@@ -42,32 +45,10 @@ def test_the_shipped_packages_hold_no_benchmark_code():
     assert r.returncode == 0 and "doctor" in r.stdout and "onnx" in r.stdout, r.stderr
 
 
-def test_engine_modules_import_each_other_without_cycles():
-    """Every relative import among engine modules, function-local ones included, forms no cycle (a cycle hidden by
-    local imports is how train.py and evaluate.py once depended on each other)."""
-    import ast
-
-    graph = {}
-    for path in (ROOT / "engine").glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-        graph[path.stem] = deps - {path.stem}
-
-    def visit(mod, stack):
-        for dep in graph.get(mod, ()):
-            assert dep not in stack, f"import cycle: {' -> '.join(stack + [dep])}"
-            visit(dep, stack + [dep])
-
-    for mod in graph:
-        visit(mod, [mod])
-
-
 def test_training_reuses_a_scan_with_the_same_split_and_rescans_otherwise(flat_data, tmp_path, monkeypatch):
     """The window hands fit the folder it already scanned: no second scan when the split settings match (and the
     caller's dataset is not changed by files fit drops); other split settings scan again."""
-    import engine.train as tr
+    import engine.train.fit as tr
 
     ds = scan(flat_data, val_split=0.2, seed=0)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
@@ -209,7 +190,7 @@ def test_fine_tuning_learns_and_saves(flat_data, tmp_path):
     assert res.run_dir and not res.cancelled
     assert [m.epoch for m in epochs] == [1, 2]
     assert res.metrics["val_accuracy"] >= 0.75 and res.metrics["train_images_per_s"] > 0
-    from engine.model import load_model
+    from engine.network.model import load_model
 
     loaded = load_model(res.run_dir)
     assert loaded.meta["mode"] == "fine-tuning" and loaded.meta["config"]["unfreeze"] == 1
@@ -240,7 +221,7 @@ def test_cancel_before_any_epoch_saves_nothing(flat_data, tmp_path):
 
 
 def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     folder = tmp_path / "new"
     (folder / "sub" / "deeper").mkdir(parents=True)
@@ -278,7 +259,7 @@ def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
 
 
 def test_evaluate_scores_a_labelled_folder(fe_run, tmp_path):
-    from engine.evaluate import evaluate
+    from engine.predict.evaluate import evaluate
 
     data = make_flat_dataset(tmp_path / "holdout", n_per_class=4, seed=7)
     res = evaluate(EvaluateConfig(fe_run.run_dir, str(data)))
@@ -296,10 +277,10 @@ def test_exported_model_gives_predicts_calibrated_probabilities(fe_run, flat_dat
     1e-4), and its first the logits whose top-1 they share."""
     import torch
 
-    from engine.export import export_model
-    from engine.model import load_model
-    from engine.pixels import decode_one
-    from engine.predict import predict_folder
+    from engine.data.decode import decode_one
+    from engine.network.model import load_model
+    from engine.predict.export import export_model
+    from engine.predict.predictions import predict_folder
 
     out = tmp_path / f"model.{fmt}"
     export_model(ExportConfig(fe_run.run_dir, fmt, str(out)))
@@ -350,13 +331,13 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     fourth = fit(TrainConfig(out=str(tmp_path / "r4"), **cfg))
     assert fourth.metrics["embeddings_from_cache"] == 42 and "backbone not run" not in fourth.metrics["device"]
     assert fourth.metrics["val_accuracy"] == first.metrics["val_accuracy"]
-    from engine.model import load_model
+    from engine.network.model import load_model
 
     load_model(fourth.run_dir)
     fifth = fit(TrainConfig(out=str(tmp_path / "r5"), **cfg))  # rewritten by the fourth run
     assert "backbone not run" in fifth.metrics["device"]
     # `python -m engine cache`: what is stored, and --clear deletes only the cache's own files
-    from engine.features import cache_contents, clear_cache
+    from engine.embed.embeddings import cache_contents, clear_cache
 
     (entry,) = cache_contents(str(cache))
     assert entry["backbone"] == "efficientnet_lite0" and entry["images"] == 42 and len(entry["files"]) == 2
@@ -369,7 +350,7 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
 def test_malicious_pickle_is_refused(tmp_path):
     import pickle
 
-    from engine.backbones import load_state_dict_file
+    from engine.network.backbones import load_state_dict_file
 
     marker = tmp_path / "pwned"
 
@@ -387,7 +368,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 def test_tampered_model_json_is_rejected(fe_run, tmp_path):
     import shutil
 
-    from engine.model import load_model
+    from engine.network.model import load_model
 
     run = tmp_path / "run"
     shutil.copytree(fe_run.run_dir, run)
@@ -422,7 +403,7 @@ def test_missing_torchvision_weights_say_how_to_proceed(flat_data, tmp_path):
 def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkeypatch):
     import torch
 
-    import engine.fine_tuning as tr
+    import engine.train.fine_tuning.loop as tr
 
     real = tr.forward_backward
     calls = {"n": 0}
@@ -448,7 +429,7 @@ def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkey
 
 
 def test_exception_in_training_loop_leaves_nothing_half_written(flat_data, tmp_path, monkeypatch):
-    import engine.fine_tuning as tr
+    import engine.train.fine_tuning.loop as tr
 
     def boom(*a, **k):
         raise ValueError("simulated failure inside the loop")
@@ -491,7 +472,7 @@ def test_numpy_head_matches_torch_training():
     cross-entropy + torch.optim.AdamW with cosine decay."""
     import torch
 
-    from engine.head import HeadAdamW, loss_and_gradients
+    from engine.train.head import HeadAdamW, loss_and_gradients
 
     torch.manual_seed(0)
     ref = torch.nn.Linear(16, 3)
@@ -519,7 +500,7 @@ def test_rerun_from_cached_features_needs_no_torch_and_saves_the_same_model(flat
     import alone takes seconds), and its run folder holds the same model as the first run's."""
     from safetensors.numpy import load_file
 
-    from engine.model import load_model
+    from engine.network.model import load_model
 
     cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(tmp_path / "cache"))
     first = fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
@@ -542,7 +523,7 @@ def test_rerun_from_cached_features_needs_no_torch_and_saves_the_same_model(flat
 def test_every_cpu_gets_the_int8_flavour_it_runs_exactly(monkeypatch, tmp_path):
     """CPUs with and without VNNI both get a7 (the flavour both compute to the same values), in a graph file named
     after it (older flavours' files are not reused); the benchmark's override is checked."""
-    from engine import onnx_backend as ob
+    from engine.network import onnx_runtime as ob
 
     monkeypatch.delenv(ob.FLAVOUR_ENV, raising=False)
     for vnni in (True, False):
@@ -566,10 +547,10 @@ def test_each_int8_flavour_agrees_with_fp32_on_a_synthetic_folder(flavour, flat_
     features. (The fully quantised graph VNNI CPUs got before, s8, failed here: worst cosine 0.85.)"""
     import onnx
 
-    from engine import int8 as q
-    from engine import onnx_backend as ob
-    from engine.backbones import load_backbone
-    from engine.features import _sample_pixels
+    from engine.embed.embeddings import _sample_pixels
+    from engine.network import int8 as q
+    from engine.network import onnx_runtime as ob
+    from engine.network.backbones import load_backbone
 
     bb = load_backbone()
     pre = bb.preprocessing
@@ -600,11 +581,11 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
     made with int8 features predicts with them (predict agrees with evaluate); --engine torch is the old path."""
     import torch
 
-    from engine import onnx_backend as ob
-    from engine.backbones import LITE0_PREPROCESSING, load_backbone
-    from engine.evaluate import evaluate
-    from engine.features import _cache_key, embed_files
-    from engine.predict import predict_folder
+    from engine.embed.embeddings import _cache_key, embed_files
+    from engine.network import onnx_runtime as ob
+    from engine.network.backbones import LITE0_PREPROCESSING, load_backbone
+    from engine.predict.evaluate import evaluate
+    from engine.predict.predictions import predict_folder
 
     keys = {_cache_key("efficientnet_lite0", "w", LITE0_PREPROCESSING, v) for v in ("torch", "ort-fp32", "ort-int8")}
     assert len(keys) == 3

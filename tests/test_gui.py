@@ -174,7 +174,7 @@ def test_engine_errors_are_clear_messages_and_app_stays_usable(qtbot, window, tm
 
 def test_open_run_predict_folder_and_export_csv_like_the_engine(qtbot, window, fe_run, tmp_path):
     from engine.config import PredictConfig
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     w = window
     assert w.open_run(fe_run.run_dir)
@@ -529,8 +529,8 @@ def test_embedding_cache_can_be_seen_and_deleted_from_the_app(qtbot, window, mon
     import numpy as np
     from PySide6.QtWidgets import QMessageBox
 
-    from engine.backbones import LITE0_PREPROCESSING
-    from engine.features import EmbeddingCache, cache_contents
+    from engine.embed.embeddings import EmbeddingCache, cache_contents
+    from engine.network.backbones import LITE0_PREPROCESSING
     from engine.paths import default_cache_dir
 
     monkeypatch.setenv("TRANSFER_STUDIO_CACHE", str(tmp_path / "cache"))  # this test's own

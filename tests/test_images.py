@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from engine.data import open_rgb, scan
+from engine.data.folder import open_rgb, scan
 
 
 def test_modes_become_rgb_and_exif_rotation_is_applied(tmp_path):
@@ -50,7 +50,7 @@ def test_a_12_bit_scan_keeps_its_grey_levels_and_scans_of_one_depth_scale_alike(
     # embeddings cached from the old, nearly black decoding (keyed by the file's bytes) are not reused; others are
     import hashlib
 
-    from engine.pixels import content_hash
+    from engine.data.decode import content_hash
 
     def old_key(name):
         return hashlib.blake2b((tmp_path / name).read_bytes(), digest_size=16).hexdigest()
@@ -80,8 +80,8 @@ def test_torchvision_jpeg_decoding_matches_pil_and_falls_back_per_file(tmp_path)
 
     import torch
 
-    from engine.backbones import LITE0_PREPROCESSING, Preprocessing
-    from engine.pixels import iter_decoded, iter_decoded_torch
+    from engine.data.decode import iter_decoded, iter_decoded_torch
+    from engine.network.backbones import LITE0_PREPROCESSING, Preprocessing
     from tests.imagegen import draw_image
 
     files = []

@@ -20,7 +20,7 @@ def _rss_mb() -> float:
 def test_predicting_many_images_keeps_memory_steady(fe_run, tmp_path):
     """CI runs 600 images; `TS_LOAD=20000 pytest -k memory_steady -s` is the documented long run."""
     from engine.config import PredictConfig
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     n = int(os.environ.get("TS_LOAD", "600"))
     folder = tmp_path / "many"

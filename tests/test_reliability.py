@@ -17,7 +17,7 @@ from PIL import Image
 
 from engine import CancelToken, EngineError, TrainConfig, fit
 from engine.config import EvaluateConfig, PredictConfig
-from engine.data import scan
+from engine.data.folder import scan
 from engine.events import Callbacks
 from tests.imagegen import draw_image, make_flat_dataset
 
@@ -77,8 +77,8 @@ def make_bad_corpus(root: Path) -> dict[str, bool]:
 
 
 def test_bad_image_corpus_through_every_job(tmp_path):
-    from engine.evaluate import evaluate
-    from engine.predict import predict_folder
+    from engine.predict.evaluate import evaluate
+    from engine.predict.predictions import predict_folder
 
     root = tmp_path / "messy"
     expect = make_bad_corpus(root)
@@ -130,7 +130,7 @@ def test_bad_folders_get_a_run_or_one_clear_message(tmp_path):
 
 
 def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeypatch):
-    import engine.data as data
+    import engine.data.folder as data
 
     root = make_flat_dataset(tmp_path / "d", n_per_class=5, classes=("circles", "squares"))
     (root / "squares" / "private").mkdir()
@@ -154,7 +154,7 @@ def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeyp
     assert reasons[gone] == "file disappeared while scanning"
     assert len(ds.samples) == 9
     # Predicting the same folder: the unlistable subfolder is a row with its reason, not silently missing
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     run = fit(TrainConfig(data=str(root), out=str(tmp_path / "run"), epochs=2, val_split=0.4)).run_dir
     res = predict_folder(PredictConfig(run, str(root), str(tmp_path / "p.csv")))
@@ -189,7 +189,7 @@ def test_cancel_in_each_phase_leaves_the_engine_usable(flat_data, tmp_path, phas
 
 
 def test_cancel_during_prediction(fe_run, flat_data):
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     cancel = CancelToken()
 
@@ -228,7 +228,7 @@ def test_fine_tuning_a_folder_bigger_than_memory_keeps_pixels_on_disk(flat_data,
     the process being killed; with no room on disk either, one clear message before anything is decoded."""
     import shutil
 
-    import engine.pixels
+    import engine.data.decode
 
     cfg = dict(data=str(flat_data), mode="fine-tuning", epochs=2, batch_size=8, unfreeze="all", seed=0,
                cache_dir=str(tmp_path / "cache"))
@@ -239,7 +239,7 @@ def test_fine_tuning_a_folder_bigger_than_memory_keeps_pixels_on_disk(flat_data,
         def on_log(self, m):
             logs.append(m)
 
-    monkeypatch.setattr(engine.pixels, "available_memory", lambda: 100_000)  # 100 kB: nothing fits
+    monkeypatch.setattr(engine.data.decode, "available_memory", lambda: 100_000)  # 100 kB: nothing fits
     on_disk = fit(TrainConfig(out=str(tmp_path / "disk"), **cfg), Log())
     assert any("would not fit in memory" in m for m in logs)
     assert on_disk.metrics["val_accuracy"] == in_memory.metrics["val_accuracy"]
@@ -264,7 +264,7 @@ def test_runs_folder_that_cannot_be_created_is_a_clear_message(flat_data, tmp_pa
 
 def _check_left_behind(runs: Path, cache: Path) -> tuple[int, int]:
     """Every run folder is complete and loadable; every cache file loads. Returns (complete runs, temp dirs)."""
-    from engine.model import load_model
+    from engine.network.model import load_model
     from engine.runs import list_runs
 
     complete = 0

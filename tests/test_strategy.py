@@ -6,7 +6,7 @@ import numpy as np
 from engine import TrainConfig, fit
 from engine.config import PredictConfig
 from engine.events import Callbacks
-from engine.head import balanced_class_weights
+from engine.train.head import balanced_class_weights
 from tests.imagegen import draw_image, make_flat_dataset
 
 
@@ -41,7 +41,7 @@ def test_class_weights_change_the_loss_on_an_unbalanced_folder_only(tmp_path):
 
 
 def test_sort_into_copies_by_class_and_never_overwrites(fe_run, tmp_path):
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -67,8 +67,8 @@ def test_sort_into_copies_by_class_and_never_overwrites(fe_run, tmp_path):
 
 
 def test_efficientnet_lite1_and_lite2_are_listed_offline_and_train_at_their_own_input_size(flat_data, tmp_path):
-    from engine.backbones import list_backbones
-    from engine.predict import predict_folder
+    from engine.network.backbones import list_backbones
+    from engine.predict.predictions import predict_folder
 
     infos = {b.name: b for b in list_backbones()}
     for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
@@ -91,8 +91,8 @@ def _pictures(folder, sizes):
 
 
 def test_the_recipe_fine_tunes_small_pictures_at_128_px_with_more_stages_and_keeps_what_the_user_chose(tmp_path):
-    from engine.backbones import load_backbone
-    from engine.recipe import choose, median_shorter_side
+    from engine.network.backbones import load_backbone
+    from engine.train.fine_tuning.recipe import choose, median_shorter_side
 
     bb = load_backbone("efficientnet_lite0")
     n = len(bb.net.stage_names)
@@ -119,7 +119,7 @@ def test_a_small_pictures_run_trains_predicts_and_marks_unfamiliar_at_its_own_si
     import json
     import os
 
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
     from tests.imagegen import draw_unlike
 
     log = Log()

@@ -11,10 +11,15 @@ import pytest
 from PIL import Image, ImageDraw
 
 from engine import TrainConfig, fit
-from engine.calibration import calibrate, ece_noise_floor, expected_calibration_error, fit_temperature
 from engine.config import EvaluateConfig, PredictConfig
 from engine.events import Callbacks
-from engine.head import probabilities
+from engine.trust.calibration import (
+    calibrate,
+    ece_noise_floor,
+    expected_calibration_error,
+    fit_temperature,
+    probabilities,
+)
 from tests.imagegen import draw_image, draw_unlike, make_flat_dataset
 
 
@@ -45,7 +50,7 @@ def test_the_prior_on_the_temperature_stops_a_few_validation_images_from_sharpen
 
 
 def test_the_unfamiliar_threshold_adds_training_distances_but_leaves_copies_out():
-    from engine.familiarity import familiarity_block, knn_distance, threshold
+    from engine.trust.familiarity import familiarity_block, knn_distance, threshold
 
     rng = np.random.default_rng(0)
     train, val = rng.normal(size=(300, 16)), rng.normal(size=(30, 16))
@@ -81,8 +86,8 @@ def _probs_from_csv(path):
 def test_calibrated_probabilities_agree_across_val_predictions_predict_and_evaluate(fe_run, tmp_path):
     """The same image gets the same calibrated probabilities in val_predictions.csv, the predict CSV and evaluate's
     log-loss; the run records its temperature and the measurement on images it was not fitted on."""
-    from engine.evaluate import evaluate
-    from engine.predict import predict_folder
+    from engine.predict.evaluate import evaluate
+    from engine.predict.predictions import predict_folder
 
     run = Path(fe_run.run_dir)
     meta = json.loads((run / "model.json").read_text())
@@ -127,7 +132,7 @@ def trust_run(request, trust_data, tmp_path_factory):
 
 
 def test_unfamiliar_and_unsure_rows_on_planted_images(trust_run, tmp_path):
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     meta = json.loads((Path(trust_run.run_dir) / "model.json").read_text())
     if meta["mode"] == "fine-tuning":  # tuned embeddings flag nothing unfamiliar: the pretrained network's are kept
@@ -161,7 +166,7 @@ def test_unfamiliar_and_unsure_rows_on_planted_images(trust_run, tmp_path):
 
 
 def test_old_runs_without_a_temperature_still_load(fe_run, tmp_path):
-    from engine.predict import predict_folder
+    from engine.predict.predictions import predict_folder
 
     run = tmp_path / "old"
     shutil.copytree(fe_run.run_dir, run)
@@ -193,7 +198,7 @@ def _square_image(path: Path, box: tuple[int, int, int, int]) -> None:
 
 @pytest.mark.parametrize("mode", ["feature-extraction", "fine-tuning"])
 def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
-    from engine.heatmap import HeatmapConfig, heatmap
+    from engine.predict.heatmap import HeatmapConfig, heatmap
 
     if mode == "feature-extraction":
         run = fe_run.run_dir
@@ -203,7 +208,8 @@ def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
     box = (140, 140, 204, 204)  # a blue square in the lower right on a plain background
     _square_image(tmp_path / "square.png", box)
     res = heatmap(HeatmapConfig(run, str(tmp_path / "square.png"), target="squares"))
-    # at the run's input size: 224 px, or 128 px for fine-tuning these small (96 px) pictures (engine/recipe.py)
+    # at the run's input size: 224 px, or 128 px for fine-tuning these small (96 px) pictures
+    # (engine/train/fine_tuning/recipe.py)
     size = 224 if mode == "feature-extraction" else 128
     assert res.heat.shape == (size, size) and res.image.shape == (size, size, 3)
     assert res.target == "squares" and 0.99 <= res.heat.max() <= 1.0

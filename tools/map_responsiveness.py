@@ -24,7 +24,7 @@ def main() -> int:
     app = QApplication(sys.argv[:1])  # noqa: F841  (kept alive for the whole run)
     from PIL import Image
 
-    from engine.doctor import pca_2d
+    from engine.doctor.findings import pca_2d
     from gui.eventloop import StallMeter, wait_until
     from gui.tabs.dataset_map import DatasetMap
 

@@ -27,10 +27,10 @@ from PySide6.QtWidgets import (
 )
 
 from engine.config import ScanConfig
-from engine.data import Dataset
-from engine.doctor import pca_2d
+from engine.data.edits import add_to_exclude_list, exclude_list_for, move_to_class, undo_last_move
+from engine.data.folder import Dataset
+from engine.doctor.findings import pca_2d
 from engine.events import EngineError
-from engine.fixes import add_to_exclude_list, exclude_list_for, move_to_class, undo_last_move
 from gui.settings import load_values, save_values
 from gui.tabs.dataset_map import DatasetMap
 from gui.tabs.doctor_panel import DoctorPanel

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.doctor import ISSUES
+from engine.doctor.findings import ISSUES
 from gui.thumbs import ThumbnailLoader, read_image
 from gui.widgets import ImageGrid, reveal_in_file_manager
 

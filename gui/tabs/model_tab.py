@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.backbones import DEFAULT_BACKBONE
+from engine.network.backbones import DEFAULT_BACKBONE
 from gui.settings import load_values, save_values
 
 AUTO_TEXT = ("<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in "

@@ -27,9 +27,9 @@ from PySide6.QtWidgets import (
 
 from engine.config import ExportConfig, PredictConfig
 from engine.events import PredictionRow
-from engine.predict import predictions_csv
+from engine.predict.predictions import predictions_csv
+from engine.predict.sorting import SortConfig
 from engine.runs import atomic_write_text
-from engine.sorting import SortConfig
 from gui.thumbs import ThumbnailLoader
 
 COLUMNS = ["", "Path", "Prediction", "Confidence", "Status", "Top-k", "Error"]

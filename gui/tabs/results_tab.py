@@ -22,7 +22,8 @@ from PySide6.QtWidgets import (
 )
 
 from engine.events import EngineError
-from engine.runs import list_runs, read_history, read_json, read_predictions, set_unsure_threshold
+from engine.runs import list_runs, read_history, read_json, read_predictions
+from engine.trust.calibration import set_unsure_threshold
 from gui.tabs.trust_panel import TrustPanel
 from gui.thumbs import ThumbnailLoader
 from gui.widgets import ImageGrid, reveal_in_file_manager

@@ -10,7 +10,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from engine.calibration import in_words, threshold_for
+from engine.trust.calibration import in_words, threshold_for
 
 
 class TrustPanel(QWidget):

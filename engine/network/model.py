@@ -1,0 +1,117 @@
+"""The trained classifier (backbone + linear head), saved as safetensors and loaded back with validation."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from engine.events import EngineError
+from engine.network.backbones import Preprocessing, build_architecture
+from engine.runs import read_json, validate_model_json
+
+
+def make_classifier(net, num_classes: int, dropout: float = 0.2):
+    import torch
+    from torch import nn
+
+    class Classifier(nn.Module):
+        """Images (already normalised) -> class logits."""
+
+        def __init__(self, backbone: nn.Module, num_classes: int, dropout: float) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.dropout = nn.Dropout(dropout)
+            self.head = nn.Linear(backbone.feature_dim, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.dropout(self.backbone(x)))
+
+    return Classifier(net, num_classes, dropout)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # Classifier, in eval mode, on the CPU
+    classes: list[str]
+    preprocessing: Preprocessing
+    meta: dict
+    run_dir: str
+
+    @property
+    def calibrated(self) -> bool:
+        """Runs saved before calibration existed have no temperature: their probabilities are raw (T = 1)."""
+        return "calibration" in self.meta
+
+    @property
+    def temperature(self) -> float:
+        t = (self.meta.get("calibration") or {}).get("temperature", 1.0)
+        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+
+    @property
+    def min_confidence(self) -> float:
+        """Below this calibrated confidence a prediction is marked ``unsure`` (0: never)."""
+        v = (self.meta.get("unsure") or {}).get("min_confidence", 0.0)
+        return float(v) if isinstance(v, (int, float)) else 0.0
+
+    @property
+    def unfamiliar_threshold(self) -> float | None:
+        v = (self.meta.get("unfamiliar") or {}).get("threshold")
+        return float(v) if isinstance(v, (int, float)) else None
+
+    def train_embeddings(self):
+        """The training images' normalised embeddings ("unfamiliar" compares with them), or None for older runs or
+        a missing/damaged file."""
+        name = (self.meta.get("unfamiliar") or {}).get("embeddings")
+        if not name or self.unfamiliar_threshold is None:
+            return None
+        try:
+            from safetensors.numpy import load_file
+
+            emb = load_file(os.path.join(self.run_dir, os.path.basename(name)))["embeddings"]
+        except Exception:  # missing or damaged: predictions simply carry no "unfamiliar"
+            return None
+        dim = (self.meta.get("unfamiliar") or {}).get("dim", self.meta.get("feature_dim"))
+        return emb.astype("float32") if emb.ndim == 2 and emb.shape[1] == dim else None
+
+    @property
+    def familiar_frozen_stages(self) -> int | None:
+        """Set when "unfamiliar" compares the frozen stages' pooled output (fine-tuning), not the embedding."""
+        v = (self.meta.get("unfamiliar") or {}).get("frozen_stages")
+        return int(v) if isinstance(v, int) and v > 0 else None
+
+    @property
+    def familiar_pretrained(self) -> bool:
+        """Set when "unfamiliar" compares the pretrained backbone's embeddings (fine-tuning runs since 2026-11-29)."""
+        return (self.meta.get("unfamiliar") or {}).get("space") == "pretrained"
+
+
+def load_model(run_dir: str) -> LoadedModel:
+    """Load a run folder's model. Never unpickles; checks model.json and the weights' shapes before use."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(run_dir):
+        raise EngineError(f"Run folder not found: {run_dir}")
+    meta = read_json(os.path.join(run_dir, "model.json"))
+    validate_model_json(meta, os.path.join(run_dir, "model.json"))
+    weights = os.path.join(run_dir, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise EngineError(f"{weights} is missing: this run folder is incomplete.")
+    try:
+        sd = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EngineError(f"{weights} is damaged or not a safetensors file ({exc}).") from exc
+    classes = list(meta["classes"])
+    pre = Preprocessing.from_dict(meta["preprocessing"])
+    net = build_architecture(meta["backbone"], pre)
+    model = make_classifier(net, len(classes))
+    head = sd.get("head.weight")
+    if head is None or tuple(head.shape) != (len(classes), net.feature_dim):
+        raise EngineError(f"{weights} does not match model.json: the head has shape "
+                          f"{None if head is None else tuple(head.shape)}, expected {(len(classes), net.feature_dim)}.")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise EngineError(f"{weights} does not match the '{meta['backbone']}' architecture: "
+                          f"{str(exc).splitlines()[0][:300]}") from exc
+    model.eval()
+    return LoadedModel(model, classes, pre, meta, run_dir)

@@ -1,0 +1,109 @@
+"""Where the model looked: a Grad-CAM heatmap (Selvaraju et al. 2017) of one image for one class.
+
+A few lines of hooks on the backbone's last stage rather than a library (grad-cam, torchcam): the backbone's stages
+are already named (``FeatureNet.stages``), both training modes save the same classifier, and the method is the
+gradient of the class score, averaged per channel, weighting that stage's feature maps. It runs as an engine job
+(the window runs it in the background); the fine-tuned or feature-extraction model is explained as saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import option
+from engine.data.decode import decode_one
+from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
+from engine.network.device import resolve_device
+from engine.network.model import load_model
+from engine.trust.calibration import probabilities
+
+
+@dataclass
+class HeatmapConfig:
+    """One image of a run, explained for ``target`` (default: the predicted class)."""
+
+    run: str = option("", "run folder", positional=True)
+    image: str = option("", "image file", positional=True)
+    target: str | None = option(None, "class to explain (default: the predicted one)", parse=str)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass
+class HeatmapResult:
+    path: str
+    target: str  # the class explained
+    prediction: str
+    confidence: float  # calibrated, of the prediction
+    image: np.ndarray | None  # (S, S, 3) uint8: the image as the network saw it
+    heat: np.ndarray | None  # (S, S) float32 in [0, 1]
+    cancelled: bool = False
+
+
+def grad_cam(model, x, target: int, layer) -> np.ndarray:
+    """Grad-CAM of ``model`` (images -> logits) at ``layer`` for class ``target``: (h, w) float32, not normalised."""
+    import torch
+
+    store = {}
+
+    def keep(module, inputs, output):
+        store["act"] = output
+        output.register_hook(lambda g: store.__setitem__("grad", g))
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            logits = model(x)
+            model.zero_grad(set_to_none=True)
+            logits[0, target].backward()
+    finally:
+        handle.remove()
+    act, grad = store.get("act"), store.get("grad")
+    if act is None or grad is None or act.dim() != 4:
+        raise EngineError("Heatmaps need a backbone whose last stage makes a spatial feature map (a convolutional "
+                          "network); this one does not.")
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * act).sum(1))[0]
+    return cam.detach().float().cpu().numpy()
+
+
+def heatmap(config: HeatmapConfig, callbacks: Callbacks | None = None,
+            cancel: CancelToken | None = None) -> HeatmapResult:
+    import torch
+    import torch.nn.functional as F
+
+    cb = callbacks or Callbacks()
+    cancel = cancel or CancelToken()
+    try:
+        loaded = load_model(config.run)
+        cancel.raise_if_cancelled()
+        pre = loaded.preprocessing
+        arr, err = decode_one(config.image, pre, pre.size)
+        if arr is None:
+            raise EngineError(f"Cannot read {config.image}: {err}")
+        cb.on_progress(Progress(Phase.PREDICTING, 0, 1))
+        device = resolve_device(config.device)
+        model = loaded.model.to(device).eval()
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].float().to(device)
+        mean, std = (torch.from_numpy(v).to(device) for v in pre.scale_255())
+        x = (x - mean) / std
+        with torch.inference_mode():
+            probs = probabilities(model(x).float().cpu().numpy(), loaded.temperature)[0]
+        pred = int(probs.argmax())
+        if config.target is not None and config.target not in loaded.classes:
+            raise EngineError(f"'{config.target}' is not one of this model's classes: {', '.join(loaded.classes)}.")
+        target = loaded.classes.index(config.target) if config.target else pred
+        cancel.raise_if_cancelled()
+        cam = grad_cam(model, x, target, model.backbone.stages()[-1][-1])
+        heat = F.interpolate(torch.from_numpy(cam)[None, None], size=(pre.size, pre.size), mode="bilinear",
+                             align_corners=False)[0, 0].numpy()
+        heat = heat / heat.max() if heat.max() > 0 else heat
+    except Cancelled:
+        return HeatmapResult(config.image, "", "", 0.0, None, None, cancelled=True)
+    finally:
+        if "loaded" in locals():
+            loaded.model.to("cpu")
+    cb.on_progress(Progress(Phase.PREDICTING, 1, 1))
+    return HeatmapResult(config.image, loaded.classes[target], loaded.classes[pred], float(probs[pred]), arr,
+                         heat.astype(np.float32))

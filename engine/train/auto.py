@@ -1,0 +1,288 @@
+"""``--mode auto``: feature extraction first, then fine-tuning from its head within a time budget; the run with the
+lower validation loss becomes the result.
+
+1. Feature extraction runs as an ordinary run (seconds from cached embeddings) and is saved at once.
+2. Fine-tuning starts from its head (the linear probe is already trained: no second pass to fit one) and stops at
+   the budget, or as soon as its validation loss cannot reach feature extraction's: after each epoch (from the second
+   on) its best loss so far is extrapolated in a straight line over the epochs the remaining budget allows, falling
+   each epoch by the largest change, up or down, that one of its epochs has made so far (:func:`projected_loss`).
+   Fine-tuning is stopped only when even that optimistic projection stays above feature extraction's loss.
+3. The run with the lower calibrated validation loss (:func:`calibrated_val_loss`; the race compares the same
+   quantity per epoch) takes the ``out`` name; the other is renamed beside it
+   (``RUN-feature-extraction`` / ``RUN-fine-tuning``). Both ``metrics.json`` files get an ``auto`` block: which won,
+   both runs' scores, the accuracy difference on the same validation images with its 95% interval, and one sentence
+   saying why.
+
+The whole mode is :func:`fit_auto`; its halves hand each other their ``train.FitResult`` (held-out probabilities,
+the head, metrics) in memory, and the run folders are only written, never read back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+
+from engine.events import Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics
+from engine.paths import default_runs_dir
+from engine.runs import atomic_write_json, new_run_name, read_json, unique_dir
+from engine.train.fine_tuning import estimate
+
+FE, FT = "feature-extraction", "fine-tuning"
+MIN_EPOCHS_BEFORE_EXTRAPOLATING = 2
+
+
+class BudgetToken(CancelToken):
+    """Cancelled when the user cancels, when the deadline passes, or when :meth:`stop` is called; ``reason`` says
+    which of the last two it was (empty for the user's cancel)."""
+
+    def __init__(self, user: CancelToken, deadline: float | None) -> None:
+        super().__init__()
+        self.user, self.deadline, self.reason = user, deadline, ""
+
+    def stop(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self.cancel()
+
+    def early_stop_reason(self) -> str:
+        return "" if self.user.cancelled else self.reason
+
+    @property
+    def cancelled(self) -> bool:
+        if self.user.cancelled:
+            return True
+        if self.deadline is not None and time.perf_counter() >= self.deadline and not self._event.is_set():
+            self.stop("the time budget ran out")
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise Cancelled()
+
+
+def projected_loss(losses: list[float], epochs_left: int) -> float:
+    """The lowest validation loss fine-tuning could still reach in ``epochs_left`` more epochs: its best so far,
+    falling every epoch by the largest change (up or down) between two of its consecutive epochs. ``losses``: the
+    starting loss (feature extraction's head), then each epoch's; the jump from the start is left out (it measures
+    the switch to training more layers, not progress).
+
+    Why not the latest improvement: fine-tuning's validation loss does not fall smoothly. On the "pairs" folder
+    (bench-strategy) epoch 2 was worse than epoch 1 (0.389 -> 0.478) while the learning rate was high, then epochs
+    3-4 fell to 0.275, far below feature extraction's 0.355; a line through the latest improvement stopped it after
+    epoch 2. An epoch that moved the loss by 0.1 either way says the next ones may move it that much too."""
+    if len(losses) < 2:
+        return losses[-1] if losses else math.inf
+    own = losses[1:]
+    step = max((abs(b - a) for a, b in zip(own, own[1:])), default=0.0)
+    return min(own) - step * max(0, epochs_left)
+
+
+class Tagged(Callbacks):
+    """Passes a half's events on, each epoch tagged with its ``strategy`` and the seconds since ``t0``."""
+
+    def __init__(self, inner: Callbacks, strategy: str, t0: float) -> None:
+        self.inner, self.strategy, self.t0 = inner, strategy, t0
+
+    def on_log(self, message):
+        self.inner.on_log(message)
+
+    def on_progress(self, progress):
+        self.inner.on_progress(progress)
+
+    def on_train_batch_end(self, metrics):
+        self.inner.on_train_batch_end(metrics)
+
+    def on_predictions(self, rows):
+        self.inner.on_predictions(rows)
+
+    def on_train_epoch_end(self, m: EpochMetrics) -> None:
+        self.inner.on_train_epoch_end(dataclasses.replace(m, strategy=self.strategy,
+                                                          elapsed=time.perf_counter() - self.t0))
+
+
+class Race(Tagged):
+    """Fine-tuning's events; stops it when its projected validation loss cannot get below feature extraction's
+    within the epochs and the time left."""
+
+    def __init__(self, inner: Callbacks, token: BudgetToken, fe_loss: float, epochs: int, t0: float) -> None:
+        super().__init__(inner, FT, t0)
+        self.token, self.fe_loss, self.epochs = token, fe_loss, epochs
+        self.losses = [fe_loss]  # the head starts as feature extraction's
+
+    def on_train_epoch_end(self, m: EpochMetrics) -> None:
+        super().on_train_epoch_end(m)
+        loss = m.val_loss_calibrated if m.val_loss_calibrated == m.val_loss_calibrated else m.val_loss
+        if loss != loss:  # no validation loss: nothing to race against
+            return
+        self.losses.append(loss)
+        left = self.epochs - m.epoch
+        if self.token.deadline is not None:
+            left = min(left, int(max(0.0, self.token.deadline - time.perf_counter()) // max(m.seconds, 1e-9)))
+        if m.epoch < MIN_EPOCHS_BEFORE_EXTRAPOLATING or m.epoch >= self.epochs or min(self.losses[1:]) < self.fe_loss:
+            return  # (after its last epoch it ends by itself: nothing to stop)
+        if projected_loss(self.losses, left) >= self.fe_loss:
+            over = (f"extrapolated over the {left} epoch(s) left" if left else
+                    "with no time left in the budget for another epoch")
+            self.token.stop(f"its calibrated validation loss ({min(self.losses[1:]):.4f}), {over}, would stay above "
+                            f"feature extraction's ({self.fe_loss:.4f})")
+
+
+def calibrated_val_loss(held) -> float:
+    """Validation log-loss with the run's temperature applied (a ``train.HeldOut``; None: no validation images,
+    inf). The temperature was fitted on these images: one number, as optimistic for either strategy. Raw losses are
+    not comparable: fine-tuning trains with label smoothing (under-confident), the feature-extraction head without;
+    on digits fine-tuning was 0.9 points more accurate with a raw loss of 0.208 against 0.152."""
+    if held is None or not len(held.labels):
+        return math.inf
+    p = held.probs[np.arange(len(held.labels)), held.labels]
+    return float(np.mean(-np.log(np.maximum(p, 1e-12))))
+
+
+def paired_difference(a, b) -> tuple[float, tuple[float, float], int]:
+    """Accuracy of b minus a (``train.HeldOut``) on the validation images both runs predicted, with a 95% interval
+    (normal approximation of the paired per-image differences), and how many images that is."""
+    right_a, right_b = ({p: bool(ok) for p, ok in zip(h.paths, h.probs.argmax(1) == h.labels)} for h in (a, b))
+    common = sorted(set(right_a) & set(right_b))
+    if not common:
+        return 0.0, (0.0, 0.0), 0
+    d = np.array([float(right_b[p]) - float(right_a[p]) for p in common])
+    mean = float(d.mean())
+    half = 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    return mean, (mean - half, mean + half), len(d)
+
+
+def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, raced: bool = True,
+        small_side: int | None = None) -> str:
+    """One sentence a non-specialist understands. ``raced``: fine-tuning finished at least one epoch;
+    ``small_side``: fine-tuning trained small pictures (of this median shorter side) at their own size."""
+    lo, hi = ci[0] * 100, ci[1] * 100
+    if not raced:
+        return ("Feature extraction was kept: fine-tuning " + (f"was stopped before its first epoch ended because "
+                                                              f"{stopped}; a larger time budget gives it a chance."
+                                                              if stopped else "had no validation images to be "
+                                                              "compared on."))
+    if winner == FT:
+        if lo > 0 and small_side:
+            return (f"Fine-tuning gained {gain_points:.1f} points: your pictures are small (about {small_side} px) "
+                    "and unlike the everyday photos the network learned from, so retraining most of it at their "
+                    "own size paid off.")
+        if lo > 0:
+            return (f"Fine-tuning gained {gain_points:.1f} points: your images differ from the everyday photos the "
+                    "network learned from, so retraining its last layers paid off.")
+        return (f"Fine-tuning's answers were slightly more reliable (lower validation loss); its accuracy differs "
+                f"by {gain_points:+.1f} points (between {lo:+.1f} and {hi:+.1f}), which is within what chance can do.")
+    if stopped:
+        return ("Feature extraction was kept: the pretrained features already separate your classes, and "
+                f"fine-tuning was stopped because {stopped}.")
+    return ("Feature extraction was kept: the pretrained features already separate your classes well, so "
+            "retraining layers did not make the answers more reliable"
+            + (f" ({-gain_points:.1f} points more accurate)." if gain_points < 0 else "."))
+
+
+def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) -> dict:
+    """Name the winner ``target`` and the other run beside it; write the ``auto`` block into both (``fe``/``ft``:
+    the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block."""
+    fe_val = fe.held_out.get("val")
+    runs = {FE: {"val_loss": calibrated_val_loss(fe_val), "val_accuracy": fe.metrics.get("val_accuracy"),
+                 "seconds": fe.metrics.get("train_seconds")}}
+    winner, small_side = FE, None
+    if ft is not None:
+        ft_val = ft.held_out.get("val")
+        runs[FT] = {"val_loss": calibrated_val_loss(ft_val), "val_accuracy": ft.metrics.get("val_accuracy"),
+                    "seconds": ft.metrics.get("train_seconds"), "epochs_run": ft.metrics.get("epochs_run")}
+        if runs[FT]["val_loss"] < runs[FE]["val_loss"]:
+            winner = FT
+        recipe = ft.metrics.get("fine_tuning_recipe") or {}
+        small_side = recipe.get("median_shorter_side") if recipe.get("small_pictures") else None
+    both = ft is not None and fe_val is not None and ft_val is not None
+    diff, ci, n = paired_difference(fe_val, ft_val) if both else (0.0, (0.0, 0.0), 0)
+    final = {}
+    for mode, res in ((FE, fe), (FT, ft)):
+        if res is None:
+            continue
+        d = res.run_dir
+        want = target if mode == winner else f"{target}-{mode}"
+        if os.path.abspath(want) != os.path.abspath(d):
+            if os.path.exists(want):
+                if not overwrite:
+                    want = unique_dir(want)
+                else:
+                    shutil.rmtree(want)
+            os.replace(d, want)
+        final[mode] = want
+    block = {"winner": winner, "stopped": ft_stop or None,
+             "runs": {m: {**runs[m], "run": final[m]} for m in runs},
+             "fine_tuning_minus_feature_extraction": {"val_accuracy": round(diff, 6),
+                                                      "ci95": [round(ci[0], 6), round(ci[1], 6)], "n": n},
+             "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side)}
+    block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
+    for mode, d in final.items():  # the one field written after the run was saved: who won needs both runs
+        path = os.path.join(d, "metrics.json")
+        atomic_write_json(path, {**read_json(path), "auto": {**block, "this_run": mode}})
+    cb.on_log(block["summary"])
+    return block
+
+
+def summary(winner: str, runs: dict, diff: float, ci: tuple[float, float], n: int) -> str:
+    """"Kept fine-tuning: validation loss 0.21 vs 0.35; accuracy 0.912 vs 0.845 (+6.7 points, 95% interval
+    +4.1 to +9.3, 500 images)." """
+    words = winner
+    if FT not in runs:
+        return f"Kept {words} (fine-tuning did not finish an epoch)."
+    other = FE if winner == FT else FT
+    a, b = runs[winner].get("val_accuracy"), runs[other].get("val_accuracy")
+    sign = 1 if winner == FT else -1
+    def points(x: float) -> str:
+        return f"{round(x * 100, 1) + 0.0:+.1f}"  # (+ 0.0: "+0.0", never "-0.0")
+
+    lo, hi = sorted((sign * ci[0], sign * ci[1]))
+    acc = (f"; accuracy {a:.3f} vs {b:.3f} ({points(sign * diff)} points, 95% interval {points(lo)} to "
+           f"{points(hi)}, {n} images)") if a is not None and b is not None else ""
+    return (f"Kept {words}: calibrated validation loss {runs[winner]['val_loss']:.4f} vs "
+            f"{runs[other]['val_loss']:.4f}"
+            f" ({other}){acc}.")
+
+
+def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
+    """``--mode auto`` (``train.fit`` with ``mode="auto"``; ``fit`` is that function, handed over rather than
+    imported, since it calls back into here): feature extraction, then fine-tuning from its head within the budget;
+    the lower calibrated validation loss wins. The two halves hand each other their ``FitResult``s in memory."""
+    cfg.resolved()  # checks the settings before anything runs
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EngineError("--mode auto runs in one process: under torchrun, choose feature-extraction or "
+                          "fine-tuning.")
+    target = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, "auto"))
+    if os.path.exists(target) and not cfg.overwrite:
+        raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
+    t0 = time.perf_counter()
+    cb.on_log("Automatic mode: feature extraction first; then fine-tuning, starting from its head")
+    fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset)
+    if fe.run_dir is None or fe.cancelled:
+        return fe
+    fe_loss = calibrated_val_loss(fe.held_out.get("val"))
+    ft, stop = None, ""
+    if fe_loss == math.inf:
+        cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
+    else:
+        ft_cfg = dataclasses.replace(cfg, mode=FT, out=f"{target}-{FT}")
+        epochs = ft_cfg.resolved().epochs
+        est = estimate.estimate_fine_tuning(cfg.backbone, cfg.device, ft_cfg.unfreeze, fe.metrics.get("n_train", 0),
+                                          epochs, fe.metrics.get("embed_images_per_s"))
+        budget = cfg.budget * 60 if cfg.budget else None
+        cb.on_log(f"Fine-tuning: {est.text}; budget "
+                  + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)"))
+        token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
+        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=fe.head)
+        stop = token.early_stop_reason()
+        if stop:
+            cb.on_log(f"Fine-tuning stopped: {stop}")
+        if ft.run_dir is None:
+            ft = None
+    block = finish(target, cfg.overwrite, fe, ft, stop, cb)
+    won = fe if block["winner"] == FE else ft
+    return dataclasses.replace(won, run_dir=block["runs"][block["winner"]]["run"], cancelled=cancel.cancelled,
+                               metrics={**won.metrics, "auto": {**block, "this_run": block["winner"]}},
+                               skipped=fe.skipped, message=block["summary"])

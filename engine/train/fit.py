@@ -1,0 +1,272 @@
+"""``fit``: scan (or take the dataset already scanned), choose the path, train, save a run folder.
+
+The two strategies live in engine/train/feature_extraction.py and engine/train/fine_tuning/loop.py; the run folder's
+format in
+engine/runs.py. A cancelled run with at least one finished epoch still evaluates and saves its best epoch, marked
+``"status": "cancelled"``; a cancel before that saves nothing. Either way the result says ``cancelled``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.config import TrainConfig
+from engine.data.folder import Dataset, scan
+from engine.data.splits import untrained_classes
+from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
+from engine.meters import TrainOutcome
+from engine.network.backbones import load_backbone
+from engine.network.device import device_label, resolve_device, warm_optimizer_imports
+from engine.network.distributed import setup
+from engine.paths import default_cache_dir, default_runs_dir
+from engine.runs import BackboneFacts, model_json, new_run_name, save_run
+from engine.train import auto, feature_extraction
+from engine.train.fine_tuning import loop as fine_tuning
+from engine.trust.calibration import calibrate, probabilities
+from engine.trust.familiarity import familiarity_block, normalise
+from engine.trust.scores import split_report
+
+__all__ = ["TrainConfig", "FitResult", "fit"]
+
+
+@dataclass
+class HeldOut:
+    """One held-out split as the saved run scores it: paths, true class indices, calibrated probabilities."""
+
+    paths: list[str]
+    labels: np.ndarray  # (N,) int
+    probs: np.ndarray  # (N, C) float32, the run's temperature applied
+
+
+@dataclass
+class FitResult:
+    """What a finished job hands on in memory (the run folder is for the user and for reopening old runs)."""
+
+    run_dir: str | None  # None: nothing was saved
+    cancelled: bool
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    message: str = ""
+    held_out: dict[str, HeldOut] = field(default_factory=dict)  # "val" / "test", where the split has images
+    head: dict | None = None  # the linear head ("weight", "bias") as NumPy arrays
+
+
+def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None,
+        dataset: Dataset | None = None, head_init: dict | None = None) -> FitResult:
+    """Train a classifier on ``config.data`` and save a run folder.
+
+    ``dataset``: that folder as already scanned (the window's Dataset tab); used when its split settings match the
+    config's, instead of scanning again. Under torchrun only rank 0 reports and writes; the other ranks compute.
+    ``head_init``: fine-tuning starts its head from these weights (``weight``, ``bias``) instead of a linear probe.
+    ``mode="auto"``: both strategies, see engine/train/auto.py; the result is the winning run.
+    """
+    if config.mode == "auto":
+        return auto.fit_auto(config, callbacks or Callbacks(), cancel or CancelToken(), dataset, fit)
+    cfg = config.resolved()
+    dist = setup(cfg.device)
+    cb = (callbacks or Callbacks()) if dist.is_main else Callbacks()
+    cancel = cancel or CancelToken()
+    ds: Dataset | None = None
+    t_start = time.perf_counter()
+    try:
+        ds = _dataset(cfg, dataset, cb, cancel)
+        outcome, facts = _train(cfg, ds, dist, cb, cancel, head_init)
+        if outcome is None:  # another rank under torchrun: rank 0 saves
+            return FitResult(None, False, message=f"rank {dist.rank}: done (rank 0 saves)")
+        stopped = cancel.early_stop_reason()  # automatic mode's budget or race, never the user
+        return _save(cfg, ds, facts, outcome, cb, time.perf_counter() - t_start, stopped)
+    except Cancelled:
+        return FitResult(None, True, skipped=ds.skipped if ds else [],
+                         message="Cancelled before the first epoch finished; nothing was saved.")
+    finally:
+        dist.close()
+
+
+def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: CancelToken) -> Dataset:
+    if given is not None and given.matches(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cfg.exclude):
+        cb.on_log(f"Using the scan of {cfg.data} already made")
+        ds = given.copy()  # fit drops files it cannot decode: never from the caller's object
+    else:
+        cb.on_log(f"Scanning {cfg.data}")
+        ds = scan(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cancel, cb.on_progress, exclude=cfg.exclude)
+    counts = {c: sum(v.values()) for c, v in ds.counts().items()}
+    cb.on_log(f"Found {len(ds.samples)} images in {len(ds.classes)} classes ({ds.layout} layout): "
+              + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    for w in ds.warnings:
+        cb.on_log(f"Warning: {w}")
+    untrained = untrained_classes(ds.counts())
+    if untrained:  # its validation and test images would count as errors the model cannot avoid
+        raise EngineError(" ".join(untrained))
+    if ds.skipped:
+        cb.on_log(f"Skipped {len(ds.skipped)} unreadable file(s); see skipped.csv in the run folder")
+    if ds.excluded:
+        cb.on_log(f"Left out {len(ds.excluded)} image(s) on the exclude list; see excluded.csv in the run folder")
+    return ds
+
+
+def _cache_dir(cfg: TrainConfig) -> str | None:
+    return (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
+
+
+def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelToken,
+           head_init: dict | None = None) -> tuple[TrainOutcome | None, BackboneFacts | None]:
+    """The chosen strategy's outcome and what the run folder records about the backbone."""
+    if cfg.mode == "fine-tuning":
+        warm_optimizer_imports()
+    np.random.seed(cfg.seed % (2**32))
+    cache_dir = _cache_dir(cfg)
+    if cfg.mode == "feature-extraction" and not dist.enabled:
+        outcome = feature_extraction.from_cache(cfg, ds, cache_dir, cb, cancel)
+        if outcome is not None:
+            return outcome, outcome.facts
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    cb.on_log(f"Device: {device_label(device)}"
+              + (f"; {dist.world} processes ({dist.backend}) under torchrun" if dist.enabled else ""))
+    backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
+    cb.on_log(f"Backbone: {cfg.backbone} ({sum(p.numel() for p in backbone.net.parameters()) / 1e6:.2f} M "
+              f"parameters, {backbone.net.feature_dim}-d features), weights from {backbone.weights_source}")
+    if cfg.mode == "feature-extraction":
+        outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
+    else:
+        backbone, ft_cfg, rcp = _recipe(cfg, ds, backbone, dist, cb)
+        if rcp.small and head_init is not None:
+            cb.on_log(f"Feature extraction's head fits the features of larger inputs, not of {rcp.size} px ones: "
+                      "starting from a new linear probe instead")
+            head_init = None
+        outcome = fine_tuning.run(ft_cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
+        outcome.recipe = rcp.to_dict()
+        if not dist.enabled:
+            _pretrained_familiarity(cfg, ds, outcome, device, cache_dir, cb)
+    if not dist.is_main:
+        return None, None
+    return outcome, BackboneFacts.of(backbone, device_label(device))
+
+
+def _recipe(cfg: TrainConfig, ds: Dataset, backbone, dist, cb: Callbacks):
+    """Small pictures fine-tune at their own size with more stages trained (engine/train/fine_tuning/recipe.py): the
+    backbone at that
+    input size, the config with those stages, and the recipe."""
+    from dataclasses import replace
+
+    from engine.train.fine_tuning import inputs, recipe
+
+    rcp = recipe.choose(backbone, cfg.unfreeze, cfg.small_images, [s.path for s in ds.split("train")],
+                        lambda n: inputs.applies(backbone.net, n, dist), cfg.backbone_lr_mult)
+    if rcp.small:
+        cb.on_log(f"Small pictures: {rcp.reason}")
+    ft_cfg = replace(cfg, unfreeze=rcp.unfreeze, backbone_lr_mult=rcp.lr_mult)
+    return recipe.at_size(backbone, rcp.size), ft_cfg, rcp
+
+
+def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, device, cache_dir: str | None,
+                            cb: Callbacks) -> None:
+    """What "unfamiliar" compares for a fine-tuning run: the *pretrained* backbone's embeddings of the training and
+    validation images (fp32, through the embedding cache: free when feature extraction embedded them in fp32, as
+    --mode auto does below 4,000 images), the space feature extraction compares in. The tuned network pulls every
+    image towards some class (it flagged none of 400 photos of another folder); the frozen stages' pooled output,
+    used before, flagged only 9-43% of plain synthetic pictures that feature extraction flags 100% of
+    (docs/benchmarks.md, calibration)."""
+    from engine.embed.embeddings import embed_files
+
+    t0 = time.perf_counter()
+    pretrained = load_backbone(cfg.backbone, cfg.weights, cfg.download)  # fine-tuning tuned the other in place
+    features = {}
+    for split in ("train", "val"):
+        paths = [s.path for s in ds.split(split)]
+        # not cancellable: a cancel (or auto's budget) has already stopped training, and the run keeps its best
+        # epoch; this one pass (from the cache after feature extraction) finishes it
+        f = embed_files(paths, pretrained, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
+                        log=cb.on_log, engine=cfg.engine, precision="fp32")[0] if paths else None
+        features[split] = f if f is not None and len(f) else None
+    outcome.features, outcome.familiar_pretrained = features, True
+    outcome.features_seconds = time.perf_counter() - t0
+    cb.on_log(f"'Unfamiliar' compares new images with the training images as the pretrained network sees them "
+              f"({outcome.features_seconds:.1f} s)")
+
+
+def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, dict | None, dict | None]:
+    """Calibrated probabilities per held-out split, the calibration block (None without validation images) and the
+    unfamiliar block (None without training features)."""
+    y = {split: np.array([s.label for s in ds.split(split)], dtype=np.int64) for split in ("val", "test")}
+    calibration = None
+    if outcome.logits.get("val") is not None and len(outcome.logits["val"]) >= 2:
+        calibration = calibrate(outcome.logits["val"], y["val"], outcome.logits.get("test"), y["test"], cfg.seed)
+    t = calibration["temperature"] if calibration else 1.0
+    probs = {split: None if lg is None else probabilities(lg, t) for split, lg in outcome.logits.items()}
+    unfamiliar = None
+    if outcome.features.get("train") is not None:
+        unfamiliar = familiarity_block(outcome.features["train"], outcome.features.get("val"), cfg.seed)
+        unfamiliar["dim"] = int(outcome.features["train"].shape[1])
+        if outcome.familiar_pretrained:
+            unfamiliar["space"] = "pretrained"
+    return probs, calibration, unfamiliar
+
+
+def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOutcome, cb: Callbacks,
+          seconds: float, stopped: str = "") -> FitResult:
+    """Calibrate and score the held-out splits, write the run folder, say where it went. ``stopped``: why automatic
+    mode stopped the run early (then it is a completed run: its best epoch), "" otherwise."""
+    cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
+    probs, calibration, unfamiliar = _trust(cfg, ds, outcome)
+    metrics, predictions = split_report(ds, probs)
+    cancelled = outcome.cancelled and not stopped
+    metrics = {"classes": ds.classes, "status": "cancelled" if cancelled else "completed", **metrics}
+    if stopped:
+        metrics["stopped_early"] = stopped
+    if calibration:
+        metrics["calibration"] = calibration
+        cb.on_log(f"Calibration: temperature {calibration['temperature']:.2f}; expected calibration error "
+                  f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} "
+                  f"(measured on {calibration['measured_on']})")
+    if unfamiliar:
+        metrics["unfamiliar"] = unfamiliar
+    metrics.update({
+        "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
+        "train_seconds": round(seconds, 3), "n_train": len(ds.split("train")),
+        "n_val": len(ds.split("val")), "n_test": len(ds.split("test")), "n_skipped": len(ds.skipped),
+        "device": facts.device,
+    })
+    if outcome.train_images_per_s is not None:  # fine-tuning: images through the backbone per second
+        metrics["train_images_per_s"] = round(outcome.train_images_per_s, 1)
+        metrics["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
+    if outcome.features_path:
+        metrics["features"] = outcome.features_path
+    if outcome.recipe:
+        metrics["fine_tuning_recipe"] = outcome.recipe
+    if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
+        metrics["embed_seconds"] = round(outcome.embed_seconds, 3)
+        metrics["embeddings_from_cache"] = outcome.from_cache
+        metrics["embed_images_per_s"] = (round(outcome.embedded / outcome.embed_seconds, 1)
+                                         if outcome.embedded and outcome.embed_seconds > 0 else None)
+    out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
+    cb.on_progress(Progress(Phase.SAVING, 0, 1))
+    meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path, outcome.recipe)
+    run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
+                       metrics=metrics, predictions=predictions, meta=meta,
+                       train_embeddings=normalise(outcome.features["train"]) if unfamiliar else None)
+    if not outcome.cancelled:  # (a run auto's race stopped mid-epoch measured no whole epoch either)
+        from engine.train.fine_tuning import estimate
+
+        estimate.record(cfg.mode, cfg.backbone, facts.device, cfg.unfreeze, metrics)
+    acc, ci = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95")
+    summary = (f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
+               if acc is not None else "No validation split")
+    cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
+    held_out = {split: HeldOut([s.path for s in ds.split(split)], np.array([s.label for s in ds.split(split)]), p)
+                for split, p in probs.items() if p is not None and len(p)}
+    head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
+    return FitResult(run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None)
+
+
+def _numpy(v) -> np.ndarray:
+    """A weight as NumPy (torch tensors from fine-tuning, arrays from a rerun that never imported torch)."""
+    return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)

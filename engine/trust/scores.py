@@ -1,0 +1,79 @@
+"""The figures a run reports: accuracy with a 95% interval, balanced accuracy, per-class precision/recall/F1 and
+the confusion matrix, for a set of predictions (``classification_metrics``) or a trained run's held-out splits
+(``split_report``). NumPy only."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for an accuracy: honest on small validation sets, unlike +-1.96*sqrt(p(1-p)/n)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Plain-dict metrics (JSON-ready; None where undefined)."""
+    k = len(classes)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    n = int(cm.sum())
+    correct = int(np.trace(cm))
+    per_class = {}
+    for i, c in enumerate(classes):
+        tp = int(cm[i, i])
+        support = int(cm[i].sum())
+        predicted = int(cm[:, i].sum())
+        prec = tp / predicted if predicted else 0.0
+        rec = tp / support if support else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_class[c] = {"precision": round(prec, 6), "recall": round(rec, 6), "f1": round(f1, 6), "support": support}
+    lo, hi = wilson_interval(correct, n)
+    supported = [v for v in per_class.values() if v["support"]]
+    return {
+        "accuracy": round(correct / n, 6) if n else None,
+        "accuracy_ci95": [round(lo, 6), round(hi, 6)] if n else None,
+        "n": n,
+        "correct": correct,
+        "macro_f1": round(float(np.mean([v["f1"] for v in supported])), 6) if supported else None,
+        # each class counts the same, whatever its size: the honest figure for unbalanced classes
+        "balanced_accuracy": round(float(np.mean([v["recall"] for v in supported])), 6) if supported else None,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def split_report(ds, probs: dict) -> tuple[dict, list[list]]:
+    """metrics.json entries for the held-out splits ("val", "test") of a trained run, and its
+    val_predictions.csv rows (path, split, label, prediction, confidence, p_<class>...)."""
+    classes = ds.classes
+    metrics: dict = {}
+    rows: list[list] = []
+    for split in ("val", "test"):
+        p = probs.get(split)
+        items = ds.split(split)
+        if p is None or not items:
+            metrics[f"{split}_accuracy"] = None
+            continue
+        y = np.array([s.label for s in items], dtype=np.int64)
+        m = classification_metrics(y, p.argmax(1), classes)
+        metrics[f"{split}_accuracy"] = m["accuracy"]
+        metrics[f"{split}_accuracy_ci95"] = m["accuracy_ci95"]
+        metrics[f"{split}_macro_f1"] = m["macro_f1"]
+        metrics[f"{split}_balanced_accuracy"] = m["balanced_accuracy"]
+        metrics[f"{split}_n"] = m["n"]
+        metrics[f"{split}_per_class" if split == "test" else "per_class"] = m["per_class"]
+        metrics[f"{split}_confusion_matrix" if split == "test" else "confusion_matrix"] = m["confusion_matrix"]
+        for s, pr in zip(items, p):
+            j = int(pr.argmax())
+            rows.append([s.path, split, classes[s.label], classes[j], f"{pr[j]:.6f}"] + [f"{v:.6f}" for v in pr])
+    return metrics, rows
