@@ -1,8 +1,11 @@
 """Run folders: written atomically, validated on load, never unpickled.
 
 A run folder holds ``model.safetensors``, ``model.json``, ``metrics.json``, ``history.csv``, ``split.csv``,
-``skipped.csv`` and ``val_predictions.csv``. It is assembled in a hidden temporary sibling and renamed into place
-in one step, so a crash leaves either no run or a complete one; leftovers (``.tmp-*``) are ignored and cleaned.
+``skipped.csv`` and ``val_predictions.csv``, each written once. It is assembled in a hidden temporary sibling and
+renamed into place in one step, so a crash leaves either no run or a complete one; leftovers (``.tmp-*``) are
+ignored and cleaned.
+Automatic mode adds ``auto.json`` to both of its runs once both exist (who won needs both); :func:`read_metrics`
+hands it back inside the metrics as ``auto``, as runs saved before 2026-12-02 held it in metrics.json itself.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from engine.meters import BackboneFacts
 
 FORMAT_VERSION = 1
 RUN_FILES = ("model.safetensors", "model.json", "metrics.json")
+AUTO_FILE = "auto.json"
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -195,6 +199,15 @@ def list_runs(runs_dir: str) -> list[dict]:
         })
     out.sort(key=lambda r: r["created"], reverse=True)
     return out
+
+
+def read_metrics(run_dir: str) -> dict:
+    """A run's metrics.json, with automatic mode's comparison (``auto.json``, when the run has one) as ``auto``."""
+    metrics = read_json(os.path.join(run_dir, "metrics.json"))
+    auto = os.path.join(run_dir, AUTO_FILE)
+    if os.path.isfile(auto):
+        metrics["auto"] = read_json(auto)
+    return metrics
 
 
 def read_history(run_dir: str) -> list[dict]:

@@ -27,16 +27,16 @@ from engine.predict.sorting import SortConfig, sort_into
 from engine.runs import new_run_name
 from engine.train.fit import fit
 from gui.cache_dialog import manage_embedding_cache
-from gui.checks import DatasetChecks
-from gui.discovery import discover
-from gui.heatmap_view import HeatmapDialog
-from gui.jobs import DISCOVERY, HEATMAP, MAIN, SCAN, JobController
-from gui.tabs.dataset_tab import DatasetTab
-from gui.tabs.model_tab import ModelTab
-from gui.tabs.predict_tab import PredictTab
-from gui.tabs.results_tab import ResultsTab
-from gui.tabs.training_tab import TrainingTab
-from gui.thumbs import ThumbnailLoader
+from gui.jobs.controller import DISCOVERY, HEATMAP, MAIN, SCAN, JobController
+from gui.jobs.discovery import discover
+from gui.tabs.dataset.doctor_controller import DatasetChecks
+from gui.tabs.dataset.tab import DatasetTab
+from gui.tabs.model.tab import ModelTab
+from gui.tabs.predict.tab import PredictTab
+from gui.tabs.results.heatmap_view import HeatmapDialog
+from gui.tabs.results.tab import ResultsTab
+from gui.tabs.training.tab import TrainingTab
+from gui.widgets.thumbs import ThumbnailLoader
 
 
 class MainWindow(QMainWindow):
@@ -272,10 +272,7 @@ class MainWindow(QMainWindow):
         self.training_tab.training_finished(res)
         if res.run_dir:
             self.results_tab.refresh_runs()
-            try:
-                self.results_tab.select_run(res.run_dir)
-            except EngineError as exc:
-                self.show_error(str(exc))
+            self.results_tab.show_result(res)
 
     def _training_failed(self, message: str, details: str) -> None:
         self.training_tab.job_failed(message)

@@ -56,7 +56,7 @@ def backbones_listed(win) -> bool:
 def run_self_test(timeout_s: float = 600.0) -> int:
     from PySide6.QtWidgets import QApplication
 
-    from gui.eventloop import wait_until
+    from gui.jobs.eventloop import wait_until
 
     t0 = time.perf_counter()
     app = QApplication.instance() or QApplication([sys.argv[0], "-platform", "offscreen"])  # noqa: F841 (kept alive)

@@ -7,6 +7,7 @@ import os
 from engine import TrainConfig, fit
 from engine.events import Callbacks, CancelToken, EpochMetrics
 from engine.network.model import load_model
+from engine.runs import read_metrics
 from engine.train.auto import FE, FT, BudgetToken, Race, projected_loss
 
 
@@ -22,8 +23,10 @@ class Log(Callbacks):
 
 
 def _metrics(run):
+    """What the app reads when it reopens a run; metrics.json itself is written once, without the auto block."""
     with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
-        return json.load(f)
+        assert "auto" not in json.load(f)
+    return read_metrics(run)
 
 
 def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_classes(flat_data, tmp_path):

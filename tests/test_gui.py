@@ -47,8 +47,14 @@ def wait_job(qtbot, w, timeout=300000):
     qtbot.wait(50)  # let the queued finished/failed signal land
 
 
-def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path):
+def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path, monkeypatch):
     w = window
+    import gui.tabs.results.tab as results_tab
+
+    reads = []  # run folders the Results tab reads a run's figures from
+    for name in ("read_metrics", "read_predictions"):
+        real = getattr(results_tab, name)
+        monkeypatch.setattr(results_tab, name, lambda d, *a, _real=real: reads.append(d) or _real(d, *a))
     open_folder(qtbot, w, flat_data)
     t = w.dataset_tab.class_table
     assert t.rowCount() == 3
@@ -84,6 +90,11 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path)
     w.results_tab.show_cell(0, 0)
     assert w.results_tab.cell_grid.model().rowCount() == cm[0][0]
     assert w.predict_tab.start_btn.isEnabled()
+    # the just-finished run was shown from the job's result; the folder is read only to reopen it
+    assert reads == []
+    summary = w.results_tab.summary.text()
+    assert w.open_run(res.run_dir) and reads == [res.run_dir, res.run_dir]
+    assert w.results_tab.summary.text() == summary
 
 
 def test_automatic_mode_is_the_default_and_races_both_strategies_on_one_plot(qtbot, window, flat_data, tmp_path):
@@ -414,7 +425,7 @@ def test_start_up_imports_are_kept_out_of_garbage_collection(tmp_path):
 
     code = ("import gc, os, sys; os.environ['QT_QPA_PLATFORM'] = 'offscreen';"
             "from PySide6.QtCore import QSettings; from PySide6.QtWidgets import QApplication;"
-            "app = QApplication([]); from gui.eventloop import wait_until; from gui.main_window import MainWindow;"
+            "app = QApplication([]); from gui.jobs.eventloop import wait_until; from gui.main_window import MainWindow;"
             f"w = MainWindow(QSettings({str(tmp_path / 's.ini')!r}, QSettings.IniFormat));"
             "before = gc.get_freeze_count(); w.show();"
             "assert wait_until(lambda: w.discovery is not None and not w.discovery.is_running(), 120);"
@@ -431,8 +442,8 @@ def test_image_grid_leaves_room_for_every_caption(qtbot, tmp_path):
     must need the same room (a wide first one once clipped the captions of all taller ones)."""
     from PySide6.QtGui import QImage
 
-    from gui.thumbs import ThumbnailLoader
-    from gui.widgets import ImageGrid
+    from gui.widgets.image_grid import ImageGrid
+    from gui.widgets.thumbs import ThumbnailLoader
 
     wide, tall = tmp_path / "wide.jpg", tmp_path / "tall.png"
     draw_image("stripes", 1).resize((300, 120)).save(wide)
@@ -460,7 +471,7 @@ def test_thumbnails_show_a_12_bit_scan_as_the_engine_sees_it(qapp, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from gui.thumbs import read_image
+    from gui.widgets.thumbs import read_image
 
     path = tmp_path / "scan.png"
     Image.fromarray(np.linspace(0, 4095, 80 * 80).reshape(80, 80).astype(np.uint16)).save(path)
@@ -478,7 +489,7 @@ def test_a_finished_job_thread_ends_while_the_gui_thread_waits(qapp):
     loop: the job's thread must end by itself, or closing during start-up hung for the whole wait."""
     import time as _time
 
-    from gui.worker import start_job
+    from gui.jobs.worker import start_job
 
     def slow(callbacks=None, cancel=None):
         _time.sleep(0.3)

@@ -4,7 +4,7 @@
 
 Draws N points (default 5,000; synthetic embeddings of 10 classes, 5% ringed as findings, each with an image path
 for the hover picture) in the real ``DatasetMap``, then moves the pointer across the plot (hover tooltips), drags
-it (pans) and zooms, while a 10 ms timer records the longest gap between its ticks (``gui.eventloop.StallMeter``).
+it (pans) and zooms, while a 10 ms timer records the longest gap between its ticks (``gui.jobs.eventloop.StallMeter``).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def main() -> int:
     from PIL import Image
 
     from engine.doctor.findings import pca_2d
-    from gui.eventloop import StallMeter, wait_until
-    from gui.tabs.dataset_map import DatasetMap
+    from gui.jobs.eventloop import StallMeter, wait_until
+    from gui.tabs.dataset.map import DatasetMap
 
     tmp = tempfile.mkdtemp(prefix="ts-map-")
     Image.new("RGB", (128, 96), (200, 80, 40)).save(os.path.join(tmp, "a.jpg"))

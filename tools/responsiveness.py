@@ -91,7 +91,7 @@ class StallTracer:
 
 
 def wait(cond, timeout=1800.0):
-    from gui.eventloop import wait_until
+    from gui.jobs.eventloop import wait_until
 
     wait_until(cond, timeout)
 
@@ -106,7 +106,7 @@ def main() -> int:
     # TS_CACHE=DIR: start from an embedding cache filled beforehand (e.g. by `python -m engine train` on a big folder)
     os.environ["TRANSFER_STUDIO_CACHE"] = os.environ.get("TS_CACHE") or os.path.join(tmp, "cache")
     app = QApplication(sys.argv[:1])  # noqa: F841
-    from gui.eventloop import StallMeter
+    from gui.jobs.eventloop import StallMeter
     from gui.selftest import backbones_listed, scratch_window
 
     w = scratch_window(tmp)

@@ -16,7 +16,7 @@ from PySide6.QtWidgets import QApplication
 
 
 def wait(app, cond, timeout=900.0):
-    from gui.eventloop import wait_until
+    from gui.jobs.eventloop import wait_until
 
     t = time.time()
     if not wait_until(cond, timeout):

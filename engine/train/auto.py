@@ -9,9 +9,9 @@ lower validation loss becomes the result.
    Fine-tuning is stopped only when even that optimistic projection stays above feature extraction's loss.
 3. The run with the lower calibrated validation loss (:func:`calibrated_val_loss`; the race compares the same
    quantity per epoch) takes the ``out`` name; the other is renamed beside it
-   (``RUN-feature-extraction`` / ``RUN-fine-tuning``). Both ``metrics.json`` files get an ``auto`` block: which won,
-   both runs' scores, the accuracy difference on the same validation images with its 95% interval, and one sentence
-   saying why.
+   (``RUN-feature-extraction`` / ``RUN-fine-tuning``). Both run folders get an ``auto.json`` (``runs.read_metrics``
+   shows it as the metrics' ``auto`` block): which won, both runs' scores, the accuracy difference on the same
+   validation images with its 95% interval, and one sentence saying why. Each metrics.json is written once.
 
 The whole mode is :func:`fit_auto`; its halves hand each other their ``train.FitResult`` (held-out probabilities,
 the head, metrics) in memory, and the run folders are only written, never read back.
@@ -28,7 +28,7 @@ import numpy as np
 
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics
 from engine.paths import default_runs_dir
-from engine.runs import atomic_write_json, new_run_name, read_json, unique_dir
+from engine.runs import AUTO_FILE, atomic_write_json, json_safe, new_run_name, unique_dir
 from engine.train.fine_tuning import estimate
 
 FE, FT = "feature-extraction", "fine-tuning"
@@ -183,7 +183,7 @@ def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, 
 
 
 def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) -> dict:
-    """Name the winner ``target`` and the other run beside it; write the ``auto`` block into both (``fe``/``ft``:
+    """Name the winner ``target`` and the other run beside it; write the ``auto`` block beside both (``fe``/``ft``:
     the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block."""
     fe_val = fe.held_out.get("val")
     runs = {FE: {"val_loss": calibrated_val_loss(fe_val), "val_accuracy": fe.metrics.get("val_accuracy"),
@@ -219,9 +219,8 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
                                                       "ci95": [round(ci[0], 6), round(ci[1], 6)], "n": n},
              "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side)}
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
-    for mode, d in final.items():  # the one field written after the run was saved: who won needs both runs
-        path = os.path.join(d, "metrics.json")
-        atomic_write_json(path, {**read_json(path), "auto": {**block, "this_run": mode}})
+    for mode, d in final.items():  # the one file written after the runs were saved: who won needs both runs
+        atomic_write_json(os.path.join(d, AUTO_FILE), json_safe({**block, "this_run": mode}))
     cb.on_log(block["summary"])
     return block
 

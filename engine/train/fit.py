@@ -53,6 +53,8 @@ class FitResult:
     message: str = ""
     held_out: dict[str, HeldOut] = field(default_factory=dict)  # "val" / "test", where the split has images
     head: dict | None = None  # the linear head ("weight", "bias") as NumPy arrays
+    meta: dict = field(default_factory=dict)  # model.json as saved
+    predictions: list[dict] = field(default_factory=list)  # val_predictions.csv's rows, as runs.read_predictions gives
 
 
 def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None,
@@ -264,7 +266,10 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     held_out = {split: HeldOut([s.path for s in ds.split(split)], np.array([s.label for s in ds.split(split)]), p)
                 for split, p in probs.items() if p is not None and len(p)}
     head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
-    return FitResult(run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None)
+    header = ["path", "split", "label", "prediction", "confidence"] + [f"p_{c}" for c in ds.classes]
+    rows = [dict(zip(header, row)) for row in predictions]
+    return FitResult(run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None,
+                     meta, rows)
 
 
 def _numpy(v) -> np.ndarray:

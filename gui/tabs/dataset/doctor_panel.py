@@ -26,8 +26,8 @@ from PySide6.QtWidgets import (
 )
 
 from engine.doctor.findings import ISSUES
-from gui.thumbs import ThumbnailLoader, read_image
-from gui.widgets import ImageGrid, reveal_in_file_manager
+from gui.widgets.image_grid import ImageGrid, reveal_in_file_manager
+from gui.widgets.thumbs import ThumbnailLoader, read_image
 
 WORDS = {"duplicate": "byte-identical copy", "near-duplicate": "near copy (resized, re-saved, cropped)",
          "leak": "copy across train and validation/test", "label": "probably in the wrong class",

@@ -6,7 +6,7 @@ from collections import OrderedDict
 from PySide6.QtCore import QObject, QRunnable, QSize, Qt, QThreadPool, Signal
 from PySide6.QtGui import QColor, QIcon, QImage, QImageReader, QPainter, QPixmap
 
-from gui.worker import lower_this_thread_priority
+from gui.jobs.worker import lower_this_thread_priority
 
 THUMB = 96
 

@@ -32,10 +32,10 @@ from engine.data.folder import Dataset
 from engine.doctor.findings import pca_2d
 from engine.events import EngineError
 from gui.settings import load_values, save_values
-from gui.tabs.dataset_map import DatasetMap
-from gui.tabs.doctor_panel import DoctorPanel
-from gui.thumbs import ThumbnailLoader
-from gui.widgets import ImageGrid
+from gui.tabs.dataset.doctor_panel import DoctorPanel
+from gui.tabs.dataset.map import DatasetMap
+from gui.widgets.image_grid import ImageGrid
+from gui.widgets.thumbs import ThumbnailLoader
 
 
 class DatasetTab(QWidget):

@@ -9,7 +9,7 @@ from PySide6.QtCore import QAbstractListModel, QModelIndex, QSize, Qt, QUrl, Sig
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QListView, QWidget
 
-from gui.thumbs import ThumbnailLoader
+from gui.widgets.thumbs import ThumbnailLoader
 
 
 def open_file(path: str) -> None:

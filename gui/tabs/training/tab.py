@@ -26,8 +26,8 @@ from PySide6.QtWidgets import (
 
 from engine.events import BatchMetrics, EpochMetrics, Progress
 from engine.paths import default_runs_dir
-from gui.plots import LivePlots
 from gui.settings import load_values, save_values
+from gui.tabs.training.plots import LivePlots
 
 
 class TrainingTab(QWidget):

@@ -13,7 +13,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject
 
-from gui.worker import Job, start_job
+from gui.jobs.worker import Job, start_job
 
 MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION = "main", "scan", "discovery", "heatmap", "projection"
 

@@ -22,11 +22,11 @@ from PySide6.QtWidgets import (
 )
 
 from engine.events import EngineError
-from engine.runs import list_runs, read_history, read_json, read_predictions
+from engine.runs import list_runs, read_history, read_json, read_metrics, read_predictions
 from engine.trust.calibration import set_unsure_threshold
-from gui.tabs.trust_panel import TrustPanel
-from gui.thumbs import ThumbnailLoader
-from gui.widgets import ImageGrid, reveal_in_file_manager
+from gui.tabs.results.trust_panel import TrustPanel
+from gui.widgets.image_grid import ImageGrid, reveal_in_file_manager
+from gui.widgets.thumbs import ThumbnailLoader
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -176,6 +176,19 @@ class ResultsTab(QWidget):
         if self.run_dir != run_dir:  # not in the list (another folder): show it anyway
             self.open_run(run_dir)
 
+    def show_result(self, res) -> None:
+        """Show a run that has just finished from what the job handed back (``engine.train.fit.FitResult``: its
+        figures, history and predictions); the folder is not read again."""
+        self.runs_table.blockSignals(True)
+        self.runs_table.clearSelection()
+        for r in range(self.runs_table.rowCount()):
+            if self.runs_table.item(r, 0).data(Qt.UserRole) == res.run_dir:
+                self.runs_table.selectRow(r)
+                break
+        self.runs_table.blockSignals(False)
+        self.overlay([res.run_dir], {res.run_dir: (res.history, res.meta)})
+        self._show(res.run_dir, res.meta, res.metrics, res.predictions)
+
     def _runs_selected(self) -> None:
         rows = sorted({i.row() for i in self.runs_table.selectedIndexes()})
         paths = [self.runs_table.item(r, 0).data(Qt.UserRole) for r in rows]
@@ -183,16 +196,18 @@ class ResultsTab(QWidget):
         if len(paths) == 1 and paths[0] != self.run_dir:
             self.open_run(paths[0])
 
-    def overlay(self, paths: list[str]) -> int:
-        """Overlay the validation-accuracy curves of several runs; returns how many curves were drawn."""
+    def overlay(self, paths: list[str], known: dict | None = None) -> int:
+        """Overlay the validation-accuracy curves of several runs; returns how many curves were drawn. ``known``:
+        ``{path: (history, model.json)}`` of runs already in memory (the one just trained)."""
         self.compare.clear()
         n = 0
         for i, p in enumerate(paths):
-            hist = read_history(p)
+            hist, meta = (known or {}).get(p, (None, None))
+            hist = read_history(p) if hist is None else hist
             if not hist:
                 continue
             try:
-                meta = read_json(os.path.join(p, "model.json"))
+                meta = meta or read_json(os.path.join(p, "model.json"))
                 name = f"{meta.get('backbone')} {meta.get('mode')}"
             except EngineError:
                 name = os.path.basename(p)
@@ -205,11 +220,13 @@ class ResultsTab(QWidget):
     def open_run(self, run_dir: str) -> None:
         """Show a saved run. Raises EngineError when the folder is not a complete run."""
         meta = read_json(os.path.join(run_dir, "model.json"))
-        metrics = read_json(os.path.join(run_dir, "metrics.json"))
+        self._show(run_dir, meta, read_metrics(run_dir), read_predictions(run_dir))
+
+    def _show(self, run_dir: str, meta: dict, metrics: dict, predictions: list[dict]) -> None:
         self.run_dir = run_dir
         self.classes = list(meta.get("classes", []))
         self.metrics = metrics
-        self.preds = [p for p in read_predictions(run_dir) if p.get("split") == "val"]
+        self.preds = [p for p in predictions if p.get("split") == "val"]
         acc, ci, n = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95"), metrics.get("val_n", 0)
         parts = [f"<b>{os.path.basename(run_dir)}</b> — {meta.get('backbone')}, {meta.get('mode')}"
                  + (" (stopped early by the user)" if metrics.get("status") == "cancelled" else "")]
@@ -225,6 +242,10 @@ class ResultsTab(QWidget):
             tci = metrics.get("test_accuracy_ci95") or [0, 0]
             parts.append(f"Test accuracy <b>{100 * metrics['test_accuracy']:.1f}%</b> "
                          f"(95% interval {100 * tci[0]:.1f}–{100 * tci[1]:.1f}%, {metrics.get('test_n')} images)")
+        auto = metrics.get("auto") or {}
+        if auto.get("summary"):
+            kept = auto.get("this_run") == auto.get("winner")
+            parts.append("Automatic mode: " + auto["summary"] + ("" if kept else " (This is the run it did not keep.)"))
         parts.append(f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
                      f"{_seconds(metrics.get('train_seconds', 0))} on {metrics.get('device', '?')}")
         self.summary.setText("<br>".join(parts))

@@ -8,7 +8,7 @@ import os
 from PySide6.QtCore import QObject
 
 from engine.doctor.findings import DoctorConfig, MapConfig, doctor, tsne_map
-from gui.jobs import PROJECTION
+from gui.jobs.controller import PROJECTION
 
 
 class DatasetChecks(QObject):

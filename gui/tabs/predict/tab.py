@@ -30,7 +30,7 @@ from engine.events import PredictionRow
 from engine.predict.predictions import predictions_csv
 from engine.predict.sorting import SortConfig
 from engine.runs import atomic_write_text
-from gui.thumbs import ThumbnailLoader
+from gui.widgets.thumbs import ThumbnailLoader
 
 COLUMNS = ["", "Path", "Prediction", "Confidence", "Status", "Top-k", "Error"]
 STATUS_TEXT = {"ok": "", "unsure": "not sure", "unfamiliar": "unfamiliar", "error": ""}

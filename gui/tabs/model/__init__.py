@@ -1,0 +1,1 @@
+"""The Model tab: backbone, weights and strategy."""

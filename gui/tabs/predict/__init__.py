@@ -1,0 +1,1 @@
+"""The Predict tab: predict a folder, export CSV, sort into folders."""

@@ -1,0 +1,1 @@
+"""The Results tab: runs, figures, confusion matrix, mistakes, confidence panel and heatmap view."""

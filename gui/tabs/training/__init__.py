@@ -1,0 +1,1 @@
+"""The Training tab: settings, the log and the live plots."""

@@ -1,0 +1,1 @@
+"""Widgets the tabs share: the image grid and the thumbnail loader behind it."""
