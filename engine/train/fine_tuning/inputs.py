@@ -27,10 +27,11 @@ MEMORY_SHARE = 0.4  # the cached outputs may take at most this share of the memo
 
 def applies(net, unfreeze, dist) -> bool:
     """Whether fine-tuning ``net`` with ``unfreeze`` stages trained can run its frozen stages once (one process:
-    under torchrun every rank would have to compute and hold its own copy)."""
+    under torchrun every rank would have to compute and hold its own copy). The one answer to that question: the
+    recipe, the loop's choice of augmentation and :meth:`Inputs.choose` all ask it here."""
     n = len(net.stage_names) if hasattr(net, "stage_names") else 0
     trained = n if unfreeze == "all" else int(unfreeze)
-    return getattr(net, "kind", None) == "lite" and not dist.enabled and 1 <= n - trained < n
+    return not dist.enabled and frozen_blocks(net, n - trained) is not None
 
 
 def frozen_blocks(net, n_frozen_stages: int) -> int | None:
@@ -249,7 +250,7 @@ class Inputs:
                cb: Callbacks, cancel: CancelToken, weights_id: str = "", cache_dir: str | None = None) -> Inputs:
         from engine.data.decode import available_memory
 
-        parts = split(model, n_frozen) if not dist.enabled else None
+        parts = split(model, n_frozen) if applies(model.backbone, cfg.unfreeze, dist) else None
         if parts is not None:
             prefix, tail = parts
             prefix.eval()
