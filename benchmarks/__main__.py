@@ -4,6 +4,7 @@ They live beside the product, not in it: the wheel and the bundle hold none of t
 engine (never the reverse: pyproject.toml's import contracts). Folders default to ``../shared/datasets`` and each
 benchmark says so and skips when they are missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,17 +12,22 @@ import importlib
 import sys
 
 # subcommand -> (module, function)
-JOBS = {"tutorial": ("tutorial", "run_bench"), "trust": ("trust", "run_bench_trust"),
-        "strategy": ("strategy", "run_bench_strategy"), "onnx": ("onnx_paths", "run_bench_onnx"),
-        "doctor": ("doctor", "run_bench_doctor")}
+JOBS = {
+    "tutorial": ("tutorial", "run_bench"),
+    "trust": ("trust", "run_bench_trust"),
+    "strategy": ("strategy", "run_bench_strategy"),
+    "onnx": ("onnx_paths", "run_bench_onnx"),
+    "doctor": ("doctor", "run_bench_doctor"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    bench = sub.add_parser("tutorial", help="benchmark the engine against a tutorial-style loop "
-                                            "(see docs/benchmarks.md)")
+    bench = sub.add_parser(
+        "tutorial", help="benchmark the engine against a tutorial-style loop (see docs/benchmarks.md)"
+    )
     bench.add_argument("data", nargs="?", help="image folder (default: ../shared/datasets/hymenoptera)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--epochs", type=int, default=10, help="epochs of the reference fixed-feature loop")
@@ -37,29 +43,43 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--modes", default="feature-extraction,fine-tuning", help="comma-separated modes to run")
     bt.add_argument("--json", help="also write the table as JSON here")
 
-    bs = sub.add_parser("strategy", help="feature extraction vs fine-tuning (new and old recipe) vs auto, "
-                                              "scored on a test split (see docs/benchmarks.md)")
-    bs.add_argument("data", nargs="*", help="folders, 'digits' or 'pairs' (default: hymenoptera, flowers, digits, "
-                                                 "pairs)")
+    bs = sub.add_parser(
+        "strategy",
+        help="feature extraction vs fine-tuning (new and old recipe) vs auto, "
+        "scored on a test split (see docs/benchmarks.md)",
+    )
+    bs.add_argument(
+        "data", nargs="*", help="folders, 'digits' or 'pairs' (default: hymenoptera, flowers, digits, pairs)"
+    )
     bs.add_argument("--device", default="auto")
     bs.add_argument("--ft-epochs", type=int, default=0, help="fine-tuning epochs (default: the recipe's)")
-    bs.add_argument("--runs", default=",".join(["feature-extraction", "fine-tuning (new)", "fine-tuning (old)",
-                                                "auto"]),
-                    help="comma-separated runs to make, of: feature-extraction, fine-tuning (new), "
-                         "fine-tuning (224 px) (small pictures upscaled, the default before 2026-11-29), "
-                         "fine-tuning (old), auto")
+    bs.add_argument(
+        "--runs",
+        default=",".join(["feature-extraction", "fine-tuning (new)", "fine-tuning (old)", "auto"]),
+        help="comma-separated runs to make, of: feature-extraction, fine-tuning (new), "
+        "fine-tuning (224 px) (small pictures upscaled, the default before 2026-11-29), "
+        "fine-tuning (old), auto",
+    )
     bs.add_argument("--json", help="also write the table as JSON here")
 
     bo = sub.add_parser("onnx", help="the frozen backbone's CPU paths: PyTorch, ONNX Runtime fp32 and int8")
     bo.add_argument("data", nargs="*", help="folders (default: ../shared/datasets/hymenoptera and flowers)")
-    bo.add_argument("--flavours", default="",
-                    help="also measure these int8 flavours, e.g. v8,a7,s8 (engine/network/int8.py)")
+    bo.add_argument(
+        "--flavours", default="", help="also measure these int8 flavours, e.g. v8,a7,s8 (engine/network/int8.py)"
+    )
     bo.add_argument("--flavours-only", action="store_true", help="only the flavour table")
 
-    bd = sub.add_parser("doctor", help="the dataset doctor on a folder with planted problems, against "
-                                             "cleanlab + imagehash (see docs/benchmarks.md)")
-    bd.add_argument("data", nargs="*", help="image folders, or one-kind folders drawn here: scans, digits, product, "
-                                            "texture (default: ../shared/datasets/flowers, scans, product)")
+    bd = sub.add_parser(
+        "doctor",
+        help="the dataset doctor on a folder with planted problems, against "
+        "cleanlab + imagehash (see docs/benchmarks.md)",
+    )
+    bd.add_argument(
+        "data",
+        nargs="*",
+        help="image folders, or one-kind folders drawn here: scans, digits, product, "
+        "texture (default: ../shared/datasets/flowers, scans, product)",
+    )
     return p
 
 

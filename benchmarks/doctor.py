@@ -12,6 +12,7 @@ here (tests/imagegen.py; the same folders as ``python tools/make_onekind.py DEST
    and re-saved into validation), 4 byte copies. Recall and precision per issue type over the planted ones, for
    the doctor and for the peer, and the share of images flagged as ``label``.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,11 @@ def _plant(root: str, seed: int = 1) -> dict[str, list]:
 
     rng = random.Random(seed)
     classes = sorted(os.listdir(os.path.join(root, "train")))
-    train = [(c, os.path.join(root, "train", c, f)) for c in classes
-             for f in sorted(os.listdir(os.path.join(root, "train", c)))]
+    train = [
+        (c, os.path.join(root, "train", c, f))
+        for c in classes
+        for f in sorted(os.listdir(os.path.join(root, "train", c)))
+    ]
     picks = rng.sample(train, 40)
     planted = {"label": [], "near-duplicate": [], "leak": [], "duplicate": []}
     for c, p in picks[:20]:
@@ -113,7 +117,7 @@ def _peer(res) -> list[tuple[str, str, str]]:
     found = [("label", ds.samples[i].path, "") for i in np.flatnonzero(find_label_issues(y, probs))]
     h = np.array([np.asarray(imagehash.phash(Image.open(s.path)).hash, dtype=bool).ravel() for s in ds.samples])
     for i in range(len(h)):
-        d = (h[i + 1:] != h[i]).sum(1)
+        d = (h[i + 1 :] != h[i]).sum(1)
         for j in np.flatnonzero(d <= 8) + i + 1:
             a, b = ds.samples[i], ds.samples[j]
             if a.split != b.split:
@@ -125,8 +129,9 @@ def _peer(res) -> list[tuple[str, str, str]]:
     return found
 
 
-def _label_trials(feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int = 5, flips: int = 20,
-                  seed: int = 7) -> dict:
+def _label_trials(
+    feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int = 5, flips: int = 20, seed: int = 7
+) -> dict:
     """Wrong labels over several random sets of ``flips`` flipped train labels on the same embeddings (one planted
     set of 20 is too few to tell two methods apart): recall and share flagged for the doctor's rule and for the
     peer, and the peer's recall when it may flag only as many images as the doctor (ranked by its given-class
@@ -149,7 +154,7 @@ def _label_trials(feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int
         probs = cross_val_predict(LogisticRegression(max_iter=1000), feats, yy, cv=5, method="predict_proba")
         peer = find_label_issues(yy, probs)
         budget = np.zeros(len(y), bool)
-        budget[np.argsort(probs[np.arange(len(y)), yy])[:int(mine.sum())]] = True
+        budget[np.argsort(probs[np.arange(len(y)), yy])[: int(mine.sum())]] = True
         for key, flags in (("mine", mine), ("peer", peer), ("peer_same_budget", budget)):
             out[key].append(flags[picked].mean())
         out["mine_flagged"].append(mine.mean())
@@ -171,14 +176,20 @@ def run_bench_doctor(a) -> int:
             continue
         summary.append(_bench_one(src))
     if summary:
-        print(f"\n{'folder':24} {'images':>6} {'clean copies':>12} {'near rec':>8} {'leak rec':>8} {'dup rec':>7} "
-              f"{'unplanted copies':>16} {'label %':>7} {'doctor cached s':>15}")
+        print(
+            f"\n{'folder':24} {'images':>6} {'clean copies':>12} {'near rec':>8} {'leak rec':>8} {'dup rec':>7} "
+            f"{'unplanted copies':>16} {'label %':>7} {'doctor cached s':>15}"
+        )
         for r in summary:
-            print(f"{r['folder'][-24:]:24} {r['images']:6} {r['clean_copies']:12} {r['near-duplicate']:8.2f} "
-                  f"{r['leak']:8.2f} {r['duplicate']:7.2f} {r['unplanted']:16} {r['label_pct']:7.1f} "
-                  f"{r['cached_s']:15.1f}")
-        print("clean copies: copy findings on the folder before planting (real copies, or false ones on a folder "
-              "that has none); unplanted copies: copy findings after planting that are neither planted nor clean")
+            print(
+                f"{r['folder'][-24:]:24} {r['images']:6} {r['clean_copies']:12} {r['near-duplicate']:8.2f} "
+                f"{r['leak']:8.2f} {r['duplicate']:7.2f} {r['unplanted']:16} {r['label_pct']:7.1f} "
+                f"{r['cached_s']:15.1f}"
+            )
+        print(
+            "clean copies: copy findings on the folder before planting (real copies, or false ones on a folder "
+            "that has none); unplanted copies: copy findings after planting that are neither planted nor clean"
+        )
     shutil.rmtree(made, ignore_errors=True)
     return 0
 
@@ -198,14 +209,19 @@ def _bench_one(src: str) -> dict:
     clean, empty_s = _doctor(root, cache)
     _, cached_s = _doctor(root, cache)
     print(f"  doctor: {empty_s:.1f} s from an empty cache, {cached_s:.1f} s cached", file=sys.stderr, flush=True)
-    clean_keys = ({(f.issue, f.path) for f in clean.findings}
-                  | {(f.issue, f.other_path) for f in clean.findings if f.other_path})
-    print(f"\nClean copy of {src} ({len(clean.dataset.samples)} images): "
-          + ", ".join(f"{n} {k}" for k, n in clean.counts().items()))
+    clean_keys = {(f.issue, f.path) for f in clean.findings} | {
+        (f.issue, f.other_path) for f in clean.findings if f.other_path
+    }
+    print(
+        f"\nClean copy of {src} ({len(clean.dataset.samples)} images): "
+        + ", ".join(f"{n} {k}" for k, n in clean.counts().items())
+    )
     for f in clean.findings[:12]:
         other = os.path.relpath(f.other_path, root) if f.other_path else ""
-        print(f"  {f.issue:15} {os.path.relpath(f.path, root)}  {other}"
-              f"  {f.label}{' -> ' + f.suggested_label if f.suggested_label else ''}  {f.score:.3f}")
+        print(
+            f"  {f.issue:15} {os.path.relpath(f.path, root)}  {other}"
+            f"  {f.label}{' -> ' + f.suggested_label if f.suggested_label else ''}  {f.score:.3f}"
+        )
     try:
         peer_clean_found = _peer(clean)  # before planting: the files move
     except ImportError as exc:
@@ -225,32 +241,54 @@ def _bench_one(src: str) -> dict:
         peer = _score(_peer(res), peer_clean, planted)
     n = len(res.dataset.samples)
     print(f"\nPlanted: 20 label flips, 8 near-duplicates, 8 leaks, 4 byte copies ({n} images)")
-    print(f"{'issue':15} {'recall':>7} {'precision':>9} {'findings':>8}   "
-          f"{'peer recall':>11} {'precision':>9} {'findings':>8}")
+    print(
+        f"{'issue':15} {'recall':>7} {'precision':>9} {'findings':>8}   "
+        f"{'peer recall':>11} {'precision':>9} {'findings':>8}"
+    )
     for issue in ("duplicate", "near-duplicate", "leak", "label"):
         m = mine[issue]
         p = peer[issue] if peer else {}
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"{issue:15} {m['recall']:7.2f} {fmt(m['precision']):>9} {m['findings']:8}   "
-              f"{fmt(p.get('recall')):>11} {fmt(p.get('precision')):>9} {p.get('findings', '-'):>8}")
+
+        def fmt(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        print(
+            f"{issue:15} {m['recall']:7.2f} {fmt(m['precision']):>9} {m['findings']:8}   "
+            f"{fmt(p.get('recall')):>11} {fmt(p.get('precision')):>9} {p.get('findings', '-'):>8}"
+        )
     if trials is not None:
-        print(f"label, {trials['sets']} more random sets of 20 flips (same embeddings, labels flipped in memory): "
-              f"recall {trials['mine']:.2f} flagging {100 * trials['mine_flagged']:.1f}% of the images; peer "
-              f"{trials['peer']:.2f} flagging {100 * trials['peer_flagged']:.1f}%, and {trials['peer_same_budget']:.2f}"
-              " when it may flag as many images as the doctor")
+        print(
+            f"label, {trials['sets']} more random sets of 20 flips (same embeddings, labels flipped in memory): "
+            f"recall {trials['mine']:.2f} flagging {100 * trials['mine_flagged']:.1f}% of the images; peer "
+            f"{trials['peer']:.2f} flagging {100 * trials['peer_flagged']:.1f}%, and {trials['peer_same_budget']:.2f}"
+            " when it may flag as many images as the doctor"
+        )
     n_label = sum(f.issue == "label" for f in res.findings)
     if peer is not None:
         print(f"peer flagged as label: {peer['label']['findings']} new + what the clean copy already had")
-    print(f"\nflagged as label: {n_label} of {n} images ({100 * n_label / n:.1f}%); time: doctor from an empty cache "
-          f"{empty_s:.1f} s = {empty_s / fe_s:.2f}x the first feature extraction ({fe_s:.1f} s), from the cache "
-          f"{cached_s:.1f} s = {100 * cached_s / fe_s:.0f}% of it")
+    print(
+        f"\nflagged as label: {n_label} of {n} images ({100 * n_label / n:.1f}%); time: doctor from an empty cache "
+        f"{empty_s:.1f} s = {empty_s / fe_s:.2f}x the first feature extraction ({fe_s:.1f} s), from the cache "
+        f"{cached_s:.1f} s = {100 * cached_s / fe_s:.0f}% of it"
+    )
     if res.label_note:
         print(res.label_note)
     copy_kinds = ("duplicate", "near-duplicate", "leak")
     planted_pairs = {frozenset(p) for k in copy_kinds for p in planted[k]}
-    unplanted = [f for f in res.findings if f.issue in copy_kinds and (f.issue, f.path) not in clean_keys
-                 and frozenset((f.path, f.other_path)) not in planted_pairs]
+    unplanted = [
+        f
+        for f in res.findings
+        if f.issue in copy_kinds
+        and (f.issue, f.path) not in clean_keys
+        and frozenset((f.path, f.other_path)) not in planted_pairs
+    ]
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"folder": os.path.normpath(src), "images": n, "cached_s": cached_s, "label_pct": 100 * n_label / n,
-            "clean_copies": sum(clean.counts()[k] for k in copy_kinds), "unplanted": len(unplanted),
-            **{k: mine[k]["recall"] for k in copy_kinds}}
+    return {
+        "folder": os.path.normpath(src),
+        "images": n,
+        "cached_s": cached_s,
+        "label_pct": 100 * n_label / n,
+        "clean_copies": sum(clean.counts()[k] for k in copy_kinds),
+        "unplanted": len(unplanted),
+        **{k: mine[k]["recall"] for k in copy_kinds},
+    }

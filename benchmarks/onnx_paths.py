@@ -10,6 +10,7 @@
    never saturates gives), forward images/s, and the validation accuracy of a feature-extraction run whose int8
    features are computed exactly. A flavour this CPU cannot run exactly is marked: its speed here says nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,10 +58,15 @@ def forward_rates(seconds: float = 5.0) -> dict[str, float]:
         def go(b):
             with torch.inference_mode():
                 f(b)
+
         return go
 
-    paths = {"torch eager fp32": (run_torch(eager), u8_4), "limit (folded, channels_last)": (run_torch(limit), u8_4),
-             "onnxruntime fp32": (fp32, u8_16), "onnxruntime int8": (int8, u8_16)}
+    paths = {
+        "torch eager fp32": (run_torch(eager), u8_4),
+        "limit (folded, channels_last)": (run_torch(limit), u8_4),
+        "onnxruntime fp32": (fp32, u8_16),
+        "onnxruntime int8": (int8, u8_16),
+    }
     best = {k: 0.0 for k in paths}
     for _ in range(2):
         for k, (fn, batch) in paths.items():
@@ -106,21 +112,32 @@ def flavour_rows(folder: str, flavours: list[str]) -> list[dict]:
         fp32 = os.path.join(tmp, "fp32.onnx")
         ob.export_graph(bb.net, pre, fp32)
         ref = ob.OrtForward(fp32, pre, "fp32")(sample)
-        batches = [ob._normalise(calib[i:i + 8], pre) for i in range(0, len(calib), 8)]
+        batches = [ob._normalise(calib[i : i + 8], pre) for i in range(0, len(calib), 8)]
         for name in flavours:
             path = os.path.join(tmp, f"{name}.onnx")
             t0 = time.perf_counter()
             quantize(fp32, path, batches, name)
-            row = {"folder": os.path.basename(os.path.normpath(folder)), "flavour": name,
-                   "calibration_s": time.perf_counter() - t0, "runs_exactly_here": name == "a7" or ob.has_vnni()}
+            row = {
+                "folder": os.path.basename(os.path.normpath(folder)),
+                "flavour": name,
+                "calibration_s": time.perf_counter() - t0,
+                "runs_exactly_here": name == "a7" or ob.has_vnni(),
+            }
             fast = ob.OrtForward(path, pre, "int8")
             for key, fwd in (("kernels", fast), ("exact", ob.OrtForward(path, pre, "int8", exact=True))):
                 cos = ob.agreement(fwd(sample), ref)
                 row[f"{key}_worst"], row[f"{key}_mean"] = float(cos.min()), float(cos.mean())
             row["images_per_s"] = _rate(fast, sample[:16], 5.0)
             with _flavour(name, exact=True):
-                res = fit(TrainConfig(data=folder, out=os.path.join(tmp, f"r-{name}"), engine="onnxruntime",
-                                      precision="int8", cache_dir=os.path.join(tmp, f"cache-{name}")))
+                res = fit(
+                    TrainConfig(
+                        data=folder,
+                        out=os.path.join(tmp, f"r-{name}"),
+                        engine="onnxruntime",
+                        precision="int8",
+                        cache_dir=os.path.join(tmp, f"cache-{name}"),
+                    )
+                )
             row["val_accuracy"] = res.metrics.get("val_accuracy")
             rows.append(row)
             print(f"  {row['folder']} {name}: {row}", file=sys.stderr, flush=True)
@@ -135,16 +152,30 @@ def end_to_end(folder: str) -> list[dict]:
     for engine, precision in (("torch", "auto"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("auto", "auto")):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            res = fit(TrainConfig(data=folder, out=os.path.join(tmp, "r"), engine=engine, precision=precision,
-                                  cache_dir=os.path.join(tmp, "cache")))
+            res = fit(
+                TrainConfig(
+                    data=folder,
+                    out=os.path.join(tmp, "r"),
+                    engine=engine,
+                    precision=precision,
+                    cache_dir=os.path.join(tmp, "cache"),
+                )
+            )
             wall = time.perf_counter() - t0
         m = res.metrics
-        rows.append({"folder": os.path.basename(os.path.normpath(folder)), "path": f"{engine} {precision}",
-                     "wall_s": wall, "embed_s": m.get("embed_seconds"),
-                     "embed_images_per_s": m.get("embed_images_per_s"),
-                     "val_accuracy": m.get("val_accuracy"), "val_n": m.get("val_n"),
-                     "graphs_s": (m.get("features") or {}).get("graphs_seconds", 0.0),
-                     "chosen": (m.get("features") or {}).get("precision")})
+        rows.append(
+            {
+                "folder": os.path.basename(os.path.normpath(folder)),
+                "path": f"{engine} {precision}",
+                "wall_s": wall,
+                "embed_s": m.get("embed_seconds"),
+                "embed_images_per_s": m.get("embed_images_per_s"),
+                "val_accuracy": m.get("val_accuracy"),
+                "val_n": m.get("val_n"),
+                "graphs_s": (m.get("features") or {}).get("graphs_seconds", 0.0),
+                "chosen": (m.get("features") or {}).get("precision"),
+            }
+        )
         print(f"  {rows[-1]['folder']} {rows[-1]['path']}: {wall:.1f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -168,21 +199,29 @@ def run_bench_onnx(a) -> int:
     rows = [r for f in present for r in end_to_end(f)]
     print(f"\n{'folder':12} {'path':18} {'wall s':>7} {'graphs s':>8} {'embed s':>8} {'img/s':>7} {'val acc':>8}  used")
     for r in rows:
-        print(f"{r['folder']:12} {r['path']:18} {r['wall_s']:7.1f} {r['graphs_s']:8.1f} {r['embed_s'] or 0:8.1f} "
-              f"{r['embed_images_per_s'] or 0:7.1f} {r['val_accuracy']:8.3f}  {r['chosen'] or ''}")
-    print("\nwall s = the first feature-extraction run from an empty cache (scan, hashing, decoding, embedding, head); "
-          "graphs s = the one-time ONNX export and int8 calibration inside it; embed s = hashing + decoding + forward")
+        print(
+            f"{r['folder']:12} {r['path']:18} {r['wall_s']:7.1f} {r['graphs_s']:8.1f} {r['embed_s'] or 0:8.1f} "
+            f"{r['embed_images_per_s'] or 0:7.1f} {r['val_accuracy']:8.3f}  {r['chosen'] or ''}"
+        )
+    print(
+        "\nwall s = the first feature-extraction run from an empty cache (scan, hashing, decoding, embedding, head); "
+        "graphs s = the one-time ONNX export and int8 calibration inside it; embed s = hashing + decoding + forward"
+    )
     return 0
 
 
 def _print_flavours(rows: list[dict]) -> None:
     from engine.network.onnx_runtime import has_vnni
 
-    print(f"\nint8 flavours (this CPU: {'VNNI' if has_vnni() else 'no VNNI'}; cosine with fp32 worst / mean over 48 "
-          "images; exact = what a CPU that never saturates computes; val acc from exact int8 features):")
+    print(
+        f"\nint8 flavours (this CPU: {'VNNI' if has_vnni() else 'no VNNI'}; cosine with fp32 worst / mean over 48 "
+        "images; exact = what a CPU that never saturates computes; val acc from exact int8 features):"
+    )
     print(f"{'folder':12} {'flavour':8} {'calib s':>7} {'kernels here':>14} {'exact':>14} {'img/s':>7} {'val acc':>8}")
     for r in rows:
         speed = f"{r['images_per_s']:7.1f}" if r["runs_exactly_here"] else "    n/a"  # saturates: not a real speed
-        print(f"{r['folder']:12} {r['flavour']:8} {r['calibration_s']:7.1f} "
-              f"{r['kernels_worst']:6.3f} / {r['kernels_mean']:5.3f} {r['exact_worst']:6.3f} / {r['exact_mean']:5.3f} "
-              f"{speed} {r['val_accuracy']:8.3f}")
+        print(
+            f"{r['folder']:12} {r['flavour']:8} {r['calibration_s']:7.1f} "
+            f"{r['kernels_worst']:6.3f} / {r['kernels_mean']:5.3f} {r['exact_worst']:6.3f} / {r['exact_mean']:5.3f} "
+            f"{speed} {r['val_accuracy']:8.3f}"
+        )

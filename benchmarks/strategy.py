@@ -10,6 +10,7 @@ Recipes: *new* is the default (BatchNorm statistics frozen; on EfficientNet-Lite
 image and its mirror image, the last 3 stages train); *old* is the previous default, forced here: 2 stages, the
 whole network run every epoch on random crops (25-100% of the area) and BatchNorm statistics updated.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,9 +89,16 @@ def run_bench_strategy(a) -> int:
         for label, kw in RUNS.items():
             if label not in a.runs.split(","):
                 continue
-            cfg = TrainConfig(data=flat, out=os.path.join(tmp, "runs", f"{name}-{label.replace(' ', '')}"),
-                              val_split=0.2, test_split=0.2, seed=0, device=a.device,
-                              cache_dir=os.path.join(tmp, f"cache-{name}-{label.replace(' ', '')}"), **kw)
+            cfg = TrainConfig(
+                data=flat,
+                out=os.path.join(tmp, "runs", f"{name}-{label.replace(' ', '')}"),
+                val_split=0.2,
+                test_split=0.2,
+                seed=0,
+                device=a.device,
+                cache_dir=os.path.join(tmp, f"cache-{name}-{label.replace(' ', '')}"),
+                **kw,
+            )
             if a.ft_epochs and kw["mode"] != "feature-extraction":
                 cfg.epochs = None if kw["mode"] == "auto" else a.ft_epochs
             t0 = time.perf_counter()
@@ -100,19 +108,33 @@ def run_bench_strategy(a) -> int:
             else:
                 res = fit(cfg)
             m = res.metrics
-            row = {"folder": name, "run": label, "seconds": round(time.perf_counter() - t0, 1),
-                   "test_accuracy": m.get("test_accuracy"), "ci95": m.get("test_accuracy_ci95"),
-                   "val_accuracy": m.get("val_accuracy"), "epochs_run": m.get("epochs_run"), "n_test": m.get("test_n"),
-                   "winner": (m.get("auto") or {}).get("winner")}
+            row = {
+                "folder": name,
+                "run": label,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "test_accuracy": m.get("test_accuracy"),
+                "ci95": m.get("test_accuracy_ci95"),
+                "val_accuracy": m.get("val_accuracy"),
+                "epochs_run": m.get("epochs_run"),
+                "n_test": m.get("test_n"),
+                "winner": (m.get("auto") or {}).get("winner"),
+            }
             rows.append(row)
-            print(f"  {name} {label}: test {row['test_accuracy']:.3f} in {row['seconds']:.0f} s"
-                  + (f" (kept {row['winner']})" if row["winner"] else ""), file=sys.stderr, flush=True)
-    print(f"\n{'folder':12} {'run':20} {'test acc':>8} {'95% interval':>13} {'n':>5} {'epochs':>6} "
-          f"{'wall s':>7}  winner")
+            print(
+                f"  {name} {label}: test {row['test_accuracy']:.3f} in {row['seconds']:.0f} s"
+                + (f" (kept {row['winner']})" if row["winner"] else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"\n{'folder':12} {'run':20} {'test acc':>8} {'95% interval':>13} {'n':>5} {'epochs':>6} {'wall s':>7}  winner"
+    )
     for r in rows:
         ci = f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}" if r["ci95"] else "-"
-        print(f"{r['folder']:12} {r['run']:20} {r['test_accuracy']:8.3f} {ci:>13} {r['n_test']:5} "
-              f"{r['epochs_run']:6} {r['seconds']:7.0f}  {r['winner'] or ''}")
+        print(
+            f"{r['folder']:12} {r['run']:20} {r['test_accuracy']:8.3f} {ci:>13} {r['n_test']:5} "
+            f"{r['epochs_run']:6} {r['seconds']:7.0f}  {r['winner'] or ''}"
+        )
     if a.json:
         with open(a.json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=1)

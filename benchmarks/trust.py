@@ -9,6 +9,7 @@ ECE of 0.03 from 0.05): expected calibration error and log-loss before and after
 classes, never seen: should be small) and the share of another folder's images marked unfamiliar (something else:
 should be large).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,19 @@ def _predicted(run: str, paths: list[str]) -> list:
 def _one_run(a, flat: str, name: str, mode: str, seed: int, other_paths: list[str], tmp: str) -> dict:
     """Train on one 60/20/20 split of ``flat``; predict its test images and the other folder's images."""
     t0 = time.perf_counter()
-    res = fit(TrainConfig(data=flat, out=os.path.join(tmp, "runs", f"{name}-{mode}-{seed}"), mode=mode,
-                          epochs=a.ft_epochs if mode == "fine-tuning" else None, val_split=0.2, test_split=0.2,
-                          seed=seed, device=a.device, cache_dir=os.path.join(tmp, "cache")))
+    res = fit(
+        TrainConfig(
+            data=flat,
+            out=os.path.join(tmp, "runs", f"{name}-{mode}-{seed}"),
+            mode=mode,
+            epochs=a.ft_epochs if mode == "fine-tuning" else None,
+            val_split=0.2,
+            test_split=0.2,
+            seed=seed,
+            device=a.device,
+            cache_dir=os.path.join(tmp, "cache"),
+        )
+    )
     cal = res.metrics["calibration"]
     test = [(p, c) for p, split, c in _splits(res.run_dir) if split == "test"]
     rows = _predicted(res.run_dir, [p for p, _ in test])
@@ -61,12 +72,17 @@ def _one_run(a, flat: str, name: str, mode: str, seed: int, other_paths: list[st
     after = np.array([r.probabilities for r in rows], dtype=np.float64)
     before = softmax(cal["temperature"] * np.log(np.maximum(after, 1e-30)))  # the logits, up to a constant
     other = _predicted(res.run_dir, other_paths) if other_paths else []
-    return {"seconds": time.perf_counter() - t0, "temperature": cal["temperature"],
-            "test_accuracy": res.metrics["test_accuracy"], "before": before, "after": after,
-            "y": np.array([classes.index(label[r.path]) for r in rows]),
-            "same": np.mean([r.status == "unfamiliar" for r in rows]),
-            "other": np.mean([r.status == "unfamiliar" for r in other]) if other else None,
-            "ece_after_split": cal["ece_after"]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "temperature": cal["temperature"],
+        "test_accuracy": res.metrics["test_accuracy"],
+        "before": before,
+        "after": after,
+        "y": np.array([classes.index(label[r.path]) for r in rows]),
+        "same": np.mean([r.status == "unfamiliar" for r in rows]),
+        "other": np.mean([r.status == "unfamiliar" for r in other]) if other else None,
+        "ece_after_split": cal["ece_after"],
+    }
 
 
 def _pooled(name: str, mode: str, runs: list[dict]) -> dict:
@@ -75,16 +91,24 @@ def _pooled(name: str, mode: str, runs: list[dict]) -> dict:
     before, after = np.concatenate([r["before"] for r in runs]), np.concatenate([r["after"] for r in runs])
     y = np.concatenate([r["y"] for r in runs])
     others = [r["other"] for r in runs if r["other"] is not None]
-    return {"folder": name, "mode": mode, "splits": len(runs), "n_test": int(len(y)),
-            "seconds": float(np.mean([r["seconds"] for r in runs])),
-            "test_accuracy": float(np.mean(after.argmax(1) == y)),
-            "temperatures": [r["temperature"] for r in runs],
-            "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
-            "ece_floor": ece_noise_floor(after), "ece_after_per_split": [r["ece_after_split"] for r in runs],
-            "log_loss_before": log_loss(before, y), "log_loss_after": log_loss(after, y),
-            "accuracy_at_80": _at_coverage(coverage_curve(after, y), 0.8),
-            "unfamiliar_same_classes": [float(r["same"]) for r in runs],
-            "unfamiliar_something_else": [float(o) for o in others]}
+    return {
+        "folder": name,
+        "mode": mode,
+        "splits": len(runs),
+        "n_test": int(len(y)),
+        "seconds": float(np.mean([r["seconds"] for r in runs])),
+        "test_accuracy": float(np.mean(after.argmax(1) == y)),
+        "temperatures": [r["temperature"] for r in runs],
+        "ece_before": expected_calibration_error(before, y),
+        "ece_after": expected_calibration_error(after, y),
+        "ece_floor": ece_noise_floor(after),
+        "ece_after_per_split": [r["ece_after_split"] for r in runs],
+        "log_loss_before": log_loss(before, y),
+        "log_loss_after": log_loss(after, y),
+        "accuracy_at_80": _at_coverage(coverage_curve(after, y), 0.8),
+        "unfamiliar_same_classes": [float(r["same"]) for r in runs],
+        "unfamiliar_something_else": [float(o) for o in others],
+    }
 
 
 def _share(values: list[float]) -> str:
@@ -115,21 +139,27 @@ def run_bench_trust(a) -> int:
                 runs.append(_one_run(a, flat[f], name, mode, seed, other_paths, tmp))
                 print(f"  {name} {mode} split {seed}: {runs[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)
             rows.append(_pooled(name, mode, runs))
-    print(f"\n{'folder':12} {'mode':19} {'n':>5} {'test acc':>8} {'T (per split)':>16} {'ECE before':>10} "
-          f"{'after':>6} {'floor':>6} {'logloss b':>9} {'after':>6} {'acc@80%':>7} {'unfam same':>15} "
-          f"{'unfam other':>16}")
+    print(
+        f"\n{'folder':12} {'mode':19} {'n':>5} {'test acc':>8} {'T (per split)':>16} {'ECE before':>10} "
+        f"{'after':>6} {'floor':>6} {'logloss b':>9} {'after':>6} {'acc@80%':>7} {'unfam same':>15} "
+        f"{'unfam other':>16}"
+    )
     for r in rows:
         temps = "/".join(f"{t:.2f}" for t in r["temperatures"])
-        print(f"{r['folder']:12} {r['mode']:19} {r['n_test']:5} {r['test_accuracy']:8.3f} {temps:>16} "
-              f"{r['ece_before']:10.3f} {r['ece_after']:6.3f} {r['ece_floor']:6.3f} {r['log_loss_before']:9.3f} "
-              f"{r['log_loss_after']:6.3f} {(r['accuracy_at_80'] or float('nan')):7.3f} "
-              f"{_share(r['unfamiliar_same_classes']):>15} {_share(r['unfamiliar_something_else']):>16}")
-    print(f"\nEvery run: a flat copy split 60/20/20, {a.splits} split(s) (seeds 0-{a.splits - 1}); temperature and "
-          "thresholds from validation; each split's test predictions pooled: ECE (15 bins), log-loss and accuracy at "
-          "80% coverage measured on them; 'floor' = the ECE a perfectly calibrated model shows on as many images with "
-          "the same confidences (mean of 200 draws); 'unfam same' = test images (classes it knows, never seen) "
-          f"marked unfamiliar; 'unfam other' = {a.other_images} images of the other folder(s); both as the mean "
-          "(lowest-highest) over splits.")
+        print(
+            f"{r['folder']:12} {r['mode']:19} {r['n_test']:5} {r['test_accuracy']:8.3f} {temps:>16} "
+            f"{r['ece_before']:10.3f} {r['ece_after']:6.3f} {r['ece_floor']:6.3f} {r['log_loss_before']:9.3f} "
+            f"{r['log_loss_after']:6.3f} {(r['accuracy_at_80'] or float('nan')):7.3f} "
+            f"{_share(r['unfamiliar_same_classes']):>15} {_share(r['unfamiliar_something_else']):>16}"
+        )
+    print(
+        f"\nEvery run: a flat copy split 60/20/20, {a.splits} split(s) (seeds 0-{a.splits - 1}); temperature and "
+        "thresholds from validation; each split's test predictions pooled: ECE (15 bins), log-loss and accuracy at "
+        "80% coverage measured on them; 'floor' = the ECE a perfectly calibrated model shows on as many images with "
+        "the same confidences (mean of 200 draws); 'unfam same' = test images (classes it knows, never seen) "
+        f"marked unfamiliar; 'unfam other' = {a.other_images} images of the other folder(s); both as the mean "
+        "(lowest-highest) over splits."
+    )
     if a.json:
         from engine.runs import atomic_write_json, json_safe
 
@@ -142,4 +172,3 @@ def _splits(run_dir: str) -> list[tuple[str, str]]:
 
     with open(os.path.join(run_dir, "split.csv"), encoding="utf-8", newline="") as f:
         return [(r["path"], r["split"], r["class"]) for r in csv.DictReader(f)]
-

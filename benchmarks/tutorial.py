@@ -12,6 +12,7 @@ Phases:
   limit      the backbone's forward pass on synthetic tensors already in memory (what the hardware allows; run
              first and last, the faster counts)
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,9 @@ def _reference(data: str, device, epochs: int) -> dict:
 
     ds = scan(data, val_split=0.2, seed=0)
     items = [(s.path, s.label) for s in ds.samples if s.split == "train"]
-    tf = transforms.Compose([transforms.Resize((224, 224)), transforms.ToTensor(),
-                             transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    tf = transforms.Compose(
+        [transforms.Resize((224, 224)), transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    )
 
     class Folder(Dataset):
         def __len__(self):
@@ -131,9 +133,17 @@ def _phase(name: str, args: dict) -> dict:
         mode = "fine-tuning" if name == "fine-tune" else "feature-extraction"
         with tempfile.TemporaryDirectory() as runs:
             tj = time.perf_counter()
-            res = fit(TrainConfig(data=data, out=os.path.join(runs, "r"), mode=mode, device=args["device"],
-                                  epochs=args["ft_epochs"] if mode == "fine-tuning" else None,
-                                  cache_dir=args["cache_dir"], patience=0 if mode == "fine-tuning" else None))
+            res = fit(
+                TrainConfig(
+                    data=data,
+                    out=os.path.join(runs, "r"),
+                    mode=mode,
+                    device=args["device"],
+                    epochs=args["ft_epochs"] if mode == "fine-tuning" else None,
+                    cache_dir=args["cache_dir"],
+                    patience=0 if mode == "fine-tuning" else None,
+                )
+            )
             out["job_s"] = time.perf_counter() - tj  # the fit() call alone: what the app waits for
         m = res.metrics
         out["val_accuracy"] = m.get("val_accuracy")
@@ -176,13 +186,20 @@ def run_bench(a) -> int:
     # empty cache of its own.
     for name in ("limit", "fe-first", "reference", "fe-second", "fine-tune", "fe-first-again", "limit-again"):
         phase = name.replace("-again", "")
-        phase_args = dict(args, cache_dir=tempfile.mkdtemp(prefix="ts-bench-cache-")) if name == "fe-first-again" \
-            else args
-        code = ("import json,sys; from benchmarks.tutorial import _phase; "
-                f"print('BENCH'+json.dumps(_phase({phase!r}, json.loads(sys.argv[1]))))")
+        phase_args = (
+            dict(args, cache_dir=tempfile.mkdtemp(prefix="ts-bench-cache-")) if name == "fe-first-again" else args
+        )
+        code = (
+            "import json,sys; from benchmarks.tutorial import _phase; "
+            f"print('BENCH'+json.dumps(_phase({phase!r}, json.loads(sys.argv[1]))))"
+        )
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", code, json.dumps(phase_args)], capture_output=True, text=True,
-                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        r = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(phase_args)],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH")), None)
         if r.returncode or not line:
             print(f"{name}: failed\n{r.stderr[-2000:]}")
@@ -202,33 +219,45 @@ def run_bench(a) -> int:
     rows["fe-first"]["fe_first_runs_images_per_s"] = list(fe_runs)
     rows = {k: rows[k] for k in ("limit", "reference", "fe-first", "fe-second", "fine-tune")}  # table order
     ref, lim = rows["reference"], rows["limit"]
-    print(f"\nData: {data}; device: {rows['limit'].get('gpu', 'cpu')}; backbone efficientnet_lite0; "
-          f"reference = {a.epochs} epochs of the tutorial-style fixed feature extractor\n")
-    print(f"{'phase':12} {'wall s':>8} {'job s':>7} {'img/s':>8} {'peak RSS MB':>12} {'val acc':>8} "
-          f"{'vs reference':>13} {'vs limit':>9}")
+    print(
+        f"\nData: {data}; device: {rows['limit'].get('gpu', 'cpu')}; backbone efficientnet_lite0; "
+        f"reference = {a.epochs} epochs of the tutorial-style fixed feature extractor\n"
+    )
+    print(
+        f"{'phase':12} {'wall s':>8} {'job s':>7} {'img/s':>8} {'peak RSS MB':>12} {'val acc':>8} "
+        f"{'vs reference':>13} {'vs limit':>9}"
+    )
     for name, r in rows.items():
         speed = ref["process_s"] / r["process_s"] if name != "limit" else float("nan")
         lim_ratio = r["images_per_s"] / lim["images_per_s"] if r.get("images_per_s") else float("nan")
         acc = r.get("val_accuracy")
         ips = r.get("images_per_s", float("nan"))
         job = f"{r['job_s']:.1f}" if "job_s" in r else ""
-        print(f"{name:12} {r['process_s']:8.1f} {job:>7} {'-' if ips != ips else f'{ips:.1f}':>8} "
-              f"{r['peak_rss_mb']:12.0f} {'' if acc is None else f'{acc:.3f}':>8} "
-              f"{'' if name in ('limit', 'reference') else f'{speed:.2f}x faster':>13} "
-              f"{'' if name == 'limit' or lim_ratio != lim_ratio else f'{lim_ratio:.0%}':>9}")
+        print(
+            f"{name:12} {r['process_s']:8.1f} {job:>7} {'-' if ips != ips else f'{ips:.1f}':>8} "
+            f"{r['peak_rss_mb']:12.0f} {'' if acc is None else f'{acc:.3f}':>8} "
+            f"{'' if name in ('limit', 'reference') else f'{speed:.2f}x faster':>13} "
+            f"{'' if name == 'limit' or lim_ratio != lim_ratio else f'{lim_ratio:.0%}':>9}"
+        )
     first, second = rows["fe-first"], rows["fe-second"]
-    print(f"\nfe-second vs fe-first: {first['process_s'] / second['process_s']:.1f}x faster end to end (new process "
-          f"each; fe-second {'imported' if second['imported_torch'] else 'never imported'} torch), "
-          f"{first['job_s'] / second['job_s']:.1f}x for the fit() call alone; "
-          f"reference first epoch {ref['first_epoch_s']:.1f} s")
-    print("wall s = the whole process (start-up, imports, job); job s = fit() only; "
-          f"limit = the faster of its runs before and after the others ({limits[0]:.1f} and {limits[1]:.1f} img/s); "
-          f"fe-first = the faster of its two runs, each from an empty cache ({fe_runs[0]:.1f} and "
-          f"{fe_runs[1]:.1f} img/s embedding)")
+    print(
+        f"\nfe-second vs fe-first: {first['process_s'] / second['process_s']:.1f}x faster end to end (new process "
+        f"each; fe-second {'imported' if second['imported_torch'] else 'never imported'} torch), "
+        f"{first['job_s'] / second['job_s']:.1f}x for the fit() call alone; "
+        f"reference first epoch {ref['first_epoch_s']:.1f} s"
+    )
+    print(
+        "wall s = the whole process (start-up, imports, job); job s = fit() only; "
+        f"limit = the faster of its runs before and after the others ({limits[0]:.1f} and {limits[1]:.1f} img/s); "
+        f"fe-first = the faster of its two runs, each from an empty cache ({fe_runs[0]:.1f} and "
+        f"{fe_runs[1]:.1f} img/s embedding)"
+    )
     fe = rows["fe-first"]
-    print(f"embedding vs limit, paired (the limit measured in the same process right after that embedding): "
-          f"{fe['images_per_s']:.1f} / {fe['paired_limit_images_per_s']:.1f} img/s = "
-          f"{fe['images_per_s'] / fe['paired_limit_images_per_s']:.0%}")
+    print(
+        f"embedding vs limit, paired (the limit measured in the same process right after that embedding): "
+        f"{fe['images_per_s']:.1f} / {fe['paired_limit_images_per_s']:.1f} img/s = "
+        f"{fe['images_per_s'] / fe['paired_limit_images_per_s']:.0%}"
+    )
     if a.json:
         from engine.runs import atomic_write_json, json_safe
 

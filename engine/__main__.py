@@ -4,6 +4,7 @@
 Progress goes to stderr; results (paths, metrics) to stdout. Ctrl-C stops cleanly (the best epoch so far is kept);
 a second Ctrl-C aborts at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,15 +55,19 @@ class TerminalProgress(Callbacks):
         if now - self.last < 5.0 or m.step == m.steps:
             return
         self.last = now
-        self._line(f"epoch {m.epoch} step {m.step}/{m.steps}  loss {m.loss:.4f}  acc {m.accuracy:.3f}"
-                   f"  {m.images_per_s:.1f} img/s  ETA {m.eta_s:.0f}s")
+        self._line(
+            f"epoch {m.epoch} step {m.step}/{m.steps}  loss {m.loss:.4f}  acc {m.accuracy:.3f}"
+            f"  {m.images_per_s:.1f} img/s  ETA {m.eta_s:.0f}s"
+        )
 
     def on_train_epoch_end(self, m: EpochMetrics) -> None:
         if not m.worth_logging:
             return
         rate = f"  {m.images_per_s:.1f} img/s" if m.images_per_s and not m.many_cheap_epochs else ""
-        self._line(f"epoch {m.epoch}/{m.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}  "
-                   f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}{rate}{'  *' if m.is_best else ''}")
+        self._line(
+            f"epoch {m.epoch}/{m.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}  "
+            f"val loss {m.val_loss:.4f} acc {m.val_accuracy:.3f}{rate}{'  *' if m.is_best else ''}"
+        )
 
 
 def _install_sigint(cancel: CancelToken) -> None:
@@ -80,18 +85,20 @@ def _install_sigint(cancel: CancelToken) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine", description="Transfer Studio engine: transfer learning on "
-                                "a local image folder (no GUI needed).")
+    p = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="Transfer Studio engine: transfer learning on a local image folder (no GUI needed).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     # Each job's options come from its config dataclass (engine/config.py): one declaration, no copies here.
-    for name, cls, text in (("train", TrainConfig, "train a classifier on DATA and save a run folder"),
-                            ("predict", PredictConfig, "predict every image under a folder (or given files) and "
-                                                       "write a CSV"),
-                            ("evaluate", EvaluateConfig, "score a labelled folder with a saved run"),
-                            ("export", ExportConfig, "export a run's network to ONNX or TorchScript"),
-                            ("scan", ScanConfig, "scan a folder and report classes, split and unreadable files"),
-                            ("doctor", DoctorConfig, "find duplicates, leaks between splits, likely wrong labels "
-                                                     "and outliers in a folder")):
+    for name, cls, text in (
+        ("train", TrainConfig, "train a classifier on DATA and save a run folder"),
+        ("predict", PredictConfig, "predict every image under a folder (or given files) and write a CSV"),
+        ("evaluate", EvaluateConfig, "score a labelled folder with a saved run"),
+        ("export", ExportConfig, "export a run's network to ONNX or TorchScript"),
+        ("scan", ScanConfig, "scan a folder and report classes, split and unreadable files"),
+        ("doctor", DoctorConfig, "find duplicates, leaks between splits, likely wrong labels and outliers in a folder"),
+    ):
         sp = sub.add_parser(name, help=text)
         add_arguments(sp, cls)
         if name in ("train", "predict", "evaluate", "doctor"):
@@ -126,10 +133,21 @@ def cmd_train(a) -> int:
         _err(res.message)
         return 130
     m = res.metrics
-    print(json.dumps({"run": res.run_dir, "status": m["status"], "val_accuracy": m.get("val_accuracy"),
-                      "val_accuracy_ci95": m.get("val_accuracy_ci95"), "test_accuracy": m.get("test_accuracy"),
-                      "best_epoch": m.get("best_epoch"), "train_seconds": m.get("train_seconds"),
-                      "skipped": len(res.skipped)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "run": res.run_dir,
+                "status": m["status"],
+                "val_accuracy": m.get("val_accuracy"),
+                "val_accuracy_ci95": m.get("val_accuracy_ci95"),
+                "test_accuracy": m.get("test_accuracy"),
+                "best_epoch": m.get("best_epoch"),
+                "train_seconds": m.get("train_seconds"),
+                "skipped": len(res.skipped),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -139,10 +157,18 @@ def cmd_predict(a) -> int:
     res = _job(predict_folder, from_args(PredictConfig, a), a.quiet)
     if res.cancelled:
         return 130
-    print(json.dumps({"csv": res.csv_path, "rows": len(res.rows), "errors": res.n_errors,
-                      "seconds": round(res.seconds, 2),
-                      **({"sorted": res.sorted_summary} if res.sorted_summary else {})},
-                     indent=2))
+    print(
+        json.dumps(
+            {
+                "csv": res.csv_path,
+                "rows": len(res.rows),
+                "errors": res.n_errors,
+                "seconds": round(res.seconds, 2),
+                **({"sorted": res.sorted_summary} if res.sorted_summary else {}),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -180,8 +206,10 @@ def cmd_backbones(a) -> int:
         return 0
     print(f"{'name':22} {'params':>8} {'input':>6}  offline  weights")
     for r in rows:
-        print(f"{r.name:22} {r.params_m:7.1f}M {r.input_size:6d}  {'yes' if r.weights_available else 'no ':7}  "
-              f"{r.weights_where}")
+        print(
+            f"{r.name:22} {r.params_m:7.1f}M {r.input_size:6d}  {'yes' if r.weights_available else 'no ':7}  "
+            f"{r.weights_where}"
+        )
     print("\nBackbones marked 'no' need --weights FILE, or --download when online.")
     return 0
 
@@ -192,9 +220,20 @@ def cmd_scan(a) -> int:
     ds = _job(scan_folder, from_args(ScanConfig, a), True).dataset
     if ds is None:
         return 130
-    print(json.dumps({"root": ds.root, "layout": ds.layout, "classes": ds.classes, "counts": ds.counts(),
-                      "warnings": ds.warnings, "skipped": [{"path": p, "reason": r} for p, r in ds.skipped]},
-                     indent=2, ensure_ascii=False))
+    print(
+        json.dumps(
+            {
+                "root": ds.root,
+                "layout": ds.layout,
+                "classes": ds.classes,
+                "counts": ds.counts(),
+                "warnings": ds.warnings,
+                "skipped": [{"path": p, "reason": r} for p, r in ds.skipped],
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
     return 0
 
 
@@ -207,9 +246,13 @@ def cmd_doctor(a) -> int:
     counts = res.counts()
     n = len(res.dataset.samples)
     print(f"Checked {n} images of {res.dataset.root} in {res.seconds:.1f} s")
-    words = {"duplicate": "byte-identical copies in the same split", "near-duplicate": "near copies in the same split",
-             "leak": "copies across splits (inflate the reported accuracy)", "label": "probably wrong class",
-             "outlier": "unlike every other image"}
+    words = {
+        "duplicate": "byte-identical copies in the same split",
+        "near-duplicate": "near copies in the same split",
+        "leak": "copies across splits (inflate the reported accuracy)",
+        "label": "probably wrong class",
+        "outlier": "unlike every other image",
+    }
     for k in ISSUES:
         print(f"  {k:15} {counts[k]:6}  {words[k]}")
     if not res.findings:
@@ -220,8 +263,10 @@ def cmd_doctor(a) -> int:
         print(f"{res.leaked_eval} validation/test image(s) have a copy in train.")
     if res.rescored and res.rescored["accuracy_without_leaks"] is not None:
         r = res.rescored
-        print(f"Run {a.run}: validation accuracy {r['accuracy']:.3f}; without the {r['removed']} leaked image(s) "
-              f"{r['accuracy_without_leaks']:.3f}")
+        print(
+            f"Run {a.run}: validation accuracy {r['accuracy']:.3f}; without the {r['removed']} leaked image(s) "
+            f"{r['accuracy_without_leaks']:.3f}"
+        )
     if a.csv:
         print(f"Findings written to {a.csv} (one row each: {', '.join(CSV_HEADER)})")
     return 0
@@ -251,8 +296,16 @@ def cmd_cache(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
-                "backbones": cmd_backbones, "scan": cmd_scan, "cache": cmd_cache, "doctor": cmd_doctor}
+    handlers = {
+        "train": cmd_train,
+        "predict": cmd_predict,
+        "evaluate": cmd_evaluate,
+        "export": cmd_export,
+        "backbones": cmd_backbones,
+        "scan": cmd_scan,
+        "cache": cmd_cache,
+        "doctor": cmd_doctor,
+    }
     try:
         return handlers[args.command](args)
     except EngineError as exc:

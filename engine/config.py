@@ -5,6 +5,7 @@ fields (flag, help text, default), the window reads and writes the same fields (
 :func:`to_argv` turns a config back into the command line that reproduces it (the window's *Copy command line*).
 A round-trip test (config -> window -> config -> argv -> parsed config) keeps them from drifting apart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,16 +37,35 @@ def unfreeze_value(v: str | int) -> int | str:
         raise EngineError("--unfreeze takes a number of stages, 'all' or 'auto'.") from exc
 
 
-def option(default: Any, help: str, *, flag: str | None = None, parse: Callable[[str], Any] | None = None,
-           choices: tuple | None = None, positional: bool = False, required: bool = False, cli: bool = True) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    choices: tuple | None = None,
+    positional: bool = False,
+    required: bool = False,
+    cli: bool = True,
+) -> Any:
     """A config field with what its command-line option needs.
 
     ``flag``: the option's name (default ``--field-name``; a bool that defaults to True gets ``--no-field-name``
     unless named). ``parse``: str -> value (default: the type of ``default``; required when default is None).
     ``required``: the command line must give it (the API may leave it out). ``cli=False``: not on the command line.
     """
-    return field(default=default, metadata={"help": help, "flag": flag, "parse": parse, "choices": choices,
-                                            "positional": positional, "required": required, "cli": cli})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "flag": flag,
+            "parse": parse,
+            "choices": choices,
+            "positional": positional,
+            "required": required,
+            "cli": cli,
+        },
+    )
 
 
 @dataclass
@@ -55,45 +75,78 @@ class TrainConfig:
 
     data: str = option("", "folder of class subfolders, or with train/ val/ [test/] subfolders", positional=True)
     out: str | None = option(None, "run folder to create (default: a new folder in the runs folder)", parse=str)
-    mode: str = option("feature-extraction", "feature-extraction (frozen backbone, new head), fine-tuning, or auto "
-                                             "(both, fine-tuning from feature extraction's head within --budget; "
-                                             "the lower validation loss wins)", choices=MODES)
+    mode: str = option(
+        "feature-extraction",
+        "feature-extraction (frozen backbone, new head), fine-tuning, or auto "
+        "(both, fine-tuning from feature extraction's head within --budget; "
+        "the lower validation loss wins)",
+        choices=MODES,
+    )
     backbone: str = option(DEFAULT_BACKBONE, "see `python -m engine backbones`")
     weights: str | None = option(None, "load backbone weights from this local file (.safetensors/.pth)", parse=str)
     download: bool = option(False, "allow downloading torchvision weights (needs internet)")
-    unfreeze: int | str = option("auto", "fine-tuning: last N stages, 'all', or auto (3; small pictures on a Lite "
-                                         "backbone: all but the first 3)", parse=unfreeze_value)
+    unfreeze: int | str = option(
+        "auto",
+        "fine-tuning: last N stages, 'all', or auto (3; small pictures on a Lite backbone: all but the first 3)",
+        parse=unfreeze_value,
+    )
     epochs: int | None = option(None, "default 100 (feature extraction, early-stopped) / 5 (fine-tuning)", parse=int)
     batch_size: int | None = option(None, "default 64 / 32", parse=int)
     lr: float | None = option(None, "head learning rate (default 3e-3 / 1e-3)", parse=float)
-    backbone_lr_mult: float | None = option(None, "fine-tuning: backbone learning rate = lr x this (default 0.1; "
-                                                  "small pictures, with more stages trained: 0.3)", parse=float)
+    backbone_lr_mult: float | None = option(
+        None,
+        "fine-tuning: backbone learning rate = lr x this (default 0.1; small pictures, with more stages trained: 0.3)",
+        parse=float,
+    )
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    augment: bool = option(True, "fine-tuning: each image or its mirror image at random (other backbones than the "
-                                 "bundled one: random crops too)")
-    bn_stats: str = option("frozen", "fine-tuning: BatchNorm statistics: frozen (the pretrained ones; their scale and "
-                                     "shift still train) or update (re-estimated from each batch)",
-                           choices=("frozen", "update"))
-    small_images: str = option("auto", "fine-tuning pictures of at most 160 px (median shorter side) with a Lite "
-                                       "backbone: auto (train at 128 px, not upscaled), off (upscaled to the "
-                                       "backbone's input)", choices=("auto", "off"))
+    augment: bool = option(
+        True,
+        "fine-tuning: each image or its mirror image at random (other backbones than the "
+        "bundled one: random crops too)",
+    )
+    bn_stats: str = option(
+        "frozen",
+        "fine-tuning: BatchNorm statistics: frozen (the pretrained ones; their scale and "
+        "shift still train) or update (re-estimated from each batch)",
+        choices=("frozen", "update"),
+    )
+    small_images: str = option(
+        "auto",
+        "fine-tuning pictures of at most 160 px (median shorter side) with a Lite "
+        "backbone: auto (train at 128 px, not upscaled), off (upscaled to the "
+        "backbone's input)",
+        choices=("auto", "off"),
+    )
     patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
-    balance: str = option("auto", "weight the loss by inverse class frequency: auto (when the largest class has 3x "
-                                  "the images of the smallest), on, off", choices=("auto", "on", "off"))
-    budget: float | None = option(None, "auto mode: minutes fine-tuning may take (default: its planned epochs)",
-                                  parse=float)
-    linear_probe_init: bool = option(True, "fine-tuning: start the head from a linear probe (LP-FT)",
-                                     flag="--no-lp-init")
+    balance: str = option(
+        "auto",
+        "weight the loss by inverse class frequency: auto (when the largest class has 3x "
+        "the images of the smallest), on, off",
+        choices=("auto", "on", "off"),
+    )
+    budget: float | None = option(
+        None, "auto mode: minutes fine-tuning may take (default: its planned epochs)", parse=float
+    )
+    linear_probe_init: bool = option(
+        True, "fine-tuning: start the head from a linear probe (LP-FT)", flag="--no-lp-init"
+    )
     val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
     test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
     seed: int = option(0, "random seed: same seed, same split and same run")
-    exclude: str | None = option(None, "leave out the images listed in this CSV (a 'path' column: the doctor's CSV "
-                                       "works as it is)", parse=str)
+    exclude: str | None = option(
+        None, "leave out the images listed in this CSV (a 'path' column: the doctor's CSV works as it is)", parse=str
+    )
     device: str = option("auto", "auto (prefers CUDA), cpu, cuda, cuda:N, mps")
-    engine: str = option("auto", "the frozen backbone's forward pass: auto (ONNX Runtime on the CPU, PyTorch on a "
-                                 "GPU), onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
-    precision: str = option("auto", "ONNX Runtime's precision: auto (int8 when its features agree with fp32 on your "
-                                    "images), fp32, int8", choices=("auto", "fp32", "int8"))
+    engine: str = option(
+        "auto",
+        "the frozen backbone's forward pass: auto (ONNX Runtime on the CPU, PyTorch on a GPU), onnxruntime, torch",
+        choices=("auto", "onnxruntime", "torch"),
+    )
+    precision: str = option(
+        "auto",
+        "ONNX Runtime's precision: auto (int8 when its features agree with fp32 on your images), fp32, int8",
+        choices=("auto", "fp32", "int8"),
+    )
     cache: bool = option(True, "read and write the embedding cache")
     cache_dir: str | None = option(None, "embedding cache folder (default: the user cache folder)", parse=str)
     overwrite: bool = option(False, "replace --out if it exists")
@@ -140,15 +193,27 @@ class PredictConfig:
     csv: str | None = option(None, "CSV file to write", parse=str, required=True)
     top_k: int = option(1, "also list the k most likely classes")
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
-    engine: str = option("auto", "feature-extraction runs on the CPU: auto (ONNX Runtime, in the precision the run was "
-                                 "trained with), onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
+    engine: str = option(
+        "auto",
+        "feature-extraction runs on the CPU: auto (ONNX Runtime, in the precision the run was "
+        "trained with), onnxruntime, torch",
+        choices=("auto", "onnxruntime", "torch"),
+    )
     batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
-    min_confidence: float | None = option(None, "mark predictions below this calibrated confidence 'unsure' "
-                                                "(default: the threshold saved with the model)", parse=float)
-    target_accuracy: float | None = option(None, "or: the lowest threshold at which validation images were at "
-                                                 "least this accurate (e.g. 0.95)", parse=float)
-    sort_into: str | None = option(None, "also copy (or hard-link) each image into DIR/<predicted class>/, "
-                                         "DIR/_unsure/ or DIR/_unfamiliar/; nothing is moved or overwritten", parse=str)
+    min_confidence: float | None = option(
+        None,
+        "mark predictions below this calibrated confidence 'unsure' (default: the threshold saved with the model)",
+        parse=float,
+    )
+    target_accuracy: float | None = option(
+        None, "or: the lowest threshold at which validation images were at least this accurate (e.g. 0.95)", parse=float
+    )
+    sort_into: str | None = option(
+        None,
+        "also copy (or hard-link) each image into DIR/<predicted class>/, "
+        "DIR/_unsure/ or DIR/_unfamiliar/; nothing is moved or overwritten",
+        parse=str,
+    )
 
 
 @dataclass
@@ -158,8 +223,12 @@ class EvaluateConfig:
     run: str = option("", "run folder", positional=True)
     data: str = option("", "labelled folder (either layout)", positional=True)
     device: str = option("auto", "auto, cpu, cuda, cuda:N, mps")
-    engine: str = option("auto", "feature-extraction runs on the CPU: auto (ONNX Runtime, in the precision the run was "
-                                 "trained with), onnxruntime, torch", choices=("auto", "onnxruntime", "torch"))
+    engine: str = option(
+        "auto",
+        "feature-extraction runs on the CPU: auto (ONNX Runtime, in the precision the run was "
+        "trained with), onnxruntime, torch",
+        choices=("auto", "onnxruntime", "torch"),
+    )
     batch_size: int | None = option(None, "images per forward pass (default: measured per device)", parse=int)
 
 
@@ -176,6 +245,7 @@ class ExportConfig:
 
 
 # ------------------------------------------------------------------------------------------- command line
+
 
 def _flag(f: dataclasses.Field) -> str:
     if f.metadata.get("flag"):
@@ -200,14 +270,24 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             nargs = "+" if f.name == "images" else None
             parser.add_argument(f.name, nargs=nargs, help=help_text)
         elif isinstance(f.default, bool):
-            parser.add_argument(_flag(f), dest=f.name, action="store_false" if f.default else "store_true",
-                                help=f"off: {help_text} (on by default)" if f.default else help_text)
+            parser.add_argument(
+                _flag(f),
+                dest=f.name,
+                action="store_false" if f.default else "store_true",
+                help=f"off: {help_text} (on by default)" if f.default else help_text,
+            )
         else:
             quiet = f.default is None or f.metadata["required"] or "default" in help_text
             default_note = "" if quiet else f" (default {f.default})"
-            parser.add_argument(_flag(f), dest=f.name, type=_parse(f), default=f.default,
-                                choices=f.metadata["choices"], required=f.metadata["required"],
-                                help=help_text + default_note)
+            parser.add_argument(
+                _flag(f),
+                dest=f.name,
+                type=_parse(f),
+                default=f.default,
+                choices=f.metadata["choices"],
+                required=f.metadata["required"],
+                help=help_text + default_note,
+            )
 
 
 def from_args(cls, ns: argparse.Namespace):

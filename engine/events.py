@@ -3,6 +3,7 @@
 Everything that crosses from the engine to a caller (the CLI, the GUI worker, a test) is a frozen dataclass of
 plain Python numbers and strings: safe to send through a Qt signal, to print, or to write to CSV.
 """
+
 from __future__ import annotations
 
 import threading
@@ -94,8 +95,6 @@ class EpochMetrics:
             "images_per_s": round(self.images_per_s, 1),
             "is_best": int(self.is_best),
         }
-
-
 
 
 @dataclass(frozen=True)

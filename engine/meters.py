@@ -4,6 +4,7 @@ The linear head (engine/train/head.py) and fine-tuning (engine/train/fine_tuning
 loops report
 progress and stop early the same way, with the same words.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,10 @@ class EarlyStopping:
         return bool(self.patience) and has_validation and self.bad_epochs >= self.patience
 
     def message(self) -> str:
-        return (f"Early stopping: validation loss has not improved for {self.patience} epochs "
-                f"(best epoch {self.best_epoch}).")
+        return (
+            f"Early stopping: validation loss has not improved for {self.patience} epochs "
+            f"(best epoch {self.best_epoch})."
+        )
 
     def stop(self, has_validation: bool, log: Callable[[str], None] | None) -> bool:
         """``should_stop``, saying so through ``log`` when it is time."""
@@ -78,8 +81,13 @@ class BackboneFacts:
 
     @classmethod
     def of(cls, backbone, device_text: str) -> BackboneFacts:
-        return cls(backbone.preprocessing, int(backbone.net.feature_dim), backbone.weights_source,
-                   backbone.weights_id, device_text)
+        return cls(
+            backbone.preprocessing,
+            int(backbone.net.feature_dim),
+            backbone.weights_source,
+            backbone.weights_id,
+            device_text,
+        )
 
 
 @dataclass

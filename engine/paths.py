@@ -5,6 +5,7 @@ embedding cache), ``TRANSFER_STUDIO_DATA`` (exclude lists, the move journal, mea
 ``TRANSFER_STUDIO_RUNS`` (runs the user did not place). The folders themselves are what earlier versions used, so
 nothing a user has is left behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ def _platform_base(kind: str) -> str:
 
 def default_cache_dir() -> str:
     """The embedding cache (and the ONNX graphs, layout and detail thumbnails beside it)."""
-    return os.environ.get("TRANSFER_STUDIO_CACHE") or os.path.join(_platform_base("cache"), "transfer-studio",
-                                                                   "embeddings")
+    return os.environ.get("TRANSFER_STUDIO_CACHE") or os.path.join(
+        _platform_base("cache"), "transfer-studio", "embeddings"
+    )
 
 
 def app_data_dir() -> str:

@@ -7,6 +7,7 @@ ignored and cleaned.
 Automatic mode adds ``auto.json`` to both of its runs once both exist (who won needs both); :func:`read_metrics`
 hands it back inside the metrics as ``auto``, as runs saved before 2026-12-02 held it in metrics.json itself.
 """
+
 from __future__ import annotations
 
 import csv
@@ -92,16 +93,21 @@ class RunWriter:
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
-            raise EngineError(f"Cannot create the runs folder {parent}: {exc.strerror or exc}. "
-                              "Choose another output folder.") from exc
+            raise EngineError(
+                f"Cannot create the runs folder {parent}: {exc.strerror or exc}. Choose another output folder."
+            ) from exc
         if os.path.exists(self.target) and os.listdir(self.target) and not self.overwrite:
-            raise EngineError(f"{self.target} already exists and is not empty. Choose another --out, or pass "
-                              "--overwrite to replace it.")
+            raise EngineError(
+                f"{self.target} already exists and is not empty. Choose another --out, or pass "
+                "--overwrite to replace it."
+            )
         try:
             self.tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(self.target)}-", dir=parent)
         except OSError as exc:
-            raise EngineError(f"Cannot write to {parent}: {exc.strerror or exc}. Choose another output folder "
-                              "or free some disk space.") from exc
+            raise EngineError(
+                f"Cannot write to {parent}: {exc.strerror or exc}. Choose another output folder "
+                "or free some disk space."
+            ) from exc
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
@@ -190,13 +196,20 @@ def list_runs(runs_dir: str) -> list[dict]:
             metrics = read_json(os.path.join(path, "metrics.json"))
         except EngineError:
             continue
-        out.append({
-            "path": path, "name": name, "created": meta.get("created", ""),
-            "backbone": meta.get("backbone", ""), "mode": meta.get("mode", ""),
-            "val_accuracy": metrics.get("val_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
-            "train_seconds": metrics.get("train_seconds"), "status": metrics.get("status", ""),
-            "classes": meta.get("classes", []),
-        })
+        out.append(
+            {
+                "path": path,
+                "name": name,
+                "created": meta.get("created", ""),
+                "backbone": meta.get("backbone", ""),
+                "mode": meta.get("mode", ""),
+                "val_accuracy": metrics.get("val_accuracy"),
+                "test_accuracy": metrics.get("test_accuracy"),
+                "train_seconds": metrics.get("train_seconds"),
+                "status": metrics.get("status", ""),
+                "classes": meta.get("classes", []),
+            }
+        )
     out.sort(key=lambda r: r["created"], reverse=True)
     return out
 
@@ -232,6 +245,7 @@ def read_predictions(run_dir: str, name: str = "val_predictions.csv") -> list[di
 
 # ------------------------------------------------------------------------------------------------ writing a run
 
+
 def json_safe(obj):
     """NaN and infinities become null; NumPy scalars become Python numbers (metrics.json is strict JSON)."""
     if isinstance(obj, float):
@@ -259,9 +273,13 @@ def versions() -> dict:
             return "not installed"
 
     torch = sys.modules.get("torch")  # its __version__ also names the CUDA build (e.g. 2.11.0+cu128)
-    return {"transfer_studio": __version__, "torch": torch.__version__ if torch else installed("torch"),
-            "torchvision": installed("torchvision"),
-            "python": sys.version.split()[0], "platform": platform.platform()}
+    return {
+        "transfer_studio": __version__,
+        "torch": torch.__version__ if torch else installed("torch"),
+        "torchvision": installed("torchvision"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
 
 
 def save_weights(path: str, weights: dict) -> None:
@@ -281,39 +299,75 @@ def save_weights(path: str, weights: dict) -> None:
 TRAIN_EMBEDDINGS = "train_embeddings.safetensors"
 
 
-def model_json(cfg, ds, facts: BackboneFacts, calibration: dict | None = None, unfamiliar: dict | None = None,
-               features_path: dict | None = None, recipe: dict | None = None) -> dict:
+def model_json(
+    cfg,
+    ds,
+    facts: BackboneFacts,
+    calibration: dict | None = None,
+    unfamiliar: dict | None = None,
+    features_path: dict | None = None,
+    recipe: dict | None = None,
+) -> dict:
     """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config and
     what reproduces every prediction's status: the temperature, the "not sure" threshold, the "unfamiliar" one."""
     conf = asdict(cfg)
     trust = {}
     if calibration:
         trust["calibration"] = {"temperature": calibration["temperature"]}
-        trust["unsure"] = {k: calibration[k] for k in ("min_confidence", "target_accuracy", "expected_coverage",
-                                                        "expected_accuracy", "target_reached")}
+        trust["unsure"] = {
+            k: calibration[k]
+            for k in ("min_confidence", "target_accuracy", "expected_coverage", "expected_accuracy", "target_reached")
+        }
     if features_path:  # feature extraction: the path that made the features (predict uses the same one)
         trust["features"] = features_path
     if recipe:  # fine-tuning: the input size it trained at (also in preprocessing) and the stages it trained
         trust["fine_tuning"] = recipe
     if unfamiliar:
-        trust["unfamiliar"] = {"k": unfamiliar["k"], "threshold": unfamiliar["threshold"],
-                               "embeddings": TRAIN_EMBEDDINGS,
-                               **{k: unfamiliar[k] for k in ("dim", "frozen_stages", "space")
-                                  if k in unfamiliar}}
-    return json_safe({
-        "format_version": FORMAT_VERSION, "app": "transfer-studio", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "classes": ds.classes, "backbone": cfg.backbone, "mode": cfg.mode,
-        "preprocessing": facts.preprocessing.to_dict(), "feature_dim": facts.feature_dim,
-        "head": {"type": "linear", "in_features": facts.feature_dim, "out_features": len(ds.classes),
-                 "dropout": 0.2},
-        "weights_source": facts.weights_source, "weights_id": facts.weights_id,
-        "data": os.path.abspath(cfg.data), "layout": ds.layout, "config": json_safe(conf),
-        "versions": versions(), **trust,
-    })
+        trust["unfamiliar"] = {
+            "k": unfamiliar["k"],
+            "threshold": unfamiliar["threshold"],
+            "embeddings": TRAIN_EMBEDDINGS,
+            **{k: unfamiliar[k] for k in ("dim", "frozen_stages", "space") if k in unfamiliar},
+        }
+    return json_safe(
+        {
+            "format_version": FORMAT_VERSION,
+            "app": "transfer-studio",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "classes": ds.classes,
+            "backbone": cfg.backbone,
+            "mode": cfg.mode,
+            "preprocessing": facts.preprocessing.to_dict(),
+            "feature_dim": facts.feature_dim,
+            "head": {
+                "type": "linear",
+                "in_features": facts.feature_dim,
+                "out_features": len(ds.classes),
+                "dropout": 0.2,
+            },
+            "weights_source": facts.weights_source,
+            "weights_id": facts.weights_id,
+            "data": os.path.abspath(cfg.data),
+            "layout": ds.layout,
+            "config": json_safe(conf),
+            "versions": versions(),
+            **trust,
+        }
+    )
 
 
-def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], ds, metrics: dict,
-             predictions: list[list], meta: dict, train_embeddings: np.ndarray | None = None) -> str:
+def save_run(
+    out: str,
+    overwrite: bool,
+    *,
+    weights: dict,
+    history: list[dict],
+    ds,
+    metrics: dict,
+    predictions: list[list],
+    meta: dict,
+    train_embeddings: np.ndarray | None = None,
+) -> str:
     """Write a whole run folder atomically (see the module docstring); returns its path. A failure leaves no
     partial folder and says what to do."""
     writer = RunWriter(out, overwrite=overwrite)
@@ -324,21 +378,28 @@ def save_run(out: str, overwrite: bool, *, weights: dict, history: list[dict], d
             from safetensors.numpy import save_file
 
             save_file({"embeddings": np.asarray(train_embeddings, np.float16)}, writer.path(TRAIN_EMBEDDINGS))
-        writer.write_csv("history.csv", list(history[0].keys()) if history else ["epoch"],
-                         [list(h.values()) for h in history])
-        writer.write_csv("split.csv", ["path", "split", "class"],
-                         ([x.path, x.split, classes[x.label]] for x in ds.samples))
+        writer.write_csv(
+            "history.csv", list(history[0].keys()) if history else ["epoch"], [list(h.values()) for h in history]
+        )
+        writer.write_csv(
+            "split.csv", ["path", "split", "class"], ([x.path, x.split, classes[x.label]] for x in ds.samples)
+        )
         writer.write_csv("skipped.csv", ["path", "reason"], ds.skipped)
         writer.write_csv("excluded.csv", ["path"], ([p] for p in ds.excluded))
-        writer.write_csv("val_predictions.csv", ["path", "split", "label", "prediction", "confidence"]
-                         + [f"p_{c}" for c in classes], predictions)
+        writer.write_csv(
+            "val_predictions.csv",
+            ["path", "split", "label", "prediction", "confidence"] + [f"p_{c}" for c in classes],
+            predictions,
+        )
         writer.write_json("metrics.json", json_safe(metrics))
         writer.write_json("model.json", meta)  # last: a folder is a run only when whole
         return writer.commit()
     except OSError as exc:
         writer.abort()
-        raise EngineError(f"Could not save the run to {out}: {exc.strerror or exc}. Free some disk space or "
-                          "choose another output folder; earlier runs are untouched.") from exc
+        raise EngineError(
+            f"Could not save the run to {out}: {exc.strerror or exc}. Free some disk space or "
+            "choose another output folder; earlier runs are untouched."
+        ) from exc
     except BaseException:
         writer.abort()
         raise

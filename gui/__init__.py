@@ -1,4 +1,5 @@
 """Transfer Studio desktop app (PySide6). Thin: widgets and one worker adapter; all training logic is in ``engine``."""
+
 import os
 
 # Idle OpenMP threads sleep instead of spinning: with PyTorch's threads spinning on every core, the GUI thread

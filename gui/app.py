@@ -1,4 +1,5 @@
 """Entry point: ``transfer-studio`` / ``python -m gui``."""
+
 from __future__ import annotations
 
 import multiprocessing

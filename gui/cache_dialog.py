@@ -1,4 +1,5 @@
 """Train > Embedding cache…: what the cache holds, and deleting it after asking."""
+
 from __future__ import annotations
 
 from PySide6.QtWidgets import QMessageBox
@@ -20,11 +21,13 @@ def manage_embedding_cache(window, busy: bool) -> int | None:
     if busy:
         window.show_error("A job is running: stop it before deleting the embedding cache.")
         return None
-    if not window.confirm("Embedding cache",
-                          f"{folder} holds the features of {images} image(s) for {len(entries)} backbone "
-                          f"setting(s): {mb:.1f} MB. Feature extraction reuses them to skip the backbone on "
-                          "images it has seen. Delete them? (Runs are not touched; the next run embeds its "
-                          "images again.)"):
+    if not window.confirm(
+        "Embedding cache",
+        f"{folder} holds the features of {images} image(s) for {len(entries)} backbone "
+        f"setting(s): {mb:.1f} MB. Feature extraction reuses them to skip the backbone on "
+        "images it has seen. Delete them? (Runs are not touched; the next run embeds its "
+        "images again.)",
+    ):
         return None
     freed = clear_cache(folder)
     window.status_label.setText(f"Deleted {freed / 1e6:.1f} MB of cached embeddings")

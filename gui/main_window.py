@@ -4,6 +4,7 @@ Tabs own their widgets and settings and ask for work with typed requests (a Scan
 the window turns a request into a job through the :class:`JobController` and sends the job's end back to the tab
 that asked. No training logic here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,9 +58,15 @@ class MainWindow(QMainWindow):
         self.training_tab = TrainingTab()
         self.results_tab = ResultsTab(self.loader)
         self.predict_tab = PredictTab(self.loader)
-        for i, (tab, name) in enumerate(((self.dataset_tab, "Dataset"), (self.model_tab, "Model"),
-                                         (self.training_tab, "Training"), (self.results_tab, "Results"),
-                                         (self.predict_tab, "Predict"))):
+        for i, (tab, name) in enumerate(
+            (
+                (self.dataset_tab, "Dataset"),
+                (self.model_tab, "Model"),
+                (self.training_tab, "Training"),
+                (self.results_tab, "Results"),
+                (self.predict_tab, "Predict"),
+            )
+        ):
             self.tabs.addTab(tab, f"{i + 1}  {name}")
         self.setCentralWidget(self.tabs)
         self.status_label = QLabel("")
@@ -105,16 +112,19 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------------------------------------ menus
     def _build_menu(self) -> None:
         fm = self.menuBar().addMenu("&File")
-        self.open_act = QAction("&Open image folder…", self, shortcut=QKeySequence.Open,
-                                triggered=self.dataset_tab.choose_folder)
-        self.open_run_act = QAction("Open &run…", self, shortcut=QKeySequence("Ctrl+Shift+O"),
-                                    triggered=self._choose_run)
+        self.open_act = QAction(
+            "&Open image folder…", self, shortcut=QKeySequence.Open, triggered=self.dataset_tab.choose_folder
+        )
+        self.open_run_act = QAction(
+            "Open &run…", self, shortcut=QKeySequence("Ctrl+Shift+O"), triggered=self._choose_run
+        )
         quit_act = QAction("&Quit", self, shortcut=QKeySequence.Quit, triggered=self.close)
         for a in (self.open_act, self.open_run_act, quit_act):
             fm.addAction(a)
         tm = self.menuBar().addMenu("&Train")
-        self.start_act = QAction("&Start training", self, shortcut=QKeySequence("Ctrl+R"),
-                                 triggered=self.start_training)
+        self.start_act = QAction(
+            "&Start training", self, shortcut=QKeySequence("Ctrl+R"), triggered=self.start_training
+        )
         self.stop_act = QAction("S&top", self, shortcut=QKeySequence("Ctrl+."), triggered=self.stop_job)
         tm.addAction(self.start_act)
         tm.addAction(self.stop_act)
@@ -177,8 +187,14 @@ class MainWindow(QMainWindow):
     def start_scan(self, cfg: ScanConfig) -> None:
         self.dataset_tab.scan_started(cfg.data)
         self.tabs.setCurrentWidget(self.dataset_tab)
-        self.jobs.start(SCAN, scan_folder, cfg, done=self._scanned, failed=self.scan_failed,
-                        signals={"progress": self.dataset_tab.scan_progress_update})
+        self.jobs.start(
+            SCAN,
+            scan_folder,
+            cfg,
+            done=self._scanned,
+            failed=self.scan_failed,
+            signals={"progress": self.dataset_tab.scan_progress_update},
+        )
         self.dataset_tab.remember(cfg.data)
 
     def scan_failed(self, message: str, details: str) -> None:
@@ -200,8 +216,13 @@ class MainWindow(QMainWindow):
 
         t = self.training_tab.values()
         epochs = t.get("epochs") or DEFAULTS["fine-tuning"]["epochs"]
-        est = estimate.estimate_fine_tuning(self.model_tab.backbone(), t.get("device", "auto"),
-                                          self.model_tab.unfreeze_value(), len(ds.split("train")), epochs)
+        est = estimate.estimate_fine_tuning(
+            self.model_tab.backbone(),
+            t.get("device", "auto"),
+            self.model_tab.unfreeze_value(),
+            len(ds.split("train")),
+            epochs,
+        )
         self.model_tab.show_estimate(est.text, est.seconds / 60)
 
     def _predicting_drops(self) -> bool:
@@ -232,8 +253,9 @@ class MainWindow(QMainWindow):
     def train_config(self, out: str | None = None) -> TrainConfig:
         """The training config the tabs describe; ``out`` defaults to a new run folder in the runs folder."""
         values = {**self.dataset_tab.values(), **self.model_tab.values(), **self.training_tab.values()}
-        out = out or os.path.join(self.training_tab.runs_dir.text() or default_runs_dir(),
-                                  new_run_name(values["backbone"], values["mode"]))
+        out = out or os.path.join(
+            self.training_tab.runs_dir.text() or default_runs_dir(), new_run_name(values["backbone"], values["mode"])
+        )
         return TrainConfig(out=out, **values)
 
     def apply_config(self, cfg: TrainConfig) -> None:
@@ -247,8 +269,10 @@ class MainWindow(QMainWindow):
             return
         if self.dataset_tab.scanning:
             # (the previous folder is still loaded: training it now is not what the user asked for)
-            self.show_error(f"{self.dataset_tab.folder} is still being scanned: start training when its classes "
-                            "are listed in the Dataset tab.")
+            self.show_error(
+                f"{self.dataset_tab.folder} is still being scanned: start training when its classes "
+                "are listed in the Dataset tab."
+            )
             return
         if self.dataset_tab.dataset is None:
             self.show_error("Open an image folder first (Dataset tab, or Ctrl+O).")
@@ -258,10 +282,15 @@ class MainWindow(QMainWindow):
         self.tabs.setCurrentWidget(self.training_tab)
         self.training_tab.job_started()
         t = self.training_tab
-        self.start_main(t, fit, cfg, dataset=self.dataset_tab.dataset, done=self._training_finished,
-                         failed=self._training_failed,
-                         signals={"log": t.add_log, "progress": t.on_progress, "batch": t.on_batch,
-                                  "epoch": t.on_epoch})
+        self.start_main(
+            t,
+            fit,
+            cfg,
+            dataset=self.dataset_tab.dataset,
+            done=self._training_finished,
+            failed=self._training_failed,
+            signals={"log": t.add_log, "progress": t.on_progress, "batch": t.on_batch, "epoch": t.on_epoch},
+        )
 
     def start_main(self, owner, fn, *args, **kwargs) -> None:
         self.main_owner = owner
@@ -293,8 +322,7 @@ class MainWindow(QMainWindow):
             cfg = dataclasses.replace(cfg, device="cuda")
         if not cfg.data:
             cfg = dataclasses.replace(cfg, data="DATA")
-        launcher = (["torchrun", "--nproc_per_node=gpu", "-m", "engine"] if cluster
-                    else [sys.executable, "-m", "engine"])
+        launcher = ["torchrun", "--nproc_per_node=gpu", "-m", "engine"] if cluster else [sys.executable, "-m", "engine"]
         cmd = shlex.join([*launcher, "train", *to_argv(cfg)])
         QApplication.clipboard().setText(cmd)
         self.training_tab.add_log("Copied: " + cmd)
@@ -331,8 +359,14 @@ class MainWindow(QMainWindow):
         cfg = dataclasses.replace(cfg, device=t["device"], engine=t["engine"])
         p = self.predict_tab
         p.job_started(cfg.top_k)
-        self.start_main(p, predict_folder, cfg, done=self._prediction_finished, failed=self._predict_failed,
-                         signals={"progress": p.on_progress, "predictions": p.add_rows})
+        self.start_main(
+            p,
+            predict_folder,
+            cfg,
+            done=self._prediction_finished,
+            failed=self._predict_failed,
+            signals={"progress": p.on_progress, "predictions": p.add_rows},
+        )
 
     def _prediction_finished(self, res) -> None:
         self.last_result = res
@@ -349,16 +383,18 @@ class MainWindow(QMainWindow):
         self.predict_tab.sorting_into = cfg.folder
         self.predict_tab.job_started()
         self.predict_tab.status.setText(f"Sorting into {cfg.folder} …")
-        self.start_main(self.predict_tab, sort_into, cfg, done=self.predict_tab.sort_finished,
-                         failed=self._predict_failed)
+        self.start_main(
+            self.predict_tab, sort_into, cfg, done=self.predict_tab.sort_finished, failed=self._predict_failed
+        )
 
     def export_model(self, cfg: ExportConfig) -> None:
         if self.busy():
             self.show_error("Another job is running: stop it or wait for it to finish.")
             return
         self.predict_tab.job_started()
-        self.start_main(self.predict_tab, export_model, cfg, done=self.predict_tab.export_finished,
-                         failed=self._predict_failed)
+        self.start_main(
+            self.predict_tab, export_model, cfg, done=self.predict_tab.export_finished, failed=self._predict_failed
+        )
 
     def show_heatmap(self, run_dir: str, path: str) -> None:
         """*Where it looked*: computed in the background (its own lane: training or prediction may be running)."""
@@ -366,14 +402,17 @@ class MainWindow(QMainWindow):
             self.heatmap_dialog = HeatmapDialog(self)
         self.heatmap_dialog.computing(path)
         cfg = HeatmapConfig(run_dir, path, device=self.training_tab.values()["device"])
-        self.jobs.start(HEATMAP, heatmap, cfg, done=self.heatmap_dialog.show_result,
-                        failed=self.heatmap_dialog.show_failure)
+        self.jobs.start(
+            HEATMAP, heatmap, cfg, done=self.heatmap_dialog.show_result, failed=self.heatmap_dialog.show_failure
+        )
 
     # ------------------------------------------------------------------------------------------------ closing
     def closeEvent(self, e) -> None:
         if self.busy():
-            if not self.confirm("A job is running", "Training or prediction is still running. Stop it and quit? "
-                                "The best epoch so far is saved."):
+            if not self.confirm(
+                "A job is running",
+                "Training or prediction is still running. Stop it and quit? The best epoch so far is saved.",
+            ):
                 e.ignore()
                 return
             self.stop_job()

@@ -1,4 +1,5 @@
 """Find files in ``resources/`` both from a source checkout and inside a PyInstaller bundle."""
+
 from __future__ import annotations
 
 import os

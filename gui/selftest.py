@@ -4,6 +4,7 @@ Creates the main window (offscreen), makes a tiny image folder, trains the defau
 and by fine-tuning through the app's own worker thread, predicts the folder to a CSV, checks the CSV, and exits
 0; on any failure it prints what failed and exits 1.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,7 +34,6 @@ def _make_images(root: str) -> None:
             im.save(os.path.join(root, name, f"{i}.png"))
 
 
-
 def scratch_window(tmp: str):
     """The real main window with throwaway settings and runs folder under ``tmp``, 1280x800, shown (for the
     self-test and the measuring tools in tools/)."""
@@ -52,6 +52,7 @@ def scratch_window(tmp: str):
 def backbones_listed(win) -> bool:
     """The start-up discovery has filled the backbone list (or said why it could not)."""
     return win.model_tab.table.rowCount() > 0 or "Backbones:" in win.model_tab.loading.text()
+
 
 def run_self_test(timeout_s: float = 600.0) -> int:
     from PySide6.QtWidgets import QApplication
@@ -88,8 +89,12 @@ def run_self_test(timeout_s: float = 600.0) -> int:
             win.model_tab.set_mode(mode)
             win.training_tab.epochs.setValue(epochs)
             # feature extraction through ONNX Runtime int8 (the fastest CPU path must work in the bundle too)
-            win.training_tab.set_values({"engine": "onnxruntime" if mode == "feature-extraction" else "auto",
-                                         "precision": "int8" if mode == "feature-extraction" else "auto"})
+            win.training_tab.set_values(
+                {
+                    "engine": "onnxruntime" if mode == "feature-extraction" else "auto",
+                    "precision": "int8" if mode == "feature-extraction" else "auto",
+                }
+            )
             win.last_result = None
             win.start_training()
             wait(lambda: (not win.busy() and win.last_result is not None) or bool(win.last_error), f"{mode}")
@@ -100,16 +105,21 @@ def run_self_test(timeout_s: float = 600.0) -> int:
                 raise RuntimeError(f"{mode}: no run was saved ({res.message})")
             runs[mode] = res.run_dir
             feats = res.metrics.get("features") or {}
-            _say(f"{mode}: val accuracy {res.metrics.get('val_accuracy')}, features {feats.get('precision', '-')}"
-                 f"{' (flavour ' + feats['int8_flavour'] + ')' if feats.get('int8_flavour') else ''} ({res.run_dir})")
+            _say(
+                f"{mode}: val accuracy {res.metrics.get('val_accuracy')}, features {feats.get('precision', '-')}"
+                f"{' (flavour ' + feats['int8_flavour'] + ')' if feats.get('int8_flavour') else ''} ({res.run_dir})"
+            )
             if mode == "feature-extraction" and (res.metrics.get("features") or {}).get("precision") != "int8":
                 raise RuntimeError(f"feature extraction did not run through ONNX Runtime int8: {res.metrics}")
         out = os.path.join(tmp, "predictions.csv")
         predict_folder(PredictConfig(runs["fine-tuning"], [data], out, top_k=2))
         with open(out, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
-        if (len(rows) != 16 or any(r["error"] for r in rows)
-                or not all(r["prediction"] in ("red", "blue") for r in rows)):
+        if (
+            len(rows) != 16
+            or any(r["error"] for r in rows)
+            or not all(r["prediction"] in ("red", "blue") for r in rows)
+        ):
             raise RuntimeError(f"unexpected CSV: {len(rows)} rows")
         correct = sum(1 for r in rows if r["path"].split(os.sep)[-2] == r["prediction"])
         _say(f"predicted {len(rows)} images, {correct} correct; CSV ok")

@@ -9,6 +9,7 @@ read back as such they would keep small pictures from the recipe that fine-tunes
 (engine/train/fine_tuning/recipe.py). Those two old defaults are read as "auto"; any other stored value is the user's
 and kept.
 """
+
 from __future__ import annotations
 
 from PySide6.QtCore import QSettings
@@ -38,8 +39,9 @@ def save_values(settings: QSettings, values: dict) -> None:
 def load_values(settings: QSettings, names: list[str], cls=TrainConfig) -> dict:
     """The stored values of ``names`` (fields of ``cls``) that the settings hold."""
     out = {}
-    old = {k: v for version, olds in OLD_DEFAULTS.items() if stored_version(settings) <= version
-           for k, v in olds.items()}
+    old = {
+        k: v for version, olds in OLD_DEFAULTS.items() if stored_version(settings) <= version for k, v in olds.items()
+    }
     for name in names:
         key = f"{GROUP}/{name}"
         if settings.contains(key) and not (name in old and str(settings.value(key)) == old[name]):

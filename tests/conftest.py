@@ -1,4 +1,5 @@
 """Shared fixtures: synthetic image folders made in tmp_path, isolated caches, no leftover threads."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ def _no_dangling_threads():
 
     deadline = time.time() + 5
     while time.time() < deadline:
-        extra = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
-                 and not t.daemon and not t.name.startswith(("decode", "ThreadPoolExecutor"))]
+        extra = [
+            t
+            for t in threading.enumerate()
+            if t.ident not in before
+            and t.is_alive()
+            and not t.daemon
+            and not t.name.startswith(("decode", "ThreadPoolExecutor"))
+        ]
         if not extra:
             break
         time.sleep(0.05)
@@ -51,7 +58,10 @@ def fe_run(flat_data, tmp_path_factory):
     from engine import TrainConfig, fit
 
     out = tmp_path_factory.mktemp("runs") / "fe"
-    res = fit(TrainConfig(data=str(flat_data), out=str(out), epochs=30, seed=1,
-                          cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    res = fit(
+        TrainConfig(
+            data=str(flat_data), out=str(out), epochs=30, seed=1, cache_dir=str(tmp_path_factory.mktemp("cache"))
+        )
+    )
     assert res.run_dir
     return res

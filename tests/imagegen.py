@@ -1,5 +1,6 @@
 """Synthetic image folders for tests: classes that differ in colour and shape, so a pretrained backbone
 separates them after a few images (tests can then assert real accuracy, not only that files exist)."""
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,10 @@ def draw_image(style: str, seed: int, size: int = 96) -> Image.Image:
     im = Image.new("RGB", (size + rng.randint(0, 40), size + rng.randint(0, 30)), bg)
     d = ImageDraw.Draw(im)
     w, h = im.size
-    jitter = lambda c: tuple(max(0, min(255, v + rng.randint(-30, 30))) for v in c)  # noqa: E731
+
+    def jitter(c):
+        return tuple(max(0, min(255, v + rng.randint(-30, 30))) for v in c)
+
     x0, y0 = rng.randint(5, w // 4), rng.randint(5, h // 4)
     x1, y1 = rng.randint(3 * w // 4, w - 5), rng.randint(3 * h // 4, h - 5)
     if shape == "ellipse":
@@ -39,8 +43,9 @@ def draw_image(style: str, seed: int, size: int = 96) -> Image.Image:
     return im
 
 
-def make_flat_dataset(root: Path, n_per_class: int = 12, classes=("circles", "squares", "stripes"),
-                      ext: str = ".jpg", seed: int = 0) -> Path:
+def make_flat_dataset(
+    root: Path, n_per_class: int = 12, classes=("circles", "squares", "stripes"), ext: str = ".jpg", seed: int = 0
+) -> Path:
     root = Path(root)
     for ci, c in enumerate(classes):
         (root / c).mkdir(parents=True, exist_ok=True)
@@ -112,8 +117,12 @@ def draw_scene(kind: str, seed: int, size: int = 160) -> Image.Image:
 # content, so two different pictures are alike everywhere but in their detail. Each picture is drawn from its own
 # seed (no two are copies of each other); tests and tools/make_onekind.py plant the copies themselves.
 
-ONE_KIND = {"digits": [str(d) for d in range(10)], "scans": ["healthy", "bright", "dark", "ring"],
-            "texture": ["ok", "scratch", "spot"], "product": ["bottle", "mug", "box"]}
+ONE_KIND = {
+    "digits": [str(d) for d in range(10)],
+    "scans": ["healthy", "bright", "dark", "ring"],
+    "texture": ["ok", "scratch", "spot"],
+    "product": ["bottle", "mug", "box"],
+}
 
 
 def _field(rng, size: int, sigma: float):
@@ -151,7 +160,7 @@ def draw_one_kind(kind: str, label: str, seed: int, size: int = 160) -> Image.Im
         big = np.asarray(Image.fromarray(img.astype(np.uint8)).resize((size - 32, size - 32), Image.BICUBIC), float)
         a = np.zeros((size, size))
         ox, oy = rng.integers(4, 28, 2)
-        a[oy:oy + size - 32, ox:ox + size - 32] = big
+        a[oy : oy + size - 32, ox : ox + size - 32] = big
         return _grey(a, rng, 10)
     if kind == "scans":  # an axial "MRI" slice: one head outline, its own tissue texture, a lesion by class
         cx, cy = 0.5 + rng.normal(0, 0.015, 2)
@@ -230,14 +239,14 @@ def plant_copies(root: Path, n: int = 4, seed: int = 1) -> dict[str, list[tuple[
         dst = p.with_name(f"near-{p.stem}.jpg")
         im.resize((int(im.width * 0.8), int(im.height * 0.8)), Image.BILINEAR).save(dst, quality=60)
         out["near-duplicate"].append((str(p), str(dst)))
-    for p in picks[n:2 * n]:
+    for p in picks[n : 2 * n]:
         im = Image.open(p).convert("RGB")
         dx, dy = int(im.width * 0.05), int(im.height * 0.05)
         dst = root / "val" / p.parent.name / f"leak-{p.stem}.jpg"
         dst.parent.mkdir(parents=True, exist_ok=True)
         im.crop((dx, dy, im.width - dx, im.height - dy)).save(dst, quality=90)
         out["leak"].append((str(p), str(dst)))
-    for p in picks[2 * n:]:
+    for p in picks[2 * n :]:
         dst = p.with_name(f"copy-{p.name}")
         shutil.copy2(p, dst)
         out["duplicate"].append((str(p), str(dst)))

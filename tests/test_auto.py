@@ -1,4 +1,5 @@
 """--mode auto: feature extraction, then fine-tuning from its head within a budget; the lower validation loss wins."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_c
     log = Log()
     # (small_images off: at the backbone's input size fine-tuning starts from feature extraction's head; small
     # pictures fine-tune at 128 px from a probe of their own, as the pairs test below does)
-    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c"),
-                          small_images="off"), log)
+    res = fit(
+        TrainConfig(
+            data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c"), small_images="off"
+        ),
+        log,
+    )
     assert res.run_dir == str(out) and not res.cancelled
     block = res.metrics["auto"]
     assert block["winner"] == FE and block["this_run"] == FE
@@ -59,8 +64,9 @@ def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_c
 
 def test_the_budget_stops_fine_tuning_and_feature_extraction_is_kept(flat_data, tmp_path):
     out = tmp_path / "auto"
-    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", budget=0.001, seed=1,
-                          cache_dir=str(tmp_path / "c")))
+    res = fit(
+        TrainConfig(data=str(flat_data), out=str(out), mode="auto", budget=0.001, seed=1, cache_dir=str(tmp_path / "c"))
+    )
     assert res.run_dir == str(out) and not res.cancelled
     block = res.metrics["auto"]
     assert block["winner"] == FE and block["stopped"] == "the time budget ran out"
@@ -81,8 +87,11 @@ def test_a_cancel_during_fine_tuning_keeps_both_halves_done_so_far(flat_data, tm
 
     token = CancelToken()
     out = tmp_path / "auto"
-    res = fit(TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")),
-              CancelAfterFirstFineTuningEpoch(token), token)
+    res = fit(
+        TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")),
+        CancelAfterFirstFineTuningEpoch(token),
+        token,
+    )
     assert res.cancelled and res.run_dir
     runs = res.metrics["auto"]["runs"]
     assert set(runs) == {FE, FT} and runs[FT]["epochs_run"] == 1
@@ -96,8 +105,11 @@ def test_a_cancel_during_feature_extraction_saves_nothing_and_skips_fine_tuning(
             token.cancel()
 
     token = CancelToken()
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "auto"), mode="auto", cache_dir=str(tmp_path / "c")),
-              CancelAtOnce(), token)
+    res = fit(
+        TrainConfig(data=str(flat_data), out=str(tmp_path / "auto"), mode="auto", cache_dir=str(tmp_path / "c")),
+        CancelAtOnce(),
+        token,
+    )
     assert res.cancelled and res.run_dir is None
     assert not any(p.name.startswith("auto") for p in tmp_path.iterdir())
 
@@ -156,8 +168,9 @@ def test_the_summary_never_says_minus_zero_points():
     assert "(-6.7 points, 95% interval -9.3 to -4.1" in summary(FE, runs, 0.067, (0.041, 0.093), 500)
 
 
-def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_validation_probabilities(flat_data,
-                                                                                                      tmp_path):
+def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_validation_probabilities(
+    flat_data, tmp_path
+):
     """The cached path trains only the last stages on the frozen stages' outputs; the saved model, run on the whole
     images by predict, must give the validation probabilities fine-tuning recorded (val_predictions.csv)."""
     import csv
@@ -166,8 +179,18 @@ def test_fine_tuning_runs_the_frozen_stages_once_and_its_model_reproduces_the_va
     from engine.predict.predictions import predict_folder
 
     log = Log()
-    run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=2, batch_size=8,
-                          unfreeze=2, seed=3), log)
+    run = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "ft"),
+            mode="fine-tuning",
+            epochs=2,
+            batch_size=8,
+            unfreeze=2,
+            seed=3,
+        ),
+        log,
+    )
     assert any("Ran the frozen stages once over" in m for m in log.lines)
     assert any("The frozen stages run through ONNX Runtime (fp32)" in m for m in log.lines)  # the CPU's fast path
     assert any("BatchNorm statistics frozen" in m for m in log.lines)

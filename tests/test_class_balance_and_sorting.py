@@ -1,4 +1,5 @@
 """Unbalanced classes and sorting photos by prediction."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,12 @@ def test_class_weights_change_the_loss_on_an_unbalanced_folder_only(tmp_path):
     for name, data in (("balanced", balanced), ("unbalanced", unbalanced)):
         for mode in ("auto", "off"):
             log = Log()
-            res = fit(TrainConfig(data=str(data), out=str(tmp_path / f"{name}-{mode}"), balance=mode, epochs=5,
-                                  cache_dir=cache), log)
+            res = fit(
+                TrainConfig(
+                    data=str(data), out=str(tmp_path / f"{name}-{mode}"), balance=mode, epochs=5, cache_dir=cache
+                ),
+                log,
+            )
             runs[name, mode] = (res, any("unbalanced" in m for m in log.lines))
     (b_auto, b_said), (b_off, _) = runs["balanced", "auto"], runs["balanced", "off"]
     assert not b_said and [h["train_loss"] for h in b_auto.history] == [h["train_loss"] for h in b_off.history]

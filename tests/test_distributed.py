@@ -1,4 +1,5 @@
 """The same job under torchrun (2 CPU processes, gloo) gives the same results as one process."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,7 @@ def _train(args, nproc: int, tmp_path: Path, name: str) -> dict:
     out = tmp_path / name
     cmd = [sys.executable, "-m", "engine", "train", *args, "--device", "cpu", "--out", str(out), "--quiet"]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *cmd[1:]]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -24,8 +24,19 @@ def _train(args, nproc: int, tmp_path: Path, name: str) -> dict:
 
 
 def test_torchrun_two_processes_match_one(flat_data, tmp_path):
-    ft = [str(flat_data), "--mode", "fine-tuning", "--epochs", "2", "--batch-size", "8", "--unfreeze", "1",
-          "--seed", "3"]
+    ft = [
+        str(flat_data),
+        "--mode",
+        "fine-tuning",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--unfreeze",
+        "1",
+        "--seed",
+        "3",
+    ]
     one = _train(ft, 1, tmp_path, "ft1")
     two = _train(ft, 2, tmp_path, "ft2")
     print(f"\nfine-tuning val accuracy: 1 process {one['val_accuracy']}, 2 processes {two['val_accuracy']}")

@@ -1,5 +1,6 @@
 """The dataset doctor: planted duplicates, near copies, leaks, wrong labels and outliers are found; clean images
 are not; fixing (exclude, move + undo) loses nothing; the split stays put when one image is excluded or moved."""
+
 from __future__ import annotations
 
 import csv
@@ -26,8 +27,9 @@ def make_scenes(root: Path, n_train: int = 18, n_val: int = 6) -> Path:
         for ci, k in enumerate(KINDS):
             (root / split / k).mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                draw_scene(k, (0 if split == "train" else 500) + ci * 1000 + i).save(root / split / k / f"{i:02d}.jpg",
-                                                                                   quality=92)
+                draw_scene(k, (0 if split == "train" else 500) + ci * 1000 + i).save(
+                    root / split / k / f"{i:02d}.jpg", quality=92
+                )
     return root
 
 
@@ -74,8 +76,13 @@ def test_each_planted_problem_is_found_and_clean_images_are_not_flagged(planted)
 def test_cli_writes_the_csv_and_a_summary_per_issue(planted, tmp_path):
     root, p, res, cache = planted
     out = tmp_path / "report.csv"
-    r = subprocess.run([sys.executable, "-m", "engine", "doctor", str(root), "--csv", str(out), "--cache-dir",
-                        str(cache), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "doctor", str(root), "--csv", str(out), "--cache-dir", str(cache), "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "leak" in r.stdout and "near-duplicate" in r.stdout and "1 validation/test image(s)" in r.stdout
     with open(out, encoding="utf-8", newline="") as f:
@@ -84,14 +91,20 @@ def test_cli_writes_the_csv_and_a_summary_per_issue(planted, tmp_path):
     assert {"duplicate", "near-duplicate", "leak", "label", "outlier"} <= {r["issue"] for r in rows}
     # the second check took embeddings and layout thumbnails from the cache, and found the same
     assert (cache / "layouts-16px.safetensors").is_file()
-    assert {(r["issue"], r["path"], r["other_path"]) for r in rows} == {(f.issue, f.path, f.other_path)
-                                                                      for f in res.findings}
+    assert {(r["issue"], r["path"], r["other_path"]) for r in rows} == {
+        (f.issue, f.path, f.other_path) for f in res.findings
+    }
 
 
 def test_a_clean_folder_says_so(tmp_path):
     root = make_scenes(tmp_path / "clean", n_train=12, n_val=4)
-    r = subprocess.run([sys.executable, "-m", "engine", "doctor", str(root), "--cache-dir", str(tmp_path / "c"),
-                        "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "doctor", str(root), "--cache-dir", str(tmp_path / "c"), "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "No problems found" in r.stdout, r.stdout
 
@@ -116,8 +129,9 @@ def test_training_leaves_out_the_exclude_list_and_says_so(planted, tmp_path):
     root, p, res, cache = planted
     exclude = tmp_path / "exclude.csv"
     exclude.write_text(res.csv_text(), encoding="utf-8")  # the doctor's CSV as it is
-    run = fit(TrainConfig(data=str(root), out=str(tmp_path / "run"), exclude=str(exclude), epochs=5,
-                          cache_dir=str(cache)))
+    run = fit(
+        TrainConfig(data=str(root), out=str(tmp_path / "run"), exclude=str(exclude), epochs=5, cache_dir=str(cache))
+    )
     with open(Path(run.run_dir) / "excluded.csv", encoding="utf-8") as f:
         excluded = {r["path"] for r in csv.DictReader(f)}
     with open(Path(run.run_dir) / "split.csv", encoding="utf-8") as f:
@@ -136,8 +150,11 @@ def test_on_a_folder_of_one_kind_of_picture_only_the_planted_copies_are_copies(k
     root = make_one_kind(tmp_path / kind, kind, n)
     planted = plant_copies(root, n=3)
     res = doctor(DoctorConfig(data=str(root), cache_dir=str(tmp_path / "cache")))
-    found = {(f.issue, frozenset((f.path, f.other_path))) for f in res.findings
-             if f.issue in ("duplicate", "near-duplicate", "leak")}
+    found = {
+        (f.issue, frozenset((f.path, f.other_path)))
+        for f in res.findings
+        if f.issue in ("duplicate", "near-duplicate", "leak")
+    }
     assert found == {(issue, frozenset(p)) for issue, pairs in planted.items() for p in pairs}
     assert res.leaked_eval == 3
     assert (tmp_path / "cache" / "details-64px.safetensors").is_file()  # candidates' detail kept for the next check

@@ -1,4 +1,5 @@
 """Engine behaviour a user relies on: layouts, split, both modes, cancel, predict CSV, evaluate, export, safety."""
+
 from __future__ import annotations
 
 import csv
@@ -24,11 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_importing_engine_loads_no_qt():
     """At run time, not only in the source (import-linter checks that): no library the engine loads pulls Qt in, so
     ``python -m engine`` runs on a machine without a screen."""
-    code = ("import sys, engine, engine.train.fit, engine.predict.predictions, engine.predict.evaluate, "
-            "engine.predict.export, engine.__main__;"
-            "bad = [m for m in sys.modules"
-            " if m.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6')];"
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, engine, engine.train.fit, engine.predict.predictions, engine.predict.evaluate, "
+        "engine.predict.export, engine.__main__;"
+        "bad = [m for m in sys.modules"
+        " if m.split('.')[0] in ('PySide6', 'shiboken6', 'pyqtgraph', 'PyQt5', 'PyQt6')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -56,12 +59,10 @@ def test_training_reuses_a_scan_with_the_same_split_and_rescans_otherwise(flat_d
     n_before = len(ds.samples)
     scans = []
     monkeypatch.setattr(tr, "scan", lambda *a, **k: scans.append(a) or scan(*a, **k))
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "a"), epochs=3, val_split=0.2, seed=0),
-              dataset=ds)
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "a"), epochs=3, val_split=0.2, seed=0), dataset=ds)
     assert res.run_dir and scans == []
     assert any(p.endswith("broken.jpg") for p, _ in res.skipped) and len(ds.samples) == n_before
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "b"), epochs=3, val_split=0.3, seed=0),
-              dataset=ds)
+    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "b"), epochs=3, val_split=0.3, seed=0), dataset=ds)
     assert res.run_dir and len(scans) == 1 and res.metrics["n_val"] != len(ds.split("val"))
 
 
@@ -155,8 +156,15 @@ def test_folder_errors_say_what_to_change(tmp_path):
 
 def test_feature_extraction_run_folder(fe_run):
     run = Path(fe_run.run_dir)
-    for name in ("model.safetensors", "model.json", "metrics.json", "history.csv", "split.csv", "skipped.csv",
-                 "val_predictions.csv"):
+    for name in (
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "history.csv",
+        "split.csv",
+        "skipped.csv",
+        "val_predictions.csv",
+    ):
         assert (run / name).is_file(), name
     meta = json.loads((run / "model.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
@@ -185,8 +193,18 @@ def test_fine_tuning_learns_and_saves(flat_data, tmp_path):
         def on_train_epoch_end(self, m):
             epochs.append(m)
 
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=2,
-                          batch_size=8, unfreeze=1, seed=0), Rec())
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "ft"),
+            mode="fine-tuning",
+            epochs=2,
+            batch_size=8,
+            unfreeze=1,
+            seed=0,
+        ),
+        Rec(),
+    )
     assert res.run_dir and not res.cancelled
     assert [m.epoch for m in epochs] == [1, 2]
     assert res.metrics["val_accuracy"] >= 0.75 and res.metrics["train_images_per_s"] > 0
@@ -204,8 +222,19 @@ def test_cancel_during_training_keeps_best_epoch(flat_data, tmp_path):
             if m.epoch == 2:
                 cancel.cancel()
 
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "c"), mode="fine-tuning", epochs=4, batch_size=8,
-                          unfreeze=1, linear_probe_init=False), StopAfterFirstEpoch(), cancel)
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "c"),
+            mode="fine-tuning",
+            epochs=4,
+            batch_size=8,
+            unfreeze=1,
+            linear_probe_init=False,
+        ),
+        StopAfterFirstEpoch(),
+        cancel,
+    )
     assert res.cancelled and res.run_dir
     metrics = json.loads(Path(res.run_dir, "metrics.json").read_text())
     assert metrics["status"] == "cancelled" and metrics["epochs_run"] == 1 and metrics["best_epoch"] == 1
@@ -234,8 +263,17 @@ def test_predict_csv_has_a_row_per_image_file(fe_run, tmp_path):
     res = predict_folder(PredictConfig(fe_run.run_dir, str(folder), str(out), top_k=2))
     with open(out, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "prediction", "confidence", "p_circles", "p_squares", "p_stripes", "top_k",
-                             "status", "error"]
+    assert list(rows[0]) == [
+        "path",
+        "prediction",
+        "confidence",
+        "p_circles",
+        "p_squares",
+        "p_stripes",
+        "top_k",
+        "status",
+        "error",
+    ]
     by_name = {Path(r["path"]).name: r for r in rows}
     assert set(by_name) == {"a circle é.png", "b.JPEG", "c.webp", "broken.jpg"}
     assert by_name["broken.jpg"]["error"] and by_name["broken.jpg"]["prediction"] == ""
@@ -290,7 +328,7 @@ def test_exported_model_gives_predicts_calibrated_probabilities(fe_run, flat_dat
     rows = predict_folder(PredictConfig(fe_run.run_dir, [str(flat_data / "squares")], engine="torch")).rows[:6]
     pre = loaded.preprocessing
     u8 = np.stack([decode_one(r.path, pre, pre.size)[0] for r in rows]).transpose(0, 3, 1, 2)
-    x = ((u8 / 255.0 - np.array(pre.mean).reshape(1, 3, 1, 1)) / np.array(pre.std).reshape(1, 3, 1, 1))
+    x = (u8 / 255.0 - np.array(pre.mean).reshape(1, 3, 1, 1)) / np.array(pre.std).reshape(1, 3, 1, 1)
     x = x.astype(np.float32)
     if fmt == "onnx":
         ort = pytest.importorskip("onnxruntime")
@@ -388,8 +426,16 @@ def test_torchvision_backbone_from_a_local_weights_file(flat_data, tmp_path):
 
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "r"), backbone="resnet18", weights=str(weights),
-                          epochs=3, cache=False))
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "r"),
+            backbone="resnet18",
+            weights=str(weights),
+            epochs=3,
+            cache=False,
+        )
+    )
     meta = json.loads(Path(res.run_dir, "model.json").read_text())
     assert meta["backbone"] == "resnet18" and meta["preprocessing"]["mode"] == "center-crop"
     assert meta["feature_dim"] == 512
@@ -421,8 +467,18 @@ def test_out_of_memory_falls_back_to_a_smaller_batch(flat_data, tmp_path, monkey
         def on_log(self, m):
             logs.append(m)
 
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "oom"), mode="fine-tuning", epochs=1,
-                          batch_size=16, unfreeze=1, linear_probe_init=False), Log())
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "oom"),
+            mode="fine-tuning",
+            epochs=1,
+            batch_size=16,
+            unfreeze=1,
+            linear_probe_init=False,
+        ),
+        Log(),
+    )
     assert res.run_dir
     assert any("retrying this epoch with batch size 8" in m for m in logs)
     assert any("retrying this epoch with batch size 4" in m for m in logs)
@@ -446,24 +502,59 @@ def test_exception_in_training_loop_leaves_nothing_half_written(flat_data, tmp_p
 def test_cli_train_predict_export(flat_data, tmp_path):
     env = dict(os.environ)
     run = tmp_path / "cli-run"
-    r = subprocess.run([sys.executable, "-m", "engine", "train", str(flat_data), "--out", str(run), "--epochs", "5",
-                        "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "train",
+            str(flat_data),
+            "--out",
+            str(run),
+            "--epochs",
+            "5",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["run"] == str(run) and summary["status"] == "completed"
     assert "epoch 1/5" in r.stderr and "img/s" in r.stderr
     out_csv = tmp_path / "p.csv"
-    r = subprocess.run([sys.executable, "-m", "engine", "predict", str(run), str(flat_data / "circles"),
-                        "--csv", str(out_csv)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "predict", str(run), str(flat_data / "circles"), "--csv", str(out_csv)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     with open(out_csv, encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 14
-    r = subprocess.run([sys.executable, "-m", "engine", "train", str(tmp_path / "nope")], cwd=ROOT,
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "train", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 2 and "error: Folder not found" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "engine", "cache", "--cache-dir", str(tmp_path / "cache")], cwd=ROOT,
-                       capture_output=True, text=True, env=env, timeout=120)  # filled by the training above
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "cache", "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )  # filled by the training above
     assert r.returncode == 0 and "efficientnet_lite0" in r.stdout and " 42 " in r.stdout, r.stdout + r.stderr
 
 
@@ -504,12 +595,15 @@ def test_rerun_from_cached_features_needs_no_torch_and_saves_the_same_model(flat
 
     cfg = dict(data=str(flat_data), epochs=5, cache_dir=str(tmp_path / "cache"))
     first = fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
-    script = ("import json, sys\n"
-              "from engine import TrainConfig, fit\n"
-              f"r = fit(TrainConfig(out=sys.argv[1], **{cfg!r}))\n"
-              "print(json.dumps({'torch': 'torch' in sys.modules, 'run': r.run_dir, 'metrics': r.metrics}))\n")
-    p = subprocess.run([sys.executable, "-c", script, str(tmp_path / "r2")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    script = (
+        "import json, sys\n"
+        "from engine import TrainConfig, fit\n"
+        f"r = fit(TrainConfig(out=sys.argv[1], **{cfg!r}))\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'run': r.run_dir, 'metrics': r.metrics}))\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "r2")], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["torch"] is False
@@ -558,13 +652,13 @@ def test_each_int8_flavour_agrees_with_fp32_on_a_synthetic_folder(flavour, flat_
     calib, sample = _sample_pixels(paths, pre, ob.CALIBRATION, 0), _sample_pixels(paths, pre, ob.SAMPLE, 1)
     fp32, path = str(tmp_path / "fp32.onnx"), str(tmp_path / f"{flavour}.onnx")
     ob.export_graph(bb.net, pre, fp32)
-    info = q.quantize(fp32, path, [ob._normalise(calib[i:i + 8], pre) for i in range(0, len(calib), 8)], flavour)
+    info = q.quantize(fp32, path, [ob._normalise(calib[i : i + 8], pre) for i in range(0, len(calib), 8)], flavour)
     assert info["flavour"] == flavour and len(info["kept_in_fp32"]) == q.FP32_LEADING_CONVS
     g = onnx.load(path).graph
     producer = {o: n.op_type for n in g.node for o in n.output}
     convs = [n for n in g.node if n.op_type == "Conv"]
     quantised = [producer.get(c.input[1]) == "DequantizeLinear" for c in convs]
-    assert not any(quantised[:q.FP32_LEADING_CONVS]) and all(quantised[q.FP32_LEADING_CONVS:])
+    assert not any(quantised[: q.FP32_LEADING_CONVS]) and all(quantised[q.FP32_LEADING_CONVS :])
     tops = [n for n in g.node if n.op_type == "Clip" and n.name.endswith("_u8top_clip")]
     assert bool(tops) == (flavour == "a7")
     ref = ob.OrtForward(fp32, pre, "fp32")(sample)
@@ -592,38 +686,46 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
     paths = sorted(str(p) for p in flat_data.rglob("*.jpg"))[:24]
     bb, cpu = load_backbone(), torch.device("cpu")
     f_torch, _, _, s_torch = embed_files(paths, bb, cpu, engine="torch")
-    f_fp32, _, _, s_fp32 = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c"), engine="onnxruntime",
-                                       precision="fp32")
+    f_fp32, _, _, s_fp32 = embed_files(
+        paths, bb, cpu, cache_dir=str(tmp_path / "c"), engine="onnxruntime", precision="fp32"
+    )
     assert s_torch["features"]["engine"] == "torch" and s_fp32["features"]["precision"] == "fp32"
     assert ob.agreement(f_fp32, f_torch).min() > 0.9999
     logs = []
-    _, _, _, s_small = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c2"), engine="auto", precision="auto",
-                                   log=logs.append)  # 24 images: the one-time int8 calibration would not pay off
+    _, _, _, s_small = embed_files(
+        paths, bb, cpu, cache_dir=str(tmp_path / "c2"), engine="auto", precision="auto", log=logs.append
+    )  # 24 images: the one-time int8 calibration would not pay off
     assert s_small["features"]["precision"] == "fp32" and "not made" in s_small["features"]["reason"]
     assert any("too few for the int8 graph" in m for m in logs)
     assert not list((tmp_path / "c2" / "graphs").glob("*.int8*"))
     monkeypatch.setattr(ob, "INT8_MIN_IMAGES", 10)
-    _, _, _, s_auto = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c2b"), engine="auto", precision="auto",
-                                  log=logs.append)
+    _, _, _, s_auto = embed_files(
+        paths, bb, cpu, cache_dir=str(tmp_path / "c2b"), engine="auto", precision="auto", log=logs.append
+    )
     d = s_auto["features"]
     assert d["engine"] == "onnxruntime" and d["checked_images"] > 0
     assert d["int8_flavour"] == ob.int8_flavour() == "a7"  # the flavour every CPU runs exactly
     assert list((tmp_path / "c2b" / "graphs").glob(f"*.int8-{ob.int8_flavour()}.onnx"))
     # int8 exactly when its features agree with fp32 on this folder, else fp32 and the log says why: whatever the CPU
     agrees = d["min_cosine"] >= ob.MIN_COSINE and d["mean_cosine"] >= ob.MIN_MEAN_COSINE
-    assert (d["precision"], d["reason"]) == (("int8", "agrees with fp32") if agrees else
-                                             ("fp32", "int8 disagreed with fp32"))
+    assert (d["precision"], d["reason"]) == (
+        ("int8", "agrees with fp32") if agrees else ("fp32", "int8 disagreed with fp32")
+    )
     assert agrees or any("using fp32" in m for m in logs)
     monkeypatch.setattr(ob, "MIN_COSINE", 1.01)  # agreement made to fail: fp32, and the log says why
     logs = []
     shutil.copytree(tmp_path / "c2b" / "graphs", tmp_path / "c4" / "graphs")  # the graphs, not the embeddings
-    _, _, _, s_strict = embed_files(paths, bb, cpu, cache_dir=str(tmp_path / "c4"), engine="auto", precision="auto",
-                                    log=logs.append)
+    _, _, _, s_strict = embed_files(
+        paths, bb, cpu, cache_dir=str(tmp_path / "c4"), engine="auto", precision="auto", log=logs.append
+    )
     assert (s_strict["features"]["precision"], s_strict["features"]["reason"]) == ("fp32", "int8 disagreed with fp32")
     assert any("using fp32" in m for m in logs)
     monkeypatch.undo()
-    run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "int8"), precision="int8", epochs=20,
-                          cache_dir=str(tmp_path / "c3")))
+    run = fit(
+        TrainConfig(
+            data=str(flat_data), out=str(tmp_path / "int8"), precision="int8", epochs=20, cache_dir=str(tmp_path / "c3")
+        )
+    )
     meta = json.loads((Path(run.run_dir) / "model.json").read_text())
     made = meta["features"]
     assert (made["engine"], made["precision"], made["reason"]) == ("onnxruntime", "int8", "asked for")

@@ -1,4 +1,5 @@
 """Fine-tuning's recipe: each Lite backbone at its own input size, small pictures at 128 px with more stages trained."""
+
 from __future__ import annotations
 
 from engine import TrainConfig, fit
@@ -22,8 +23,15 @@ def test_efficientnet_lite1_and_lite2_are_listed_offline_and_train_at_their_own_
     infos = {b.name: b for b in list_backbones()}
     for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
         assert infos[name].weights_available and infos[name].input_size == size
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "lite2"), backbone="efficientnet_lite2", epochs=30,
-                          cache_dir=str(tmp_path / "cache")))
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "lite2"),
+            backbone="efficientnet_lite2",
+            epochs=30,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
     meta = (tmp_path / "lite2" / "model.json").read_text()
     assert '"size": 260' in meta and res.metrics["val_accuracy"] >= 0.8
     rows = predict_folder(PredictConfig(res.run_dir, [str(flat_data / "squares")])).rows
@@ -48,13 +56,19 @@ def test_the_recipe_fine_tunes_small_pictures_at_128_px_with_more_stages_and_kee
     small = _pictures(tmp_path / "small", [96] * 7 + [300] * 2)  # median shorter side 96
     large = _pictures(tmp_path / "large", [200] * 5)
     assert median_shorter_side(small) == 96 and median_shorter_side(large) == 200
-    cached = lambda n_trained: True  # noqa: E731
+
+    def cached(n_trained):
+        return True
+
     r = choose(bb, "auto", "auto", small, cached)
     assert (r.size, r.unfreeze, r.small, r.median_side) == (128, n - 3, True, 96) and "96 px" in r.reason
     assert r.lr_mult == 0.3 and choose(bb, "auto", "auto", small, cached, lr_mult=0.05).lr_mult == 0.05
     assert (choose(bb, 2, "auto", small, cached).size, choose(bb, 2, "auto", small, cached).unfreeze) == (128, 2)
-    for args in (("auto", "auto", large, cached), ("auto", "off", small, cached), ("auto", "auto", small,
-                                                                                    lambda n_trained: False)):
+    for args in (
+        ("auto", "auto", large, cached),
+        ("auto", "off", small, cached),
+        ("auto", "auto", small, lambda n_trained: False),
+    ):
         r = choose(bb, *args)
         assert (r.size, r.unfreeze, r.small, r.lr_mult) == (224, 3, False, 0.1), args
     assert choose(bb, "all", "auto", small, cached).size == 224  # every stage trained: nothing runs once
@@ -72,8 +86,18 @@ def test_a_small_pictures_run_trains_predicts_and_marks_unfamiliar_at_its_own_si
     from tests.imagegen import draw_unlike
 
     log = Log()
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=2,
-                          batch_size=8, seed=0, cache_dir=str(tmp_path / "c")), log)
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "ft"),
+            mode="fine-tuning",
+            epochs=2,
+            batch_size=8,
+            seed=0,
+            cache_dir=str(tmp_path / "c"),
+        ),
+        log,
+    )
     recipe = res.metrics["fine_tuning_recipe"]
     assert recipe["small_pictures"] and recipe["input_size"] == 128 and recipe["unfreeze"] == 6
     meta = json.loads(open(os.path.join(res.run_dir, "model.json")).read())

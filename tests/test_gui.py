@@ -1,4 +1,5 @@
 """The desktop app driven like a user would, headless (pytest-qt, QT_QPA_PLATFORM=offscreen)."""
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,9 @@ def window(qtbot, settings, tmp_path):
 
 def open_folder(qtbot, w, folder):
     w.scan_folder(str(folder))
-    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(folder),
-                    timeout=30000)
+    qtbot.waitUntil(
+        lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(folder), timeout=30000
+    )
 
 
 def wait_job(qtbot, w, timeout=300000):
@@ -287,6 +289,7 @@ def test_settings_saved_before_auto_existed_give_small_pictures_their_recipe(qtb
     """A window from before "auto" saved its defaults (3 stages, 0.1x) as if chosen: read back, they are auto again
     (so small pictures get the recipe that fine-tunes them at their own size); a value the user did choose then,
     and 3 stages chosen in a window of today, are kept."""
+
     def window(lines: str) -> MainWindow:
         path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.ini"
         path.write_text("[train]\n" + lines)
@@ -302,8 +305,13 @@ def test_settings_saved_before_auto_existed_give_small_pictures_their_recipe(qtb
     assert chosen(old_defaults) == ("auto", None) and old_defaults.training_tab.epochs.value() == 9
     assert chosen(window("unfreeze=5\nbackbone_lr_mult=0.25\n")) == (5, 0.25)
     old_defaults.save_settings()  # saved again, now with the version: a later 3 / 0.1 is the user's
-    current = window(open(old_defaults.settings.fileName()).read().split("[train]\n", 1)[1]
-                     .replace("unfreeze=auto", "unfreeze=3").replace("backbone_lr_mult=\n", "backbone_lr_mult=0.1\n"))
+    current = window(
+        open(old_defaults.settings.fileName())
+        .read()
+        .split("[train]\n", 1)[1]
+        .replace("unfreeze=auto", "unfreeze=3")
+        .replace("backbone_lr_mult=\n", "backbone_lr_mult=0.1\n")
+    )
     assert chosen(current) == (3, 0.1)
     for w in (old_defaults, current):
         w.close()
@@ -322,8 +330,9 @@ def test_compare_runs_overlays_curves(qtbot, window, flat_data, tmp_path):
     assert window.results_tab.overlay([a.run_dir, b.run_dir]) == 2
 
 
-def test_every_training_setting_round_trips_through_window_settings_and_command_line(qtbot, window, settings,
-                                                                                     flat_data, tmp_path):
+def test_every_training_setting_round_trips_through_window_settings_and_command_line(
+    qtbot, window, settings, flat_data, tmp_path
+):
     """config -> window -> saved settings -> a new window -> config -> command line -> parsed config: equal, for every
     TrainConfig field (out and overwrite are per run: pinned). A setting the window or the command line dropped
     (the old *Copy command line* dropped --download) fails here."""
@@ -336,20 +345,42 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
     from engine.config import TrainConfig, from_args
 
     defaults = TrainConfig()
-    cfg = TrainConfig(data=str(flat_data), out=str(tmp_path / "pinned"), mode="fine-tuning", backbone="resnet18",
-                      weights=str(tmp_path / "w.safetensors"), download=True, unfreeze="all", epochs=7,
-                      batch_size=12, lr=0.002, backbone_lr_mult=0.25, weight_decay=0.0005, augment=False,
-                      patience=4, linear_probe_init=False, val_split=0.3, test_split=0.1, seed=5, device="cpu",
-                      cache=False, cache_dir=str(tmp_path / "cache"), exclude=str(tmp_path / "exclude.csv"),
-                      engine="torch", precision="fp32", balance="off", budget=12.0, bn_stats="update",
-                      small_images="off", overwrite=False)
+    cfg = TrainConfig(
+        data=str(flat_data),
+        out=str(tmp_path / "pinned"),
+        mode="fine-tuning",
+        backbone="resnet18",
+        weights=str(tmp_path / "w.safetensors"),
+        download=True,
+        unfreeze="all",
+        epochs=7,
+        batch_size=12,
+        lr=0.002,
+        backbone_lr_mult=0.25,
+        weight_decay=0.0005,
+        augment=False,
+        patience=4,
+        linear_probe_init=False,
+        val_split=0.3,
+        test_split=0.1,
+        seed=5,
+        device="cpu",
+        cache=False,
+        cache_dir=str(tmp_path / "cache"),
+        exclude=str(tmp_path / "exclude.csv"),
+        engine="torch",
+        precision="fp32",
+        balance="off",
+        budget=12.0,
+        bn_stats="update",
+        small_images="off",
+        overwrite=False,
+    )
     (tmp_path / "exclude.csv").write_text("path\n" + str(flat_data / "circles" / "circles_000.jpg") + "\n")
-    changed = {f.name for f in dataclasses.fields(TrainConfig)
-               if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     assert changed == {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}  # every field is exercised
     window.apply_config(cfg)
-    qtbot.waitUntil(lambda: not window.dataset_tab.scanning and window.dataset_tab.dataset is not None,
-                    timeout=30000)
+    qtbot.waitUntil(lambda: not window.dataset_tab.scanning and window.dataset_tab.dataset is not None, timeout=30000)
     assert window.train_config(out=cfg.out) == cfg
     window.save_settings()
     w2 = MainWindow(QSettings(settings.fileName(), QSettings.IniFormat))
@@ -378,8 +409,14 @@ def test_self_test_mode_passes(tmp_path):
     import sys
 
     env = dict(os.environ, HOME=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "gui", "--self-test"], cwd=Path(__file__).resolve().parents[1],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "gui", "--self-test"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "self-test: passed" in r.stdout and "CSV ok" in r.stdout
 
@@ -400,8 +437,9 @@ def test_clicking_through_tabs_while_a_job_runs(qtbot, window, flat_data):
     assert w.last_result is not None and w.last_result.run_dir and not w.last_result.cancelled
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12),
-                    reason="None is immortal from Python 3.12: a lost reference cannot crash")
+@pytest.mark.skipif(
+    sys.version_info >= (3, 12), reason="None is immortal from Python 3.12: a lost reference cannot crash"
+)
 def test_qt_calls_do_not_lose_references_to_none(qapp):
     """PySide6 6.12.0 returned None from every void method without a reference, on Python 3.11: each progress
     update took one reference away, and a long training session ended in "Fatal Python error: deallocating None"."""
@@ -423,15 +461,23 @@ def test_start_up_imports_are_kept_out_of_garbage_collection(tmp_path):
     process-wide: only a new process can tell) and keeps the collector on."""
     import subprocess
 
-    code = ("import gc, os, sys; os.environ['QT_QPA_PLATFORM'] = 'offscreen';"
-            "from PySide6.QtCore import QSettings; from PySide6.QtWidgets import QApplication;"
-            "app = QApplication([]); from gui.jobs.eventloop import wait_until; from gui.main_window import MainWindow;"
-            f"w = MainWindow(QSettings({str(tmp_path / 's.ini')!r}, QSettings.IniFormat));"
-            "before = gc.get_freeze_count(); w.show();"
-            "assert wait_until(lambda: w.discovery is not None and not w.discovery.is_running(), 120);"
-            "print('FROZEN', before, gc.get_freeze_count(), gc.isenabled()); w.close()")
-    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, HOME=str(tmp_path)))
+    code = (
+        "import gc, os, sys; os.environ['QT_QPA_PLATFORM'] = 'offscreen';"
+        "from PySide6.QtCore import QSettings; from PySide6.QtWidgets import QApplication;"
+        "app = QApplication([]); from gui.jobs.eventloop import wait_until; from gui.main_window import MainWindow;"
+        f"w = MainWindow(QSettings({str(tmp_path / 's.ini')!r}, QSettings.IniFormat));"
+        "before = gc.get_freeze_count(); w.show();"
+        "assert wait_until(lambda: w.discovery is not None and not w.discovery.is_running(), 120);"
+        "print('FROZEN', before, gc.get_freeze_count(), gc.isenabled()); w.close()"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HOME=str(tmp_path)),
+    )
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("FROZEN")), r.stdout + r.stderr
     _, before, after, enabled = line[0].split()
     assert int(before) == 0 and int(after) > 100_000 and enabled == "True"
@@ -588,12 +634,14 @@ def test_dropping_photos_on_the_predict_tab_predicts_them(qtbot, window, fe_run,
     assert len(w.predict_tab.model.rows) == 15
     w.tabs.setCurrentWidget(w.dataset_tab)
     drop([flat_data])
-    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(flat_data),
-                    timeout=30000)
+    qtbot.waitUntil(
+        lambda: w.dataset_tab.dataset is not None and w.dataset_tab.dataset.root == str(flat_data), timeout=30000
+    )
 
 
-def test_confidence_panel_saves_a_threshold_and_heatmaps_come_from_the_background(qtbot, window, fe_run, flat_data,
-                                                                                 tmp_path):
+def test_confidence_panel_saves_a_threshold_and_heatmaps_come_from_the_background(
+    qtbot, window, fe_run, flat_data, tmp_path
+):
     """Results > Confidence says in words how far the confidence holds and saves the "not sure" threshold with the
     model; Where it looked… shows the image with its heatmap (computed in a job), toggled off shows the image."""
     import shutil
@@ -650,8 +698,13 @@ def test_check_dataset_then_exclude_move_and_undo_from_the_panel(qtbot, window, 
     shutil.copy(root / "train" / "boxes" / "02.jpg", root / "train" / "boxes" / "copy.jpg")
     open_folder(qtbot, w, root)
     d = w.dataset_tab
-    counts = lambda: {d.class_table.item(r, 0).text(): int(d.class_table.item(r, 1).text())  # noqa: E731
-                      for r in range(d.class_table.rowCount())}
+
+    def counts():
+        return {
+            d.class_table.item(r, 0).text(): int(d.class_table.item(r, 1).text())
+            for r in range(d.class_table.rowCount())
+        }
+
     assert counts() == {"boxes": 17, "circles": 17, "lines": 15}
     d.check_btn.click()
     wait_job(qtbot, w)

@@ -1,4 +1,5 @@
 """Odd but valid image files decode to RGB the way a user expects (issue: bad images)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,8 +102,10 @@ def test_torchvision_jpeg_decoding_matches_pil_and_falls_back_per_file(tmp_path)
     (tmp_path / "truncated.jpg").write_bytes(buf.getvalue()[:900])
     (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 300)
     (tmp_path / "empty.jpg").write_bytes(b"")
-    files += [tmp_path / n for n in ("grey.jpg", "rotated.jpg", "cmyk.jpg", "image.png", "truncated.jpg",
-                                     "garbage.jpg", "empty.jpg")]
+    files += [
+        tmp_path / n
+        for n in ("grey.jpg", "rotated.jpg", "cmyk.jpg", "image.png", "truncated.jpg", "garbage.jpg", "empty.jpg")
+    ]
     paths = [str(p) for p in files]
     crop = Preprocessing(96, 110, "center-crop", (0.5,) * 3, (0.5,) * 3)
     for pre, size in ((LITE0_PREPROCESSING, 112), (crop, 96)):

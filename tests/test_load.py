@@ -1,4 +1,5 @@
 """Prediction over many small images keeps memory steady (rows stream; pixels never accumulate)."""
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,9 @@ def test_predicting_many_images_keeps_memory_steady(fe_run, tmp_path):
     assert len(res.rows) == n and res.n_errors == 0
     rss = [m for _, m in samples]
     quarter = rss[len(rss) // 4]
-    growth = max(rss[len(rss) // 4:]) - quarter
-    print(f"\n{n} images in {res.seconds:.1f} s ({n / res.seconds:.0f} img/s); RSS after a quarter {quarter:.0f} MB, "
-          f"peak {max(rss):.0f} MB, growth after the first quarter {growth:.0f} MB")
+    growth = max(rss[len(rss) // 4 :]) - quarter
+    print(
+        f"\n{n} images in {res.seconds:.1f} s ({n / res.seconds:.0f} img/s); RSS after a quarter {quarter:.0f} MB, "
+        f"peak {max(rss):.0f} MB, growth after the first quarter {growth:.0f} MB"
+    )
     assert growth < 60 + n * 0.002  # rows only (~1 KB each), no pixels

@@ -1,4 +1,5 @@
 """Messy real-world input and faults: the engine must finish or say clearly what to change, and lose nothing."""
+
 from __future__ import annotations
 
 import csv
@@ -146,8 +147,9 @@ def test_unreadable_subfolder_and_vanishing_files_are_reported(tmp_path, monkeyp
     monkeypatch.setattr(data.os, "walk", walk)
     real_check = data.check_image
     gone = str(root / "circles" / "circles_002.jpg")
-    monkeypatch.setattr(data, "check_image",
-                        lambda p: "file disappeared while scanning" if p == gone else real_check(p))
+    monkeypatch.setattr(
+        data, "check_image", lambda p: "file disappeared while scanning" if p == gone else real_check(p)
+    )
     ds = scan(root)
     reasons = dict(ds.skipped)
     assert "permission" in reasons[str(root / "squares" / "private")].lower()
@@ -180,12 +182,25 @@ def test_cancel_in_each_phase_leaves_the_engine_usable(flat_data, tmp_path, phas
                 cancel.cancel()
 
     mode = "fine-tuning" if phase == "training" else "feature-extraction"
-    res = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "c"), mode=mode, epochs=2, batch_size=8,
-                          unfreeze=1, cache_dir=str(tmp_path / "cache"), linear_probe_init=False), CancelAt(), cancel)
+    res = fit(
+        TrainConfig(
+            data=str(flat_data),
+            out=str(tmp_path / "c"),
+            mode=mode,
+            epochs=2,
+            batch_size=8,
+            unfreeze=1,
+            cache_dir=str(tmp_path / "cache"),
+            linear_probe_init=False,
+        ),
+        CancelAt(),
+        cancel,
+    )
     assert res.cancelled and res.run_dir is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    assert fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "after"), epochs=2,
-                           cache_dir=str(tmp_path / "cache"))).run_dir
+    assert fit(
+        TrainConfig(data=str(flat_data), out=str(tmp_path / "after"), epochs=2, cache_dir=str(tmp_path / "cache"))
+    ).run_dir
 
 
 def test_cancel_during_prediction(fe_run, flat_data):
@@ -197,8 +212,9 @@ def test_cancel_during_prediction(fe_run, flat_data):
         def on_predictions(self, rows):
             cancel.cancel()
 
-    res = predict_folder(PredictConfig(fe_run.run_dir, str(flat_data), None, batch_size=4), StopAfterFirstChunk(),
-                         cancel)
+    res = predict_folder(
+        PredictConfig(fe_run.run_dir, str(flat_data), None, batch_size=4), StopAfterFirstChunk(), cancel
+    )
     assert res.cancelled and 0 < len(res.rows) < 42 and res.csv_path is None
 
 
@@ -230,8 +246,15 @@ def test_fine_tuning_a_folder_bigger_than_memory_keeps_pixels_on_disk(flat_data,
 
     import engine.data.decode
 
-    cfg = dict(data=str(flat_data), mode="fine-tuning", epochs=2, batch_size=8, unfreeze="all", seed=0,
-               cache_dir=str(tmp_path / "cache"))
+    cfg = dict(
+        data=str(flat_data),
+        mode="fine-tuning",
+        epochs=2,
+        batch_size=8,
+        unfreeze="all",
+        seed=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     in_memory = fit(TrainConfig(out=str(tmp_path / "ram"), **cfg))
     logs = []
 
@@ -296,8 +319,20 @@ def test_sigkill_at_random_moments_leaves_nothing_torn(flat_data, tmp_path, kill
     rng = random.Random(1)
     env = dict(os.environ)
     for i in range(kills):
-        cmd = [sys.executable, "-m", "engine", "train", str(flat_data), "--out", str(runs / f"r{i}"), "--epochs", "5",
-               "--cache-dir", str(cache), "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "engine",
+            "train",
+            str(flat_data),
+            "--out",
+            str(runs / f"r{i}"),
+            "--epochs",
+            "5",
+            "--cache-dir",
+            str(cache),
+            "--quiet",
+        ]
         if i % 2:
             cmd += ["--mode", "fine-tuning", "--epochs", "1", "--unfreeze", "1"]
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

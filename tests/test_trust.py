@@ -1,4 +1,5 @@
 """Answers a user can trust: calibrated confidence, "unsure", "unfamiliar", and where the model looked."""
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,9 @@ def test_the_unfamiliar_threshold_adds_training_distances_but_leaves_copies_out(
     train, val = rng.normal(size=(300, 16)), rng.normal(size=(30, 16))
     block = familiarity_block(train, val)
     assert "leave-one-out" in block["threshold_from"]
-    assert block["threshold"] == pytest.approx(threshold(np.r_[knn_distance(val, train),
-                                                               knn_distance(train, train, exclude_self=True)]))
+    assert block["threshold"] == pytest.approx(
+        threshold(np.r_[knn_distance(val, train), knn_distance(train, train, exclude_self=True)])
+    )
     # a third of the training images filed twice: their zero distances would pull the quantile down
     copies = familiarity_block(np.r_[train, train[:100]], val)
     assert copies["threshold"] == pytest.approx(block["threshold"], rel=0.03)
@@ -124,9 +126,16 @@ def trust_data(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["feature-extraction", "fine-tuning"])
 def trust_run(request, trust_data, tmp_path_factory):
-    res = fit(TrainConfig(data=str(trust_data), out=str(tmp_path_factory.mktemp("runs") / "run"), seed=0,
-                          mode=request.param, epochs=40 if request.param == "feature-extraction" else 2,
-                          cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    res = fit(
+        TrainConfig(
+            data=str(trust_data),
+            out=str(tmp_path_factory.mktemp("runs") / "run"),
+            seed=0,
+            mode=request.param,
+            epochs=40 if request.param == "feature-extraction" else 2,
+            cache_dir=str(tmp_path_factory.mktemp("cache")),
+        )
+    )
     assert res.run_dir
     return res
 
@@ -203,8 +212,11 @@ def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
     if mode == "feature-extraction":
         run = fe_run.run_dir
     else:
-        run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=1,
-                              batch_size=8, unfreeze=1)).run_dir
+        run = fit(
+            TrainConfig(
+                data=str(flat_data), out=str(tmp_path / "ft"), mode="fine-tuning", epochs=1, batch_size=8, unfreeze=1
+            )
+        ).run_dir
     box = (140, 140, 204, 204)  # a blue square in the lower right on a plain background
     _square_image(tmp_path / "square.png", box)
     res = heatmap(HeatmapConfig(run, str(tmp_path / "square.png"), target="squares"))
@@ -219,5 +231,5 @@ def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
     y, x = np.unravel_index(np.argmax(res.heat), res.heat.shape)
     assert box[0] - cell <= x <= box[2] + cell and box[1] - cell <= y <= box[3] + cell, (x, y)
     near = np.zeros_like(res.heat, dtype=bool)
-    near[box[1] - cell:box[3] + cell, box[0] - cell:box[2] + cell] = True
+    near[box[1] - cell : box[3] + cell, box[0] - cell : box[2] + cell] = True
     assert res.heat[near].mean() > 2 * res.heat[~near].mean()

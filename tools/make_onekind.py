@@ -6,6 +6,7 @@ Kinds (tests/imagegen.py ``ONE_KIND``): scans (4 classes of "MRI" slices), digit
 with noise and shifts), texture (one woven material, 3 defect classes), product (one object on one background, 3
 shapes). Train/val 80/20; no two pictures are copies of each other (the benchmark plants its own).
 """
+
 from __future__ import annotations
 
 import argparse

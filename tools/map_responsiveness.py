@@ -6,6 +6,7 @@ Draws N points (default 5,000; synthetic embeddings of 10 classes, 5% ringed as 
 for the hover picture) in the real ``DatasetMap``, then moves the pointer across the plot (hover tooltips), drags
 it (pans) and zooms, while a 10 ms timer records the longest gap between its ticks (``gui.jobs.eventloop.StallMeter``).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,14 @@ def main() -> int:
     m.resize(900, 650)
     m.show()
     t0 = time.perf_counter()
-    m.show_points(pca_2d(feats.astype(np.float32)), [f"{p}#{i}" for i, p in enumerate(paths)], labels,
-                  [f"class {i}" for i in range(10)], {f"{p}#{i}" for i, p in enumerate(paths[: n // 20])}, "test")
+    m.show_points(
+        pca_2d(feats.astype(np.float32)),
+        [f"{p}#{i}" for i, p in enumerate(paths)],
+        labels,
+        [f"class {i}" for i in range(10)],
+        {f"{p}#{i}" for i, p in enumerate(paths[: n // 20])},
+        "test",
+    )
     wait_until(lambda: False, 0.5)
     print(f"{n} points drawn in {time.perf_counter() - t0:.2f} s (including 0.5 s of idle event loop)")
     view = m.plot.viewport()

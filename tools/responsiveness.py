@@ -9,6 +9,7 @@ the number of rows streamed before the job ended. TS_MODES=feature-extraction ru
 TS_STALL_TRACE=MS: a watchdog thread samples the GUI thread's and the job thread's Python stacks whenever the event
 loop's heartbeat is more than MS late, and prints where each stall over MS was spent (to find what causes outliers).
 """
+
 from __future__ import annotations
 
 import os
@@ -73,15 +74,20 @@ class StallTracer:
             for tid, frame in frames.items():
                 stack = traceback.extract_stack(frame)[-6:]
                 who = "GUI" if tid == self.gui_id else f"t{tid % 10000}"
-                parts.append(who + ": " + " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
-                                                      for f in reversed(stack)))
+                parts.append(
+                    who
+                    + ": "
+                    + " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(stack))
+                )
             self.samples.append("\n    ".join(p for p in parts if "_watch" not in p))
 
     def report(self, label: str) -> None:
         from collections import Counter
 
-        print(f"--- {label}: {len(self.stalls)} stalls over {self.late * 1000:.0f} ms; full garbage collections: "
-              + (", ".join(f"{ms:.0f} ms ({who})" for ms, who in self.gcs) or "none"))
+        print(
+            f"--- {label}: {len(self.stalls)} stalls over {self.late * 1000:.0f} ms; full garbage collections: "
+            + (", ".join(f"{ms:.0f} ms ({who})" for ms, who in self.gcs) or "none")
+        )
         self.gcs = []
         for gap, samples in sorted(self.stalls, reverse=True)[:6]:
             print(f"  {gap:.0f} ms, {len(samples)} samples; most common:")
@@ -105,7 +111,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="ts-resp-")
     # TS_CACHE=DIR: start from an embedding cache filled beforehand (e.g. by `python -m engine train` on a big folder)
     os.environ["TRANSFER_STUDIO_CACHE"] = os.environ.get("TS_CACHE") or os.path.join(tmp, "cache")
-    app = QApplication(sys.argv[:1])  # noqa: F841
+    app = QApplication(sys.argv[:1])  # noqa: F841 (kept alive for the whole run)
     from gui.jobs.eventloop import StallMeter
     from gui.selftest import backbones_listed, scratch_window
 
@@ -138,8 +144,9 @@ def main() -> int:
             bar = w.dataset_tab.grid.verticalScrollBar()
             scroller = QTimer()
             scroller.setInterval(250)
-            scroller.timeout.connect(lambda bar=bar: bar.setValue(0 if bar.value() >= bar.maximum()
-                                                                  else bar.value() + bar.pageStep()))
+            scroller.timeout.connect(
+                lambda bar=bar: bar.setValue(0 if bar.value() >= bar.maximum() else bar.value() + bar.pageStep())
+            )
             scroller.start()
         wait(lambda: not w.busy())
         if scroller:
@@ -174,8 +181,10 @@ def main() -> int:
     wait(lambda: not w.busy())
     timer.stop()
     n = w.predict_tab.model.rowCount()
-    print(f"predict: {n} files in {time.time() - t0:.1f} s, worst GUI stall {stall.stop():.0f} ms; rows visible at "
-          f"0.5 s intervals: {streamed[:3]} ... {streamed[-3:]}")
+    print(
+        f"predict: {n} files in {time.time() - t0:.1f} s, worst GUI stall {stall.stop():.0f} ms; rows visible at "
+        f"0.5 s intervals: {streamed[:3]} ... {streamed[-3:]}"
+    )
     if tracer:
         tracer.report("predict")
     w.close()

@@ -5,6 +5,7 @@
 
 Also prints each job's summary line.
 """
+
 from __future__ import annotations
 
 import os

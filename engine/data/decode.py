@@ -3,6 +3,7 @@
 Both training modes and prediction go through here, so an image is read from disk and decoded once per job; the
 uint8 result (3 bytes per pixel at the model's input size) is what epochs reuse.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,7 @@ def decode_workers() -> int:
 
 
 def crop_geometry(w: int, h: int, pre: Preprocessing, size: int) -> tuple[int, int, int, int]:
-    """"center-crop": resize a w x h image to (nw, nh), the shorter side to size*resize/crop, then crop the
+    """ "center-crop": resize a w x h image to (nw, nh), the shorter side to size*resize/crop, then crop the
     centre square at (left, top) (torchvision's eval recipe)."""
     short = max(size, int(round(size * pre.resize / pre.size)))
     scale = short / min(w, h)
@@ -81,9 +82,15 @@ def decode_one(path: str, pre: Preprocessing, size: int) -> tuple[np.ndarray | N
         return None, describe_error(exc)
 
 
-def iter_decoded(paths: Sequence[str], pre: Preprocessing, size: int, chunk: int = 64,
-                 cancel: CancelToken | None = None, overlap: bool = True,
-                 device=None) -> Iterator[list[tuple[int, np.ndarray | None, str]]]:
+def iter_decoded(
+    paths: Sequence[str],
+    pre: Preprocessing,
+    size: int,
+    chunk: int = 64,
+    cancel: CancelToken | None = None,
+    overlap: bool = True,
+    device=None,
+) -> Iterator[list[tuple[int, np.ndarray | None, str]]]:
     """Yield chunks of ``(index, array or None, error)`` in order, decoding in a thread pool.
 
     PIL releases the GIL while decoding, so with ``overlap`` the next chunks decode while the caller runs the model
@@ -139,9 +146,15 @@ def stack_on(arrays: list, device):
     return torch.stack(arrays).to(device)
 
 
-def decode_all(paths: Sequence[str], pre: Preprocessing, size: int, cancel: CancelToken | None = None,
-               progress: Callable[[int, int], None] | None = None,
-               device=None, out: np.ndarray | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+def decode_all(
+    paths: Sequence[str],
+    pre: Preprocessing,
+    size: int,
+    cancel: CancelToken | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    device=None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode every path into one (N,3,S,S) uint8 array. Returns (array, kept indices, [(path, reason)]).
     With a CUDA ``device`` the JPEGs are decoded on it (see ``iter_decoded``). ``out``: an (N,3,S,S) uint8 array
     to fill instead of a new one in memory (a file on disk: see ``PixelStore``)."""
@@ -160,7 +173,7 @@ def decode_all(paths: Sequence[str], pre: Preprocessing, size: int, cancel: Canc
         done += len(group)
         if progress is not None:
             progress(done, n)
-    return out[:len(kept)], kept, bad
+    return out[: len(kept)], kept, bad
 
 
 def available_memory() -> int | None:
@@ -176,8 +189,17 @@ def available_memory() -> int | None:
 
             class _Status(ctypes.Structure):
                 _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong)] + [
-                    (name, ctypes.c_ulonglong) for name in ("total", "avail", "total_page", "avail_page",
-                                                            "total_virtual", "avail_virtual", "avail_extended")]
+                    (name, ctypes.c_ulonglong)
+                    for name in (
+                        "total",
+                        "avail",
+                        "total_page",
+                        "avail_page",
+                        "total_virtual",
+                        "avail_virtual",
+                        "avail_extended",
+                    )
+                ]
 
             st = _Status()
             st.dwLength = ctypes.sizeof(_Status)
@@ -211,7 +233,8 @@ class PixelStore:
                 raise EngineError(
                     f"The decoded images need {need_bytes / 1e9:.1f} GB: more than the memory available "
                     f"({avail / 1e9:.1f} GB) and the free disk space in {base} ({free / 1e9:.1f} GB). Use feature "
-                    "extraction (it keeps features, not pixels), fewer images, or free some disk space.")
+                    "extraction (it keeps features, not pixels), fewer images, or free some disk space."
+                )
             self.folder = tempfile.mkdtemp(prefix="pixels-", dir=base)
 
     def array(self, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -235,12 +258,13 @@ class PixelStore:
 
 # ------------------------------------------------------------------------------------------- decoding on the GPU
 
+
 def gpu_decode_enabled() -> bool:
     """JPEGs are decoded with nvjpeg on CUDA unless TRANSFER_STUDIO_GPU_DECODE=0 (or torchvision lacks it)."""
     if os.environ.get("TRANSFER_STUDIO_GPU_DECODE", "1") == "0":
         return False
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
+        from torchvision.io import decode_jpeg  # noqa: F401 (imported only to prove it exists)
     except ImportError:
         return False
     return True
@@ -261,8 +285,7 @@ def _read_for_torch(path: str) -> tuple[bytes | None, bool, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:  # header only
-                ok = (im.mode in ("RGB", "L") and im.width * im.height <= MAX_PIXELS
-                      and im.getexif().get(0x0112, 1) == 1)
+                ok = im.mode in ("RGB", "L") and im.width * im.height <= MAX_PIXELS and im.getexif().get(0x0112, 1) == 1
     except Exception:
         ok = False  # PIL will say what is wrong with it
     return data, ok, ""
@@ -283,7 +306,7 @@ def resize_batch(u8, pre: Preprocessing, size: int):
     if pre.mode == "center-crop":
         nw, nh, left, top = crop_geometry(w, h, pre, size)
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        x = x[..., top:top + size, left:left + size]
+        x = x[..., top : top + size, left : left + size]
     else:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8)
@@ -315,8 +338,9 @@ def _torch_decode(items: list[tuple[int, bytes]], device) -> dict:
         return out
 
 
-def iter_decoded_torch(paths: Sequence[str], pre: Preprocessing, size: int, device, chunk: int = 64,
-                       cancel: CancelToken | None = None):
+def iter_decoded_torch(
+    paths: Sequence[str], pre: Preprocessing, size: int, device, chunk: int = 64, cancel: CancelToken | None = None
+):
     """``iter_decoded`` with the JPEGs decoded by torchvision on ``device`` (nvjpeg, batched, on CUDA) and resized
     there: yields chunks of ``(index, (3,S,S) uint8 tensor on device or None, error)`` in order. Files torchvision
     does not take (PNG, EXIF-rotated, CMYK, damaged, ...) are decoded by PIL in the thread pool, exactly as
@@ -330,8 +354,11 @@ def iter_decoded_torch(paths: Sequence[str], pre: Preprocessing, size: int, devi
             idx = list(range(start, min(start + chunk, len(paths))))
             read = list(pool.map(_read_for_torch, [paths[i] for i in idx]))
             decoded = _torch_decode([(i, d) for i, (d, ok, _) in zip(idx, read) if ok], device)
-            pil = {i: pool.submit(decode_one, paths[i], pre, size)
-                   for i, (d, _, err) in zip(idx, read) if not err and decoded.get(i) is None}
+            pil = {
+                i: pool.submit(decode_one, paths[i], pre, size)
+                for i, (d, _, err) in zip(idx, read)
+                if not err and decoded.get(i) is None
+            }
             out = []
             for i, (_, _, err) in zip(idx, read):
                 if err:
@@ -342,4 +369,3 @@ def iter_decoded_torch(paths: Sequence[str], pre: Preprocessing, size: int, devi
                     arr, e = pil[i].result()
                     out.append((i, None if arr is None else torch.from_numpy(arr).permute(2, 0, 1).to(device), e))
             yield out
-

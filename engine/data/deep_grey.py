@@ -1,5 +1,6 @@
 """Grey images deeper than 8 bits (X-ray, CT and MRI exports): how they become 8-bit pixels, and how to tell them
 from their bytes."""
+
 from __future__ import annotations
 
 import io

@@ -4,6 +4,7 @@ Nothing is deleted or overwritten. An exclude list is a CSV with a ``path`` colu
 puts a file in another class's folder of the same split (a name clash gets a suffix) and appends to a journal in
 the app's data folder, from which the app can undo moves, newest first. Files are written atomically.
 """
+
 from __future__ import annotations
 
 import csv

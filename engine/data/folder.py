@@ -8,6 +8,7 @@ Two layouts are understood:
 Scanning reads file headers only (``PIL.Image.open`` is lazy), never pixels, so it stays fast on big folders.
 Files that cannot be read are reported as ``(path, reason)`` and skipped, never raised.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,20 +48,31 @@ class Dataset:
     split_settings: tuple[float, float, int] = (0.2, 0.0, 0)  # (val_split, test_split, seed) it was scanned with
     excluded: list[str] = field(default_factory=list)  # images left out on purpose (an exclude list)
 
-    def matches(self, root: str, val_split: float, test_split: float, seed: int,
-                exclude: str | set | None = None) -> bool:
+    def matches(
+        self, root: str, val_split: float, test_split: float, seed: int, exclude: str | set | None = None
+    ) -> bool:
         """Whether this scan is what scanning ``root`` with these settings would give now (same folder, split and
         exclude list)."""
         if os.path.abspath(self.root) != os.path.abspath(root):
             return False
-        return (self.split_settings == (val_split, test_split, seed)
-                and set(self.excluded) == {p for p in excluded_paths(exclude)
-                                           if p.startswith(os.path.abspath(self.root) + os.sep) and os.path.exists(p)})
+        return self.split_settings == (val_split, test_split, seed) and set(self.excluded) == {
+            p
+            for p in excluded_paths(exclude)
+            if p.startswith(os.path.abspath(self.root) + os.sep) and os.path.exists(p)
+        }
 
     def copy(self) -> Dataset:
         """A copy whose lists can be changed (``drop``) without touching this one."""
-        return Dataset(self.root, self.layout, list(self.classes), list(self.samples), list(self.skipped),
-                       list(self.warnings), self.split_settings, list(self.excluded))
+        return Dataset(
+            self.root,
+            self.layout,
+            list(self.classes),
+            list(self.samples),
+            list(self.skipped),
+            list(self.warnings),
+            self.split_settings,
+            list(self.excluded),
+        )
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -90,8 +102,9 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 
-def walk_images(root: str | os.PathLike, cancel: CancelToken | None = None,
-                on_error: Callable[[str, str], None] | None = None) -> list[str]:
+def walk_images(
+    root: str | os.PathLike, cancel: CancelToken | None = None, on_error: Callable[[str, str], None] | None = None
+) -> list[str]:
     """All files with an image extension under ``root`` (recursive, sorted; hidden entries and symlink loops
     skipped)."""
     found: list[str] = []
@@ -181,13 +194,23 @@ class ScanResult:
     cancelled: bool = False
 
 
-def scan_folder(config: ScanConfig, callbacks: Callbacks | None = None,
-                cancel: CancelToken | None = None) -> ScanResult:
+def scan_folder(
+    config: ScanConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
+) -> ScanResult:
     """The scan job (CLI ``scan``, the window's Dataset tab): :func:`scan` with the job contract."""
     cb = callbacks or Callbacks()
     try:
-        return ScanResult(scan(config.data, config.val_split, config.test_split, config.seed, cancel,
-                               cb.on_progress, exclude=config.exclude))
+        return ScanResult(
+            scan(
+                config.data,
+                config.val_split,
+                config.test_split,
+                config.seed,
+                cancel,
+                cb.on_progress,
+                exclude=config.exclude,
+            )
+        )
     except Cancelled:
         return ScanResult(None, cancelled=True)
 
@@ -198,21 +221,33 @@ def _other_kinds(root: str, limit: int = 20000) -> str:
     kinds: Counter = Counter()
     for n, (_, dirnames, filenames) in enumerate(os.walk(root)):
         dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        kinds.update(os.path.splitext(f)[1].lower() or "(no extension)" for f in filenames
-                     if not _hidden(f) and not is_image_name(f))
+        kinds.update(
+            os.path.splitext(f)[1].lower() or "(no extension)"
+            for f in filenames
+            if not _hidden(f) and not is_image_name(f)
+        )
         if n > limit or sum(kinds.values()) > limit:
             break
     if not kinds:
         return ""
     listed = ", ".join(f"{k} ({v})" for k, v in kinds.most_common(5))
     hint = " DICOM (.dcm) scans are not read: export them as PNG (16-bit is fine) first." if ".dcm" in kinds else ""
-    return (f" The folder holds files of other kinds: {listed}; the app reads JPEG, PNG, BMP, GIF, WebP and TIFF "
-            "images." + hint)
+    return (
+        f" The folder holds files of other kinds: {listed}; the app reads JPEG, PNG, BMP, GIF, WebP and TIFF "
+        "images." + hint
+    )
 
 
-def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.0, seed: int = 0,
-         cancel: CancelToken | None = None, progress: Callable[[Progress], None] | None = None,
-         check_files: bool = True, exclude: str | set | None = None) -> Dataset:
+def scan(
+    root: str | os.PathLike,
+    val_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 0,
+    cancel: CancelToken | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    check_files: bool = True,
+    exclude: str | set | None = None,
+) -> Dataset:
     """Scan ``root`` into a :class:`Dataset`, leaving out the images ``exclude`` lists. Raises :class:`EngineError`
     with a suggestion when it cannot be used, :class:`Cancelled` when cancelled."""
     root = os.fspath(root)
@@ -236,8 +271,10 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
             groups.append((None, cname, walk_images(os.path.join(root, cname), cancel, record)))
         loose = [n for n in os.listdir(root) if is_image_name(n) and not _hidden(n)]
         if loose:
-            warn.append(f"{len(loose)} image(s) directly in {root} were ignored: put each image in a folder "
-                        "named after its class.")
+            warn.append(
+                f"{len(loose)} image(s) directly in {root} were ignored: put each image in a folder "
+                "named after its class."
+            )
 
     leave_out = excluded_paths(exclude)
     excluded: list[str] = []
@@ -254,18 +291,29 @@ def scan(root: str | os.PathLike, val_split: float = 0.2, test_split: float = 0.
     for c in empty:
         warn.append(f"Class folder '{c}' has no readable images and was ignored.")
     if not names:
-        raise EngineError(f"No readable images found in {root}. Put images in one subfolder per class "
-                          "(for example photos/cats/*.jpg and photos/dogs/*.jpg)." + _other_kinds(root))
+        raise EngineError(
+            f"No readable images found in {root}. Put images in one subfolder per class "
+            "(for example photos/cats/*.jpg and photos/dogs/*.jpg)." + _other_kinds(root)
+        )
     if len(names) < 2:
-        raise EngineError(f"Only one class ('{names[0]}') found in {root}. A classifier needs at least two "
-                          "classes: add a second subfolder of images.")
+        raise EngineError(
+            f"Only one class ('{names[0]}') found in {root}. A classifier needs at least two "
+            "classes: add a second subfolder of images."
+        )
     index = {c: i for i, c in enumerate(names)}
 
     samples = _assign_splits(root, bool(layout), files_by_group, index, val_split, test_split, seed, warn)
 
-    ds = Dataset(root=root, layout="pre-split" if layout else "flat", classes=names, samples=samples,
-                 skipped=skipped, warnings=warn, split_settings=(val_split, test_split, seed),
-                 excluded=[os.path.abspath(p) for p in excluded])
+    ds = Dataset(
+        root=root,
+        layout="pre-split" if layout else "flat",
+        classes=names,
+        samples=samples,
+        skipped=skipped,
+        warnings=warn,
+        split_settings=(val_split, test_split, seed),
+        excluded=[os.path.abspath(p) for p in excluded],
+    )
     ds.warnings.extend(dataset_warnings(ds))
     return ds
 
@@ -292,8 +340,16 @@ def _check_files(groups, check_files: bool, cancel, progress, record) -> list[tu
     return files_by_group
 
 
-def _assign_splits(root: str, presplit: bool, files_by_group, index: dict[str, int], val_split: float,
-                   test_split: float, seed: int, warn: list[str]) -> list[Sample]:
+def _assign_splits(
+    root: str,
+    presplit: bool,
+    files_by_group,
+    index: dict[str, int],
+    val_split: float,
+    test_split: float,
+    seed: int,
+    warn: list[str],
+) -> list[Sample]:
     """Samples with their split: the folder's for a pre-split layout (validation carved out of train when there is no
     val/ folder), else each image's own draw (engine/data/splits.py)."""
     samples: list[Sample] = []
@@ -305,14 +361,14 @@ def _assign_splits(root: str, presplit: bool, files_by_group, index: dict[str, i
             # A train/ (and test/) folder without val/: carve validation out of train.
             train = [s for s in samples if s.split == "train"]
             rest = [s for s in samples if s.split != "train"]
-            assign = stratified_split([s.label for s in train], val_split, 0.0, seed,
-                                      [_key(s.path, root) for s in train])
+            assign = stratified_split(
+                [s.label for s in train], val_split, 0.0, seed, [_key(s.path, root) for s in train]
+            )
             samples = [Sample(s.path, s.label, a) for s, a in zip(train, assign)] + rest
             warn.append(f"No validation folder: {val_split:.0%} of train/ was held out for validation.")
     else:
         flat = [(p, index[c]) for _, c, files in files_by_group for p in files]
-        assign = stratified_split([y for _, y in flat], val_split, test_split, seed,
-                                  [_key(p, root) for p, _ in flat])
+        assign = stratified_split([y for _, y in flat], val_split, test_split, seed, [_key(p, root) for p, _ in flat])
         samples = [Sample(p, y, a) for (p, y), a in zip(flat, assign)]
     return samples
 
@@ -324,13 +380,17 @@ def dataset_warnings(ds: Dataset) -> list[str]:
     counts = [totals.get(i, 0) for i in range(len(ds.classes))]
     for i, n in enumerate(counts):
         if n < 10:
-            out.append(f"Class '{ds.classes[i]}' has only {n} image(s): results for it will be unreliable; "
-                       "aim for at least 20 per class.")
+            out.append(
+                f"Class '{ds.classes[i]}' has only {n} image(s): results for it will be unreliable; "
+                "aim for at least 20 per class."
+            )
     nonzero = [n for n in counts if n]
     if nonzero and max(nonzero) >= 3 * min(nonzero):
-        out.append(f"Classes are imbalanced (largest {max(nonzero)} vs smallest {min(nonzero)} images): training "
-                   "weights each class by the inverse of its share, so small classes count as much, and Results "
-                   "shows balanced accuracy beside accuracy.")
+        out.append(
+            f"Classes are imbalanced (largest {max(nonzero)} vs smallest {min(nonzero)} images): training "
+            "weights each class by the inverse of its share, so small classes count as much, and Results "
+            "shows balanced accuracy beside accuracy."
+        )
     if not ds.split("train"):
         out.append("No training images.")
     return out + untrained_classes(ds.counts())

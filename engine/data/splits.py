@@ -3,6 +3,7 @@
 An image's split depends only on the seed, its class and its own path inside its class folder, so excluding,
 adding or moving one image changes no other image's split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,14 @@ from engine.events import EngineError
 
 # The folder names a pre-split dataset may use (any case).
 SPLIT_NAMES = {
-    "train": "train", "training": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -24,8 +30,9 @@ def _draw(seed: int, label: int, key: str) -> float:
     return int.from_bytes(h, "big") / 2.0**64
 
 
-def stratified_split(labels: list[int], val_split: float, test_split: float, seed: int,
-                     keys: list[str] | None = None) -> list[str]:
+def stratified_split(
+    labels: list[int], val_split: float, test_split: float, seed: int, keys: list[str] | None = None
+) -> list[str]:
     """Assign "train"/"val"/"test" to each image, reproducibly, each image on its own.
 
     An image's split depends only on the seed, its class and its key (its path within its class folder): it goes
@@ -101,9 +108,13 @@ def untrained_classes(counts: dict[str, dict[str, int]]) -> list[str]:
     for c, n in counts.items():
         if sum(n.values()) and not n["train"] and trained:
             near = [t for t in sorted(trained, key=lambda t: -alike(c, t)) if alike(c, t) >= 0.75][:1]
-            fix = (f"Is it '{near[0]}' of the training folder under another name? Give both folders the same name."
-                   if near else "Add its images to the training folder, or remove it.")
-            out.append(f"Class '{c}' ({n['val'] + n['test']} images) is only in the validation or test folder, "
-                       f"not in the training folder: the model cannot learn it. {fix}")
+            fix = (
+                f"Is it '{near[0]}' of the training folder under another name? Give both folders the same name."
+                if near
+                else "Add its images to the training folder, or remove it."
+            )
+            out.append(
+                f"Class '{c}' ({n['val'] + n['test']} images) is only in the validation or test folder, "
+                f"not in the training folder: the model cannot learn it. {fix}"
+            )
     return out
-

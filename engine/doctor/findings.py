@@ -20,6 +20,7 @@ embedding (both cached), so a folder already used for feature extraction is chec
 cleanlab is not a dependency: the rule used here is two lines of NumPy, and cleanlab would bring pandas and its own
 model wrappers into the app and its bundle. ``python -m benchmarks doctor`` runs cleanlab beside it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -48,18 +49,39 @@ NEAR_LAYOUT = 0.80  # ... and correlation of the thumbnails, both at least this:
 FOLDS = 5
 CSV_HEADER = ["issue", "path", "other_path", "label", "suggested_label", "score"]
 
-_SHARED = ("data", "backbone", "weights", "download", "val_split", "test_split", "seed", "device", "engine",
-           "precision", "cache",
-           "cache_dir", "exclude")
+_SHARED = (
+    "data",
+    "backbone",
+    "weights",
+    "download",
+    "val_split",
+    "test_split",
+    "seed",
+    "device",
+    "engine",
+    "precision",
+    "cache",
+    "cache_dir",
+    "exclude",
+)
 # The doctor takes train's options for the folder, backbone, split and cache: the same fields, declared once.
 DoctorConfig = dataclasses.make_dataclass(
     "DoctorConfig",
-    [(f.name, f.type, field(default=f.default, metadata=f.metadata))
-     for f in dataclasses.fields(TrainConfig) if f.name in _SHARED]
-    + [("csv", "str | None", option(None, "also write the findings to this CSV file", parse=str)),
-       ("run", "str | None", option(None, "a run of this folder: its accuracy re-scored without leaked images",
-                                    parse=str))],
-    namespace={"__doc__": "``python -m engine doctor DATA``: train's folder, backbone, split and cache options."})
+    [
+        (f.name, f.type, field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in _SHARED
+    ]
+    + [
+        ("csv", "str | None", option(None, "also write the findings to this CSV file", parse=str)),
+        (
+            "run",
+            "str | None",
+            option(None, "a run of this folder: its accuracy re-scored without leaked images", parse=str),
+        ),
+    ],
+    namespace={"__doc__": "``python -m engine doctor DATA``: train's folder, backbone, split and cache options."},
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,7 @@ class DoctorResult:
 
 # ------------------------------------------------------------------------------------------------ the checks
 
+
 def thumbnail(path: str, size: int = 16) -> np.ndarray:
     """A picture's layout: its size x size grey thumbnail with mean and scale removed (zeros when unreadable)."""
     from PIL import Image
@@ -159,8 +182,9 @@ def layouts(paths: list[str], hashes: list[str] | None = None, cache_dir: str | 
     return np.stack(out).astype(np.float32) if paths else np.zeros((0, 256), np.float32)
 
 
-def copies(ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray | None = None,
-           cache_dir: str | None = None) -> list[Finding]:
+def copies(
+    ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray | None = None, cache_dir: str | None = None
+) -> list[Finding]:
     """Exact and near copies: ``duplicate`` / ``near-duplicate`` in one split, ``leak`` across splits (the copy in
     validation or test is the finding; its train original is ``other_path``). Near copies are decided by
     engine/doctor/same_picture.py. ``layout``: :func:`layouts` of the samples (computed when not given); ``cache_dir``:
@@ -176,8 +200,11 @@ def copies(ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray
             first[h] = i
     pairs = [(i, j, 1.0, True) for i, j in sorted(exact)]
     lay = layouts([s.path for s in samples]) if layout is None else layout
-    candidates = sorted(p for p in same_picture.candidate_pairs(normalise(feats), lay)
-                        if p not in exact and hashes[p[0]] != hashes[p[1]])
+    candidates = sorted(
+        p
+        for p in same_picture.candidate_pairs(normalise(feats), lay)
+        if p not in exact and hashes[p[0]] != hashes[p[1]]
+    )
     details = DetailThumbnails([s.path for s in samples], hashes, cache_dir)
     pairs += [(i, j, v, False) for i, j, v in same_picture.same_pictures(candidates, details.get)]
     details.save()
@@ -190,13 +217,13 @@ def copies(ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray
             keep, copy_ = a, b
             issue = "duplicate" if is_exact else "near-duplicate"
         other_cls = ds.classes[keep.label] if keep.label != copy_.label else ""
-        out.append(Finding(issue, copy_.path, keep.path, ds.classes[copy_.label], other_cls,
-                           2.0 if is_exact else sim))
+        out.append(Finding(issue, copy_.path, keep.path, ds.classes[copy_.label], other_cls, 2.0 if is_exact else sim))
     return out
 
 
-def out_of_sample_probs(feats: np.ndarray, y: np.ndarray, num_classes: int, seed: int, folds: int = FOLDS,
-                        cancel: CancelToken | None = None) -> np.ndarray:
+def out_of_sample_probs(
+    feats: np.ndarray, y: np.ndarray, num_classes: int, seed: int, folds: int = FOLDS, cancel: CancelToken | None = None
+) -> np.ndarray:
     """Each image's class probabilities from a linear head trained on the other folds (stratified, seeded).
 
     Short training (15 epochs of 512, no dropout: 0.6 s for flowers' 4,317 images, against 5.5 s for the feature-
@@ -213,8 +240,21 @@ def out_of_sample_probs(feats: np.ndarray, y: np.ndarray, num_classes: int, seed
         test = fold == k
         if not test.any() or test.all():
             continue
-        res = train_linear_head(x[~test], y[~test], None, None, num_classes, epochs=15, batch_size=512, lr=1e-2,
-                                weight_decay=1e-4, patience=0, seed=seed + k, dropout=0.0, cancel=cancel)
+        res = train_linear_head(
+            x[~test],
+            y[~test],
+            None,
+            None,
+            num_classes,
+            epochs=15,
+            batch_size=512,
+            lr=1e-2,
+            weight_decay=1e-4,
+            patience=0,
+            seed=seed + k,
+            dropout=0.0,
+            cancel=cancel,
+        )
         probs[test] = softmax(x[test] @ res.head["weight"].T + res.head["bias"])
     return probs
 
@@ -228,9 +268,11 @@ LABEL_CHECK_MIN_AGREEMENT = 0.70
 
 
 def label_check_note(agreement: float) -> str:
-    return (f"Labels were not checked: out of sample, the pretrained features agree with only {100 * agreement:.0f}% "
-            "of your labels, too few to tell a wrong label from a hard picture (train a model first; its mistakes "
-            "list shows where it disagrees).")
+    return (
+        f"Labels were not checked: out of sample, the pretrained features agree with only {100 * agreement:.0f}% "
+        "of your labels, too few to tell a wrong label from a hard picture (train a model first; its mistakes "
+        "list shows where it disagrees)."
+    )
 
 
 def label_issues(probs: np.ndarray, y: np.ndarray) -> list[tuple[int, int, float]]:
@@ -246,8 +288,10 @@ def label_issues(probs: np.ndarray, y: np.ndarray) -> list[tuple[int, int, float
     n = len(y)
     given = probs[np.arange(n), y]
     best = probs.argmax(1)
-    return [(int(i), int(best[i]), float(probs[i, best[i]] - given[i]))
-            for i in np.flatnonzero((best != y) & (given < GIVEN_CLASS_MAX))]
+    return [
+        (int(i), int(best[i]), float(probs[i, best[i]] - given[i]))
+        for i in np.flatnonzero((best != y) & (given < GIVEN_CLASS_MAX))
+    ]
 
 
 def outliers(feats: np.ndarray) -> tuple[np.ndarray, float]:
@@ -259,8 +303,16 @@ def outliers(feats: np.ndarray) -> tuple[np.ndarray, float]:
 
 # ------------------------------------------------------------------------------------------------ the job
 
-def check(ds: Dataset, hashes: list[str], feats: np.ndarray, seed: int = 0,
-          cancel: CancelToken | None = None, cache_dir: str | None = None, notes: dict | None = None) -> list[Finding]:
+
+def check(
+    ds: Dataset,
+    hashes: list[str],
+    feats: np.ndarray,
+    seed: int = 0,
+    cancel: CancelToken | None = None,
+    cache_dir: str | None = None,
+    notes: dict | None = None,
+) -> list[Finding]:
     """Every finding for the dataset's kept samples (``hashes``/``feats`` aligned with ``ds.samples``), worst first
     within each issue type. ``cache_dir``: where the layout and detail thumbnails are kept (None: computed each
     time); ``notes`` receives ``label_agreement`` and, when the labels could not be checked, ``label_note``."""
@@ -292,8 +344,15 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
     t0 = time.perf_counter()
     try:
         cb.on_log(f"Scanning {config.data}")
-        ds = scan(config.data, config.val_split, config.test_split, config.seed, cancel, cb.on_progress,
-                  exclude=config.exclude)
+        ds = scan(
+            config.data,
+            config.val_split,
+            config.test_split,
+            config.seed,
+            cancel,
+            cb.on_progress,
+            exclude=config.exclude,
+        )
         feats, hashes = embed_dataset(config, ds, cb, cancel)
         cb.on_progress(Progress(Phase.CHECKING, 0, 1))
         cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
@@ -301,8 +360,15 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
         findings = check(ds, hashes, feats, config.seed, cancel, cache_dir, notes)
     except Cancelled:
         return DoctorResult(cancelled=True, seconds=time.perf_counter() - t0)
-    res = DoctorResult(findings, ds, feats, [s.path for s in ds.samples], skipped=ds.skipped,
-                       label_agreement=notes.get("label_agreement"), label_note=notes.get("label_note", ""))
+    res = DoctorResult(
+        findings,
+        ds,
+        feats,
+        [s.path for s in ds.samples],
+        skipped=ds.skipped,
+        label_agreement=notes.get("label_agreement"),
+        label_note=notes.get("label_note", ""),
+    )
     res.leaked_eval = len({f.path for f in findings if f.issue == "leak"})
     if config.run:
         res.rescored = rescore_without_leaks(config.run, {f.path for f in findings if f.issue == "leak"})
@@ -311,9 +377,11 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
     res.seconds = time.perf_counter() - t0
     cb.on_progress(Progress(Phase.CHECKING, 1, 1))
     counts = res.counts()
-    cb.on_log(f"Checked {len(ds.samples)} images in {res.seconds:.1f} s: "
-              + (", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no problems found")
-              + (f". {res.label_note}" if res.label_note else ""))
+    cb.on_log(
+        f"Checked {len(ds.samples)} images in {res.seconds:.1f} s: "
+        + (", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no problems found")
+        + (f". {res.label_note}" if res.label_note else "")
+    )
     return res
 
 
@@ -332,6 +400,7 @@ def rescore_without_leaks(run_dir: str, leaked: set[str]) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ the map
+
 
 def pca_2d(feats: np.ndarray) -> np.ndarray:
     """A first 2-D map of the embeddings in milliseconds: their two principal components."""
@@ -366,5 +435,8 @@ def tsne_map(config: MapConfig, callbacks: Callbacks | None = None, cancel: Canc
     init = pca_2d(config.features)
     init = init / max(float(init[:, 0].std()), 1e-6) * 1e-4  # scikit-learn's own PCA init uses this scale
     perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
-    return TSNE(2, perplexity=perplexity, init=init, random_state=config.seed, metric="cosine",
-                n_jobs=1).fit_transform(x).astype(np.float32)
+    return (
+        TSNE(2, perplexity=perplexity, init=init, random_state=config.seed, metric="cosine", n_jobs=1)
+        .fit_transform(x)
+        .astype(np.float32)
+    )

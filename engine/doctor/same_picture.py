@@ -15,6 +15,7 @@ layout fits best, of ``SCALES`` either way round) against the other, at the best
 (cross-correlation by FFT). Two different photos of one kind share their layout but not their detail (texture,
 noise, the exact outline); a copy keeps its detail through resizing and JPEG.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,8 +97,14 @@ def aligned_detail(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.astype(np.float32), b.astype(np.float32)
     ca, cb = _pool(a), _pool(b)
     coarse_a, coarse_b = ca.reshape(-1, 16, 16), cb.reshape(-1, 16, 16)
-    fit = np.stack([((_unit(np.matmul(np.matmul(m, x16), m.T)) * y).sum(1))
-                    for m in _COARSE for x16, y in ((coarse_a, cb), (coarse_b, ca))], 1)  # (P, 2 * len(SCALES))
+    fit = np.stack(
+        [
+            ((_unit(np.matmul(np.matmul(m, x16), m.T)) * y).sum(1))
+            for m in _COARSE
+            for x16, y in ((coarse_a, cb), (coarse_b, ca))
+        ],
+        1,
+    )  # (P, 2 * len(SCALES))
     order = np.argsort(-fit, 1)[:, :TRIED]
     spectra = {0: _spectrum(b), 1: _spectrum(a)}  # the uncropped other picture, by direction
     best = np.full(len(a), -1.0, np.float32)
@@ -109,8 +116,8 @@ def aligned_detail(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         fy, ey = spectra[direction][0][rows], spectra[direction][1][rows]
         fc, ec = _spectrum(np.matmul(np.matmul(m, x), m.T))
         c = fft.irfft2(fc * np.conj(fy), s=(SIZE, SIZE), workers=-1) * (SIZE * SIZE)
-        near = np.concatenate([c[:, :s + 1], c[:, -s:]], 1)
-        near = np.concatenate([near[:, :, :s + 1], near[:, :, -s:]], 2)
+        near = np.concatenate([c[:, : s + 1], c[:, -s:]], 1)
+        near = np.concatenate([near[:, :, : s + 1], near[:, :, -s:]], 2)
         best[rows] = np.maximum(best[rows], near.max((1, 2)) / np.sqrt(np.maximum(ec * ey, 1e-12)))
     return best
 
@@ -134,8 +141,10 @@ def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) ->
         sim = emb[rows] @ emb.T
         lay[np.arange(len(rows)), rows] = sim[np.arange(len(rows)), rows] = -np.inf  # never oneself
         # embedding neighbours alike in layout too (the old rule, now only a gate), and close layout neighbours
-        for rank, ok in ((sim, (sim >= EMBEDDING_CANDIDATE)
-                          & ((lay >= EMBEDDING_CANDIDATE) | (sim >= EMBEDDING_ALONE))), (lay, lay >= LAYOUT_CANDIDATE)):
+        for rank, ok in (
+            (sim, (sim >= EMBEDDING_CANDIDATE) & ((lay >= EMBEDDING_CANDIDATE) | (sim >= EMBEDDING_ALONE))),
+            (lay, lay >= LAYOUT_CANDIDATE),
+        ):
             r, c = np.nonzero(ok)  # sparse on everyday photos: rank only those
             order = np.lexsort((-rank[r, c], r))
             r, c = r[order], c[order]
@@ -149,7 +158,7 @@ def same_pictures(pairs: list[tuple[int, int]], thumbs, chunk: int = 256) -> lis
     """The pairs whose aligned detail reaches SAME, with that score; ``thumbs(i)`` gives image i's thumbnail."""
     out = []
     for s in range(0, len(pairs), chunk):
-        part = pairs[s:s + chunk]
+        part = pairs[s : s + chunk]
         a = np.stack([thumbs(i) for i, _ in part])
         b = np.stack([thumbs(j) for _, j in part])
         for (i, j), v in zip(part, aligned_detail(a, b)):

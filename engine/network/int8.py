@@ -25,6 +25,7 @@ second one quantises with every activation's scale widened to 127 steps (``Tenso
 clips as nodes (``QDQKeepRemovableActivations``), which :func:`_clips_in_uint8` then turns into clips on the uint8
 values (0..127: no float round trip, and nothing above 127 reaches a matrix product).
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,12 +65,24 @@ def quantize(fp32: str, out: str, batches: list[np.ndarray], flavour: str) -> di
             info = {"activations": "uint8"}
         else:
             _quantize_static(prepped, tmp, batches, exclude=first, keep_clips=True)
-            overrides = {t: [{"scale": np.array(s * 255 / qmax, dtype=np.float32),
-                              "zero_point": np.array(round(z * qmax / 255), dtype=np.uint8)}]
-                         for t, (s, z) in _activation_params(tmp).items()}
+            overrides = {
+                t: [
+                    {
+                        "scale": np.array(s * 255 / qmax, dtype=np.float32),
+                        "zero_point": np.array(round(z * qmax / 255), dtype=np.uint8),
+                    }
+                ]
+                for t, (s, z) in _activation_params(tmp).items()
+            }
             # every activation's range is given now: one image is enough for the calibration this pass insists on
-            _quantize_static(prepped, tmp, [batches[0][:1]], exclude=first, keep_clips=True,
-                             extra={"TensorQuantOverrides": overrides})
+            _quantize_static(
+                prepped,
+                tmp,
+                [batches[0][:1]],
+                exclude=first,
+                keep_clips=True,
+                extra={"TensorQuantOverrides": overrides},
+            )
             _clips_in_uint8(tmp, qmax)
             info = {"activations": f"uint8, 0..{qmax}"}
         os.replace(tmp, out)
@@ -78,8 +91,14 @@ def quantize(fp32: str, out: str, batches: list[np.ndarray], flavour: str) -> di
         for p in (prepped, tmp):
             if os.path.exists(p):
                 os.unlink(p)
-    return {"format": "QDQ", "per_channel": True, "flavour": flavour, "weights": "int8 per channel", **info,
-            "kept_in_fp32": first}
+    return {
+        "format": "QDQ",
+        "per_channel": True,
+        "flavour": flavour,
+        "weights": "int8 per channel",
+        **info,
+        "kept_in_fp32": first,
+    }
 
 
 def _quantize_static(src: str, dst: str, batches: list[np.ndarray], exclude=(), keep_clips=False, extra=None):
@@ -93,9 +112,18 @@ def _quantize_static(src: str, dst: str, batches: list[np.ndarray], exclude=(), 
             return next(self.it, None)
 
     options = {"QDQKeepRemovableActivations": keep_clips, **(extra or {})}
-    quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
-                    nodes_to_exclude=list(exclude), extra_options=options)
+    quantize_static(
+        src,
+        dst,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        reduce_range=False,
+        nodes_to_exclude=list(exclude),
+        extra_options=options,
+    )
 
 
 def _leading_convs(path: str, n: int) -> list[str]:
@@ -112,8 +140,11 @@ def _activation_params(path: str) -> dict[str, tuple[float, int]]:
 
     g = onnx.load(path).graph
     init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    return {n.input[0]: (float(init[n.input[1]]), int(init[n.input[2]])) for n in g.node
-            if n.op_type == "QuantizeLinear" and n.input[0] not in init}
+    return {
+        n.input[0]: (float(init[n.input[1]]), int(init[n.input[2]]))
+        for n in g.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in init
+    }
 
 
 def _clips_in_uint8(path: str, qmax: int) -> None:
@@ -151,8 +182,12 @@ def _clips_in_uint8(path: str, qmax: int) -> None:
         hi = float(init[n.input[2]]) if len(n.input) > 2 and n.input[2] else np.inf
         qlo = int(np.clip(zero + np.round(lo / scale), 0, qmax)) if np.isfinite(lo) else 0
         qhi = int(np.clip(zero + np.round(hi / scale), 0, qmax)) if np.isfinite(hi) else qmax
-        replace[id(n)] = helper.make_node("Clip", [dq.input[0], u8(f"{n.name}_u8lo", qlo), u8(f"{n.name}_u8hi", qhi)],
-                                          [q.output[0]], name=f"{n.name}_u8")
+        replace[id(n)] = helper.make_node(
+            "Clip",
+            [dq.input[0], u8(f"{n.name}_u8lo", qlo), u8(f"{n.name}_u8hi", qhi)],
+            [q.output[0]],
+            name=f"{n.name}_u8",
+        )
         drop.add(id(q))
         clipped.add(q.output[0])
         if len(consumers[dq.output[0]]) == 1:  # the new clip is the only reader of the value before it
@@ -164,14 +199,26 @@ def _clips_in_uint8(path: str, qmax: int) -> None:
             continue
         nodes.append(replace.get(id(n), n))
         out = n.output[0] if n.output else ""
-        if (n.op_type == "QuantizeLinear" and id(n) not in drop and out not in clipped and len(n.input) > 2
-                and init.get(n.input[2], np.zeros(0)).dtype == np.uint8 and n.input[0] not in init):
+        if (
+            n.op_type == "QuantizeLinear"
+            and id(n) not in drop
+            and out not in clipped
+            and len(n.input) > 2
+            and init.get(n.input[2], np.zeros(0)).dtype == np.uint8
+            and n.input[0] not in init
+        ):
             # the consumers read the clipped copy
             clipped_name = f"{out}_u8top"
             for c in consumers.get(out, []):
                 c.input[:] = [clipped_name if i == out else i for i in c.input]
-            nodes.append(helper.make_node("Clip", [out, u8(f"{out}_u8lo", 0), u8(f"{out}_u8hi", qmax)],
-                                          [clipped_name], name=f"{out}_u8top_clip"))
+            nodes.append(
+                helper.make_node(
+                    "Clip",
+                    [out, u8(f"{out}_u8lo", 0), u8(f"{out}_u8hi", qmax)],
+                    [clipped_name],
+                    name=f"{out}_u8top_clip",
+                )
+            )
     del g.node[:]
     g.node.extend(nodes)
     onnx.checker.check_model(m)

@@ -1,4 +1,5 @@
 """The trained classifier (backbone + linear head), saved as safetensors and loaded back with validation."""
+
 from __future__ import annotations
 
 import os
@@ -106,12 +107,15 @@ def load_model(run_dir: str) -> LoadedModel:
     model = make_classifier(net, len(classes))
     head = sd.get("head.weight")
     if head is None or tuple(head.shape) != (len(classes), net.feature_dim):
-        raise EngineError(f"{weights} does not match model.json: the head has shape "
-                          f"{None if head is None else tuple(head.shape)}, expected {(len(classes), net.feature_dim)}.")
+        raise EngineError(
+            f"{weights} does not match model.json: the head has shape "
+            f"{None if head is None else tuple(head.shape)}, expected {(len(classes), net.feature_dim)}."
+        )
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise EngineError(f"{weights} does not match the '{meta['backbone']}' architecture: "
-                          f"{str(exc).splitlines()[0][:300]}") from exc
+        raise EngineError(
+            f"{weights} does not match the '{meta['backbone']}' architecture: {str(exc).splitlines()[0][:300]}"
+        ) from exc
     model.eval()
     return LoadedModel(model, classes, pre, meta, run_dir)

@@ -10,6 +10,7 @@ a sample of the user's own images: below the thresholds it is not used and the l
 ``MIN_COSINE``). Embeddings from different paths never share a cache file (the cache key names the path), and
 model.json records which path made a run's features.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,8 @@ _MISSING: list[str] = []  # why ONNX Runtime could not be imported (said in the 
 
 def available() -> bool:
     try:
-        import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import quantize_static  # noqa: F401
+        import onnxruntime  # noqa: F401 (imported only to prove it loads)
+        from onnxruntime.quantization import quantize_static  # noqa: F401 (as above)
     except ImportError as exc:
         _MISSING[:] = [f"{exc.__class__.__name__}: {exc}"]
         return False
@@ -62,8 +63,10 @@ def use_onnx(engine: str, device) -> bool:
         if device.type != "cpu":
             raise EngineError("--engine onnxruntime runs on the CPU only: use --device cpu, or --engine auto.")
         if not available():
-            raise EngineError("--engine onnxruntime needs the onnxruntime and onnx packages: pip install onnxruntime "
-                              f"onnx ({'; '.join(_MISSING) or 'not importable'})")
+            raise EngineError(
+                "--engine onnxruntime needs the onnxruntime and onnx packages: pip install onnxruntime "
+                f"onnx ({'; '.join(_MISSING) or 'not importable'})"
+            )
         return True
     return device.type == "cpu" and available()
 
@@ -82,8 +85,11 @@ def cache_variants(engine: str, precision: str, device=None) -> list[str]:
 
 
 def describe_variant(variant: str) -> dict:
-    return ({"engine": "torch", "precision": "fp32"} if variant == "torch"
-            else {"engine": "onnxruntime", "precision": variant.removeprefix("ort-")})
+    return (
+        {"engine": "torch", "precision": "fp32"}
+        if variant == "torch"
+        else {"engine": "onnxruntime", "precision": variant.removeprefix("ort-")}
+    )
 
 
 def variant_name(precision: str) -> str:
@@ -102,8 +108,9 @@ class OrtForward:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str, pre: Preprocessing, precision: str, batch_size: int = 16, exact: bool = False
-                 ) -> None:
+    def __init__(
+        self, path: str, pre: Preprocessing, precision: str, batch_size: int = 16, exact: bool = False
+    ) -> None:
         """``exact``: run the graph with ONNX Runtime's optimisations off (an int8 graph's QDQ in float), which is
         what a CPU whose integer products never saturate computes: how a flavour this CPU cannot run exactly is
         measured and tested (engine/network/int8.py). Slow; never the app's path."""
@@ -111,8 +118,9 @@ class OrtForward:
 
         exact = exact or (precision == "int8" and os.environ.get(EXACT_ENV) == "1")
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact
-                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        opts.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if exact else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
         threads = int(os.environ.get("TRANSFER_STUDIO_ORT_THREADS", "0"))
         if threads:
             opts.intra_op_num_threads = threads
@@ -137,8 +145,10 @@ class Graphs:
 def graph_paths(cache_dir: str, backbone: str, weights_id: str) -> tuple[str, str]:
     """The fp32 graph and this CPU's int8 graph (each flavour its own file: engine/network/int8.py)."""
     folder = os.path.join(cache_dir, "graphs")
-    return (os.path.join(folder, f"{backbone}-{weights_id}.fp32.onnx"),
-            os.path.join(folder, f"{backbone}-{weights_id}.int8-{int8_flavour()}.onnx"))
+    return (
+        os.path.join(folder, f"{backbone}-{weights_id}.fp32.onnx"),
+        os.path.join(folder, f"{backbone}-{weights_id}.int8-{int8_flavour()}.onnx"),
+    )
 
 
 def export_graph(net, pre: Preprocessing, path: str) -> None:
@@ -150,8 +160,12 @@ def export_graph(net, pre: Preprocessing, path: str) -> None:
     model = fold_batchnorm(net).float().eval()
     example = torch.zeros(2, 3, pre.size, pre.size)
     tmp = f"{path}.tmp-{os.getpid()}"
-    kwargs = dict(input_names=["images"], output_names=["features"], opset_version=17,
-                  dynamic_axes={"images": {0: "N"}, "features": {0: "N"}})
+    kwargs = dict(
+        input_names=["images"],
+        output_names=["features"],
+        opset_version=17,
+        dynamic_axes={"images": {0: "N"}, "features": {0: "N"}},
+    )
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on constant folding are for its developers
         try:
@@ -188,12 +202,11 @@ def has_vnni() -> bool:
 def _quantize(fp32: str, int8: str, calibration: np.ndarray, pre: Preprocessing) -> dict:
     from engine.network.int8 import quantize
 
-    batches = [_normalise(calibration[i:i + 8], pre) for i in range(0, len(calibration), 8)]
+    batches = [_normalise(calibration[i : i + 8], pre) for i in range(0, len(calibration), 8)]
     return quantize(fp32, int8, batches, int8_flavour())
 
 
-def ensure_graphs(cache_dir: str, backbone_name: str, backbone, calibration: np.ndarray | None,
-                  log=None) -> Graphs:
+def ensure_graphs(cache_dir: str, backbone_name: str, backbone, calibration: np.ndarray | None, log=None) -> Graphs:
     """The fp32 and int8 graphs of ``backbone`` (made once, then reused); ``calibration``: (N,3,S,S) uint8 images
     of the user's own folder for the int8 graph (only needed when it is missing)."""
     fp32, int8 = graph_paths(cache_dir, backbone_name, backbone.weights_id)
@@ -223,15 +236,19 @@ def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(na, 1e-12)
 
 
-def choose(graphs: Graphs, pre: Preprocessing, precision: str, sample: np.ndarray | None, batch_size: int,
-           log=None) -> tuple[OrtForward, dict]:
+def choose(
+    graphs: Graphs, pre: Preprocessing, precision: str, sample: np.ndarray | None, batch_size: int, log=None
+) -> tuple[OrtForward, dict]:
     """The session to embed with, and what was decided (recorded in model.json)."""
     fp32 = OrtForward(graphs.fp32, pre, "fp32", batch_size)
     if precision == "fp32" or not os.path.isfile(graphs.int8):
         if precision == "int8":
             raise EngineError("The int8 graph could not be made (no images to calibrate it on).")
-        return fp32, {"engine": "onnxruntime", "precision": "fp32", "reason": "asked for" if precision == "fp32"
-                      else "no int8 graph"}
+        return fp32, {
+            "engine": "onnxruntime",
+            "precision": "fp32",
+            "reason": "asked for" if precision == "fp32" else "no int8 graph",
+        }
     int8 = OrtForward(graphs.int8, pre, "int8", batch_size)
     flavour = {"int8_flavour": int8_flavour()}
     if precision == "int8":
@@ -239,11 +256,20 @@ def choose(graphs: Graphs, pre: Preprocessing, precision: str, sample: np.ndarra
     if sample is None or not len(sample):
         return fp32, {"engine": "onnxruntime", "precision": "fp32", "reason": "no images to check int8 on"}
     cos = agreement(int8(sample), fp32(sample))
-    decision = {"engine": "onnxruntime", **flavour, "checked_images": int(len(sample)), "min_cosine": float(cos.min()),
-                "mean_cosine": float(cos.mean()), "threshold": MIN_COSINE, "mean_threshold": MIN_MEAN_COSINE}
+    decision = {
+        "engine": "onnxruntime",
+        **flavour,
+        "checked_images": int(len(sample)),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "threshold": MIN_COSINE,
+        "mean_threshold": MIN_MEAN_COSINE,
+    }
     if cos.min() >= MIN_COSINE and cos.mean() >= MIN_MEAN_COSINE:
         return int8, {**decision, "precision": "int8", "reason": "agrees with fp32"}
     if log:
-        log(f"int8 features differ from fp32 on your images (cosine mean {cos.mean():.4f}, worst {cos.min():.4f}; "
-            f"needed {MIN_MEAN_COSINE} and {MIN_COSINE}): using fp32")
+        log(
+            f"int8 features differ from fp32 on your images (cosine mean {cos.mean():.4f}, worst {cos.min():.4f}; "
+            f"needed {MIN_MEAN_COSINE} and {MIN_COSINE}): using fp32"
+        )
     return fp32, {**decision, "precision": "fp32", "reason": "int8 disagreed with fp32"}

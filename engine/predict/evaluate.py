@@ -1,4 +1,5 @@
 """``evaluate``: score a labelled folder with a trained run (every image counts; figures: engine/trust/scores.py)."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ class EvaluateResult:
     cancelled: bool = False
 
 
-def evaluate(config: EvaluateConfig, callbacks: Callbacks | None = None,
-             cancel: CancelToken | None = None) -> EvaluateResult:
+def evaluate(
+    config: EvaluateConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
+) -> EvaluateResult:
     """Score a labelled folder (either layout; every image counts) with a saved run."""
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
@@ -35,13 +37,16 @@ def evaluate(config: EvaluateConfig, callbacks: Callbacks | None = None,
         skipped = ds.skipped
         unknown = [c for c in ds.classes if c not in loaded.classes]
         if unknown:
-            raise EngineError(f"{config.data} has classes the model does not know: {', '.join(unknown)}. "
-                              f"The model knows: {', '.join(loaded.classes)}.")
+            raise EngineError(
+                f"{config.data} has classes the model does not know: {', '.join(unknown)}. "
+                f"The model knows: {', '.join(loaded.classes)}."
+            )
         index = {c: i for i, c in enumerate(loaded.classes)}
         paths = [s.path for s in ds.samples]
         labels = np.array([index[ds.classes[s.label]] for s in ds.samples])
-        scored = predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel,
-                               engine=config.engine)
+        scored = predict_paths(
+            loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel, engine=config.engine
+        )
     except Cancelled:
         return EvaluateResult({}, skipped, cancelled=True)
     y = labels[scored.kept]

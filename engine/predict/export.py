@@ -1,4 +1,5 @@
 """Export a run's network (normalised image tensor -> logits) to ONNX or TorchScript, plus a JSON sidecar."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ class ExportResult:
     cancelled: bool = False
 
 
-def export_model(config: ExportConfig, callbacks: Callbacks | None = None,
-                 cancel: CancelToken | None = None) -> ExportResult:
+def export_model(
+    config: ExportConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
+) -> ExportResult:
     """Write ``config.out`` and ``config.out + '.json'`` (classes and preprocessing).
 
     The exported network takes a float tensor (N, 3, size, size) already normalised with the run's mean/std and
@@ -87,24 +89,43 @@ def _write(loaded, fmt: str, out: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    sidecar = {"format": fmt, "classes": loaded.classes, "preprocessing": loaded.preprocessing.to_dict(),
-               "input": {"name": "images", "shape": ["N", 3, size, size], "dtype": "float32",
-                         "note": "RGB, resized per preprocessing.mode, (x/255 - mean) / std"},
-               "outputs": [{"name": "logits", "shape": ["N", len(loaded.classes)]},
-                           {"name": "probabilities", "shape": ["N", len(loaded.classes)],
-                            "note": "softmax(logits / temperature): calibrated, as the app shows them"}],
-               "temperature": loaded.temperature, "min_confidence": loaded.min_confidence,
-               "backbone": loaded.meta["backbone"], "mode": loaded.meta["mode"]}
+    sidecar = {
+        "format": fmt,
+        "classes": loaded.classes,
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "input": {
+            "name": "images",
+            "shape": ["N", 3, size, size],
+            "dtype": "float32",
+            "note": "RGB, resized per preprocessing.mode, (x/255 - mean) / std",
+        },
+        "outputs": [
+            {"name": "logits", "shape": ["N", len(loaded.classes)]},
+            {
+                "name": "probabilities",
+                "shape": ["N", len(loaded.classes)],
+                "note": "softmax(logits / temperature): calibrated, as the app shows them",
+            },
+        ],
+        "temperature": loaded.temperature,
+        "min_confidence": loaded.min_confidence,
+        "backbone": loaded.meta["backbone"],
+        "mode": loaded.meta["mode"],
+    }
     atomic_write_text(out + ".json", json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
 
 
 def _export_onnx(model, example, path: str) -> None:
     import torch
 
-    kwargs = dict(input_names=["images"], output_names=["logits", "probabilities"], opset_version=17,
-                  dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}, "probabilities": {0: "N"}})
+    kwargs = dict(
+        input_names=["images"],
+        output_names=["logits", "probabilities"],
+        opset_version=17,
+        dynamic_axes={"images": {0: "N"}, "logits": {0: "N"}, "probabilities": {0: "N"}},
+    )
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401 (imported only to give a clear message when missing)
     except ImportError as exc:
         raise EngineError("ONNX export needs the onnx package: pip install onnx onnxscript") from exc
     # The TorchScript-based exporter is the one that exists on every torch we support and needs no onnxscript;

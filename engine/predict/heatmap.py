@@ -5,6 +5,7 @@ are already named (``FeatureNet.stages``), both training modes save the same cla
 gradient of the class score, averaged per channel, weighting that stage's feature maps. It runs as an engine job
 (the window runs it in the background); the fine-tuned or feature-extraction model is explained as saved.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,15 +62,18 @@ def grad_cam(model, x, target: int, layer) -> np.ndarray:
         handle.remove()
     act, grad = store.get("act"), store.get("grad")
     if act is None or grad is None or act.dim() != 4:
-        raise EngineError("Heatmaps need a backbone whose last stage makes a spatial feature map (a convolutional "
-                          "network); this one does not.")
+        raise EngineError(
+            "Heatmaps need a backbone whose last stage makes a spatial feature map (a convolutional "
+            "network); this one does not."
+        )
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * act).sum(1))[0]
     return cam.detach().float().cpu().numpy()
 
 
-def heatmap(config: HeatmapConfig, callbacks: Callbacks | None = None,
-            cancel: CancelToken | None = None) -> HeatmapResult:
+def heatmap(
+    config: HeatmapConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
+) -> HeatmapResult:
     import torch
     import torch.nn.functional as F
 
@@ -96,8 +100,9 @@ def heatmap(config: HeatmapConfig, callbacks: Callbacks | None = None,
         target = loaded.classes.index(config.target) if config.target else pred
         cancel.raise_if_cancelled()
         cam = grad_cam(model, x, target, model.backbone.stages()[-1][-1])
-        heat = F.interpolate(torch.from_numpy(cam)[None, None], size=(pre.size, pre.size), mode="bilinear",
-                             align_corners=False)[0, 0].numpy()
+        heat = F.interpolate(
+            torch.from_numpy(cam)[None, None], size=(pre.size, pre.size), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
         heat = heat / heat.max() if heat.max() > 0 else heat
     except Cancelled:
         return HeatmapResult(config.image, "", "", 0.0, None, None, cancelled=True)
@@ -105,5 +110,6 @@ def heatmap(config: HeatmapConfig, callbacks: Callbacks | None = None,
         if "loaded" in locals():
             loaded.model.to("cpu")
     cb.on_progress(Progress(Phase.PREDICTING, 1, 1))
-    return HeatmapResult(config.image, loaded.classes[target], loaded.classes[pred], float(probs[pred]), arr,
-                         heat.astype(np.float32))
+    return HeatmapResult(
+        config.image, loaded.classes[target], loaded.classes[pred], float(probs[pred]), arr, heat.astype(np.float32)
+    )

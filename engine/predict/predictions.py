@@ -3,6 +3,7 @@
 
 Probabilities are calibrated with the run's temperature; ``status`` says whether to trust the answer (see
 ``engine.events.PredictionRow``)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ def csv_row(row: PredictionRow, classes: list[str], top_k: int = 1) -> list[str]
     return out + [row.status, ""]
 
 
-def status_of(confidence: float, distance: float | None, min_confidence: float,
-              unfamiliar_threshold: float | None) -> str:
+def status_of(
+    confidence: float, distance: float | None, min_confidence: float, unfamiliar_threshold: float | None
+) -> str:
     """``unfamiliar`` before ``unsure`` before ``ok`` (errors never get here)."""
     if distance is not None and unfamiliar_threshold is not None and distance > unfamiliar_threshold:
         return "unfamiliar"
@@ -68,13 +70,17 @@ def unsure_threshold(loaded, config: PredictConfig) -> float:
     except EngineError:
         curve = None
     if not curve:
-        raise EngineError("This run has no accuracy-against-coverage measurement (it was saved before calibration "
-                          "existed, or without validation images): use --min-confidence instead.")
+        raise EngineError(
+            "This run has no accuracy-against-coverage measurement (it was saved before calibration "
+            "existed, or without validation images): use --min-confidence instead."
+        )
     hit = threshold_for(curve, config.target_accuracy)
     if hit is None:
         best = max(p["accuracy"] for p in curve)
-        raise EngineError(f"No confidence threshold made validation images {config.target_accuracy:.0%} right "
-                          f"(the best was {best:.1%}): choose a lower --target-accuracy.")
+        raise EngineError(
+            f"No confidence threshold made validation images {config.target_accuracy:.0%} right "
+            f"(the best was {best:.1%}): choose a lower --target-accuracy."
+        )
     return hit[0]
 
 
@@ -114,8 +120,10 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
     precision = made.get("precision", "fp32")
     if precision == "int8" and not os.path.isfile(int8):
         if log:
-            log("This run's int8 graph is not on this machine: predicting with fp32 features (they agreed with "
-                "int8 when it was trained)")
+            log(
+                "This run's int8 graph is not on this machine: predicting with fp32 features (they agreed with "
+                "int8 when it was trained)"
+            )
         precision = "fp32"
     if not os.path.isfile(fp32):
         os.makedirs(os.path.dirname(fp32), exist_ok=True)
@@ -154,9 +162,16 @@ def _pretrained_forward(loaded, device, engine: str, batch_size: int | None, log
     return Forward.frozen(bb.net, bb.preprocessing, device, batch_size)  # (Forward resizes to its own size)
 
 
-def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None = None,
-                  callbacks: Callbacks | None = None, cancel: CancelToken | None = None, on_chunk=None,
-                  engine: str = "torch") -> Scored:
+def predict_paths(
+    loaded,
+    paths: Sequence[str],
+    device,
+    batch_size: int | None = None,
+    callbacks: Callbacks | None = None,
+    cancel: CancelToken | None = None,
+    on_chunk=None,
+    engine: str = "torch",
+) -> Scored:
     """Calibrated class probabilities (and distances to the training images) for ``paths``; decodes ahead in threads
     and keeps no pixels beyond the current chunk. Raises :class:`Cancelled` when stopped.
 
@@ -190,11 +205,12 @@ def predict_paths(loaded, paths: Sequence[str], device, batch_size: int | None =
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         if hook is not None:
             stack.callback(hook.remove)
-        for group in iter_decoded(paths, pre, pre.size, chunk=max(bs, 32), cancel=cancel,
-                                  overlap=device.type != "cpu", device=device):
+        for group in iter_decoded(
+            paths, pre, pre.size, chunk=max(bs, 32), cancel=cancel, overlap=device.type != "cpu", device=device
+        ):
             good = [(i, a) for i, a, e in group if a is not None]
             bad = [(i, e) for i, a, e in group if a is None]
-            batches = [stack_on([a for _, a in good[s:s + bs]], device) for s in range(0, len(good), bs)]
+            batches = [stack_on([a for _, a in good[s : s + bs]], device) for s in range(0, len(good), bs)]
             if onnx:
                 feats = [torch.from_numpy(onnx(b)) for b in batches]
             else:
@@ -240,17 +256,22 @@ def _collect(inputs: list, cancel: CancelToken) -> tuple[list[str], list[tuple[s
     walk_errors: list[tuple[str, str]] = []
     paths: list[str] = []
     for item in inputs:  # a file named explicitly is predicted whatever its extension (or says why not)
-        paths += walk_images(item, cancel, lambda p, r: walk_errors.append((p, r))) if os.path.isdir(item) \
+        paths += (
+            walk_images(item, cancel, lambda p, r: walk_errors.append((p, r)))
+            if os.path.isdir(item)
             else [os.fspath(item)]
+        )
     if not paths:
         unlisted = "".join(f"; could not list {p}: {r}" for p, r in walk_errors)
-        raise EngineError(f"No image files (jpg, png, bmp, gif, webp, tif) found under "
-                          f"{', '.join(map(str, inputs))}{unlisted}.")
+        raise EngineError(
+            f"No image files (jpg, png, bmp, gif, webp, tif) found under {', '.join(map(str, inputs))}{unlisted}."
+        )
     return paths, walk_errors
 
 
-def predict_folder(config: PredictConfig, callbacks: Callbacks | None = None,
-                   cancel: CancelToken | None = None) -> PredictResult:
+def predict_folder(
+    config: PredictConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
+) -> PredictResult:
     """Predict every image file under ``config.images`` (folders searched recursively, and image files; rows in that
     order). Rows stream through ``callbacks.on_predictions``.
 
@@ -264,8 +285,10 @@ def predict_folder(config: PredictConfig, callbacks: Callbacks | None = None,
     classes = loaded.classes
     min_conf = unsure_threshold(loaded, config)
     if not loaded.calibrated:
-        cb.on_log("This run was saved before calibration existed: its probabilities are the network's own "
-                  "(temperature 1), and no image can be marked unfamiliar.")
+        cb.on_log(
+            "This run was saved before calibration existed: its probabilities are the network's own "
+            "(temperature 1), and no image can be marked unfamiliar."
+        )
     images = config.images
     inputs = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     done: list[PredictionRow] = []
@@ -283,8 +306,12 @@ def predict_folder(config: PredictConfig, callbacks: Callbacks | None = None,
             nonlocal emitted
             for n, (i, p) in enumerate(zip(idx, probs)):
                 j = int(p.argmax())
-                status = status_of(float(p[j]), None if distances is None else float(distances[n]), min_conf,
-                                   loaded.unfamiliar_threshold)
+                status = status_of(
+                    float(p[j]),
+                    None if distances is None else float(distances[n]),
+                    min_conf,
+                    loaded.unfamiliar_threshold,
+                )
                 rows[i] = PredictionRow(paths[i], classes[j], float(p[j]), tuple(float(v) for v in p), "", status)
             for i, e in bad:
                 rows[i] = PredictionRow(paths[i], "", 0.0, (), e, "error")
@@ -296,8 +323,9 @@ def predict_folder(config: PredictConfig, callbacks: Callbacks | None = None,
                 done.extend(rows[emitted:end])
                 emitted = end
 
-        predict_paths(loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel, on_chunk,
-                      config.engine)
+        predict_paths(
+            loaded, paths, resolve_device(config.device), config.batch_size, cb, cancel, on_chunk, config.engine
+        )
     except Cancelled:
         cb.on_log(f"Prediction stopped after {len(done)} files; no CSV written.")
         return PredictResult(done, classes, None, cancelled=True, seconds=time.perf_counter() - t0)

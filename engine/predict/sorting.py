@@ -1,6 +1,7 @@
 """Sort photos by prediction: each predicted image copied (or hard-linked where the system allows) into
 ``DIR/<predicted class>/``, ``DIR/_unsure/`` or ``DIR/_unfamiliar/``. Nothing is ever moved or overwritten: a name
 that is taken gets a suffix. Unreadable files are left where they are."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,7 @@ class SortResult:
         return f"Sorted {sum(self.counts.values())} image(s) into {folder}: {where or 'none'}{how}."
 
 
-def sort_into(config: SortConfig, callbacks: Callbacks | None = None,
-              cancel: CancelToken | None = None) -> SortResult:
+def sort_into(config: SortConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> SortResult:
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
     try:

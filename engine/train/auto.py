@@ -16,6 +16,7 @@ lower validation loss becomes the result.
 The whole mode is :func:`fit_auto`; its halves hand each other their ``train.FitResult`` (held-out probabilities,
 the head, metrics) in memory, and the run folders are only written, never read back.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,8 +100,9 @@ class Tagged(Callbacks):
         self.inner.on_predictions(rows)
 
     def on_train_epoch_end(self, m: EpochMetrics) -> None:
-        self.inner.on_train_epoch_end(dataclasses.replace(m, strategy=self.strategy,
-                                                          elapsed=time.perf_counter() - self.t0))
+        self.inner.on_train_epoch_end(
+            dataclasses.replace(m, strategy=self.strategy, elapsed=time.perf_counter() - self.t0)
+        )
 
 
 class Race(Tagged):
@@ -124,10 +126,15 @@ class Race(Tagged):
         if m.epoch < MIN_EPOCHS_BEFORE_EXTRAPOLATING or m.epoch >= self.epochs or min(self.losses[1:]) < self.fe_loss:
             return  # (after its last epoch it ends by itself: nothing to stop)
         if projected_loss(self.losses, left) >= self.fe_loss:
-            over = (f"extrapolated over the {left} epoch(s) left" if left else
-                    "with no time left in the budget for another epoch")
-            self.token.stop(f"its calibrated validation loss ({min(self.losses[1:]):.4f}), {over}, would stay above "
-                            f"feature extraction's ({self.fe_loss:.4f})")
+            over = (
+                f"extrapolated over the {left} epoch(s) left"
+                if left
+                else "with no time left in the budget for another epoch"
+            )
+            self.token.stop(
+                f"its calibrated validation loss ({min(self.losses[1:]):.4f}), {over}, would stay above "
+                f"feature extraction's ({self.fe_loss:.4f})"
+            )
 
 
 def calibrated_val_loss(held) -> float:
@@ -154,45 +161,71 @@ def paired_difference(a, b) -> tuple[float, tuple[float, float], int]:
     return mean, (mean - half, mean + half), len(d)
 
 
-def why(winner: str, gain_points: float, ci: tuple[float, float], stopped: str, raced: bool = True,
-        small_side: int | None = None) -> str:
+def why(
+    winner: str,
+    gain_points: float,
+    ci: tuple[float, float],
+    stopped: str,
+    raced: bool = True,
+    small_side: int | None = None,
+) -> str:
     """One sentence a non-specialist understands. ``raced``: fine-tuning finished at least one epoch;
     ``small_side``: fine-tuning trained small pictures (of this median shorter side) at their own size."""
     lo, hi = ci[0] * 100, ci[1] * 100
     if not raced:
-        return ("Feature extraction was kept: fine-tuning " + (f"was stopped before its first epoch ended because "
-                                                              f"{stopped}; a larger time budget gives it a chance."
-                                                              if stopped else "had no validation images to be "
-                                                              "compared on."))
+        return "Feature extraction was kept: fine-tuning " + (
+            f"was stopped before its first epoch ended because {stopped}; a larger time budget gives it a chance."
+            if stopped
+            else "had no validation images to be compared on."
+        )
     if winner == FT:
         if lo > 0 and small_side:
-            return (f"Fine-tuning gained {gain_points:.1f} points: your pictures are small (about {small_side} px) "
-                    "and unlike the everyday photos the network learned from, so retraining most of it at their "
-                    "own size paid off.")
+            return (
+                f"Fine-tuning gained {gain_points:.1f} points: your pictures are small (about {small_side} px) "
+                "and unlike the everyday photos the network learned from, so retraining most of it at their "
+                "own size paid off."
+            )
         if lo > 0:
-            return (f"Fine-tuning gained {gain_points:.1f} points: your images differ from the everyday photos the "
-                    "network learned from, so retraining its last layers paid off.")
-        return (f"Fine-tuning's answers were slightly more reliable (lower validation loss); its accuracy differs "
-                f"by {gain_points:+.1f} points (between {lo:+.1f} and {hi:+.1f}), which is within what chance can do.")
+            return (
+                f"Fine-tuning gained {gain_points:.1f} points: your images differ from the everyday photos the "
+                "network learned from, so retraining its last layers paid off."
+            )
+        return (
+            f"Fine-tuning's answers were slightly more reliable (lower validation loss); its accuracy differs "
+            f"by {gain_points:+.1f} points (between {lo:+.1f} and {hi:+.1f}), which is within what chance can do."
+        )
     if stopped:
-        return ("Feature extraction was kept: the pretrained features already separate your classes, and "
-                f"fine-tuning was stopped because {stopped}.")
-    return ("Feature extraction was kept: the pretrained features already separate your classes well, so "
-            "retraining layers did not make the answers more reliable"
-            + (f" ({-gain_points:.1f} points more accurate)." if gain_points < 0 else "."))
+        return (
+            "Feature extraction was kept: the pretrained features already separate your classes, and "
+            f"fine-tuning was stopped because {stopped}."
+        )
+    return (
+        "Feature extraction was kept: the pretrained features already separate your classes well, so "
+        "retraining layers did not make the answers more reliable"
+        + (f" ({-gain_points:.1f} points more accurate)." if gain_points < 0 else ".")
+    )
 
 
 def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) -> dict:
     """Name the winner ``target`` and the other run beside it; write the ``auto`` block beside both (``fe``/``ft``:
     the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block."""
     fe_val = fe.held_out.get("val")
-    runs = {FE: {"val_loss": calibrated_val_loss(fe_val), "val_accuracy": fe.metrics.get("val_accuracy"),
-                 "seconds": fe.metrics.get("train_seconds")}}
+    runs = {
+        FE: {
+            "val_loss": calibrated_val_loss(fe_val),
+            "val_accuracy": fe.metrics.get("val_accuracy"),
+            "seconds": fe.metrics.get("train_seconds"),
+        }
+    }
     winner, small_side = FE, None
     if ft is not None:
         ft_val = ft.held_out.get("val")
-        runs[FT] = {"val_loss": calibrated_val_loss(ft_val), "val_accuracy": ft.metrics.get("val_accuracy"),
-                    "seconds": ft.metrics.get("train_seconds"), "epochs_run": ft.metrics.get("epochs_run")}
+        runs[FT] = {
+            "val_loss": calibrated_val_loss(ft_val),
+            "val_accuracy": ft.metrics.get("val_accuracy"),
+            "seconds": ft.metrics.get("train_seconds"),
+            "epochs_run": ft.metrics.get("epochs_run"),
+        }
         if runs[FT]["val_loss"] < runs[FE]["val_loss"]:
             winner = FT
         recipe = ft.metrics.get("fine_tuning_recipe") or {}
@@ -213,11 +246,17 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
                     shutil.rmtree(want)
             os.replace(d, want)
         final[mode] = want
-    block = {"winner": winner, "stopped": ft_stop or None,
-             "runs": {m: {**runs[m], "run": final[m]} for m in runs},
-             "fine_tuning_minus_feature_extraction": {"val_accuracy": round(diff, 6),
-                                                      "ci95": [round(ci[0], 6), round(ci[1], 6)], "n": n},
-             "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side)}
+    block = {
+        "winner": winner,
+        "stopped": ft_stop or None,
+        "runs": {m: {**runs[m], "run": final[m]} for m in runs},
+        "fine_tuning_minus_feature_extraction": {
+            "val_accuracy": round(diff, 6),
+            "ci95": [round(ci[0], 6), round(ci[1], 6)],
+            "n": n,
+        },
+        "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side),
+    }
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
     for mode, d in final.items():  # the one file written after the runs were saved: who won needs both runs
         atomic_write_json(os.path.join(d, AUTO_FILE), json_safe({**block, "this_run": mode}))
@@ -226,7 +265,7 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
 
 
 def summary(winner: str, runs: dict, diff: float, ci: tuple[float, float], n: int) -> str:
-    """"Kept fine-tuning: validation loss 0.21 vs 0.35; accuracy 0.912 vs 0.845 (+6.7 points, 95% interval
+    """ "Kept fine-tuning: validation loss 0.21 vs 0.35; accuracy 0.912 vs 0.845 (+6.7 points, 95% interval
     +4.1 to +9.3, 500 images)." """
     words = winner
     if FT not in runs:
@@ -234,15 +273,24 @@ def summary(winner: str, runs: dict, diff: float, ci: tuple[float, float], n: in
     other = FE if winner == FT else FT
     a, b = runs[winner].get("val_accuracy"), runs[other].get("val_accuracy")
     sign = 1 if winner == FT else -1
+
     def points(x: float) -> str:
         return f"{round(x * 100, 1) + 0.0:+.1f}"  # (+ 0.0: "+0.0", never "-0.0")
 
     lo, hi = sorted((sign * ci[0], sign * ci[1]))
-    acc = (f"; accuracy {a:.3f} vs {b:.3f} ({points(sign * diff)} points, 95% interval {points(lo)} to "
-           f"{points(hi)}, {n} images)") if a is not None and b is not None else ""
-    return (f"Kept {words}: calibrated validation loss {runs[winner]['val_loss']:.4f} vs "
-            f"{runs[other]['val_loss']:.4f}"
-            f" ({other}){acc}.")
+    acc = (
+        (
+            f"; accuracy {a:.3f} vs {b:.3f} ({points(sign * diff)} points, 95% interval {points(lo)} to "
+            f"{points(hi)}, {n} images)"
+        )
+        if a is not None and b is not None
+        else ""
+    )
+    return (
+        f"Kept {words}: calibrated validation loss {runs[winner]['val_loss']:.4f} vs "
+        f"{runs[other]['val_loss']:.4f}"
+        f" ({other}){acc}."
+    )
 
 
 def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
@@ -251,8 +299,7 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
     the lower calibrated validation loss wins. The two halves hand each other their ``FitResult``s in memory."""
     cfg.resolved()  # checks the settings before anything runs
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise EngineError("--mode auto runs in one process: under torchrun, choose feature-extraction or "
-                          "fine-tuning.")
+        raise EngineError("--mode auto runs in one process: under torchrun, choose feature-extraction or fine-tuning.")
     target = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, "auto"))
     if os.path.exists(target) and not cfg.overwrite:
         raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
@@ -268,11 +315,18 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
     else:
         ft_cfg = dataclasses.replace(cfg, mode=FT, out=f"{target}-{FT}")
         epochs = ft_cfg.resolved().epochs
-        est = estimate.estimate_fine_tuning(cfg.backbone, cfg.device, ft_cfg.unfreeze, fe.metrics.get("n_train", 0),
-                                          epochs, fe.metrics.get("embed_images_per_s"))
+        est = estimate.estimate_fine_tuning(
+            cfg.backbone,
+            cfg.device,
+            ft_cfg.unfreeze,
+            fe.metrics.get("n_train", 0),
+            epochs,
+            fe.metrics.get("embed_images_per_s"),
+        )
         budget = cfg.budget * 60 if cfg.budget else None
-        cb.on_log(f"Fine-tuning: {est.text}; budget "
-                  + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)"))
+        cb.on_log(
+            f"Fine-tuning: {est.text}; budget " + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)")
+        )
         token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
         ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=fe.head)
         stop = token.early_stop_reason()
@@ -282,6 +336,11 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
             ft = None
     block = finish(target, cfg.overwrite, fe, ft, stop, cb)
     won = fe if block["winner"] == FE else ft
-    return dataclasses.replace(won, run_dir=block["runs"][block["winner"]]["run"], cancelled=cancel.cancelled,
-                               metrics={**won.metrics, "auto": {**block, "this_run": block["winner"]}},
-                               skipped=fe.skipped, message=block["summary"])
+    return dataclasses.replace(
+        won,
+        run_dir=block["runs"][block["winner"]]["run"],
+        cancelled=cancel.cancelled,
+        metrics={**won.metrics, "auto": {**block, "this_run": block["winner"]}},
+        skipped=fe.skipped,
+        message=block["summary"],
+    )

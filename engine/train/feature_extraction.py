@@ -5,6 +5,7 @@ Two ways in: :func:`from_cache` needs no PyTorch at all (every embedding and the
 returns None when anything is missing; :func:`run` embeds what is not cached. Both return a :class:`TrainOutcome`
 and raise :class:`Cancelled` when stopped (the head trains in milliseconds per epoch: nothing worth keeping).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,9 @@ def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
     return [s.path for s in items], np.array([s.label for s in items], dtype=np.int64)
 
 
-def train_head(cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], dim: int, cb: Callbacks,
-               cancel: CancelToken) -> tuple[dict[str, np.ndarray], list[dict], int, dict, dict]:
+def train_head(
+    cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], dim: int, cb: Callbacks, cancel: CancelToken
+) -> tuple[dict[str, np.ndarray], list[dict], int, dict, dict]:
     """The head on each split's features: (head weights, history, best epoch, logits of the held-out splits,
     features of train and val)."""
     split_X = {}
@@ -45,21 +47,39 @@ def train_head(cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], d
     cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
     weights = balanced_class_weights(split_X["train"][1], len(ds.classes), mode=cfg.balance)
     if weights is not None:
-        cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share ("
-                  + ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, weights)) + ")")
-    res = train_linear_head(*split_X["train"], *split_X["val"], len(ds.classes), epochs=cfg.epochs,
-                            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            patience=cfg.patience, seed=cfg.seed, cancel=cancel, on_batch=cb.on_train_batch_end,
-                            on_epoch=cb.on_train_epoch_end, on_log=cb.on_log, class_weight=weights)
+        cb.on_log(
+            "Classes are unbalanced: the loss weights each class by the inverse of its share ("
+            + ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, weights))
+            + ")"
+        )
+    res = train_linear_head(
+        *split_X["train"],
+        *split_X["val"],
+        len(ds.classes),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        patience=cfg.patience,
+        seed=cfg.seed,
+        cancel=cancel,
+        on_batch=cb.on_train_batch_end,
+        on_epoch=cb.on_train_epoch_end,
+        on_log=cb.on_log,
+        class_weight=weights,
+    )
     # Predictions come straight from the features (identical to running the saved model on the images).
-    logits = {split: split_X[split][0] @ res.head["weight"].T + res.head["bias"]
-              if len(split_X[split][0]) else None for split in ("val", "test")}
+    logits = {
+        split: split_X[split][0] @ res.head["weight"].T + res.head["bias"] if len(split_X[split][0]) else None
+        for split in ("val", "test")
+    }
     feats = {split: split_X[split][0] if len(split_X[split][0]) else None for split in ("train", "val")}
     return res.head, res.history, res.best_epoch, logits, feats
 
 
-def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks,
-               cancel: CancelToken) -> TrainOutcome | None:
+def from_cache(
+    cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks, cancel: CancelToken
+) -> TrainOutcome | None:
     """Without PyTorch, when every image's embedding and the backbone's weights are cached; None otherwise.
 
     Only backbones whose identity is known without torch qualify: the bundled default
@@ -99,11 +119,17 @@ def from_cache(cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbac
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
     head, history, best, logits, feats = train_head(cfg, ds, by_path, dim, cb, cancel)
-    return TrainOutcome(weights={**backbone_sd, **{f"head.{k}": v for k, v in head.items()}}, history=history,
-                        best_epoch=best, logits=logits, features=feats, embed_seconds=embed_s, from_cache=len(by_path),
-                        features_path={**describe_variant(variant), "reason": "all from the cache"},
-                        facts=BackboneFacts(pre, dim, source, wid,
-                                            "cpu (head trained on cached features; backbone not run)"))
+    return TrainOutcome(
+        weights={**backbone_sd, **{f"head.{k}": v for k, v in head.items()}},
+        history=history,
+        best_epoch=best,
+        logits=logits,
+        features=feats,
+        embed_seconds=embed_s,
+        from_cache=len(by_path),
+        features_path={**describe_variant(variant), "reason": "all from the cache"},
+        facts=BackboneFacts(pre, dim, source, wid, "cpu (head trained on cached features; backbone not run)"),
+    )
 
 
 def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
@@ -111,15 +137,31 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
     each rank embeds every world-th image and rank 0 gathers them and keeps the cache (other ranks get None)."""
     paths = [s.path for s in ds.samples]
     if not dist.enabled:
-        f, kept, errors, stats = embed_files(paths, backbone, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
-                                             cancel=cancel, progress=cb.on_progress, log=cb.on_log, engine=cfg.engine,
-                                             precision=cfg.precision)
+        f, kept, errors, stats = embed_files(
+            paths,
+            backbone,
+            device,
+            cache_dir=cache_dir,
+            backbone_name=cfg.backbone,
+            cancel=cancel,
+            progress=cb.on_progress,
+            log=cb.on_log,
+            engine=cfg.engine,
+            precision=cfg.precision,
+        )
         return f, kept, errors, stats["cached"], stats["embedded"], stats["features"]
     # (under torchrun every rank uses PyTorch: the features are gathered into one cache)
     mine = list(range(dist.rank, len(paths), dist.world))
-    f, k, errors, stats = embed_files([paths[i] for i in mine], backbone, device,
-                                      cache_dir=cache_dir if dist.is_main else None, backbone_name=cfg.backbone,
-                                      cancel=cancel, progress=cb.on_progress, log=cb.on_log)
+    f, k, errors, stats = embed_files(
+        [paths[i] for i in mine],
+        backbone,
+        device,
+        cache_dir=cache_dir if dist.is_main else None,
+        backbone_name=cfg.backbone,
+        cancel=cancel,
+        progress=cb.on_progress,
+        log=cb.on_log,
+    )
     parts = dist.gather(([mine[j] for j in k], f, errors, stats))
     if not dist.is_main:
         return None
@@ -130,12 +172,26 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
         for i, vec in zip(kept, feats):
             cache.put(content_hash(read_bytes(paths[i])), vec)
         cache.save()
-    return (feats, kept, [e for part in parts for e in part[2]], sum(p[3]["cached"] for p in parts),
-            sum(p[3]["embedded"] for p in parts), {"engine": "torch", "precision": "fp32"})
+    return (
+        feats,
+        kept,
+        [e for part in parts for e in part[2]],
+        sum(p[3]["cached"] for p in parts),
+        sum(p[3]["embedded"] for p in parts),
+        {"engine": "torch", "precision": "fp32"},
+    )
 
 
-def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_dir: str | None, cb: Callbacks,
-        cancel: CancelToken, dist) -> TrainOutcome | None:
+def run(
+    cfg: TrainConfig,
+    ds: Dataset,
+    backbone: LoadedBackbone,
+    device,
+    cache_dir: str | None,
+    cb: Callbacks,
+    cancel: CancelToken,
+    dist,
+) -> TrainOutcome | None:
     """Embed (what the cache lacks), then train the head. None on ranks other than 0 under torchrun."""
     import torch
 
@@ -166,9 +222,17 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
                 cb.on_log(f"Could not save the backbone snapshot ({exc.strerror or exc}); continuing without it")
     head, history, best, logits, split_feats = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel)
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()})
-    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=best, logits=logits,
-                        features=split_feats, features_path=features_path,
-                        embed_seconds=embed_s, embedded=n_embedded, from_cache=n_cached)
+    return TrainOutcome(
+        weights=model.state_dict(),
+        history=history,
+        best_epoch=best,
+        logits=logits,
+        features=split_feats,
+        features_path=features_path,
+        embed_seconds=embed_s,
+        embedded=n_embedded,
+        from_cache=n_cached,
+    )
 
 
 def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple[np.ndarray, list[str]]:
@@ -192,8 +256,17 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
 
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
-    feats, kept, errors, stats = embed_files([s.path for s in ds.samples], backbone, device, cache_dir=cache_dir,
-                                             backbone_name=cfg.backbone, cancel=cancel, progress=cb.on_progress,
-                                             log=cb.on_log, engine=cfg.engine, precision=cfg.precision)
+    feats, kept, errors, stats = embed_files(
+        [s.path for s in ds.samples],
+        backbone,
+        device,
+        cache_dir=cache_dir,
+        backbone_name=cfg.backbone,
+        cancel=cancel,
+        progress=cb.on_progress,
+        log=cb.on_log,
+        engine=cfg.engine,
+        precision=cfg.precision,
+    )
     ds.drop(errors)
     return feats, stats["hashes"]

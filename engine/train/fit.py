@@ -5,6 +5,7 @@ format in
 engine/runs.py. A cancelled run with at least one finished epoch still evaluates and saves its best epoch, marked
 ``"status": "cancelled"``; a cancel before that saves nothing. Either way the result says ``cancelled``.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,13 @@ class FitResult:
     predictions: list[dict] = field(default_factory=list)  # val_predictions.csv's rows, as runs.read_predictions gives
 
 
-def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None,
-        dataset: Dataset | None = None, head_init: dict | None = None) -> FitResult:
+def fit(
+    config: TrainConfig,
+    callbacks: Callbacks | None = None,
+    cancel: CancelToken | None = None,
+    dataset: Dataset | None = None,
+    head_init: dict | None = None,
+) -> FitResult:
     """Train a classifier on ``config.data`` and save a run folder.
 
     ``dataset``: that folder as already scanned (the window's Dataset tab); used when its split settings match the
@@ -82,8 +88,12 @@ def fit(config: TrainConfig, callbacks: Callbacks | None = None, cancel: CancelT
         stopped = cancel.early_stop_reason()  # automatic mode's budget or race, never the user
         return _save(cfg, ds, facts, outcome, cb, time.perf_counter() - t_start, stopped)
     except Cancelled:
-        return FitResult(None, True, skipped=ds.skipped if ds else [],
-                         message="Cancelled before the first epoch finished; nothing was saved.")
+        return FitResult(
+            None,
+            True,
+            skipped=ds.skipped if ds else [],
+            message="Cancelled before the first epoch finished; nothing was saved.",
+        )
     finally:
         dist.close()
 
@@ -96,8 +106,10 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
         cb.on_log(f"Scanning {cfg.data}")
         ds = scan(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cancel, cb.on_progress, exclude=cfg.exclude)
     counts = {c: sum(v.values()) for c, v in ds.counts().items()}
-    cb.on_log(f"Found {len(ds.samples)} images in {len(ds.classes)} classes ({ds.layout} layout): "
-              + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    cb.on_log(
+        f"Found {len(ds.samples)} images in {len(ds.classes)} classes ({ds.layout} layout): "
+        + ", ".join(f"{c} {n}" for c, n in counts.items())
+    )
     for w in ds.warnings:
         cb.on_log(f"Warning: {w}")
     untrained = untrained_classes(ds.counts())
@@ -114,8 +126,9 @@ def _cache_dir(cfg: TrainConfig) -> str | None:
     return (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
 
 
-def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelToken,
-           head_init: dict | None = None) -> tuple[TrainOutcome | None, BackboneFacts | None]:
+def _train(
+    cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelToken, head_init: dict | None = None
+) -> tuple[TrainOutcome | None, BackboneFacts | None]:
     """The chosen strategy's outcome and what the run folder records about the backbone."""
     if cfg.mode == "fine-tuning":
         warm_optimizer_imports()
@@ -131,18 +144,24 @@ def _train(cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelTok
     device = resolve_device(cfg.device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    cb.on_log(f"Device: {device_label(device)}"
-              + (f"; {dist.world} processes ({dist.backend}) under torchrun" if dist.enabled else ""))
+    cb.on_log(
+        f"Device: {device_label(device)}"
+        + (f"; {dist.world} processes ({dist.backend}) under torchrun" if dist.enabled else "")
+    )
     backbone = load_backbone(cfg.backbone, cfg.weights, cfg.download)
-    cb.on_log(f"Backbone: {cfg.backbone} ({sum(p.numel() for p in backbone.net.parameters()) / 1e6:.2f} M "
-              f"parameters, {backbone.net.feature_dim}-d features), weights from {backbone.weights_source}")
+    cb.on_log(
+        f"Backbone: {cfg.backbone} ({sum(p.numel() for p in backbone.net.parameters()) / 1e6:.2f} M "
+        f"parameters, {backbone.net.feature_dim}-d features), weights from {backbone.weights_source}"
+    )
     if cfg.mode == "feature-extraction":
         outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
     else:
         backbone, ft_cfg, rcp = _recipe(cfg, ds, backbone, dist, cb)
         if rcp.small and head_init is not None:
-            cb.on_log(f"Feature extraction's head fits the features of larger inputs, not of {rcp.size} px ones: "
-                      "starting from a new linear probe instead")
+            cb.on_log(
+                f"Feature extraction's head fits the features of larger inputs, not of {rcp.size} px ones: "
+                "starting from a new linear probe instead"
+            )
             head_init = None
         outcome = fine_tuning.run(ft_cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
         outcome.recipe = rcp.to_dict()
@@ -161,16 +180,23 @@ def _recipe(cfg: TrainConfig, ds: Dataset, backbone, dist, cb: Callbacks):
 
     from engine.train.fine_tuning import inputs, recipe
 
-    rcp = recipe.choose(backbone, cfg.unfreeze, cfg.small_images, [s.path for s in ds.split("train")],
-                        lambda n: inputs.applies(backbone.net, n, dist), cfg.backbone_lr_mult)
+    rcp = recipe.choose(
+        backbone,
+        cfg.unfreeze,
+        cfg.small_images,
+        [s.path for s in ds.split("train")],
+        lambda n: inputs.applies(backbone.net, n, dist),
+        cfg.backbone_lr_mult,
+    )
     if rcp.small:
         cb.on_log(f"Small pictures: {rcp.reason}")
     ft_cfg = replace(cfg, unfreeze=rcp.unfreeze, backbone_lr_mult=rcp.lr_mult)
     return recipe.at_size(backbone, rcp.size), ft_cfg, rcp
 
 
-def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, device, cache_dir: str | None,
-                            cb: Callbacks) -> None:
+def _pretrained_familiarity(
+    cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, device, cache_dir: str | None, cb: Callbacks
+) -> None:
     """What "unfamiliar" compares for a fine-tuning run: the *pretrained* backbone's embeddings of the training and
     validation images (fp32, through the embedding cache: free when feature extraction embedded them in fp32, as
     --mode auto does below 4,000 images), the space feature extraction compares in. The tuned network pulls every
@@ -186,13 +212,27 @@ def _pretrained_familiarity(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome
         paths = [s.path for s in ds.split(split)]
         # not cancellable: a cancel (or auto's budget) has already stopped training, and the run keeps its best
         # epoch; this one pass (from the cache after feature extraction) finishes it
-        f = embed_files(paths, pretrained, device, cache_dir=cache_dir, backbone_name=cfg.backbone,
-                        log=cb.on_log, engine=cfg.engine, precision="fp32")[0] if paths else None
+        f = (
+            embed_files(
+                paths,
+                pretrained,
+                device,
+                cache_dir=cache_dir,
+                backbone_name=cfg.backbone,
+                log=cb.on_log,
+                engine=cfg.engine,
+                precision="fp32",
+            )[0]
+            if paths
+            else None
+        )
         features[split] = f if f is not None and len(f) else None
     outcome.features, outcome.familiar_pretrained = features, True
     outcome.features_seconds = time.perf_counter() - t0
-    cb.on_log(f"'Unfamiliar' compares new images with the training images as the pretrained network sees them "
-              f"({outcome.features_seconds:.1f} s)")
+    cb.on_log(
+        f"'Unfamiliar' compares new images with the training images as the pretrained network sees them "
+        f"({outcome.features_seconds:.1f} s)"
+    )
 
 
 def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, dict | None, dict | None]:
@@ -213,8 +253,15 @@ def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, 
     return probs, calibration, unfamiliar
 
 
-def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOutcome, cb: Callbacks,
-          seconds: float, stopped: str = "") -> FitResult:
+def _save(
+    cfg: TrainConfig,
+    ds: Dataset,
+    facts: BackboneFacts,
+    outcome: TrainOutcome,
+    cb: Callbacks,
+    seconds: float,
+    stopped: str = "",
+) -> FitResult:
     """Calibrate and score the held-out splits, write the run folder, say where it went. ``stopped``: why automatic
     mode stopped the run early (then it is a completed run: its best epoch), "" otherwise."""
     cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
@@ -226,17 +273,25 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
         metrics["stopped_early"] = stopped
     if calibration:
         metrics["calibration"] = calibration
-        cb.on_log(f"Calibration: temperature {calibration['temperature']:.2f}; expected calibration error "
-                  f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} "
-                  f"(measured on {calibration['measured_on']})")
+        cb.on_log(
+            f"Calibration: temperature {calibration['temperature']:.2f}; expected calibration error "
+            f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f} "
+            f"(measured on {calibration['measured_on']})"
+        )
     if unfamiliar:
         metrics["unfamiliar"] = unfamiliar
-    metrics.update({
-        "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
-        "train_seconds": round(seconds, 3), "n_train": len(ds.split("train")),
-        "n_val": len(ds.split("val")), "n_test": len(ds.split("test")), "n_skipped": len(ds.skipped),
-        "device": facts.device,
-    })
+    metrics.update(
+        {
+            "best_epoch": outcome.best_epoch,
+            "epochs_run": len(outcome.history),
+            "train_seconds": round(seconds, 3),
+            "n_train": len(ds.split("train")),
+            "n_val": len(ds.split("val")),
+            "n_test": len(ds.split("test")),
+            "n_skipped": len(ds.skipped),
+            "device": facts.device,
+        }
+    )
     if outcome.train_images_per_s is not None:  # fine-tuning: images through the backbone per second
         metrics["train_images_per_s"] = round(outcome.train_images_per_s, 1)
         metrics["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
@@ -247,29 +302,47 @@ def _save(cfg: TrainConfig, ds: Dataset, facts: BackboneFacts, outcome: TrainOut
     if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
         metrics["embed_seconds"] = round(outcome.embed_seconds, 3)
         metrics["embeddings_from_cache"] = outcome.from_cache
-        metrics["embed_images_per_s"] = (round(outcome.embedded / outcome.embed_seconds, 1)
-                                         if outcome.embedded and outcome.embed_seconds > 0 else None)
+        metrics["embed_images_per_s"] = (
+            round(outcome.embedded / outcome.embed_seconds, 1)
+            if outcome.embedded and outcome.embed_seconds > 0
+            else None
+        )
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
     meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path, outcome.recipe)
-    run_dir = save_run(out, cfg.overwrite, weights=outcome.weights, history=outcome.history, ds=ds,
-                       metrics=metrics, predictions=predictions, meta=meta,
-                       train_embeddings=normalise(outcome.features["train"]) if unfamiliar else None)
+    run_dir = save_run(
+        out,
+        cfg.overwrite,
+        weights=outcome.weights,
+        history=outcome.history,
+        ds=ds,
+        metrics=metrics,
+        predictions=predictions,
+        meta=meta,
+        train_embeddings=normalise(outcome.features["train"]) if unfamiliar else None,
+    )
     if not outcome.cancelled:  # (a run auto's race stopped mid-epoch measured no whole epoch either)
         from engine.train.fine_tuning import estimate
 
         estimate.record(cfg.mode, cfg.backbone, facts.device, cfg.unfreeze, metrics)
     acc, ci = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95")
-    summary = (f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
-               if acc is not None else "No validation split")
+    summary = (
+        f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
+        if acc is not None
+        else "No validation split"
+    )
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
-    held_out = {split: HeldOut([s.path for s in ds.split(split)], np.array([s.label for s in ds.split(split)]), p)
-                for split, p in probs.items() if p is not None and len(p)}
+    held_out = {
+        split: HeldOut([s.path for s in ds.split(split)], np.array([s.label for s in ds.split(split)]), p)
+        for split, p in probs.items()
+        if p is not None and len(p)
+    }
     head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
     header = ["path", "split", "label", "prediction", "confidence"] + [f"p_{c}" for c in ds.classes]
     rows = [dict(zip(header, row)) for row in predictions]
-    return FitResult(run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None,
-                     meta, rows)
+    return FitResult(
+        run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None, meta, rows
+    )
 
 
 def _numpy(v) -> np.ndarray:

@@ -7,6 +7,7 @@ start (LP-FT). The head is an ``nn.Linear`` in the saved model; the arithmetic h
 default initialisation, dropout on the features, cross-entropy, AdamW with cosine decay
 (``tests/test_engine.py::test_numpy_head_matches_torch_training`` checks it step for step).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,15 @@ class HeadAdamW:
     The same update as ``torch.optim.AdamW`` stepped with ``CosineAnnealingLR(T_max=total_steps)``.
     """
 
-    def __init__(self, params: list[np.ndarray], lr: float, weight_decay: float, total_steps: int,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[np.ndarray],
+        lr: float,
+        weight_decay: float,
+        total_steps: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params, self.base_lr, self.wd, self.total = params, lr, weight_decay, max(1, total_steps)
         self.b1, self.b2, self.eps = betas[0], betas[1], eps
         self.m = [np.zeros_like(p) for p in params]
@@ -39,7 +47,7 @@ class HeadAdamW:
     def step(self, grads: list[np.ndarray]) -> None:
         self.t += 1
         lr = self.lr
-        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             p *= 1 - lr * self.wd
             m *= self.b1
@@ -58,8 +66,9 @@ def init_linear(in_features: int, out_features: int, rng: np.random.Generator) -
     return w, b
 
 
-def cross_entropy(logits: np.ndarray, y: np.ndarray,
-                  class_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def cross_entropy(
+    logits: np.ndarray, y: np.ndarray, class_weight: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
     """Mean cross-entropy (weighted by class as PyTorch's ``weight=``: sum(w_y CE) / sum(w_y)) and the
     probabilities it came from."""
     p = softmax(logits.astype(np.float32, copy=True))
@@ -70,8 +79,9 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray,
     return float((wy * ce).sum() / wy.sum()), p
 
 
-def loss_and_gradients(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray,
-                       class_weight: np.ndarray | None = None) -> tuple[float, np.ndarray, list[np.ndarray]]:
+def loss_and_gradients(
+    x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, class_weight: np.ndarray | None = None
+) -> tuple[float, np.ndarray, list[np.ndarray]]:
     """Mean (class-weighted) cross-entropy of ``x @ w.T + b``, the logits, and the gradients for ``[w, b]``."""
     out = x @ w.T + b
     loss, g = cross_entropy(out, y, class_weight)
@@ -84,8 +94,9 @@ def loss_and_gradients(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarra
     return loss, out, [g.T @ x, g.sum(0)]
 
 
-def balanced_class_weights(y: np.ndarray, num_classes: int, ratio: float = 3.0,
-                           mode: str = "auto") -> np.ndarray | None:
+def balanced_class_weights(
+    y: np.ndarray, num_classes: int, ratio: float = 3.0, mode: str = "auto"
+) -> np.ndarray | None:
     """Inverse-frequency class weights (mean 1) when asked ("on"), or by default ("auto") when the largest class
     has at least ``ratio`` times the images of the smallest; None: every image counts the same."""
     counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
@@ -103,13 +114,26 @@ class HeadResult:
     best_epoch: int
 
 
-def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, yva: np.ndarray | None,
-                      num_classes: int, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
-                      patience: int, seed: int, dropout: float = 0.2, cancel: CancelToken | None = None,
-                      class_weight: np.ndarray | None = None,
-                      on_batch: Callable[[BatchMetrics], None] | None = None,
-                      on_epoch: Callable[[EpochMetrics], None] | None = None,
-                      on_log: Callable[[str], None] | None = None) -> HeadResult:
+def train_linear_head(
+    Xtr: np.ndarray,
+    ytr: np.ndarray,
+    Xva: np.ndarray | None,
+    yva: np.ndarray | None,
+    num_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+    seed: int,
+    dropout: float = 0.2,
+    cancel: CancelToken | None = None,
+    class_weight: np.ndarray | None = None,
+    on_batch: Callable[[BatchMetrics], None] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> HeadResult:
     """Minibatch AdamW on a linear head with early stopping on validation loss; keeps the best epoch.
 
     Raises :class:`Cancelled` when ``cancel`` is set (checked every step).
@@ -138,7 +162,7 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
         for step in range(steps):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            idx = perm[step * bs:(step + 1) * bs]
+            idx = perm[step * bs : (step + 1) * bs]
             x, y = Xtr[idx], ytr[idx]
             if dropout > 0:
                 x = x * ((rng.random(x.shape, dtype=np.float32) < keep) / np.float32(keep))
@@ -159,8 +183,9 @@ def train_linear_head(Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray | None, 
         if improved:
             best_head = {"weight": w.copy(), "bias": b.copy()}
         secs = time.perf_counter() - t0
-        m = EpochMetrics(epoch, epochs, tot_loss / n, tot_correct / n, vloss, vacc, opt.lr, secs,
-                         n / secs if secs else 0.0, improved)
+        m = EpochMetrics(
+            epoch, epochs, tot_loss / n, tot_correct / n, vloss, vacc, opt.lr, secs, n / secs if secs else 0.0, improved
+        )
         history.append(m.as_row())
         if on_epoch is not None:
             on_epoch(m)

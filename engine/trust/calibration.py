@@ -7,6 +7,7 @@ class, so accuracy is unchanged. Every figure reported (expected calibration err
 accuracy against coverage) is measured on images the temperature was not fitted on: the test split when there is
 one, otherwise two-fold on validation (fit on one half, measure on the other, and the reverse). NumPy only.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,7 +52,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, prior_sd: float | None = 
         s = z * np.exp(u)
         m = s.max(1)
         ce = float(np.sum(np.log(np.exp(s - m[:, None]).sum(1)) + m - zy * np.exp(u)))
-        return ce + (u * u / (2 * prior_sd ** 2) if prior_sd else 0.0)
+        return ce + (u * u / (2 * prior_sd**2) if prior_sd else 0.0)
 
     grid = np.linspace(np.log(0.01), np.log(100.0), 241)
     i = int(np.argmin([objective(u) for u in grid]))
@@ -91,9 +92,15 @@ def reliability_bins(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> 
     for i in range(bins):
         inside = (conf > edges[i]) & (conf <= edges[i + 1]) if i else (conf >= 0) & (conf <= edges[1])
         n = int(inside.sum())
-        out.append({"lo": float(edges[i]), "hi": float(edges[i + 1]), "n": n,
-                    "confidence": float(conf[inside].mean()) if n else None,
-                    "accuracy": float(correct[inside].mean()) if n else None})
+        out.append(
+            {
+                "lo": float(edges[i]),
+                "hi": float(edges[i + 1]),
+                "n": n,
+                "confidence": float(conf[inside].mean()) if n else None,
+                "accuracy": float(correct[inside].mean()) if n else None,
+            }
+        )
     return out
 
 
@@ -102,8 +109,9 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE
     total = len(y)
     if not total:
         return float("nan")
-    return float(sum(b["n"] / total * abs(b["accuracy"] - b["confidence"])
-                     for b in reliability_bins(probs, y, bins) if b["n"]))
+    return float(
+        sum(b["n"] / total * abs(b["accuracy"] - b["confidence"]) for b in reliability_bins(probs, y, bins) if b["n"])
+    )
 
 
 def ece_noise_floor(probs: np.ndarray, bins: int = ECE_BINS, draws: int = 200, seed: int = 0) -> float:
@@ -138,8 +146,7 @@ def coverage_curve(probs: np.ndarray, y: np.ndarray) -> list[dict]:
     idx = np.flatnonzero(last)
     if len(idx) > 100:
         idx = idx[np.unique(np.linspace(0, len(idx) - 1, 100).round().astype(int))]
-    return [{"threshold": float(conf[i]), "coverage": (i + 1) / n, "accuracy": float(cum[i] / (i + 1))}
-            for i in idx]
+    return [{"threshold": float(conf[i]), "coverage": (i + 1) / n, "accuracy": float(cum[i] / (i + 1))} for i in idx]
 
 
 def threshold_for(curve: list[dict], target_accuracy: float) -> tuple[float, float, float] | None:
@@ -165,9 +172,14 @@ def _halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(sorted(a), dtype=np.int64), np.array(sorted(b), dtype=np.int64)
 
 
-def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray | None = None,
-              test_y: np.ndarray | None = None, seed: int = 0,
-              target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> dict:
+def calibrate(
+    val_logits: np.ndarray,
+    val_y: np.ndarray,
+    test_logits: np.ndarray | None = None,
+    test_y: np.ndarray | None = None,
+    seed: int = 0,
+    target_accuracy: float = DEFAULT_TARGET_ACCURACY,
+) -> dict:
     """Fit the temperature on validation and measure it honestly; the ``calibration`` block of metrics.json.
 
     Returns ``temperature`` (fitted on all of validation: what the model uses), ``measured_on``, ECE and log-loss
@@ -193,11 +205,18 @@ def calibrate(val_logits: np.ndarray, val_y: np.ndarray, test_logits: np.ndarray
     curve = coverage_curve(after, y)
     threshold = default_threshold(curve, target_accuracy)
     return {
-        "temperature": temperature, "measured_on": measured_on, "n": int(len(y)), "bins_count": ECE_BINS,
-        "ece_before": expected_calibration_error(before, y), "ece_after": expected_calibration_error(after, y),
+        "temperature": temperature,
+        "measured_on": measured_on,
+        "n": int(len(y)),
+        "bins_count": ECE_BINS,
+        "ece_before": expected_calibration_error(before, y),
+        "ece_after": expected_calibration_error(after, y),
         "ece_noise_floor": ece_noise_floor(after),
-        "log_loss_before": log_loss(before, y), "log_loss_after": log_loss(after, y),
-        "bins": reliability_bins(after, y), "coverage": curve, **threshold,
+        "log_loss_before": log_loss(before, y),
+        "log_loss_after": log_loss(after, y),
+        "bins": reliability_bins(after, y),
+        "coverage": curve,
+        **threshold,
     }
 
 
@@ -207,21 +226,33 @@ def default_threshold(curve: list[dict], target_accuracy: float = DEFAULT_TARGET
     (min_confidence 0: nothing is marked unsure) and the target is recorded as not reached."""
     hit = threshold_for(curve, target_accuracy)
     if hit is None:
-        return {"target_accuracy": target_accuracy, "min_confidence": 0.0, "expected_coverage": 1.0,
-                "expected_accuracy": curve[-1]["accuracy"] if curve else None, "target_reached": False}
+        return {
+            "target_accuracy": target_accuracy,
+            "min_confidence": 0.0,
+            "expected_coverage": 1.0,
+            "expected_accuracy": curve[-1]["accuracy"] if curve else None,
+            "target_reached": False,
+        }
     t, cov, acc = hit
-    return {"target_accuracy": target_accuracy, "min_confidence": t, "expected_coverage": cov,
-            "expected_accuracy": acc, "target_reached": True}
+    return {
+        "target_accuracy": target_accuracy,
+        "min_confidence": t,
+        "expected_coverage": cov,
+        "expected_accuracy": acc,
+        "target_reached": True,
+    }
 
 
 def in_words(bins: list[dict], near: float = 0.9) -> str:
-    """"When it says 90%, it is right 88% of the time": the bin around ``near`` (or the fullest high one)."""
+    """ "When it says 90%, it is right 88% of the time": the bin around ``near`` (or the fullest high one)."""
     filled = [b for b in bins if b["n"]]
     if not filled:
         return ""
     b = min(filled, key=lambda b: (abs((b["lo"] + b["hi"]) / 2 - near), -b["n"]))
-    return (f"When it says {100 * b['confidence']:.0f}%, it is right {100 * b['accuracy']:.0f}% of the time "
-            f"({b['n']} images).")
+    return (
+        f"When it says {100 * b['confidence']:.0f}%, it is right {100 * b['accuracy']:.0f}% of the time "
+        f"({b['n']} images)."
+    )
 
 
 def set_unsure_threshold(run_dir: str, target_accuracy: float) -> dict:
@@ -237,8 +268,10 @@ def set_unsure_threshold(run_dir: str, target_accuracy: float) -> dict:
     validate_model_json(meta, meta_path)
     curve = (read_json(os.path.join(run_dir, "metrics.json")).get("calibration") or {}).get("coverage")
     if not curve:
-        raise EngineError("This run has no accuracy-against-coverage measurement (saved before calibration existed, "
-                          "or without validation images): it cannot pick a threshold from a target.")
+        raise EngineError(
+            "This run has no accuracy-against-coverage measurement (saved before calibration existed, "
+            "or without validation images): it cannot pick a threshold from a target."
+        )
     meta["unsure"] = json_safe(default_threshold(curve, target_accuracy))
     atomic_write_json(meta_path, meta)
     return meta["unsure"]

@@ -18,6 +18,7 @@ doctor's outliers use the same distance (leave-one-out within the folder) with T
 a folder's own odd images are rarer than 5%. Flag rates are reported cross-fitted (threshold from one half of those
 distances, rate measured on the other, and the reverse).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,19 +33,20 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
-def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int = K, exclude_self: bool = False,
-                 chunk: int = 1024) -> np.ndarray:
+def knn_distance(
+    queries: np.ndarray, reference: np.ndarray, k: int = K, exclude_self: bool = False, chunk: int = 1024
+) -> np.ndarray:
     """Distance (1 - cosine) from each query to its k-th nearest reference embedding (both normalised).
     ``exclude_self``: queries are the reference itself (each image's own zero distance is skipped)."""
     q, r = normalise(queries), normalise(reference)
     k = max(1, min(k, len(r) - (1 if exclude_self else 0)))
     out = np.empty(len(q), dtype=np.float32)
     for s in range(0, len(q), chunk):
-        sim = q[s:s + chunk] @ r.T
+        sim = q[s : s + chunk] @ r.T
         if exclude_self:
             sim[np.arange(len(sim)), np.arange(s, s + len(sim))] = -np.inf
         kth = np.partition(-sim, k - 1, axis=1)[:, k - 1]  # -(k-th largest similarity)
-        out[s:s + chunk] = 1.0 + kth
+        out[s : s + chunk] = 1.0 + kth
     return out
 
 
@@ -70,7 +72,7 @@ def cross_fitted_rate(distances: np.ndarray, seed: int = 0) -> float | None:
     if len(distances) < 4:
         return None
     idx = np.random.default_rng(seed).permutation(len(distances))
-    a, b = idx[: len(idx) // 2], idx[len(idx) // 2:]
+    a, b = idx[: len(idx) // 2], idx[len(idx) // 2 :]
     flagged = (distances[b] > threshold(distances[a])).sum() + (distances[a] > threshold(distances[b])).sum()
     return float(flagged / len(distances))
 
@@ -89,13 +91,21 @@ def familiarity_block(train_features: np.ndarray, val_features: np.ndarray | Non
     most 10.0%) and 85% (at least 64%); on flowers the figures moved by under half a point (docs/benchmarks.md).
     """
     train_features = np.asarray(train_features, dtype=np.float32)
-    loo = (knn_distance(train_features, train_features, exclude_self=True) if len(train_features) >= 2
-           else np.zeros(0, np.float32))
+    loo = (
+        knn_distance(train_features, train_features, exclude_self=True)
+        if len(train_features) >= 2
+        else np.zeros(0, np.float32)
+    )
     loo = loo[loo > COPY_DISTANCE]
     if val_features is None or not len(val_features):
         d, source = loo, "training images (leave-one-out, copies left out; no validation split)"
     else:
         d = np.concatenate([knn_distance(val_features, train_features), loo])
         source = "validation images and the training images' leave-one-out distances (copies left out)"
-    return {"k": min(K, len(train_features)), "rule": f"conformal {QUANTILE:.0%} quantile", "threshold": threshold(d),
-            "threshold_from": source, "familiar_flag_rate": cross_fitted_rate(d, seed)}
+    return {
+        "k": min(K, len(train_features)),
+        "rule": f"conformal {QUANTILE:.0%} quantile",
+        "threshold": threshold(d),
+        "threshold_from": source,
+        "familiar_flag_rate": cross_fitted_rate(d, seed),
+    }

@@ -1,6 +1,7 @@
 """The figures a run reports: accuracy with a 95% interval, balanced accuracy, per-class precision/recall/F1 and
 the confusion matrix, for a set of predictions (``classification_metrics``) or a trained run's held-out splits
 (``split_report``). NumPy only."""
+
 from __future__ import annotations
 
 import math

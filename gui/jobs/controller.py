@@ -6,6 +6,7 @@ Dataset tab's folder scan: a new one supersedes the old), ``"discovery"`` (start
 old, and they may run beside a training. Each job's
 end goes to the handlers given when it started, so a failure or a stop reaches only the tab whose job it was.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,8 +31,17 @@ class JobController(QObject):
         job = self.lanes[lane]
         return job is not None and job.is_running()
 
-    def start(self, lane: str, fn: Callable[..., Any], *args: Any, done: Callable, failed: Callable,
-              cancelled: Callable | None = None, signals: dict[str, Callable] | None = None, **kwargs: Any) -> Job:
+    def start(
+        self,
+        lane: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        done: Callable,
+        failed: Callable,
+        cancelled: Callable | None = None,
+        signals: dict[str, Callable] | None = None,
+        **kwargs: Any,
+    ) -> Job:
         """Run ``fn(*args, callbacks=..., cancel=..., **kwargs)`` in a new thread.
 
         ``done(result)``, ``failed(message, details)`` and ``cancelled()`` receive its end (bound methods of

@@ -1,4 +1,5 @@
 """Start-up discovery: which backbones and devices this machine has (imports torch, so it runs as a job)."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ the measuring tools in tools/).
 A ``processEvents()`` + ``sleep()`` loop would distort what they measure (stalls, streaming), so this runs a
 ``QEventLoop`` and polls ``cond`` from a 20 ms timer.
 """
+
 from __future__ import annotations
 
 import time

@@ -5,6 +5,7 @@ The worker is a parentless QObject moved to a QThread; ``thread.started -> worke
 directly from the GUI thread (a queued slot would never run while ``run`` blocks). Widgets are never touched from the
 worker thread.
 """
+
 from __future__ import annotations
 
 import traceback

@@ -1,4 +1,5 @@
 """Small shared widgets: a lazily loaded image grid and helpers to open/reveal files."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Lazy thumbnails: decoded at thumbnail size in a QThreadPool, turned into icons on the GUI thread, cached."""
+
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -5,6 +5,7 @@ fine-tuning, the stages unfrozen). :func:`estimate_fine_tuning` uses the last fi
 without one, feature extraction's measured embedding rate (a fine-tuning step costs about
 ``STEP_COST`` forward passes: forward, backward and the evaluation passes); without that either, a stated guess.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,9 @@ def record(mode: str, backbone: str, device: str, unfreeze, metrics: dict) -> No
         pass
 
 
-def estimate_fine_tuning(backbone: str, device: str, unfreeze, n_train: int, epochs: int,
-                         embed_images_per_s: float | None = None) -> Estimate:
+def estimate_fine_tuning(
+    backbone: str, device: str, unfreeze, n_train: int, epochs: int, embed_images_per_s: float | None = None
+) -> Estimate:
     """Wall time of fine-tuning ``n_train`` images for ``epochs`` epochs, and where the figure comes from."""
     data = _read()
     kind = _device_kind(device, data)

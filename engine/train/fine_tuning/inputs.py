@@ -11,6 +11,7 @@ stages' forward and backward instead of the whole network's (docs/benchmarks.md)
 Only for backbones whose forward pass is a plain sequence of stages that can be cut (EfficientNet-Lite0, the bundled
 one), in one process; others fine-tune through the whole network with random crops (:func:`image_batches`).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,8 @@ def pooled_prefix_hook(net, n_frozen_stages: int, sink: list):
     if not n_blocks:
         return None
     return net.body._blocks[n_blocks - 1].register_forward_hook(
-        lambda _m, _i, out: sink.append(out.float().mean((2, 3))))
+        lambda _m, _i, out: sink.append(out.float().mean((2, 3)))
+    )
 
 
 def split(model, n_frozen_stages: int):
@@ -103,8 +105,7 @@ def fits(shape: tuple, n_half: int, n_float: int, avail: int | None) -> bool:
     return avail is None or need <= MEMORY_SHARE * avail
 
 
-def prefix_runner(prefix, fwd, cfg: TrainConfig, weights_id: str, n_frozen: int, cache_dir: str | None,
-                  cb: Callbacks):
+def prefix_runner(prefix, fwd, cfg: TrainConfig, weights_id: str, n_frozen: int, cache_dir: str | None, cb: Callbacks):
     """uint8 batch -> the frozen stages' outputs (a tensor): through ONNX Runtime fp32 on the CPU, as embedding
     does (engine/network/onnx_runtime.py: 2-3x PyTorch's speed there, outputs equal to 1e-5; the graph is made once and
     kept with the embedding cache's graphs), else PyTorch."""
@@ -113,8 +114,9 @@ def prefix_runner(prefix, fwd, cfg: TrainConfig, weights_id: str, n_frozen: int,
     from engine.network import onnx_runtime
 
     if cache_dir and fwd.device.type == "cpu" and onnx_runtime.use_onnx(cfg.engine, fwd.device):
-        path = os.path.join(cache_dir, "graphs",
-                            f"{cfg.backbone}-{weights_id}.prefix{n_frozen}-{fwd.pre.size}px.fp32.onnx")
+        path = os.path.join(
+            cache_dir, "graphs", f"{cfg.backbone}-{weights_id}.prefix{n_frozen}-{fwd.pre.size}px.fp32.onnx"
+        )
         try:
             if not os.path.exists(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -123,8 +125,7 @@ def prefix_runner(prefix, fwd, cfg: TrainConfig, weights_id: str, n_frozen: int,
             cb.on_log("The frozen stages run through ONNX Runtime (fp32)")
             return lambda u8: torch.from_numpy(ort(u8))
         except Exception as exc:  # an export or runtime failure only costs speed
-            cb.on_log(f"ONNX Runtime could not run the frozen stages ({exc.__class__.__name__}: {exc}); "
-                      "using PyTorch")
+            cb.on_log(f"ONNX Runtime could not run the frozen stages ({exc.__class__.__name__}: {exc}); using PyTorch")
     return lambda u8: fwd(u8, prefix)
 
 
@@ -148,17 +149,23 @@ def precompute(run, decoded: dict, batch_size: int, mirror: bool, cb: Callbacks,
             parts = []
             for s in range(0, len(data), batch_size):
                 cancel.raise_if_cancelled()
-                u8 = data[s:s + batch_size]
+                u8 = data[s : s + batch_size]
                 y = run(u8.flip(-1) if mirror else u8)
                 parts.append(y.half() if name.startswith("train") else y)
                 done += len(u8)
-                cb.on_progress(Progress(Phase.EMBEDDING, done, total, meter.rate(done), meter.eta(done),
-                                        message="frozen stages, once"))
+                cb.on_progress(
+                    Progress(
+                        Phase.EMBEDDING, done, total, meter.rate(done), meter.eta(done), message="frozen stages, once"
+                    )
+                )
             out[name] = torch.cat(parts)
     out.setdefault("train_mirrored", None)
-    cb.on_log(f"Ran the frozen stages once over {total} images" + (" (mirrored training images included)"
-                                                                   if mirror else "") + " in "
-              f"{meter.elapsed():.1f} s; each epoch now runs only the trained stages")
+    cb.on_log(
+        f"Ran the frozen stages once over {total} images"
+        + (" (mirrored training images included)" if mirror else "")
+        + " in "
+        f"{meter.elapsed():.1f} s; each epoch now runs only the trained stages"
+    )
     return out
 
 
@@ -189,7 +196,7 @@ def map_tail(fn, data, fwd, cancel: CancelToken | None = None):
             if cancel is not None:
                 cancel.raise_if_cancelled()
             with fwd.autocast():
-                outs.append(fn(data[s:s + fwd.batch_size].to(fwd.device).float()).float())
+                outs.append(fn(data[s : s + fwd.batch_size].to(fwd.device).float()).float())
     return torch.cat(outs) if outs else torch.zeros(0, device=fwd.device)
 
 
@@ -246,8 +253,20 @@ class Inputs:
     cached: dict | None = None
 
     @classmethod
-    def choose(cls, cfg: TrainConfig, model, n_frozen: int, decoded: dict, fwd: Forward, dist, generator,
-               cb: Callbacks, cancel: CancelToken, weights_id: str = "", cache_dir: str | None = None) -> Inputs:
+    def choose(
+        cls,
+        cfg: TrainConfig,
+        model,
+        n_frozen: int,
+        decoded: dict,
+        fwd: Forward,
+        dist,
+        generator,
+        cb: Callbacks,
+        cancel: CancelToken,
+        weights_id: str = "",
+        cache_dir: str | None = None,
+    ) -> Inputs:
         from engine.data.decode import available_memory
 
         parts = split(model, n_frozen) if applies(model.backbone, cfg.unfreeze, dist) else None

@@ -7,6 +7,7 @@ stopping. Where the backbone allows, the frozen stages run once per image and th
 ones (engine/train/fine_tuning/inputs.py). A cancel during training keeps the best finished epoch; before the first one,
 :class:`Cancelled` goes up to ``fit``.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,9 +75,26 @@ def steps_per_epoch(n: int, bs: int, dist) -> int:
     return steps
 
 
-def train_one_epoch(model, train_model, fwd: Forward, batch, y, opt, sched, *, bs: int, epoch: int, epochs: int,
-                    generator, scaler, frozen_modules, dist, cb: Callbacks,
-                    cancel: CancelToken, class_weight=None) -> EpochStats:
+def train_one_epoch(
+    model,
+    train_model,
+    fwd: Forward,
+    batch,
+    y,
+    opt,
+    sched,
+    *,
+    bs: int,
+    epoch: int,
+    epochs: int,
+    generator,
+    scaler,
+    frozen_modules,
+    dist,
+    cb: Callbacks,
+    cancel: CancelToken,
+    class_weight=None,
+) -> EpochStats:
     """One pass over the training images in shuffled batches (``batch(indices, device)`` makes each one's input to
     ``train_model``); reports throttled batch metrics."""
     import torch
@@ -94,11 +112,11 @@ def train_one_epoch(model, train_model, fwd: Forward, batch, y, opt, sched, *, b
     for step in range(steps):
         if dist.any(cancel.cancelled, device):  # every rank stops on the same step (no hang)
             raise Cancelled()
-        idx = perm[step * bs:(step + 1) * bs]
+        idx = perm[step * bs : (step + 1) * bs]
         if dist.enabled:
             # Same global batch as one process: every rank draws the same permutation (same seed) and takes its
             # share of each batch; DDP averages the gradients.
-            idx = idx[dist.rank::dist.world]
+            idx = idx[dist.rank :: dist.world]
         xb = batch(idx, device)
         yb = y[idx].to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
@@ -115,8 +133,9 @@ def train_one_epoch(model, train_model, fwd: Forward, batch, y, opt, sched, *, b
         if throttle.ready() or step == steps - 1:
             done_frac = (step + 1) / steps
             eta = meter.elapsed() * ((1 - done_frac) + (epochs - epoch)) / done_frac
-            cb.on_train_batch_end(BatchMetrics(epoch, step + 1, steps, float(loss_sum) / seen, int(correct) / seen,
-                                               meter.rate(seen), eta))
+            cb.on_train_batch_end(
+                BatchMetrics(epoch, step + 1, steps, float(loss_sum) / seen, int(correct) / seen, meter.rate(seen), eta)
+            )
     train_s = meter.elapsed()
     loss_total, correct_total = float(loss_sum), float(correct)
     if dist.enabled:  # epoch metrics over the whole global batch, not rank 0's share
@@ -133,13 +152,16 @@ def validate(logits, y, class_weight=None) -> ValStats:
     from engine.trust.calibration import scaled_log_loss
 
     y = y.to(logits.device)
-    return ValStats(float(F.cross_entropy(logits, y, weight=class_weight)),
-                    float((logits.argmax(1) == y).float().mean()),
-                    scaled_log_loss(logits.float().cpu().numpy(), y.cpu().numpy()))
+    return ValStats(
+        float(F.cross_entropy(logits, y, weight=class_weight)),
+        float((logits.argmax(1) == y).float().mean()),
+        scaled_log_loss(logits.float().cpu().numpy(), y.cpu().numpy()),
+    )
 
 
-def _decode_splits(ds: Dataset, pre, train_size: int, store: PixelStore, device, cb: Callbacks,
-                   cancel: CancelToken) -> dict:
+def _decode_splits(
+    ds: Dataset, pre, train_size: int, store: PixelStore, device, cb: Callbacks, cancel: CancelToken
+) -> dict:
     """Each split decoded once into a uint8 tensor (None for an empty split); unreadable files are dropped from
     ``ds`` with their reason."""
     import torch
@@ -157,8 +179,15 @@ def _decode_splits(ds: Dataset, pre, train_size: int, store: PixelStore, device,
         def prog(done, total, _s=split):
             cb.on_progress(Progress(Phase.DECODING, done, total, message=_s))
 
-        arr, _, bad = decode_all([s.path for s in items], pre, size, cancel, prog, device=device,
-                                 out=store.array((len(items), 3, size, size)))
+        arr, _, bad = decode_all(
+            [s.path for s in items],
+            pre,
+            size,
+            cancel,
+            prog,
+            device=device,
+            out=store.array((len(items), 3, size, size)),
+        )
         ds.drop(bad)
         decoded[split] = torch.from_numpy(arr)
     cb.on_log(f"Decoded in {meter.elapsed():.1f} s")
@@ -184,15 +213,17 @@ def _freeze(model, backbone: LoadedBackbone, unfreeze, bn_stats: str, cb: Callba
     statistics frozen it rose to 0.979 (docs/benchmarks.md, fine-tuning recipe)."""
     stages = backbone.net.stages()
     n_unfreeze = len(stages) if unfreeze == "all" else max(0, min(int(unfreeze), len(stages)))
-    frozen = [m for group in stages[:len(stages) - n_unfreeze] for m in group]
+    frozen = [m for group in stages[: len(stages) - n_unfreeze] for m in group]
     for p in model.backbone.parameters():
         p.requires_grad = n_unfreeze > 0
     for m in frozen:
         for p in m.parameters():
             p.requires_grad = False
     n_params = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
-    cb.on_log(f"Fine-tuning the last {n_unfreeze} of {len(stages)} backbone stages "
-              f"({n_params / 1e6:.2f} M backbone parameters trainable); BatchNorm statistics {bn_stats}")
+    cb.on_log(
+        f"Fine-tuning the last {n_unfreeze} of {len(stages)} backbone stages "
+        f"({n_params / 1e6:.2f} M backbone parameters trainable); BatchNorm statistics {bn_stats}"
+    )
     if bn_stats == "frozen":
         from torch import nn
 
@@ -200,22 +231,46 @@ def _freeze(model, backbone: LoadedBackbone, unfreeze, bn_stats: str, cb: Callba
     return frozen, len(stages) - n_unfreeze
 
 
-def _linear_probe(model, features, ytr, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks,
-                  cancel: CancelToken, class_weight=None) -> None:
+def _linear_probe(
+    model, features, ytr, yva, num_classes: int, cfg: TrainConfig, cb: Callbacks, cancel: CancelToken, class_weight=None
+) -> None:
     """LP-FT: start the new head from a linear probe on frozen features, so the first fine-tuning steps do not push
     random-head gradients into the pretrained layers (Kumar et al., 2022)."""
     import torch
 
     cb.on_log("Initialising the head with a linear probe on frozen features")
     ftr, fva = features("train", cancel), features("val", cancel)
-    probe = train_linear_head(ftr, ytr.numpy(), fva, yva.numpy(), num_classes, epochs=100, batch_size=64, lr=3e-3,
-                              weight_decay=cfg.weight_decay, patience=15, seed=cfg.seed, cancel=cancel,
-                              class_weight=class_weight)
+    probe = train_linear_head(
+        ftr,
+        ytr.numpy(),
+        fva,
+        yva.numpy(),
+        num_classes,
+        epochs=100,
+        batch_size=64,
+        lr=3e-3,
+        weight_decay=cfg.weight_decay,
+        patience=15,
+        seed=cfg.seed,
+        cancel=cancel,
+        class_weight=class_weight,
+    )
     model.head.load_state_dict({k: torch.from_numpy(v).to(model.head.weight.device) for k, v in probe.head.items()})
 
 
-def _start_head(model, head_init: dict | None, inputs: Inputs, ytr, yva, num_classes: int, cfg: TrainConfig, dist,
-                cb: Callbacks, cancel: CancelToken, class_weight=None) -> None:
+def _start_head(
+    model,
+    head_init: dict | None,
+    inputs: Inputs,
+    ytr,
+    yva,
+    num_classes: int,
+    cfg: TrainConfig,
+    dist,
+    cb: Callbacks,
+    cancel: CancelToken,
+    class_weight=None,
+) -> None:
     """The head's first weights: ``head_init`` (--mode auto: feature extraction's head, already a linear probe), a
     linear probe (LP-FT), or the random initialisation."""
     import torch
@@ -234,8 +289,10 @@ def _distributed(model, device, dist, cfg: TrainConfig, cb: Callbacks):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    cb.on_log(f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
-              f"({cfg.batch_size // dist.world} per process)")
+    cb.on_log(
+        f"DistributedDataParallel over {dist.world} processes; global batch {cfg.batch_size} "
+        f"({cfg.batch_size // dist.world} per process)"
+    )
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -254,25 +311,36 @@ def _schedule(opt, steps_per_epoch: int, epochs: int):
     import torch
 
     total, warm = epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, total)))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total))))
+    )
 
 
-def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_dir: str | None, cb: Callbacks,
-        cancel: CancelToken, dist, head_init: dict | None = None) -> TrainOutcome:
+def run(
+    cfg: TrainConfig,
+    ds: Dataset,
+    backbone: LoadedBackbone,
+    device,
+    cache_dir: str | None,
+    cb: Callbacks,
+    cancel: CancelToken,
+    dist,
+    head_init: dict | None = None,
+) -> TrainOutcome:
     """Decode, freeze, probe (or start from ``head_init``), train; returns the best epoch. Raises Cancelled when no
     epoch finished."""
     pre = backbone.preprocessing
     # random crops need a little more than the input size; the frozen-stages-once path only mirrors
     crops = cfg.augment and not applies(backbone.net, cfg.unfreeze, dist)
     train_size = int(round(pre.size * 256 / 224)) if crops else pre.size
-    need = 3 * (len(ds.split("train")) * train_size ** 2
-                + (len(ds.split("val")) + len(ds.split("test"))) * pre.size ** 2)
+    need = 3 * (len(ds.split("train")) * train_size**2 + (len(ds.split("val")) + len(ds.split("test"))) * pre.size**2)
     store = PixelStore(need, cache_dir)
     if store.on_disk:
-        cb.on_log(f"The decoded images ({need / 1e9:.1f} GB) would not fit in memory "
-                  f"({store.avail / 1e9:.1f} GB available): kept in a file in {store.folder} instead; "
-                  "epochs read them from disk, more slowly")
+        cb.on_log(
+            f"The decoded images ({need / 1e9:.1f} GB) would not fit in memory "
+            f"({store.avail / 1e9:.1f} GB available): kept in a file in {store.folder} instead; "
+            "epochs read them from disk, more slowly"
+        )
     try:
         decoded = _decode_splits(ds, pre, train_size, store, device, cb, cancel)
         return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist, head_init, cache_dir)
@@ -280,8 +348,18 @@ def run(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, cache_d
         store.close()  # (the arrays die with this frame)
 
 
-def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, decoded: dict, cb: Callbacks,
-           cancel: CancelToken, dist, head_init: dict | None = None, cache_dir: str | None = None) -> TrainOutcome:
+def _train(
+    cfg: TrainConfig,
+    ds: Dataset,
+    backbone: LoadedBackbone,
+    device,
+    decoded: dict,
+    cb: Callbacks,
+    cancel: CancelToken,
+    dist,
+    head_init: dict | None = None,
+    cache_dir: str | None = None,
+) -> TrainOutcome:
     """The epochs: out-of-memory retry with a halved batch, validation, early stopping, best epoch kept."""
     import torch
 
@@ -296,8 +374,9 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     frozen, n_frozen = _freeze(model, backbone, cfg.unfreeze, cfg.bn_stats, cb)
     eval_fwd = Forward(model, backbone.preprocessing, device, batch_size=8 if device.type == "cpu" else 256)
     gen = torch.Generator().manual_seed(cfg.seed)
-    inputs = Inputs.choose(cfg, model, n_frozen, decoded, eval_fwd, dist, gen, cb, cancel, backbone.weights_id,
-                           cache_dir)
+    inputs = Inputs.choose(
+        cfg, model, n_frozen, decoded, eval_fwd, dist, gen, cb, cancel, backbone.weights_id, cache_dir
+    )
     weights = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
@@ -315,13 +394,31 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         sched = sched or _schedule(opt, steps_per_epoch(n, bs, dist), cfg.epochs)
         t0 = time.perf_counter()
         try:
-            st = train_one_epoch(model, train_model, eval_fwd, inputs.batch, ytr, opt, sched, bs=bs,
-                                 epoch=epoch + 1, epochs=cfg.epochs, generator=gen,
-                                 scaler=scaler, frozen_modules=frozen, dist=dist, cb=cb, cancel=cancel,
-                                 class_weight=cw)
+            st = train_one_epoch(
+                model,
+                train_model,
+                eval_fwd,
+                inputs.batch,
+                ytr,
+                opt,
+                sched,
+                bs=bs,
+                epoch=epoch + 1,
+                epochs=cfg.epochs,
+                generator=gen,
+                scaler=scaler,
+                frozen_modules=frozen,
+                dist=dist,
+                cb=cb,
+                cancel=cancel,
+                class_weight=cw,
+            )
             # Under DDP a rank must not stop alone between collectives: cancel is only checked per step.
-            val = (validate(inputs.logits("val", None if dist.enabled else cancel), yva, cw) if has_val
-                   else ValStats(st.loss, float("nan")))
+            val = (
+                validate(inputs.logits("val", None if dist.enabled else cancel), yva, cw)
+                if has_val
+                else ValStats(st.loss, float("nan"))
+            )
         except Cancelled:
             cancelled = True
             break
@@ -337,13 +434,24 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
         epoch += 1
         # The best epoch is the one whose answers are best once calibrated (the temperature is fitted after training
         # anyway): with label smoothing the raw loss can prefer a less accurate epoch (hymenoptera: 0.915 over 0.941)
-        improved = stopping.update(val.calibrated_loss if val.calibrated_loss == val.calibrated_loss else val.loss,
-                                   epoch)
+        improved = stopping.update(
+            val.calibrated_loss if val.calibrated_loss == val.calibrated_loss else val.loss, epoch
+        )
         if improved:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        m = EpochMetrics(epoch, cfg.epochs, st.loss, st.accuracy, val.loss, val.accuracy, opt.param_groups[0]["lr"],
-                         time.perf_counter() - t0, st.seen / st.seconds if st.seconds else 0.0, improved,
-                         val_loss_calibrated=val.calibrated_loss)
+        m = EpochMetrics(
+            epoch,
+            cfg.epochs,
+            st.loss,
+            st.accuracy,
+            val.loss,
+            val.accuracy,
+            opt.param_groups[0]["lr"],
+            time.perf_counter() - t0,
+            st.seen / st.seconds if st.seconds else 0.0,
+            improved,
+            val_loss_calibrated=val.calibrated_loss,
+        )
         history.append(m.as_row())
         rates.append(m.images_per_s)
         cb.on_train_epoch_end(m)
@@ -356,9 +464,16 @@ def _train(cfg: TrainConfig, ds: Dataset, backbone: LoadedBackbone, device, deco
     model.load_state_dict(best_state)
     logits, feats, feat_s = _held_out_outputs(inputs, cb, familiar=dist.enabled)
     model = model.float().to("cpu").to(memory_format=torch.contiguous_format)
-    return TrainOutcome(weights=model.state_dict(), history=history, best_epoch=stopping.best_epoch, logits=logits,
-                        features=feats, cancelled=cancelled, features_seconds=feat_s,
-                        train_images_per_s=float(np.median(rates)) if rates else 0.0)
+    return TrainOutcome(
+        weights=model.state_dict(),
+        history=history,
+        best_epoch=stopping.best_epoch,
+        logits=logits,
+        features=feats,
+        cancelled=cancelled,
+        features_seconds=feat_s,
+        train_images_per_s=float(np.median(rates)) if rates else 0.0,
+    )
 
 
 def _held_out_outputs(inputs: Inputs, cb: Callbacks, familiar: bool) -> tuple[dict, dict, float]:

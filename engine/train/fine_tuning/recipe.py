@@ -11,6 +11,7 @@ learning rate, 0.823 at 0.3x (validation loss 0.596 -> 0.533), 0.833 at 1x, whic
 the "pairs" folder collapsed to chance (0.3x: 1.000, 0.1x: 0.983). Only the early stages (edges and textures at full
 resolution) stay as ImageNet taught them; what has to learn how blurred, drawn or synthetic pictures look trains.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -33,8 +34,14 @@ class Recipe:
     reason: str  # one sentence for the log and metrics.json
 
     def to_dict(self) -> dict:
-        return {"input_size": self.size, "unfreeze": self.unfreeze, "backbone_lr_mult": self.lr_mult,
-                "small_pictures": self.small, "median_shorter_side": self.median_side, "reason": self.reason}
+        return {
+            "input_size": self.size,
+            "unfreeze": self.unfreeze,
+            "backbone_lr_mult": self.lr_mult,
+            "small_pictures": self.small,
+            "median_shorter_side": self.median_side,
+            "reason": self.reason,
+        }
 
 
 def median_shorter_side(paths: list[str], sample: int = SAMPLE) -> int | None:
@@ -53,8 +60,9 @@ def median_shorter_side(paths: list[str], sample: int = SAMPLE) -> int | None:
     return int(np.median(sides)) if sides else None
 
 
-def choose(backbone, unfreeze, small_images: str, paths: list[str], cached_path, lr_mult: float | None = None
-           ) -> Recipe:
+def choose(
+    backbone, unfreeze, small_images: str, paths: list[str], cached_path, lr_mult: float | None = None
+) -> Recipe:
     """The fine-tuning recipe for these training images. Small pictures (``small_images`` "auto", a Lite backbone
     whose frozen stages can run once: ``cached_path(n_trained)``) train at ``SMALL_SIZE``, and ``unfreeze="auto"``
     then trains all but ``SMALL_FROZEN`` stages; otherwise the backbone's own input size and, for "auto",
@@ -62,18 +70,35 @@ def choose(backbone, unfreeze, small_images: str, paths: list[str], cached_path,
     pre = backbone.preprocessing
     n_stages = len(getattr(backbone.net, "stage_names", []) or [])
     small_unfreeze = n_stages - SMALL_FROZEN if unfreeze == "auto" else unfreeze
-    plain = Recipe(pre.size, DEFAULT_UNFREEZE if unfreeze == "auto" else unfreeze, lr_mult or LR_MULT, False, None,
-                   f"fine-tuning at the backbone's {pre.size} px input")
-    if small_images != "auto" or getattr(backbone.net, "kind", None) != "lite" or pre.size <= SMALL_SIZE \
-            or small_unfreeze == "all" or not cached_path(small_unfreeze):
+    plain = Recipe(
+        pre.size,
+        DEFAULT_UNFREEZE if unfreeze == "auto" else unfreeze,
+        lr_mult or LR_MULT,
+        False,
+        None,
+        f"fine-tuning at the backbone's {pre.size} px input",
+    )
+    if (
+        small_images != "auto"
+        or getattr(backbone.net, "kind", None) != "lite"
+        or pre.size <= SMALL_SIZE
+        or small_unfreeze == "all"
+        or not cached_path(small_unfreeze)
+    ):
         return plain
     side = median_shorter_side(paths)
     if side is None or side > SMALL_SIDE:
         return replace(plain, median_side=side)
-    return Recipe(SMALL_SIZE, small_unfreeze, lr_mult or SMALL_LR_MULT, True, side,
-                  f"your pictures are small (median shorter side {side} px): fine-tuning trains at {SMALL_SIZE} px "
-                  f"(upscaling to {pre.size} px adds no detail), where an epoch costs a third as much"
-                  + (f" and can afford to train {small_unfreeze} of {n_stages} stages" if unfreeze == "auto" else ""))
+    return Recipe(
+        SMALL_SIZE,
+        small_unfreeze,
+        lr_mult or SMALL_LR_MULT,
+        True,
+        side,
+        f"your pictures are small (median shorter side {side} px): fine-tuning trains at {SMALL_SIZE} px "
+        f"(upscaling to {pre.size} px adds no detail), where an epoch costs a third as much"
+        + (f" and can afford to train {small_unfreeze} of {n_stages} stages" if unfreeze == "auto" else ""),
+    )
 
 
 def at_size(backbone, size: int):

@@ -1,5 +1,6 @@
 """Check dataset, from the window's side: the doctor job with the training settings, then the map's t-SNE job, and
 their results routed to the Dataset tab."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,12 +29,19 @@ class DatasetChecks(QObject):
         run = self.w.results_tab.run_dir
         same = run and os.path.abspath(self.w.results_tab.data_folder() or "") == os.path.abspath(cfg.data)
         names = {f.name for f in dataclasses.fields(DoctorConfig)}
-        doc = DoctorConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names},
-                           run=run if same else None)
+        doc = DoctorConfig(
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k in names}, run=run if same else None
+        )
         d = self.w.dataset_tab
         d.scan_started(cfg.data, "Checking")
-        self.w.start_main(d, doctor, doc, done=self._checked, failed=self.w.scan_failed,
-                          signals={"progress": d.scan_progress_update, "log": self.w.status_label.setText})
+        self.w.start_main(
+            d,
+            doctor,
+            doc,
+            done=self._checked,
+            failed=self.w.scan_failed,
+            signals={"progress": d.scan_progress_update, "log": self.w.status_label.setText},
+        )
 
     def _checked(self, res) -> None:
         self.w.last_result = res
@@ -43,14 +51,15 @@ class DatasetChecks(QObject):
             note = f"{res.leaked_eval} validation/test image(s) have a copy in train, which flatters the accuracy."
             r = res.rescored
             if r and r["accuracy_without_leaks"] is not None:
-                note += (f" The open run's validation accuracy {100 * r['accuracy']:.1f}% is "
-                         f"{100 * r['accuracy_without_leaks']:.1f}% without them.")
+                note += (
+                    f" The open run's validation accuracy {100 * r['accuracy']:.1f}% is "
+                    f"{100 * r['accuracy_without_leaks']:.1f}% without them."
+                )
         if res.label_note:
             note = f"{note} {res.label_note}".strip()
         d.doctor_finished(res, note)
         if not res.cancelled and res.features is not None and len(res.features) >= 5:
-            self.w.jobs.start(PROJECTION, tsne_map, MapConfig(res.features), done=self._mapped,
-                              failed=self._map_failed)
+            self.w.jobs.start(PROJECTION, tsne_map, MapConfig(res.features), done=self._mapped, failed=self._map_failed)
 
     def _mapped(self, coords) -> None:
         self.w.dataset_tab.show_map(coords, "placed by t-SNE (neighbours in the map are similar images)")

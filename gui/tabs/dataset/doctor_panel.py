@@ -5,6 +5,7 @@ of its given class and of the class it more likely belongs to. *Exclude from tra
 folder's exclude list; *Move to class…* moves the file (asks first; journalled, *Undo last move* puts it back);
 *Reveal* shows it in the file manager. The panel only asks: the Dataset tab carries the fixes out.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,9 +30,13 @@ from engine.doctor.findings import ISSUES
 from gui.widgets.image_grid import ImageGrid, reveal_in_file_manager
 from gui.widgets.thumbs import ThumbnailLoader, read_image
 
-WORDS = {"duplicate": "byte-identical copy", "near-duplicate": "near copy (resized, re-saved, cropped)",
-         "leak": "copy across train and validation/test", "label": "probably in the wrong class",
-         "outlier": "unlike every other image"}
+WORDS = {
+    "duplicate": "byte-identical copy",
+    "near-duplicate": "near copy (resized, re-saved, cropped)",
+    "leak": "copy across train and validation/test",
+    "label": "probably in the wrong class",
+    "outlier": "unlike every other image",
+}
 
 
 def _picture(path: str, size: int = 220) -> QPixmap:
@@ -50,8 +55,10 @@ class DoctorPanel(QWidget):
         root = QVBoxLayout(self)
         root.setContentsMargins(0, 0, 0, 0)
         top = QHBoxLayout()
-        self.summary = QLabel("Check dataset finds duplicates, leaks between splits, likely wrong labels and "
-                              "outliers (it embeds the images first, as feature extraction does).")
+        self.summary = QLabel(
+            "Check dataset finds duplicates, leaks between splits, likely wrong labels and "
+            "outliers (it embeds the images first, as feature extraction does)."
+        )
         self.summary.setWordWrap(True)
         self.filter = QComboBox()
         self.filter.addItem("all findings", None)
@@ -119,8 +126,11 @@ class DoctorPanel(QWidget):
         if not res.findings:
             text = f"Checked {len(res.dataset.samples)} images in {res.seconds:.1f} s: no problems found."
         else:
-            text = (f"Checked {len(res.dataset.samples)} images in {res.seconds:.1f} s: "
-                    + ", ".join(f"<b>{n}</b> {k}" for k, n in counts.items() if n) + ".")
+            text = (
+                f"Checked {len(res.dataset.samples)} images in {res.seconds:.1f} s: "
+                + ", ".join(f"<b>{n}</b> {k}" for k, n in counts.items() if n)
+                + "."
+            )
         self.summary.setText(text + (f" {leak_note}" if leak_note else ""))
         self._fill()
 
@@ -133,8 +143,11 @@ class DoctorPanel(QWidget):
         self.table.setRowCount(len(rows))
         root = self.dataset.root if self.dataset else ""
         for r, f in enumerate(rows):
-            other = (os.path.relpath(f.other_path, root) if f.other_path
-                     else (f"→ {f.suggested_label}" if f.suggested_label else ""))
+            other = (
+                os.path.relpath(f.other_path, root)
+                if f.other_path
+                else (f"→ {f.suggested_label}" if f.suggested_label else "")
+            )
             for c, text in enumerate([f.issue, os.path.relpath(f.path, root), other, f"{f.score:.3f}"]):
                 item = QTableWidgetItem(text)
                 item.setToolTip(WORDS[f.issue] if c == 0 else f.path)

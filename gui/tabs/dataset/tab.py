@@ -1,4 +1,5 @@
 """Dataset tab: pick/drop a folder, scan it in the background, show classes, warnings, skipped files, thumbnails."""
+
 from __future__ import annotations
 
 import html
@@ -61,16 +62,20 @@ class DatasetTab(QWidget):
 
         top = QHBoxLayout()
         self.open_btn = QPushButton("Open folder…")
-        self.open_btn.setToolTip("Choose a folder with one subfolder per class, or train/ val/ [test/] subfolders "
-                                 "(Ctrl+O). You can also drop a folder on the window.")
+        self.open_btn.setToolTip(
+            "Choose a folder with one subfolder per class, or train/ val/ [test/] subfolders "
+            "(Ctrl+O). You can also drop a folder on the window."
+        )
         self.open_btn.clicked.connect(self.choose_folder)
         self.recent = QComboBox()
         self.recent.setMinimumWidth(380)
         self.recent.setToolTip("Recently used folders")
         self.recent.activated.connect(lambda i: self.request_scan(self.recent.itemData(i)))
         self.check_btn = QPushButton("Check dataset")
-        self.check_btn.setToolTip("Find duplicates, copies across train and validation, images probably in the "
-                                  "wrong class and images unlike the rest (runs in the background)")
+        self.check_btn.setToolTip(
+            "Find duplicates, copies across train and validation, images probably in the "
+            "wrong class and images unlike the rest (runs in the background)"
+        )
         self.check_btn.clicked.connect(self._check_clicked)
         top.addWidget(self.open_btn)
         top.addWidget(QLabel("Recent:"))
@@ -95,8 +100,9 @@ class DatasetTab(QWidget):
         sl.addStretch(1)
         root.addWidget(split)
 
-        self.status = QLabel("Open a folder of images to begin: one subfolder per class (e.g. photos/cats, "
-                             "photos/dogs).")
+        self.status = QLabel(
+            "Open a folder of images to begin: one subfolder per class (e.g. photos/cats, photos/dogs)."
+        )
         self.status.setWordWrap(True)
         self.scan_progress = QProgressBar()
         self.scan_progress.setVisible(False)
@@ -171,8 +177,7 @@ class DatasetTab(QWidget):
         if folder:
             v = self.values()
             self.exclude_file = self.excludes.get(os.path.abspath(folder))
-            self.scan_requested.emit(ScanConfig(folder, v["val_split"], v["test_split"], v["seed"],
-                                                self.exclude_file))
+            self.scan_requested.emit(ScanConfig(folder, v["val_split"], v["test_split"], v["seed"], self.exclude_file))
 
     def set_recent(self, folders: list[str]) -> None:
         self.recent_folders = list(folders)[:10]
@@ -185,8 +190,13 @@ class DatasetTab(QWidget):
     # ------------------------------------------------------------------------------------------------ settings
     def values(self) -> dict:
         """This tab's part of the training config: the loaded folder (what Start trains) and the split."""
-        return {"data": self.dataset.root if self.dataset else "", "val_split": self.val_pct.value() / 100.0,
-                "test_split": self.test_pct.value() / 100.0, "seed": self.seed.value(), "exclude": self.exclude_file}
+        return {
+            "data": self.dataset.root if self.dataset else "",
+            "val_split": self.val_pct.value() / 100.0,
+            "test_split": self.test_pct.value() / 100.0,
+            "seed": self.seed.value(),
+            "exclude": self.exclude_file,
+        }
 
     def set_values(self, values: dict) -> None:
         """Show these split settings; a ``data`` folder other than the loaded one is scanned."""
@@ -327,8 +337,10 @@ class DatasetTab(QWidget):
             return
         # The folder opened before stays loaded (and is what Start trains): say so under the error.
         self.folder = ds.root
-        self.status.setText(f"{html.escape(message)}<br>Still loaded: <b>{html.escape(ds.root)}</b> "
-                            f"({len(ds.samples)} images in {len(ds.classes)} classes).")
+        self.status.setText(
+            f"{html.escape(message)}<br>Still loaded: <b>{html.escape(ds.root)}</b> "
+            f"({len(ds.samples)} images in {len(ds.classes)} classes)."
+        )
 
     # ------------------------------------------------------------------------------------------------ display
     def show_dataset(self, ds: Dataset) -> None:
@@ -339,10 +351,15 @@ class DatasetTab(QWidget):
         counts = ds.counts()
         total = len(ds.samples)
         n_split = {s: len(ds.split(s)) for s in ("train", "val", "test")}
-        layout = ("already split into train/val" + ("/test" if n_split["test"] else "")
-                  if ds.layout == "pre-split" else "not split: the split below is applied")
-        self.status.setText(f"<b>{ds.root}</b><br>{total} images in {len(ds.classes)} classes, {layout}. "
-                            f"Train {n_split['train']}, validation {n_split['val']}, test {n_split['test']}.")
+        layout = (
+            "already split into train/val" + ("/test" if n_split["test"] else "")
+            if ds.layout == "pre-split"
+            else "not split: the split below is applied"
+        )
+        self.status.setText(
+            f"<b>{ds.root}</b><br>{total} images in {len(ds.classes)} classes, {layout}. "
+            f"Train {n_split['train']}, validation {n_split['val']}, test {n_split['test']}."
+        )
         self.warnings.setText("<br>".join(f"⚠ {w}" for w in ds.warnings))
         self.class_table.setRowCount(len(ds.classes))
         biggest = max((sum(c.values()) for c in counts.values()), default=1) or 1
@@ -377,6 +394,9 @@ class DatasetTab(QWidget):
         if ds is None:
             return
         want = self.class_filter.currentData()
-        items = [(s.path, ds.classes[s.label], f"{s.path}\nclass: {ds.classes[s.label]}, split: {s.split}")
-                 for s in ds.samples if want is None or s.label == want]
+        items = [
+            (s.path, ds.classes[s.label], f"{s.path}\nclass: {ds.classes[s.label]}, split: {s.split}")
+            for s in ds.samples
+            if want is None or s.label == want
+        ]
         self.grid.set_items(items)

@@ -1,4 +1,5 @@
 """Model tab: backbone list (size, input, offline availability), weights source, mode with advice, unfreeze."""
+
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
@@ -23,16 +24,22 @@ from PySide6.QtWidgets import (
 from engine.network.backbones import DEFAULT_BACKBONE
 from gui.settings import load_values, save_values
 
-AUTO_TEXT = ("<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in "
-             "seconds), then fine-tuning starting from it, within the time budget below. Fine-tuning stops early when "
-             "it cannot catch up. The more reliable of the two becomes the result; both stay in Results.")
-FE_TEXT = ("<b>Feature extraction</b> keeps the pretrained network frozen and trains only a new final layer on "
-           "its features. Fast (each image is processed once), and the best choice when your images look like "
-           "everyday photos and you have few of them.")
-FT_TEXT = ("<b>Fine-tuning</b> also retrains the last stages of the network, with a lower learning rate. Slower "
-           "(each epoch retrains those stages on every image), better when your images look unlike everyday photos "
-           "(medical, satellite, microscope, documents) and you have a few hundred images per class or more. Small "
-           "pictures (160 px or less) train at their own size, which leaves time to retrain most of the network.")
+AUTO_TEXT = (
+    "<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in "
+    "seconds), then fine-tuning starting from it, within the time budget below. Fine-tuning stops early when "
+    "it cannot catch up. The more reliable of the two becomes the result; both stay in Results."
+)
+FE_TEXT = (
+    "<b>Feature extraction</b> keeps the pretrained network frozen and trains only a new final layer on "
+    "its features. Fast (each image is processed once), and the best choice when your images look like "
+    "everyday photos and you have few of them."
+)
+FT_TEXT = (
+    "<b>Fine-tuning</b> also retrains the last stages of the network, with a lower learning rate. Slower "
+    "(each epoch retrains those stages on every image), better when your images look unlike everyday photos "
+    "(medical, satellite, microscope, documents) and you have a few hundred images per class or more. Small "
+    "pictures (160 px or less) train at their own size, which leaves time to retrain most of the network."
+)
 
 
 class ModelTab(QWidget):
@@ -93,8 +100,10 @@ class ModelTab(QWidget):
         ul.addSpacing(22)
         ul.addWidget(QLabel("Stages to unfreeze (from the top):"))
         self.unfreeze = QSpinBox(minimum=0, maximum=40, value=0, specialValueText="auto")
-        self.unfreeze.setToolTip("More stages adapt more of the network: slower, needs more images. auto: the last "
-                                 "3; small pictures (160 px or less), trained at 128 px: all but the first 3")
+        self.unfreeze.setToolTip(
+            "More stages adapt more of the network: slower, needs more images. auto: the last "
+            "3; small pictures (160 px or less), trained at 128 px: all but the first 3"
+        )
         self.unfreeze_all = QCheckBox("all")
         ul.addWidget(self.unfreeze)
         ul.addWidget(self.unfreeze_all)
@@ -121,8 +130,9 @@ class ModelTab(QWidget):
         row.addSpacing(22)
         row.addWidget(QLabel("Time budget for fine-tuning:"))
         self.budget = QSpinBox(minimum=0, maximum=24 * 60, value=0, suffix=" min", specialValueText="no limit")
-        self.budget.setToolTip("Fine-tuning stops when this time is up (keeping its best epoch so far); "
-                               "no limit: its planned epochs")
+        self.budget.setToolTip(
+            "Fine-tuning stops when this time is up (keeping its best epoch so far); no limit: its planned epochs"
+        )
         row.addWidget(self.budget)
         self.estimate = QLabel()
         self.estimate.setStyleSheet("color: #555;")
@@ -149,9 +159,14 @@ class ModelTab(QWidget):
 
     # ------------------------------------------------------------------------------------------------ settings
     def values(self) -> dict:
-        return {"mode": self.mode(), "backbone": self.backbone(), "weights": self.weights_file(),
-                "download": self.download.isChecked(), "unfreeze": self.unfreeze_value(),
-                "budget": float(self.budget.value()) or None}
+        return {
+            "mode": self.mode(),
+            "backbone": self.backbone(),
+            "weights": self.weights_file(),
+            "download": self.download.isChecked(),
+            "unfreeze": self.unfreeze_value(),
+            "budget": float(self.budget.value()) or None,
+        }
 
     def set_values(self, values: dict) -> None:
         if "mode" in values:
@@ -193,8 +208,9 @@ class ModelTab(QWidget):
             self.table.setItem(r, 2, QTableWidgetItem(f"{b.input_size} px"))
             ok = QTableWidgetItem("yes" if b.weights_available else "no")
             ok.setForeground(Qt.darkGreen if b.weights_available else Qt.darkRed)
-            ok.setToolTip("" if b.weights_available
-                          else "Not on this machine: pick a weights file, or allow the download")
+            ok.setToolTip(
+                "" if b.weights_available else "Not on this machine: pick a weights file, or allow the download"
+            )
             self.table.setItem(r, 3, ok)
             if b.name == DEFAULT_BACKBONE:
                 select = r
@@ -229,22 +245,33 @@ class ModelTab(QWidget):
     def recommend(self, ds) -> None:
         """Advice from the scanned folder: few images per class -> feature extraction."""
         if ds is None:
-            self.advice.setText("Recommendation: <b>Automatic</b>. It tries feature extraction (seconds) and then "
-                                "fine-tuning, and keeps whichever gives more reliable answers on your images.")
+            self.advice.setText(
+                "Recommendation: <b>Automatic</b>. It tries feature extraction (seconds) and then "
+                "fine-tuning, and keeps whichever gives more reliable answers on your images."
+            )
             return
         per_class = len(ds.samples) / max(1, len(ds.classes))
         if self.auto.isChecked():
-            text = (f"Recommendation for this dataset: <b>Automatic</b>. With about {per_class:.0f} images per "
-                    "class it " + ("will most likely keep feature extraction (fine-tuning has little to learn from), "
-                                   "but checks." if per_class < 150 else
-                                   "has enough images for fine-tuning to pay off if your images look unlike "
-                                   "everyday photos; it measures both on your validation images."))
+            text = (
+                f"Recommendation for this dataset: <b>Automatic</b>. With about {per_class:.0f} images per "
+                "class it "
+                + (
+                    "will most likely keep feature extraction (fine-tuning has little to learn from), but checks."
+                    if per_class < 150
+                    else "has enough images for fine-tuning to pay off if your images look unlike "
+                    "everyday photos; it measures both on your validation images."
+                )
+            )
         elif per_class < 150:
-            text = (f"Recommendation for this dataset: <b>feature extraction</b>. With about {per_class:.0f} images "
-                    "per class, fine-tuning has little to learn from and can overfit; try it afterwards only if "
-                    "your images look unlike everyday photos.")
+            text = (
+                f"Recommendation for this dataset: <b>feature extraction</b>. With about {per_class:.0f} images "
+                "per class, fine-tuning has little to learn from and can overfit; try it afterwards only if "
+                "your images look unlike everyday photos."
+            )
         else:
-            text = (f"Recommendation for this dataset: start with <b>feature extraction</b> as a baseline (fast), "
-                    f"then try <b>fine-tuning</b>: with about {per_class:.0f} images per class it often gains a few "
-                    "points, especially on unusual images. Compare the two runs in the Results tab.")
+            text = (
+                f"Recommendation for this dataset: start with <b>feature extraction</b> as a baseline (fast), "
+                f"then try <b>fine-tuning</b>: with about {per_class:.0f} images per class it often gains a few "
+                "points, especially on unusual images. Compare the two runs in the Results tab."
+            )
         self.advice.setText(text)

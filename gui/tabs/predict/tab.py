@@ -1,5 +1,6 @@
 """Predict tab: predict a folder in the background, stream rows into a sortable/filterable table, export CSV
 (byte-for-byte the engine's format) and export the model to ONNX/TorchScript."""
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,11 @@ from gui.widgets.thumbs import ThumbnailLoader
 
 COLUMNS = ["", "Path", "Prediction", "Confidence", "Status", "Top-k", "Error"]
 STATUS_TEXT = {"ok": "", "unsure": "not sure", "unfamiliar": "unfamiliar", "error": ""}
-STATUS_TIP = {"unsure": "The model's confidence is below the threshold saved with it: check this one yourself "
-                        "(the best guess is kept)",
-              "unfamiliar": "Unlike every training image: the answer may be meaningless whatever its confidence"}
+STATUS_TIP = {
+    "unsure": "The model's confidence is below the threshold saved with it: check this one yourself "
+    "(the best guess is kept)",
+    "unfamiliar": "Unlike every training image: the answer may be meaningless whatever its confidence",
+}
 
 
 class PredictionModel(QStandardItemModel):
@@ -148,8 +151,10 @@ class ExportDialog(QDialog):
         row.addWidget(browse)
         form.addRow("Format", self.fmt)
         form.addRow("File", row)
-        note = QLabel("The exported network takes a normalised float image tensor and returns logits; the classes "
-                      "and preprocessing are written next to it as .json.")
+        note = QLabel(
+            "The exported network takes a normalised float image tensor and returns logits; the classes "
+            "and preprocessing are written next to it as .json."
+        )
         note.setWordWrap(True)
         form.addRow(note)
         bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
@@ -185,8 +190,9 @@ class PredictTab(QWidget):
         root.addWidget(self.run_label)
         top = QHBoxLayout()
         self.folder = QLineEdit()
-        self.folder.setPlaceholderText("Folder of images (searched recursively) or one image to classify; "
-                                       "or drop photos and folders on this tab")
+        self.folder.setPlaceholderText(
+            "Folder of images (searched recursively) or one image to classify; or drop photos and folders on this tab"
+        )
         browse = QPushButton("Choose folder…")
         browse.clicked.connect(self._browse)
         self.top_k = QSpinBox(minimum=1, maximum=20, value=3)
@@ -209,21 +215,29 @@ class PredictTab(QWidget):
         self.class_filter = QComboBox()
         self.class_filter.addItem("All predictions", None)
         self.min_conf = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=1.0, singleStep=0.05, value=0.0)
-        self.min_conf.setToolTip("Hide predictions below this confidence (e.g. to review only uncertain ones, "
-                                 "sort by confidence instead)")
+        self.min_conf.setToolTip(
+            "Hide predictions below this confidence (e.g. to review only uncertain ones, sort by confidence instead)"
+        )
         self.status_filter = QComboBox()
         self.status_filter.addItem("any status", None)
-        for status, text in (("ok", "ok"), ("unsure", "not sure"), ("unfamiliar", "unfamiliar"),
-                             ("error", "unreadable")):
+        for status, text in (
+            ("ok", "ok"),
+            ("unsure", "not sure"),
+            ("unfamiliar", "unfamiliar"),
+            ("error", "unreadable"),
+        ):
             self.status_filter.addItem(text, status)
-        self.status_filter.setToolTip("'not sure': below the model's confidence threshold; 'unfamiliar': unlike "
-                                      "every training image")
+        self.status_filter.setToolTip(
+            "'not sure': below the model's confidence threshold; 'unfamiliar': unlike every training image"
+        )
         self.class_filter.currentIndexChanged.connect(self._filter)
         self.min_conf.valueChanged.connect(self._filter)
         self.status_filter.currentIndexChanged.connect(self._filter)
         self.sort_btn = QPushButton("Sort into folders…")
-        self.sort_btn.setToolTip("Copy (or hard-link) each image into a folder per predicted class, plus _unsure and "
-                                 "_unfamiliar; nothing is moved or overwritten")
+        self.sort_btn.setToolTip(
+            "Copy (or hard-link) each image into a folder per predicted class, plus _unsure and "
+            "_unfamiliar; nothing is moved or overwritten"
+        )
         self.sort_btn.clicked.connect(self._sort_dialog)
         self.export_csv_btn = QPushButton("Export CSV…")
         self.export_csv_btn.clicked.connect(self._export_csv_dialog)
@@ -247,8 +261,11 @@ class PredictTab(QWidget):
         self.table.setModel(self.proxy)
         self.table.setSortingEnabled(True)
         self.table.verticalHeader().setDefaultSectionSize(52)
-        self.table.setIconSize(loader.placeholder.availableSizes()[0] * 0.5 if loader.placeholder.availableSizes()
-                               else self.table.iconSize())
+        self.table.setIconSize(
+            loader.placeholder.availableSizes()[0] * 0.5
+            if loader.placeholder.availableSizes()
+            else self.table.iconSize()
+        )
         self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
         self.table.setColumnWidth(0, 60)
         self.table.setColumnWidth(2, 120)
@@ -278,8 +295,9 @@ class PredictTab(QWidget):
     def request_prediction(self, paths: list[str] | None = None) -> None:
         """Ask for the field's paths (or ``paths``) to be predicted with the loaded model."""
         if self.run_dir and self.start_btn.isEnabled():
-            self.predict_requested.emit(PredictConfig(self.run_dir, list(paths or self.paths()),
-                                                      top_k=self.top_k.value()))
+            self.predict_requested.emit(
+                PredictConfig(self.run_dir, list(paths or self.paths()), top_k=self.top_k.value())
+            )
 
     def _enable(self, has_model: bool) -> None:
         self.start_btn.setEnabled(has_model)
@@ -337,9 +355,11 @@ class PredictTab(QWidget):
         if res.cancelled:
             self.job_ended(f"Stopped after {len(res.rows)} files.")
         else:
-            self.job_ended(f"{len(res.rows)} files in {res.seconds:.1f} s"
-                           + (f", {res.n_errors} unreadable" if res.n_errors else "")
-                           + ". Export CSV… saves exactly these rows.")
+            self.job_ended(
+                f"{len(res.rows)} files in {res.seconds:.1f} s"
+                + (f", {res.n_errors} unreadable" if res.n_errors else "")
+                + ". Export CSV… saves exactly these rows."
+            )
 
     def export_finished(self, res) -> None:
         self.job_ended("Export cancelled." if res.cancelled else f"Exported {res.model} (+ .json)")
@@ -348,8 +368,10 @@ class PredictTab(QWidget):
         if p.total:
             self.progress.setRange(0, p.total)
             self.progress.setValue(p.done)
-            self.status.setText(f"{p.done}/{p.total} files, {p.images_per_s:.1f} images/s"
-                                + (f", ETA {p.eta_s:.0f} s" if p.eta_s else ""))
+            self.status.setText(
+                f"{p.done}/{p.total} files, {p.images_per_s:.1f} images/s"
+                + (f", ETA {p.eta_s:.0f} s" if p.eta_s else "")
+            )
 
     def add_rows(self, rows: list[PredictionRow]) -> None:
         self.model.append(rows)
@@ -380,8 +402,9 @@ class PredictTab(QWidget):
         return [text] if os.path.exists(text) or self.SEP not in text else text.split(self.SEP)
 
     def _sort_dialog(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Sort the predicted images into this folder",
-                                                  os.path.expanduser("~"))
+        folder = QFileDialog.getExistingDirectory(
+            self, "Sort the predicted images into this folder", os.path.expanduser("~")
+        )
         if folder:
             self.sort_into(folder)
 

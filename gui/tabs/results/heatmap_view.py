@@ -1,4 +1,5 @@
 """*Where it looked*: an image as the network saw it, with its Grad-CAM heatmap laid over it (a toggle)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,8 +54,10 @@ class HeatmapDialog(QDialog):
         if res.cancelled:
             return
         self.result = res
-        self.caption.setText(f"<b>{res.path}</b><br>Predicted <b>{res.prediction}</b> ({res.confidence:.0%}); "
-                             f"heatmap for <b>{res.target}</b>.")
+        self.caption.setText(
+            f"<b>{res.path}</b><br>Predicted <b>{res.prediction}</b> ({res.confidence:.0%}); "
+            f"heatmap for <b>{res.target}</b>."
+        )
         self._draw()
 
     def show_failure(self, message: str, details: str = "") -> None:

@@ -1,5 +1,6 @@
 """Results tab: accuracy with its 95% interval, per-class table, clickable confusion matrix, mistakes gallery,
 and the runs folder with overlaid validation curves. Reads run folders only (no torch needed)."""
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,9 @@ class ResultsTab(QWidget):
         cmw = QWidget()
         cml = QVBoxLayout(cmw)
         cml.setContentsMargins(0, 0, 0, 0)
-        cml.addWidget(QLabel("Confusion matrix (rows: true class, columns: predicted). Click a cell to see its "
-                             "images."))
+        cml.addWidget(
+            QLabel("Confusion matrix (rows: true class, columns: predicted). Click a cell to see its images.")
+        )
         self.cm = QTableWidget(0, 0)
         self.cm.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.cm.setSelectionMode(QAbstractItemView.SingleSelection)
@@ -126,8 +128,10 @@ class ResultsTab(QWidget):
         self.reveal_btn.setToolTip("Confident mistakes are often mislabelled files: check them where they live")
         self.reveal_btn.clicked.connect(self._reveal)
         self.heatmap_btn = QPushButton("Where it looked…")
-        self.heatmap_btn.setToolTip("The selected image with a heatmap of what drove the prediction (computed in the "
-                                    "background); works in the cell images too")
+        self.heatmap_btn.setToolTip(
+            "The selected image with a heatmap of what drove the prediction (computed in the "
+            "background); works in the cell images too"
+        )
         self.heatmap_btn.clicked.connect(self._heatmap)
         mh.addWidget(self.mistakes_label, 1)
         mh.addWidget(self.reveal_btn)
@@ -156,9 +160,13 @@ class ResultsTab(QWidget):
         for r, run in enumerate(self.runs):
             acc = run["val_accuracy"]
             secs = run["train_seconds"]
-            vals = [run["created"].replace("T", " ")[:16], run["backbone"], run["mode"],
-                    f"{acc:.3f}" if isinstance(acc, (int, float)) else "-",
-                    _seconds(secs) if isinstance(secs, (int, float)) else "-"]
+            vals = [
+                run["created"].replace("T", " ")[:16],
+                run["backbone"],
+                run["mode"],
+                f"{acc:.3f}" if isinstance(acc, (int, float)) else "-",
+                _seconds(secs) if isinstance(secs, (int, float)) else "-",
+            ]
             for c, v in enumerate(vals):
                 item = QTableWidgetItem(v)
                 item.setData(Qt.UserRole, run["path"])
@@ -211,8 +219,12 @@ class ResultsTab(QWidget):
                 name = f"{meta.get('backbone')} {meta.get('mode')}"
             except EngineError:
                 name = os.path.basename(p)
-            self.compare.plot([h["epoch"] for h in hist], [h["val_accuracy"] for h in hist],
-                              pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2), name=name)
+            self.compare.plot(
+                [h["epoch"] for h in hist],
+                [h["val_accuracy"] for h in hist],
+                pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2),
+                name=name,
+            )
             n += 1
         return n
 
@@ -228,34 +240,47 @@ class ResultsTab(QWidget):
         self.metrics = metrics
         self.preds = [p for p in predictions if p.get("split") == "val"]
         acc, ci, n = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95"), metrics.get("val_n", 0)
-        parts = [f"<b>{os.path.basename(run_dir)}</b> — {meta.get('backbone')}, {meta.get('mode')}"
-                 + (" (stopped early by the user)" if metrics.get("status") == "cancelled" else "")]
+        parts = [
+            f"<b>{os.path.basename(run_dir)}</b> — {meta.get('backbone')}, {meta.get('mode')}"
+            + (" (stopped early by the user)" if metrics.get("status") == "cancelled" else "")
+        ]
         if acc is not None and ci:
-            parts.append(f"<span style='font-size:16px'>Validation accuracy <b>{100 * acc:.1f}%</b></span> "
-                         f"(95% interval {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, {n} images: "
-                         f"± about {50 * (ci[1] - ci[0]):.0f} points)")
+            parts.append(
+                f"<span style='font-size:16px'>Validation accuracy <b>{100 * acc:.1f}%</b></span> "
+                f"(95% interval {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, {n} images: "
+                f"± about {50 * (ci[1] - ci[0]):.0f} points)"
+            )
         bal, f1 = metrics.get("val_balanced_accuracy"), metrics.get("val_macro_f1")
         if bal is not None:
-            parts.append(f"Balanced accuracy {100 * bal:.1f}% (each class counts the same)"
-                         + (f", macro-F1 {f1:.3f}" if f1 is not None else ""))
+            parts.append(
+                f"Balanced accuracy {100 * bal:.1f}% (each class counts the same)"
+                + (f", macro-F1 {f1:.3f}" if f1 is not None else "")
+            )
         if metrics.get("test_accuracy") is not None:
             tci = metrics.get("test_accuracy_ci95") or [0, 0]
-            parts.append(f"Test accuracy <b>{100 * metrics['test_accuracy']:.1f}%</b> "
-                         f"(95% interval {100 * tci[0]:.1f}–{100 * tci[1]:.1f}%, {metrics.get('test_n')} images)")
+            parts.append(
+                f"Test accuracy <b>{100 * metrics['test_accuracy']:.1f}%</b> "
+                f"(95% interval {100 * tci[0]:.1f}–{100 * tci[1]:.1f}%, {metrics.get('test_n')} images)"
+            )
         auto = metrics.get("auto") or {}
         if auto.get("summary"):
             kept = auto.get("this_run") == auto.get("winner")
             parts.append("Automatic mode: " + auto["summary"] + ("" if kept else " (This is the run it did not keep.)"))
-        parts.append(f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
-                     f"{_seconds(metrics.get('train_seconds', 0))} on {metrics.get('device', '?')}")
+        parts.append(
+            f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
+            f"{_seconds(metrics.get('train_seconds', 0))} on {metrics.get('device', '?')}"
+        )
         self.summary.setText("<br>".join(parts))
         pc = metrics.get("per_class", {})
         self.per_class.setRowCount(len(self.classes))
         for r, c in enumerate(self.classes):
             v = pc.get(c, {})
             for col, val in enumerate([c, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]):
-                text = val if isinstance(val, str) else ("-" if val is None else
-                                                         (str(val) if isinstance(val, int) else f"{val:.3f}"))
+                text = (
+                    val
+                    if isinstance(val, str)
+                    else ("-" if val is None else (str(val) if isinstance(val, int) else f"{val:.3f}"))
+                )
                 self.per_class.setItem(r, col, QTableWidgetItem(text))
         cm = metrics.get("confusion_matrix") or []
         k = len(self.classes)
@@ -289,21 +314,37 @@ class ResultsTab(QWidget):
         t, p = self.classes[i], self.classes[j]
         rows = [r for r in self.preds if r["label"] == t and r["prediction"] == p]
         rows.sort(key=lambda r: -float(r["confidence"]))
-        self.cell_grid.set_items([(r["path"], f"{float(r['confidence']):.0%}",
-                                   f"{r['path']}\ntrue: {t}\npredicted: {p} ({float(r['confidence']):.1%})")
-                                  for r in rows])
-        self.cell_label.setText(f"True <b>{t}</b>, predicted <b>{p}</b>: {len(rows)} image(s). "
-                                "Double-click to open one.")
+        self.cell_grid.set_items(
+            [
+                (
+                    r["path"],
+                    f"{float(r['confidence']):.0%}",
+                    f"{r['path']}\ntrue: {t}\npredicted: {p} ({float(r['confidence']):.1%})",
+                )
+                for r in rows
+            ]
+        )
+        self.cell_label.setText(
+            f"True <b>{t}</b>, predicted <b>{p}</b>: {len(rows)} image(s). Double-click to open one."
+        )
         self.galleries.setCurrentIndex(0)
 
     def _fill_mistakes(self) -> None:
         wrong = [r for r in self.preds if r["label"] != r["prediction"]]
         wrong.sort(key=lambda r: -float(r["confidence"]))
-        self.mistakes.set_items([(r["path"], f"{r['prediction']} {float(r['confidence']):.0%}",
-                                  f"{r['path']}\nlabelled: {r['label']}\npredicted: {r['prediction']} "
-                                  f"({float(r['confidence']):.1%})") for r in wrong])
-        self.mistakes_label.setText(f"{len(wrong)} validation image(s) misclassified. Confident mistakes are often "
-                                    "mislabelled files.")
+        self.mistakes.set_items(
+            [
+                (
+                    r["path"],
+                    f"{r['prediction']} {float(r['confidence']):.0%}",
+                    f"{r['path']}\nlabelled: {r['label']}\npredicted: {r['prediction']} ({float(r['confidence']):.1%})",
+                )
+                for r in wrong
+            ]
+        )
+        self.mistakes_label.setText(
+            f"{len(wrong)} validation image(s) misclassified. Confident mistakes are often mislabelled files."
+        )
 
     def data_folder(self) -> str | None:
         """The image folder the open run was trained on."""

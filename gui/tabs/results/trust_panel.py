@@ -4,6 +4,7 @@ A reliability diagram (accuracy per confidence bin against the diagonal) with a 
 against coverage with the user's target: what share of images the model answers when it must be at least that
 right. *Use for predictions* saves the threshold with the model (model.json), so Predict marks the rest ``unsure``.
 """
+
 from __future__ import annotations
 
 import pyqtgraph as pg
@@ -39,8 +40,10 @@ class TrustPanel(QWidget):
         row = QHBoxLayout()
         row.addWidget(QLabel("Answer only when at least"))
         self.target = QDoubleSpinBox(decimals=1, minimum=50.0, maximum=100.0, singleStep=1.0, value=95.0, suffix=" %")
-        self.target.setToolTip("The accuracy you need; below the matching confidence, predictions are marked "
-                               "'unsure' (their best guess is kept)")
+        self.target.setToolTip(
+            "The accuracy you need; below the matching confidence, predictions are marked "
+            "'unsure' (their best guess is kept)"
+        )
         self.target.valueChanged.connect(self._show_target)
         row.addWidget(self.target)
         row.addWidget(QLabel("right:"))
@@ -62,19 +65,35 @@ class TrustPanel(QWidget):
         self.save_btn.setEnabled(bool(self.curve))
         self.target.setEnabled(bool(self.curve))
         if not cal:
-            self.words.setText("This run has no calibration measurement (saved before calibration existed, or "
-                               "without validation images): its confidences are the network's own.")
+            self.words.setText(
+                "This run has no calibration measurement (saved before calibration existed, or "
+                "without validation images): its confidences are the network's own."
+            )
             self.target_text.setText("")
             return
         self.reliability.plot([0, 1], [0, 1], pen=pg.mkPen((150, 150, 150), width=1, style=Qt.DashLine))
         bins = [b for b in cal["bins"] if b["n"]]
-        self.reliability.addItem(pg.BarGraphItem(x=[(b["lo"] + b["hi"]) / 2 for b in bins],
-                                                 height=[b["accuracy"] for b in bins], width=1 / 15 * 0.9,
-                                                 brush=(31, 119, 180, 160)))
-        self.reliability.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], pen=None,
-                              symbol="o", symbolSize=6, symbolBrush=(255, 127, 14))
-        self.coverage.plot([p["coverage"] for p in self.curve], [p["accuracy"] for p in self.curve],
-                           pen=pg.mkPen((31, 119, 180), width=2))
+        self.reliability.addItem(
+            pg.BarGraphItem(
+                x=[(b["lo"] + b["hi"]) / 2 for b in bins],
+                height=[b["accuracy"] for b in bins],
+                width=1 / 15 * 0.9,
+                brush=(31, 119, 180, 160),
+            )
+        )
+        self.reliability.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            pen=None,
+            symbol="o",
+            symbolSize=6,
+            symbolBrush=(255, 127, 14),
+        )
+        self.coverage.plot(
+            [p["coverage"] for p in self.curve],
+            [p["accuracy"] for p in self.curve],
+            pen=pg.mkPen((31, 119, 180), width=2),
+        )
         self.marker = self.coverage.plot([], [], pen=None, symbol="o", symbolSize=9, symbolBrush=(214, 39, 40))
         unf = metrics.get("unfamiliar") or {}
         rate = unf.get("familiar_flag_rate")
@@ -82,10 +101,18 @@ class TrustPanel(QWidget):
             f"{in_words(cal['bins'])} Calibrated with temperature {cal['temperature']:.2f}; expected calibration "
             f"error {100 * cal['ece_before']:.1f}% before, <b>{100 * cal['ece_after']:.1f}%</b> after "
             f"(measured on {cal['measured_on']}, {cal['n']} images"
-            + (f"; on so many images even a perfectly calibrated model shows about "
-               f"{100 * cal['ece_noise_floor']:.1f}%" if isinstance(cal.get("ece_noise_floor"), float) else "") + ")."
-            + (f" About {100 * rate:.0f}% of images like the validation ones are marked unfamiliar." if rate is not None
-               else ""))
+            + (
+                f"; on so many images even a perfectly calibrated model shows about {100 * cal['ece_noise_floor']:.1f}%"
+                if isinstance(cal.get("ece_noise_floor"), float)
+                else ""
+            )
+            + ")."
+            + (
+                f" About {100 * rate:.0f}% of images like the validation ones are marked unfamiliar."
+                if rate is not None
+                else ""
+            )
+        )
         saved = (meta.get("unsure") or {}).get("target_accuracy")
         self.target.blockSignals(True)
         self.target.setValue(100 * saved if isinstance(saved, (int, float)) else 95.0)
@@ -102,6 +129,8 @@ class TrustPanel(QWidget):
             self.marker.setData([], [])
             return
         t, cov, acc = hit
-        self.target_text.setText(f"answers {100 * cov:.0f}% of images ({100 * acc:.0f}% of those right); the rest "
-                                 f"are 'unsure' (confidence below {100 * t:.0f}%)")
+        self.target_text.setText(
+            f"answers {100 * cov:.0f}% of images ({100 * acc:.0f}% of those right); the rest "
+            f"are 'unsure' (confidence below {100 * t:.0f}%)"
+        )
         self.marker.setData([cov], [acc])

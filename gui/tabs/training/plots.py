@@ -1,4 +1,5 @@
 """Live loss/accuracy plots: signals append to buffers, a QTimer redraws at 10 Hz with ``setData``."""
+
 from __future__ import annotations
 
 import pyqtgraph as pg
@@ -77,8 +78,9 @@ class LivePlots(QWidget):
         for strategy, (colour, name) in self.RACE.items():
             for what, plot in (("loss", self.loss_plot), ("acc", self.acc_plot)):
                 key = f"race:{strategy}:{what}"
-                self.curves[key] = plot.plot(pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=5,
-                                             name=f"{name} (validation)")
+                self.curves[key] = plot.plot(
+                    pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=5, name=f"{name} (validation)"
+                )
                 self.data[key] = ([], [])
 
     def add_batch(self, m: BatchMetrics) -> None:
@@ -101,8 +103,12 @@ class LivePlots(QWidget):
                     ys.append(y)
             self.dirty = True
             return
-        for key, y in (("train_loss", m.train_loss), ("val_loss", m.val_loss),
-                       ("train_acc", m.train_accuracy), ("val_acc", m.val_accuracy)):
+        for key, y in (
+            ("train_loss", m.train_loss),
+            ("val_loss", m.val_loss),
+            ("train_acc", m.train_accuracy),
+            ("val_acc", m.val_accuracy),
+        ):
             if y == y:  # skip NaN (no validation split)
                 self.data[key][0].append(float(m.epoch))
                 self.data[key][1].append(y)

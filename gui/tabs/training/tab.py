@@ -1,4 +1,5 @@
 """Training tab: hyperparameters, Start/Stop, progress with phase/rate/ETA, live plots, log."""
+
 from __future__ import annotations
 
 import time
@@ -33,9 +34,24 @@ from gui.tabs.training.plots import LivePlots
 class TrainingTab(QWidget):
     """Owns the TrainConfig fields of how to train (epochs ... device, and the advanced ones) and the runs folder."""
 
-    FIELDS = ["epochs", "batch_size", "lr", "augment", "patience", "device", "backbone_lr_mult", "weight_decay",
-              "linear_probe_init", "cache", "cache_dir", "engine", "precision", "balance", "bn_stats",
-              "small_images"]
+    FIELDS = [
+        "epochs",
+        "batch_size",
+        "lr",
+        "augment",
+        "patience",
+        "device",
+        "backbone_lr_mult",
+        "weight_decay",
+        "linear_probe_init",
+        "cache",
+        "cache_dir",
+        "engine",
+        "precision",
+        "balance",
+        "bn_stats",
+        "small_images",
+    ]
     start_requested = Signal()
     stop_requested = Signal()
     copy_command_requested = Signal()
@@ -49,21 +65,30 @@ class TrainingTab(QWidget):
         hp = QGroupBox("Settings")
         form = QFormLayout(hp)
         self.epochs = QSpinBox(minimum=0, maximum=1000, value=0, specialValueText="auto")
-        self.epochs.setToolTip("Passes over the training images. auto: 100 for feature extraction (stops early "
-                               "when validation loss stops improving), 5 for fine-tuning")
+        self.epochs.setToolTip(
+            "Passes over the training images. auto: 100 for feature extraction (stops early "
+            "when validation loss stops improving), 5 for fine-tuning"
+        )
         self.batch = QSpinBox(minimum=0, maximum=1024, value=0, specialValueText="auto")
-        self.batch.setToolTip("Images per step. auto: 64 (feature extraction) / 32 (fine-tuning). Out of GPU "
-                              "memory? It is halved automatically")
-        self.lr = QDoubleSpinBox(decimals=5, minimum=0.0, maximum=1.0, singleStep=0.0005, value=0.0,
-                                 specialValueText="auto")
+        self.batch.setToolTip(
+            "Images per step. auto: 64 (feature extraction) / 32 (fine-tuning). Out of GPU "
+            "memory? It is halved automatically"
+        )
+        self.lr = QDoubleSpinBox(
+            decimals=5, minimum=0.0, maximum=1.0, singleStep=0.0005, value=0.0, specialValueText="auto"
+        )
         self.lr.setToolTip("Learning rate of the new head (the backbone uses a tenth of it). auto: 0.003 / 0.001")
         self.augment = QCheckBox("Mirror images")
         self.augment.setChecked(True)
-        self.augment.setToolTip("Fine-tuning: show each image or its mirror image at random (less overfitting); "
-                                "backbones other than the bundled one also get random crops")
+        self.augment.setToolTip(
+            "Fine-tuning: show each image or its mirror image at random (less overfitting); "
+            "backbones other than the bundled one also get random crops"
+        )
         self.patience = QSpinBox(minimum=0, maximum=100, value=0, specialValueText="auto")
-        self.patience.setToolTip("Stop when validation loss has not improved for this many epochs; the best epoch "
-                                 "is kept either way. auto: 15 / 3")
+        self.patience.setToolTip(
+            "Stop when validation loss has not improved for this many epochs; the best epoch "
+            "is kept either way. auto: 15 / 3"
+        )
         self.device = QComboBox()
         self.device.addItem("Auto (GPU if available)", "auto")
         self.device.setToolTip("Where training runs")
@@ -98,12 +123,15 @@ class TrainingTab(QWidget):
         btns.addWidget(self.stop_btn)
         side.addLayout(btns)
         self.copy_btn = QPushButton("Copy command line")
-        self.copy_btn.setToolTip("The `python -m engine train …` command for these settings, to run the same job "
-                                 "on another machine or in a script")
+        self.copy_btn.setToolTip(
+            "The `python -m engine train …` command for these settings, to run the same job "
+            "on another machine or in a script"
+        )
         self.copy_btn.clicked.connect(self.copy_command_requested)
         self.cluster_btn = QPushButton("Copy command for a cluster")
-        self.cluster_btn.setToolTip("The same job as a `torchrun` command: one process per GPU on a multi-GPU "
-                                    "machine (see README, Scaling out)")
+        self.cluster_btn.setToolTip(
+            "The same job as a `torchrun` command: one process per GPU on a multi-GPU machine (see README, Scaling out)"
+        )
         self.cluster_btn.clicked.connect(self.copy_cluster_requested)
         cb = QHBoxLayout()
         cb.addWidget(self.copy_btn)
@@ -144,33 +172,45 @@ class TrainingTab(QWidget):
         box.setCheckable(True)
         box.setChecked(False)
         form = QFormLayout(box)
-        self.backbone_lr_mult = QDoubleSpinBox(decimals=3, minimum=0.0, maximum=10.0, singleStep=0.05, value=0.0,
-                                               specialValueText="auto")
-        self.backbone_lr_mult.setToolTip("Fine-tuning: the backbone's learning rate is the head's times this. auto: "
-                                         "0.1; 0.3 for small pictures trained at their own size (more stages train)")
+        self.backbone_lr_mult = QDoubleSpinBox(
+            decimals=3, minimum=0.0, maximum=10.0, singleStep=0.05, value=0.0, specialValueText="auto"
+        )
+        self.backbone_lr_mult.setToolTip(
+            "Fine-tuning: the backbone's learning rate is the head's times this. auto: "
+            "0.1; 0.3 for small pictures trained at their own size (more stages train)"
+        )
         self.weight_decay = QDoubleSpinBox(decimals=6, minimum=0.0, maximum=1.0, singleStep=1e-4, value=1e-4)
         self.weight_decay.setToolTip("AdamW weight decay (both modes)")
         self.linear_probe_init = QCheckBox("Start the head from a linear probe")
         self.linear_probe_init.setChecked(True)
-        self.linear_probe_init.setToolTip("Fine-tuning: train the new head on frozen features first (LP-FT), so "
-                                          "the first steps do not disturb the pretrained layers")
+        self.linear_probe_init.setToolTip(
+            "Fine-tuning: train the new head on frozen features first (LP-FT), so "
+            "the first steps do not disturb the pretrained layers"
+        )
         self.cache = QCheckBox("Reuse embeddings between runs")
         self.cache.setChecked(True)
         self.cache.setToolTip("Feature extraction keeps each image's features, so a rerun takes seconds")
         self.cache_dir = QLineEdit()
         self.cache_dir.setPlaceholderText("default cache folder")
         self.engine = QComboBox()
-        for text, value in (("Auto (ONNX Runtime on the CPU)", "auto"), ("ONNX Runtime", "onnxruntime"),
-                            ("PyTorch", "torch")):
+        for text, value in (
+            ("Auto (ONNX Runtime on the CPU)", "auto"),
+            ("ONNX Runtime", "onnxruntime"),
+            ("PyTorch", "torch"),
+        ):
             self.engine.addItem(text, value)
-        self.engine.setToolTip("What runs the frozen network on the CPU: ONNX Runtime is 2-3x faster than PyTorch "
-                               "there; GPUs always use PyTorch")
+        self.engine.setToolTip(
+            "What runs the frozen network on the CPU: ONNX Runtime is 2-3x faster than PyTorch "
+            "there; GPUs always use PyTorch"
+        )
         self.precision = QComboBox()
         for text, value in (("Auto (int8 when it agrees with fp32)", "auto"), ("fp32", "fp32"), ("int8", "int8")):
             self.precision.addItem(text, value)
-        self.precision.setToolTip("ONNX Runtime's precision: int8 is faster; auto makes it for folders of 4,000 "
-                                  "images or more and uses it only when its features agree with fp32 on your own "
-                                  "images")
+        self.precision.setToolTip(
+            "ONNX Runtime's precision: int8 is faster; auto makes it for folders of 4,000 "
+            "images or more and uses it only when its features agree with fp32 on your own "
+            "images"
+        )
         form.addRow("Backbone LR ×", self.backbone_lr_mult)
         form.addRow("Weight decay", self.weight_decay)
         form.addRow(self.linear_probe_init)
@@ -184,14 +224,18 @@ class TrainingTab(QWidget):
         self.bn_stats = QComboBox()
         for text, value in (("Frozen (pretrained)", "frozen"), ("Updated from each batch", "update")):
             self.bn_stats.addItem(text, value)
-        self.bn_stats.setToolTip("Fine-tuning: BatchNorm layers keep the pretrained statistics (steadier, better on "
-                                 "images unlike everyday photos) or re-estimate them from each batch")
+        self.bn_stats.setToolTip(
+            "Fine-tuning: BatchNorm layers keep the pretrained statistics (steadier, better on "
+            "images unlike everyday photos) or re-estimate them from each batch"
+        )
         form.addRow("BatchNorm statistics", self.bn_stats)
         self.small_images = QCheckBox("Fine-tune small pictures at their own size")
         self.small_images.setChecked(True)
-        self.small_images.setToolTip("Fine-tuning, bundled backbone family: pictures of at most 160 px train at "
-                                     "128 px instead of being upscaled, which leaves time to train all but the "
-                                     "first 3 stages (when the Model tab's stage count is auto)")
+        self.small_images.setToolTip(
+            "Fine-tuning, bundled backbone family: pictures of at most 160 px train at "
+            "128 px instead of being upscaled, which leaves time to train all but the "
+            "first 3 stages (when the Model tab's stage count is auto)"
+        )
         form.addRow("Small pictures", self.small_images)
         form.addRow("Engine", self.engine)
         form.addRow("Precision", self.precision)
@@ -225,24 +269,41 @@ class TrainingTab(QWidget):
     # ------------------------------------------------------------------------------------------------ settings
     def values(self) -> dict:
         """This tab's part of the training config (0 in a spin box means "auto": None)."""
-        return {"epochs": self.epochs.value() or None, "batch_size": self.batch.value() or None,
-                "lr": self.lr.value() or None, "augment": self.augment.isChecked(),
-                "patience": self.patience.value() or None, "device": self.device.currentData() or "auto",
-                "backbone_lr_mult": self.backbone_lr_mult.value() or None, "weight_decay": self.weight_decay.value(),
-                "linear_probe_init": self.linear_probe_init.isChecked(), "cache": self.cache.isChecked(),
-                "cache_dir": self.cache_dir.text().strip() or None, "engine": self.engine.currentData(),
-                "precision": self.precision.currentData(), "balance": self.balance.currentData(),
-                "bn_stats": self.bn_stats.currentData(),
-                "small_images": "auto" if self.small_images.isChecked() else "off"}
+        return {
+            "epochs": self.epochs.value() or None,
+            "batch_size": self.batch.value() or None,
+            "lr": self.lr.value() or None,
+            "augment": self.augment.isChecked(),
+            "patience": self.patience.value() or None,
+            "device": self.device.currentData() or "auto",
+            "backbone_lr_mult": self.backbone_lr_mult.value() or None,
+            "weight_decay": self.weight_decay.value(),
+            "linear_probe_init": self.linear_probe_init.isChecked(),
+            "cache": self.cache.isChecked(),
+            "cache_dir": self.cache_dir.text().strip() or None,
+            "engine": self.engine.currentData(),
+            "precision": self.precision.currentData(),
+            "balance": self.balance.currentData(),
+            "bn_stats": self.bn_stats.currentData(),
+            "small_images": "auto" if self.small_images.isChecked() else "off",
+        }
 
     def set_values(self, v: dict) -> None:
-        for name, spin in (("epochs", self.epochs), ("batch_size", self.batch), ("lr", self.lr),
-                           ("patience", self.patience), ("backbone_lr_mult", self.backbone_lr_mult),
-                           ("weight_decay", self.weight_decay)):
+        for name, spin in (
+            ("epochs", self.epochs),
+            ("batch_size", self.batch),
+            ("lr", self.lr),
+            ("patience", self.patience),
+            ("backbone_lr_mult", self.backbone_lr_mult),
+            ("weight_decay", self.weight_decay),
+        ):
             if name in v:
                 spin.setValue(v[name] or 0)
-        for name, box in (("augment", self.augment), ("linear_probe_init", self.linear_probe_init),
-                          ("cache", self.cache)):
+        for name, box in (
+            ("augment", self.augment),
+            ("linear_probe_init", self.linear_probe_init),
+            ("cache", self.cache),
+        ):
             if name in v:
                 box.setChecked(bool(v[name]))
         if "small_images" in v:
@@ -251,8 +312,12 @@ class TrainingTab(QWidget):
             self.select_device(v["device"] or "auto")
         if "cache_dir" in v:
             self.cache_dir.setText(v["cache_dir"] or "")
-        for name, combo in (("engine", self.engine), ("precision", self.precision), ("balance", self.balance),
-                            ("bn_stats", self.bn_stats)):
+        for name, combo in (
+            ("engine", self.engine),
+            ("precision", self.precision),
+            ("balance", self.balance),
+            ("bn_stats", self.bn_stats),
+        ):
             if name in v:
                 combo.setCurrentIndex(max(0, combo.findData(v[name])))
 
@@ -295,8 +360,9 @@ class TrainingTab(QWidget):
             self.job_ended(res.message or "Stopped; nothing was saved.")
             self.add_log(res.message)
             return
-        self.job_ended(("Stopped early: the best epoch so far was saved. " if res.cancelled else "Done. ")
-                       + res.message)
+        self.job_ended(
+            ("Stopped early: the best epoch so far was saved. " if res.cancelled else "Done. ") + res.message
+        )
         self.summary.setText(f"<b>{res.message}</b><br>Saved to {res.run_dir}")
 
     def add_log(self, text: str) -> None:
@@ -326,5 +392,7 @@ class TrainingTab(QWidget):
             self.phase.setText(f"Training the head: epoch {m.epoch} (stops early when validation loss stalls)")
         acc = f"{m.val_accuracy:.3f}" if m.val_accuracy == m.val_accuracy else "n/a"
         if m.worth_logging:
-            self.add_log(f"epoch {m.epoch}/{m.epochs}: train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}, "
-                         f"val loss {m.val_loss:.4f} acc {acc}{' (best so far)' if m.is_best else ''}")
+            self.add_log(
+                f"epoch {m.epoch}/{m.epochs}: train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}, "
+                f"val loss {m.val_loss:.4f} acc {acc}{' (best so far)' if m.is_best else ''}"
+            )
