@@ -130,6 +130,13 @@ class TrainConfig:
     linear_probe_init: bool = option(
         True, "fine-tuning: start the head from a linear probe (LP-FT)", flag="--no-lp-init"
     )
+    cross_fit: str = option(
+        "auto",
+        "feature extraction: auto (when validation is carved out of your labelled images: 5 heads on 5 folds judge "
+        "every image out of sample and the saved head learns from all of them; a val/ folder you made stays as "
+        "given), off (train on the rest, judge on the validation share)",
+        choices=("auto", "off"),
+    )
     val_split: float = option(0.2, "share of each class held out for validation (unsplit folders)")
     test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
     seed: int = option(0, "random seed: same seed, same split and same run")

@@ -114,4 +114,7 @@ class TrainOutcome:
     facts: BackboneFacts | None = None  # set by a stage that knows them without a loaded backbone
     features_path: dict | None = None  # feature extraction: which engine and precision made the features
     familiar_pretrained: bool = False  # fine-tuning: "unfamiliar" on the pretrained backbone's embeddings
+    held_items: dict | None = None  # the samples behind ``logits`` per split; None: the dataset's splits
+    cross_fit: dict | None = None  # feature extraction, cross-fitted: how (engine/train/crossfit.py)
+    probe_head: dict | None = None  # automatic mode: a head on the training split alone
     recipe: dict | None = None  # fine-tuning: input size and stages trained (engine/train/fine_tuning/recipe.py)

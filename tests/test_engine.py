@@ -174,9 +174,15 @@ def test_feature_extraction_run_folder(fe_run):
     assert metrics["val_accuracy"] >= 0.85  # the synthetic classes are easy for an ImageNet backbone
     lo, hi = metrics["val_accuracy_ci95"]
     assert lo <= metrics["val_accuracy"] <= hi
+    # no validation folder: cross-fitted, so every labelled image trained the saved head and every one was judged
+    # out of fold (the confusion matrix and val_predictions.csv hold them all)
     with open(run / "split.csv") as f:
-        n_val = sum(r["split"] == "val" for r in csv.DictReader(f))
-    assert np.array(metrics["confusion_matrix"]).sum() == metrics["val_n"] == n_val > 0
+        splits = [r["split"] for r in csv.DictReader(f)]
+    assert set(splits) == {"train"} and metrics["validation"]["method"] == "cross-validated"
+    assert metrics["validation"]["folds"] == 5 and sum(metrics["validation"]["fold_sizes"]) == len(splits)
+    with open(run / "val_predictions.csv") as f:
+        judged = [r["path"] for r in csv.DictReader(f)]
+    assert np.array(metrics["confusion_matrix"]).sum() == metrics["val_n"] == len(splits) == len(set(judged)) > 0
     assert set(metrics["per_class"]) == set(meta["classes"])
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))

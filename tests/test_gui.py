@@ -85,6 +85,10 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path,
     assert selected == {0} and w.results_tab.runs_table.rowCount() == 1
     assert len(w.results_tab.compare.getPlotItem().listDataItems()) == 1
     assert "95% interval" in w.results_tab.summary.text()
+    # no validation folder: every labelled image trained the model and was judged out of fold, and the tabs say so
+    assert "Cross-validated (5-fold) accuracy" in w.results_tab.summary.text()
+    assert "each judged by a head that never saw it" in w.results_tab.mistakes_label.text()
+    assert "Feature extraction cross-validates (5 folds): all 42 labelled images" in w.dataset_tab.status.text()
     assert "stall" not in w.status_label.text().lower()  # a developer's measurement, not the user's concern
     # a confusion-matrix cell leads to its images: as many as the run's metrics.json counts there
     cm = json.loads(Path(res.run_dir, "metrics.json").read_text())["confusion_matrix"]
@@ -374,6 +378,7 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
         budget=12.0,
         bn_stats="update",
         small_images="off",
+        cross_fit="off",
         overwrite=False,
     )
     (tmp_path / "exclude.csv").write_text("path\n" + str(flat_data / "circles" / "circles_000.jpg") + "\n")

@@ -85,12 +85,20 @@ def _probs_from_csv(path):
     return {r["path"]: np.array([float(r[c]) for c in cols]) for r in rows if r.get("prediction")}
 
 
-def test_calibrated_probabilities_agree_across_val_predictions_predict_and_evaluate(fe_run, tmp_path):
+def test_calibrated_probabilities_agree_across_val_predictions_predict_and_evaluate(flat_data, tmp_path):
     """The same image gets the same calibrated probabilities in val_predictions.csv, the predict CSV and evaluate's
-    log-loss; the run records its temperature and the measurement on images it was not fitted on."""
+    log-loss; the run records its temperature and the measurement on images it was not fitted on. (Without
+    cross-fitting: a cross-fitted run's val_predictions.csv holds the fold heads' judgements, by design not the
+    saved head's.)"""
     from engine.predict.evaluate import evaluate
     from engine.predict.predictions import predict_folder
 
+    fe_run = fit(
+        TrainConfig(
+            data=str(flat_data), out=str(tmp_path / "run"), epochs=30, seed=1, cross_fit="off",
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )  # fmt: skip
     run = Path(fe_run.run_dir)
     meta = json.loads((run / "model.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())

@@ -61,6 +61,21 @@ class Dataset:
             if p.startswith(os.path.abspath(self.root) + os.sep) and os.path.exists(p)
         }
 
+    def validation_given(self) -> bool:
+        """Whether the validation images are a folder the user made (``val/``), not carved out by the split."""
+        root = os.path.abspath(self.root)
+        for s in self.samples:
+            if s.split == "val":
+                top = os.path.relpath(os.path.abspath(s.path), root).replace(os.sep, "/").split("/")[0]
+                return SPLIT_NAMES.get(top.lower()) == "val"
+        return False
+
+    def with_pool_as_train(self) -> Dataset:
+        """This scan with its validation images counted as training images (cross-fitting trains on both)."""
+        out = self.copy()
+        out.samples = [Sample(s.path, s.label, "train") if s.split == "val" else s for s in self.samples]
+        return out
+
     def copy(self) -> Dataset:
         """A copy whose lists can be changed (``drop``) without touching this one."""
         return Dataset(

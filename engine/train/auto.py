@@ -137,6 +137,13 @@ class Race(Tagged):
             )
 
 
+def compared(fe):
+    """Feature extraction's held-out predictions on the images fine-tuning validates on: a cross-fitted run judged
+    every labelled image out of fold; the race and the verdict use only its validation split, and fine-tuning
+    starts from a head trained without those images (``FitResult.probe``), so both are out of sample there."""
+    return fe.held_out.get("val_split") or fe.held_out.get("val")
+
+
 def calibrated_val_loss(held) -> float:
     """Validation log-loss with the run's temperature applied (a ``train.HeldOut``; None: no validation images,
     inf). The temperature was fitted on these images: one number, as optimistic for either strategy. Raw losses are
@@ -209,11 +216,11 @@ def why(
 def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) -> dict:
     """Name the winner ``target`` and the other run beside it; write the ``auto`` block beside both (``fe``/``ft``:
     the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block."""
-    fe_val = fe.held_out.get("val")
+    fe_val = compared(fe)
     runs = {
         FE: {
             "val_loss": calibrated_val_loss(fe_val),
-            "val_accuracy": fe.metrics.get("val_accuracy"),
+            "val_accuracy": (float(np.mean(fe_val.probs.argmax(1) == fe_val.labels)) if fe_val else None),
             "seconds": fe.metrics.get("train_seconds"),
         }
     }
@@ -258,6 +265,13 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
         "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side),
     }
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
+    if both and "validation" in fe.metrics:
+        block["compared_on"] = (
+            f"Both were judged on the same {n} validation images, out of sample for both: fine-tuning never trained "
+            "on them, and feature extraction's predictions there come from the cross-fitting heads that did not "
+            "train on them."
+        )
+        block["summary"] += " " + block["compared_on"]
     for mode, d in final.items():  # the one file written after the runs were saved: who won needs both runs
         atomic_write_json(os.path.join(d, AUTO_FILE), json_safe({**block, "this_run": mode}))
     cb.on_log(block["summary"])
@@ -305,10 +319,10 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
         raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
     t0 = time.perf_counter()
     cb.on_log("Automatic mode: feature extraction first; then fine-tuning, starting from its head")
-    fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset)
+    fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset, probe=True)
     if fe.run_dir is None or fe.cancelled:
         return fe
-    fe_loss = calibrated_val_loss(fe.held_out.get("val"))
+    fe_loss = calibrated_val_loss(compared(fe))
     ft, stop = None, ""
     if fe_loss == math.inf:
         cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
@@ -328,7 +342,7 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
             f"Fine-tuning: {est.text}; budget " + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)")
         )
         token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
-        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=fe.head)
+        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=fe.probe or fe.head)
         stop = token.early_stop_reason()
         if stop:
             cb.on_log(f"Fine-tuning stopped: {stop}")

@@ -9,12 +9,14 @@ and raise :class:`Cancelled` when stopped (the head trains in milliseconds per e
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine.config import TrainConfig
 from engine.data.decode import content_hash, read_bytes
 from engine.data.folder import Dataset
+from engine.data.splits import _key
 from engine.embed.embeddings import BackboneSnapshot, EmbeddingCache, embed_files
 from engine.events import Callbacks, CancelToken, EngineError, Phase, Progress
 from engine.meters import TrainOutcome
@@ -22,6 +24,7 @@ from engine.network.backbones import LoadedBackbone, describe_without_torch
 from engine.network.onnx_runtime import cache_variants, describe_variant
 from engine.paths import default_cache_dir
 from engine.runs import BackboneFacts
+from engine.train.crossfit import K_FOLDS, cross_fit, fold_ids
 from engine.train.head import balanced_class_weights, train_linear_head
 
 
@@ -31,11 +34,35 @@ def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
     return [s.path for s in items], np.array([s.label for s in items], dtype=np.int64)
 
 
+@dataclass
+class HeadOutcome:
+    head: dict[str, np.ndarray]  # the head to save
+    history: list[dict]
+    best_epoch: int
+    logits: dict  # "val" / "test": raw logits of the images in ``held_items`` (None where empty)
+    features: dict  # "train" / "val": what "unfamiliar" compares (None where empty)
+    held_items: dict | None = None  # the samples behind ``logits`` per split; None: the dataset's own splits
+    cross_fit: dict | None = None  # how the figures were judged, when cross-fitted
+    probe: dict | None = None  # automatic mode: a head on the training split alone (fine-tuning starts from it)
+
+
+def cross_fits(cfg: TrainConfig, ds: Dataset) -> bool:
+    """Whether this run cross-fits: validation was carved out of the labelled images (not a val/ folder the user
+    made, which stays as given) and there are enough of them for every fold to hold a few."""
+    pool = len(ds.split("train")) + len(ds.split("val"))
+    return cfg.cross_fit == "auto" and bool(ds.split("val")) and not ds.validation_given() and pool >= 4 * K_FOLDS
+
+
 def train_head(
-    cfg: TrainConfig, ds: Dataset, features: dict[str, np.ndarray], dim: int, cb: Callbacks, cancel: CancelToken
-) -> tuple[dict[str, np.ndarray], list[dict], int, dict, dict]:
-    """The head on each split's features: (head weights, history, best epoch, logits of the held-out splits,
-    features of train and val)."""
+    cfg: TrainConfig,
+    ds: Dataset,
+    features: dict[str, np.ndarray],
+    dim: int,
+    cb: Callbacks,
+    cancel: CancelToken,
+    probe: bool = False,
+) -> HeadOutcome:
+    """The head on each split's features (cross-fitted on train + val when :func:`cross_fits`)."""
     split_X = {}
     for split in ("train", "val", "test"):
         p, y = labels(ds, split)
@@ -44,41 +71,60 @@ def train_head(
     if len(split_X["train"][0]) == 0:
         raise EngineError("No training images left after skipping unreadable files.")
     cb.on_progress(Progress(Phase.TRAINING, 0, cfg.epochs))
-    cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
-    weights = balanced_class_weights(split_X["train"][1], len(ds.classes), mode=cfg.balance)
+    cross = cross_fits(cfg, ds)
+    pool_y = np.concatenate([split_X["train"][1], split_X["val"][1]]) if cross else split_X["train"][1]
+    weights = balanced_class_weights(pool_y, len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log(
             "Classes are unbalanced: the loss weights each class by the inverse of its share ("
             + ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, weights))
             + ")"
         )
-    res = train_linear_head(
-        *split_X["train"],
-        *split_X["val"],
-        len(ds.classes),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        patience=cfg.patience,
-        seed=cfg.seed,
-        cancel=cancel,
-        on_batch=cb.on_train_batch_end,
-        on_epoch=cb.on_train_epoch_end,
-        on_log=cb.on_log,
-        class_weight=weights,
-    )
+    train = dict(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        patience=cfg.patience, seed=cfg.seed, cancel=cancel, on_batch=cb.on_train_batch_end,
+        on_epoch=cb.on_train_epoch_end, on_log=cb.on_log, class_weight=weights,
+    )  # fmt: skip
+    feats = {split: split_X[split][0] if len(split_X[split][0]) else None for split in ("train", "val")}
+    if cross:
+        return _cross_fitted(cfg, ds, split_X, pool_y, train, cb, probe)
+    cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
+    res = train_linear_head(*split_X["train"], *split_X["val"], len(ds.classes), **train)
     # Predictions come straight from the features (identical to running the saved model on the images).
     logits = {
         split: split_X[split][0] @ res.head["weight"].T + res.head["bias"] if len(split_X[split][0]) else None
         for split in ("val", "test")
     }
-    feats = {split: split_X[split][0] if len(split_X[split][0]) else None for split in ("train", "val")}
-    return res.head, res.history, res.best_epoch, logits, feats
+    return HeadOutcome(res.head, res.history, res.best_epoch, logits, feats)
+
+
+def _cross_fitted(cfg: TrainConfig, ds: Dataset, split_X: dict, y: np.ndarray, train: dict, cb: Callbacks, probe: bool):
+    """k fold heads judge every labelled image out of sample; the saved head learns from all of them."""
+    pool = ds.split("train") + ds.split("val")
+    X = np.concatenate([split_X["train"][0], split_X["val"][0]])
+    folds = fold_ids(y, [_key(s.path, ds.root) for s in pool], cfg.seed)
+    extra = {"final": np.ones(len(pool), bool)}
+    if probe:
+        extra["probe"] = np.arange(len(pool)) < len(split_X["train"][0])
+    cb.on_log(
+        f"Training the head on all {len(pool)} labelled images, cross-fitted: {K_FOLDS} more heads, each trained "
+        f"on {K_FOLDS - 1} of {K_FOLDS} folds, judge every image out of sample (the figures, the epoch and the "
+        "calibration come from those judgements)"
+    )
+    res = cross_fit(X, y, folds, len(ds.classes), extra=extra, **train)
+    head = res.heads["final"]
+    Xte = split_X["test"][0]
+    logits = {"val": res.oof_logits, "test": Xte @ head["weight"].T + head["bias"] if len(Xte) else None}
+    info = {"method": "cross-validated", "folds": K_FOLDS, "images": len(pool),
+            "fold_sizes": [int((folds == f).sum()) for f in range(K_FOLDS)]}  # fmt: skip
+    return HeadOutcome(
+        head, res.history, res.best_epoch, logits, {"train": X, "val": None},
+        held_items={"val": pool, "test": ds.split("test")}, cross_fit=info, probe=res.heads.get("probe"),
+    )  # fmt: skip
 
 
 def from_cache(
-    cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks, cancel: CancelToken
+    cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks, cancel: CancelToken, probe: bool = False
 ) -> TrainOutcome | None:
     """Without PyTorch, when every image's embedding and the backbone's weights are cached; None otherwise.
 
@@ -118,13 +164,16 @@ def from_cache(
     dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
-    head, history, best, logits, feats = train_head(cfg, ds, by_path, dim, cb, cancel)
+    h = train_head(cfg, ds, by_path, dim, cb, cancel, probe)
     return TrainOutcome(
-        weights={**backbone_sd, **{f"head.{k}": v for k, v in head.items()}},
-        history=history,
-        best_epoch=best,
-        logits=logits,
-        features=feats,
+        weights={**backbone_sd, **{f"head.{k}": v for k, v in h.head.items()}},
+        history=h.history,
+        best_epoch=h.best_epoch,
+        logits=h.logits,
+        features=h.features,
+        held_items=h.held_items,
+        cross_fit=h.cross_fit,
+        probe_head=h.probe,
         embed_seconds=embed_s,
         from_cache=len(by_path),
         features_path={**describe_variant(variant), "reason": "all from the cache"},
@@ -191,8 +240,10 @@ def run(
     cb: Callbacks,
     cancel: CancelToken,
     dist,
+    probe: bool = False,
 ) -> TrainOutcome | None:
-    """Embed (what the cache lacks), then train the head. None on ranks other than 0 under torchrun."""
+    """Embed (what the cache lacks), then train the head (``probe``: see ``train.fit``). None on ranks other than 0
+    under torchrun."""
     import torch
 
     from engine.network.model import make_classifier
@@ -220,14 +271,17 @@ def run(
                 snap.save({k: v.detach().cpu().contiguous().numpy() for k, v in backbone_sd.items()})
             except OSError as exc:
                 cb.on_log(f"Could not save the backbone snapshot ({exc.strerror or exc}); continuing without it")
-    head, history, best, logits, split_feats = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel)
-    model.head.load_state_dict({k: torch.from_numpy(v) for k, v in head.items()})
+    h = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel, probe)
+    model.head.load_state_dict({k: torch.from_numpy(v) for k, v in h.head.items()})
     return TrainOutcome(
         weights=model.state_dict(),
-        history=history,
-        best_epoch=best,
-        logits=logits,
-        features=split_feats,
+        history=h.history,
+        best_epoch=h.best_epoch,
+        logits=h.logits,
+        features=h.features,
+        held_items=h.held_items,
+        cross_fit=h.cross_fit,
+        probe_head=h.probe,
         features_path=features_path,
         embed_seconds=embed_s,
         embedded=n_embedded,

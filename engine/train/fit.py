@@ -25,6 +25,7 @@ from engine.network.distributed import setup
 from engine.paths import default_cache_dir, default_runs_dir
 from engine.runs import BackboneFacts, model_json, new_run_name, save_run
 from engine.train import auto, feature_extraction
+from engine.train.crossfit import K_FOLDS
 from engine.train.fine_tuning import loop as fine_tuning
 from engine.trust.calibration import calibrate, probabilities
 from engine.trust.familiarity import familiarity_block, normalise
@@ -56,6 +57,7 @@ class FitResult:
     head: dict | None = None  # the linear head ("weight", "bias") as NumPy arrays
     meta: dict = field(default_factory=dict)  # model.json as saved
     predictions: list[dict] = field(default_factory=list)  # val_predictions.csv's rows, as runs.read_predictions gives
+    probe: dict | None = None  # automatic mode, cross-fitted: a head on the training split alone (fine-tuning's start)
 
 
 def fit(
@@ -64,12 +66,15 @@ def fit(
     cancel: CancelToken | None = None,
     dataset: Dataset | None = None,
     head_init: dict | None = None,
+    probe: bool = False,
 ) -> FitResult:
     """Train a classifier on ``config.data`` and save a run folder.
 
     ``dataset``: that folder as already scanned (the window's Dataset tab); used when its split settings match the
     config's, instead of scanning again. Under torchrun only rank 0 reports and writes; the other ranks compute.
     ``head_init``: fine-tuning starts its head from these weights (``weight``, ``bias``) instead of a linear probe.
+    ``probe``: a cross-fitted feature extraction also trains a head on the training split alone (``FitResult.probe``:
+    automatic mode starts fine-tuning from it, so its validation images stay unseen).
     ``mode="auto"``: both strategies, see engine/train/auto.py; the result is the winning run.
     """
     if config.mode == "auto":
@@ -82,7 +87,7 @@ def fit(
     t_start = time.perf_counter()
     try:
         ds = _dataset(cfg, dataset, cb, cancel)
-        outcome, facts = _train(cfg, ds, dist, cb, cancel, head_init)
+        outcome, facts = _train(cfg, ds, dist, cb, cancel, head_init, probe)
         if outcome is None:  # another rank under torchrun: rank 0 saves
             return FitResult(None, False, message=f"rank {dist.rank}: done (rank 0 saves)")
         stopped = cancel.early_stop_reason()  # automatic mode's budget or race, never the user
@@ -127,7 +132,13 @@ def _cache_dir(cfg: TrainConfig) -> str | None:
 
 
 def _train(
-    cfg: TrainConfig, ds: Dataset, dist, cb: Callbacks, cancel: CancelToken, head_init: dict | None = None
+    cfg: TrainConfig,
+    ds: Dataset,
+    dist,
+    cb: Callbacks,
+    cancel: CancelToken,
+    head_init: dict | None = None,
+    probe: bool = False,
 ) -> tuple[TrainOutcome | None, BackboneFacts | None]:
     """The chosen strategy's outcome and what the run folder records about the backbone."""
     if cfg.mode == "fine-tuning":
@@ -135,7 +146,7 @@ def _train(
     np.random.seed(cfg.seed % (2**32))
     cache_dir = _cache_dir(cfg)
     if cfg.mode == "feature-extraction" and not dist.enabled:
-        outcome = feature_extraction.from_cache(cfg, ds, cache_dir, cb, cancel)
+        outcome = feature_extraction.from_cache(cfg, ds, cache_dir, cb, cancel, probe)
         if outcome is not None:
             return outcome, outcome.facts
     import torch
@@ -154,7 +165,7 @@ def _train(
         f"parameters, {backbone.net.feature_dim}-d features), weights from {backbone.weights_source}"
     )
     if cfg.mode == "feature-extraction":
-        outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
+        outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist, probe)
     else:
         backbone, ft_cfg, rcp = _recipe(cfg, ds, backbone, dist, cb)
         if rcp.small and head_init is not None:
@@ -235,10 +246,15 @@ def _pretrained_familiarity(
     )
 
 
+def _held(ds: Dataset, outcome: TrainOutcome) -> dict:
+    """The samples behind each held-out split's logits: the dataset's splits, or a cross-fitted run's own."""
+    return {split: (outcome.held_items or {}).get(split, ds.split(split)) for split in ("val", "test")}
+
+
 def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, dict | None, dict | None]:
     """Calibrated probabilities per held-out split, the calibration block (None without validation images) and the
     unfamiliar block (None without training features)."""
-    y = {split: np.array([s.label for s in ds.split(split)], dtype=np.int64) for split in ("val", "test")}
+    y = {split: np.array([s.label for s in items], dtype=np.int64) for split, items in _held(ds, outcome).items()}
     calibration = None
     if outcome.logits.get("val") is not None and len(outcome.logits["val"]) >= 2:
         calibration = calibrate(outcome.logits["val"], y["val"], outcome.logits.get("test"), y["test"], cfg.seed)
@@ -266,7 +282,12 @@ def _save(
     mode stopped the run early (then it is a completed run: its best epoch), "" otherwise."""
     cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
     probs, calibration, unfamiliar = _trust(cfg, ds, outcome)
-    metrics, predictions = split_report(ds, probs)
+    held = _held(ds, outcome)
+    metrics, predictions = split_report(ds.classes, held, probs)
+    carved = ds  # the split the images had: a cross-fitted run trained on all of train + val
+    if outcome.cross_fit:
+        metrics["validation"] = outcome.cross_fit
+        ds = ds.with_pool_as_train()
     cancelled = outcome.cancelled and not stopped
     metrics = {"classes": ds.classes, "status": "cancelled" if cancelled else "completed", **metrics}
     if stopped:
@@ -286,7 +307,7 @@ def _save(
             "epochs_run": len(outcome.history),
             "train_seconds": round(seconds, 3),
             "n_train": len(ds.split("train")),
-            "n_val": len(ds.split("val")),
+            "n_val": len(held["val"]),
             "n_test": len(ds.split("test")),
             "n_skipped": len(ds.skipped),
             "device": facts.device,
@@ -326,23 +347,32 @@ def _save(
 
         estimate.record(cfg.mode, cfg.backbone, facts.device, cfg.unfreeze, metrics)
     acc, ci = metrics.get("val_accuracy"), metrics.get("val_accuracy_ci95")
+    judged = f"Cross-validated ({K_FOLDS}-fold) accuracy" if outcome.cross_fit else "Validation accuracy"
     summary = (
-        f"Validation accuracy {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
+        f"{judged} {acc:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}, n={metrics['val_n']})"
         if acc is not None
         else "No validation split"
     )
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
     held_out = {
-        split: HeldOut([s.path for s in ds.split(split)], np.array([s.label for s in ds.split(split)]), p)
+        split: HeldOut([s.path for s in held[split]], np.array([s.label for s in held[split]]), p)
         for split, p in probs.items()
         if p is not None and len(p)
     }
+    if outcome.cross_fit and "val" in held_out and carved.split("val"):
+        # what automatic mode compares fine-tuning with: the same validation images, judged out of fold
+        at = {path: i for i, path in enumerate(held_out["val"].paths)}
+        rows_of = [at[s.path] for s in carved.split("val")]
+        held_out["val_split"] = HeldOut(
+            [held_out["val"].paths[i] for i in rows_of], held_out["val"].labels[rows_of], held_out["val"].probs[rows_of]
+        )
     head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
     header = ["path", "split", "label", "prediction", "confidence"] + [f"p_{c}" for c in ds.classes]
     rows = [dict(zip(header, row)) for row in predictions]
     return FitResult(
-        run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None, meta, rows
-    )
+        run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None, meta, rows,
+        outcome.probe_head,
+    )  # fmt: skip
 
 
 def _numpy(v) -> np.ndarray:

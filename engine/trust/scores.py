@@ -53,15 +53,15 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     }
 
 
-def split_report(ds, probs: dict) -> tuple[dict, list[list]]:
+def split_report(classes: list[str], held: dict, probs: dict) -> tuple[dict, list[list]]:
     """metrics.json entries for the held-out splits ("val", "test") of a trained run, and its
-    val_predictions.csv rows (path, split, label, prediction, confidence, p_<class>...)."""
-    classes = ds.classes
+    val_predictions.csv rows (path, split, label, prediction, confidence, p_<class>...). ``held``: each split's
+    samples in the order of ``probs`` (a cross-fitted run's "val" is every labelled image, judged out of fold)."""
     metrics: dict = {}
     rows: list[list] = []
     for split in ("val", "test"):
         p = probs.get(split)
-        items = ds.split(split)
+        items = held.get(split) or []
         if p is None or not items:
             metrics[f"{split}_accuracy"] = None
             continue

@@ -27,11 +27,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.config import ScanConfig
+from engine.config import ScanConfig, TrainConfig
 from engine.data.edits import add_to_exclude_list, exclude_list_for, move_to_class, undo_last_move
 from engine.data.folder import Dataset
 from engine.doctor.findings import pca_2d
 from engine.events import EngineError
+from engine.train.feature_extraction import cross_fits
 from gui.settings import load_values, save_values
 from gui.tabs.dataset.doctor_panel import DoctorPanel
 from gui.tabs.dataset.map import DatasetMap
@@ -356,9 +357,19 @@ class DatasetTab(QWidget):
             if ds.layout == "pre-split"
             else "not split: the split below is applied"
         )
+        if ds.validation_given():
+            judged = " Your val/ folder is kept as given: every strategy is judged on it."
+        elif cross_fits(TrainConfig(), ds):
+            judged = (
+                f" Feature extraction cross-validates (5 folds): all {n_split['train'] + n_split['val']} labelled "
+                "images train its model and each is judged by a head that never saw it; fine-tuning validates on "
+                f"the {n_split['val']}."
+            )
+        else:
+            judged = ""
         self.status.setText(
             f"<b>{ds.root}</b><br>{total} images in {len(ds.classes)} classes, {layout}. "
-            f"Train {n_split['train']}, validation {n_split['val']}, test {n_split['test']}."
+            f"Train {n_split['train']}, validation {n_split['val']}, test {n_split['test']}.{judged}"
         )
         self.warnings.setText("<br>".join(f"⚠ {w}" for w in ds.warnings))
         self.class_table.setRowCount(len(ds.classes))

@@ -244,11 +244,19 @@ class ResultsTab(QWidget):
             f"<b>{os.path.basename(run_dir)}</b> — {meta.get('backbone')}, {meta.get('mode')}"
             + (" (stopped early by the user)" if metrics.get("status") == "cancelled" else "")
         ]
+        cv = metrics.get("validation") or {}
+        judged = f"Cross-validated ({cv.get('folds')}-fold) accuracy" if cv else "Validation accuracy"
         if acc is not None and ci:
             parts.append(
-                f"<span style='font-size:16px'>Validation accuracy <b>{100 * acc:.1f}%</b></span> "
+                f"<span style='font-size:16px'>{judged} <b>{100 * acc:.1f}%</b></span> "
                 f"(95% interval {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%, {n} images: "
                 f"± about {50 * (ci[1] - ci[0]):.0f} points)"
+            )
+        if cv:
+            parts.append(
+                f"Every one of the {n} labelled images trained the saved model and was judged by one of "
+                f"{cv.get('folds')} heads that never saw it: the figures, the matrix and the mistakes are all out of "
+                "sample"
             )
         bal, f1 = metrics.get("val_balanced_accuracy"), metrics.get("val_macro_f1")
         if bal is not None:
@@ -343,7 +351,9 @@ class ResultsTab(QWidget):
             ]
         )
         self.mistakes_label.setText(
-            f"{len(wrong)} validation image(s) misclassified. Confident mistakes are often mislabelled files."
+            f"{len(wrong)} {'labelled' if self.metrics.get('validation') else 'validation'} image(s) misclassified"
+            + (" (each judged by a head that never saw it)" if self.metrics.get("validation") else "")
+            + ". Confident mistakes are often mislabelled files."
         )
 
     def data_folder(self) -> str | None:

@@ -51,6 +51,7 @@ class TrainingTab(QWidget):
         "balance",
         "bn_stats",
         "small_images",
+        "cross_fit",
     ]
     start_requested = Signal()
     stop_requested = Signal()
@@ -237,6 +238,14 @@ class TrainingTab(QWidget):
             "first 3 stages (when the Model tab's stage count is auto)"
         )
         form.addRow("Small pictures", self.small_images)
+        self.cross_fit = QCheckBox("Feature extraction learns from every labelled image (cross-fitting)")
+        self.cross_fit.setChecked(True)
+        self.cross_fit.setToolTip(
+            "Without a validation folder: the saved head trains on all your labelled images, and 5 more heads, "
+            "each trained on 4/5 of them, judge every image out of sample for the figures and the calibration. "
+            "Off: 20% are held out for validation and never trained on"
+        )
+        form.addRow("Cross-fitting", self.cross_fit)
         form.addRow("Engine", self.engine)
         form.addRow("Precision", self.precision)
         # Collapsed by default: the group's check box shows or hides the rows (the values always apply).
@@ -286,6 +295,7 @@ class TrainingTab(QWidget):
             "balance": self.balance.currentData(),
             "bn_stats": self.bn_stats.currentData(),
             "small_images": "auto" if self.small_images.isChecked() else "off",
+            "cross_fit": "auto" if self.cross_fit.isChecked() else "off",
         }
 
     def set_values(self, v: dict) -> None:
@@ -308,6 +318,8 @@ class TrainingTab(QWidget):
                 box.setChecked(bool(v[name]))
         if "small_images" in v:
             self.small_images.setChecked(v["small_images"] != "off")
+        if "cross_fit" in v:
+            self.cross_fit.setChecked(v["cross_fit"] != "off")
         if "device" in v:
             self.select_device(v["device"] or "auto")
         if "cache_dir" in v:

@@ -1,0 +1,73 @@
+"""Cross-fitting: feature extraction trains on every labelled image and judges each one out of sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from engine import TrainConfig, fit
+from engine.data.folder import scan
+from engine.train.crossfit import cross_fit, fold_ids
+from tests.imagegen import make_flat_dataset, make_split_dataset
+
+RECIPE = dict(epochs=60, batch_size=32, lr=1e-2, weight_decay=0.0, patience=0, seed=0, dropout=0.0)
+
+
+def test_out_of_fold_judgements_come_from_heads_that_never_saw_the_image():
+    """Random labels on random features: a head can memorise them (the final head, trained on every image, gets
+    its own images right), but a head that never saw an image can only guess: out of fold, about chance. Had any
+    image leaked into its own fold's head, the out-of-fold accuracy would climb towards the final head's."""
+    rng = np.random.default_rng(0)
+    n, dim = 200, 400
+    X = rng.standard_normal((n, dim)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    folds = fold_ids(y, [f"img{i}.jpg" for i in range(n)], seed=0)
+    probe = np.arange(n) < 150  # a head on these alone (automatic mode's start for fine-tuning)
+    res = cross_fit(X, y, folds, 2, extra={"final": np.ones(n, bool), "probe": probe}, **RECIPE)
+    final = res.heads["final"]
+    assert float(((X @ final["weight"].T + final["bias"]).argmax(1) == y).mean()) > 0.8
+    assert 0.3 < float((res.oof_logits.argmax(1) == y).mean()) < 0.65
+    p = res.heads["probe"]
+    right = (X @ p["weight"].T + p["bias"]).argmax(1) == y
+    assert right[probe].mean() > 0.8 and right[~probe].mean() < 0.7  # the probe never saw the last 50
+    assert sorted(set(folds.tolist())) == [0, 1, 2, 3, 4] and res.best_epoch >= 1
+
+
+def test_an_image_keeps_its_fold_when_others_are_added_or_excluded():
+    keys = [f"a/{i}.jpg" for i in range(300)]
+    y = np.array([i % 3 for i in range(300)])
+    every = fold_ids(y, keys, seed=4)
+    some = fold_ids(y[::2], keys[::2], seed=4)
+    assert (every[::2] == some).all()
+    assert not (fold_ids(y, keys, seed=5) == every).all()  # the seed draws other folds
+    shares = np.bincount(every, minlength=5) / 300
+    assert shares.min() > 0.1 and shares.max() < 0.3
+
+
+def test_a_folder_without_validation_folder_trains_on_every_image_and_reports_cross_validated_figures(tmp_path):
+    data = make_flat_dataset(tmp_path / "flat", n_per_class=12)
+    res = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=30, cache_dir=str(tmp_path / "c")))
+    m = res.metrics
+    assert m["validation"]["method"] == "cross-validated" and m["n_train"] == m["val_n"] == 36
+    assert "Cross-validated (5-fold) accuracy" in res.message and m["val_accuracy"] >= 0.8
+    with open(tmp_path / "run" / "split.csv") as f:
+        assert {r["split"] for r in csv.DictReader(f)} == {"train"}
+    off = fit(
+        TrainConfig(
+            data=str(data), out=str(tmp_path / "off"), epochs=30, cross_fit="off", cache_dir=str(tmp_path / "c")
+        )
+    )
+    assert "validation" not in off.metrics and off.metrics["n_train"] + off.metrics["val_n"] == 36
+    assert off.metrics["val_n"] == len(scan(str(data)).split("val")) < 36
+
+
+def test_a_validation_folder_the_user_made_is_kept_as_given(tmp_path):
+    data = make_split_dataset(tmp_path / "split", n=(12, 5))
+    ds = scan(str(data))
+    assert ds.validation_given() and not scan(str(make_flat_dataset(tmp_path / "flat", 8))).validation_given()
+    res = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=20, cache_dir=str(tmp_path / "c")))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "validation" not in metrics and metrics["val_n"] == 10 and metrics["n_train"] == 24
+    assert "Validation accuracy" in res.message
