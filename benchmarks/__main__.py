@@ -1,4 +1,4 @@
-"""``python -m benchmarks {tutorial,trust,strategy,onnx,doctor}``: the measurements behind docs/benchmarks.md.
+"""``python -m benchmarks {tutorial,trust,strategy,onnx,doctor,crossfit}``: the measurements behind docs/benchmarks.md.
 
 They live beside the product, not in it: the wheel and the bundle hold none of this code, and it may import the
 engine (never the reverse: pyproject.toml's import contracts). Folders default to ``../shared/datasets`` and each
@@ -18,6 +18,7 @@ JOBS = {
     "strategy": ("strategy", "run_bench_strategy"),
     "onnx": ("onnx_paths", "run_bench_onnx"),
     "doctor": ("doctor", "run_bench_doctor"),
+    "crossfit": ("crossfit", "run_bench_crossfit"),
 }
 
 
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folders, or one-kind folders drawn here: scans, digits, product, "
         "texture (default: ../shared/datasets/flowers, scans, product)",
     )
+    bc = sub.add_parser("crossfit", help="feature extraction with and without cross-fitting, on a test split")
+    bc.add_argument("data", nargs="*", help="folders, or 'digits' (default: hymenoptera, flowers, digits)")
+    bc.add_argument("--per-class", default="all,30,10", help="training images per class: all and/or numbers")
+    bc.add_argument("--draws", type=int, default=3, help="draws of the reduced training sets")
     return p
 
 
