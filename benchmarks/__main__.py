@@ -1,4 +1,4 @@
-"""``python -m benchmarks {tutorial,trust,strategy,onnx,doctor,crossfit}``: the measurements behind docs/benchmarks.md.
+"""``python -m benchmarks {tutorial,trust,strategy,onnx,doctor,crossfit,label}``: the figures of docs/benchmarks.md.
 
 They live beside the product, not in it: the wheel and the bundle hold none of this code, and it may import the
 engine (never the reverse: pyproject.toml's import contracts). Folders default to ``../shared/datasets`` and each
@@ -19,6 +19,7 @@ JOBS = {
     "onnx": ("onnx_paths", "run_bench_onnx"),
     "doctor": ("doctor", "run_bench_doctor"),
     "crossfit": ("crossfit", "run_bench_crossfit"),
+    "label": ("label", "run_bench_label"),
 }
 
 
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("data", nargs="*", help="folders, or 'digits' (default: hymenoptera, flowers, digits)")
     bc.add_argument("--per-class", default="all,30,10", help="training images per class: all and/or numbers")
     bc.add_argument("--draws", type=int, default=3, help="draws of the reduced training sets")
+    bl = sub.add_parser("label", help="a simulated user labels a folder: the app's picks against random picks")
+    bl.add_argument(
+        "data", nargs="*", help="labelled folders, or digits/scans (default: hymenoptera, flowers, digits, scans)"
+    )
+    bl.add_argument("--max-share", type=float, default=0.15, help="stop at this share of the pool labelled")
+    bl.add_argument("--max-per-class", type=int, default=30, help="or at this many labels per class")
     return p
 
 

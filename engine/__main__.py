@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine {train,predict,evaluate,export,backbones,scan,cache,doctor}`` (benchmarks:
+"""Command line: ``python -m engine {train,predict,evaluate,export,backbones,scan,cache,doctor,label}`` (benchmarks:
 ``python -m benchmarks``, beside the package).
 
 Progress goes to stderr; results (paths, metrics) to stdout. Ctrl-C stops cleanly (the best epoch so far is kept);
@@ -17,6 +17,7 @@ import time
 from engine.config import EvaluateConfig, ExportConfig, PredictConfig, ScanConfig, TrainConfig, add_arguments, from_args
 from engine.doctor.findings import DoctorConfig
 from engine.events import BatchMetrics, Callbacks, CancelToken, EngineError, EpochMetrics, Progress
+from engine.labelling.session import LabelConfig
 
 
 def _err(msg: str) -> None:
@@ -98,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("export", ExportConfig, "export a run's network to ONNX or TorchScript"),
         ("scan", ScanConfig, "scan a folder and report classes, split and unreadable files"),
         ("doctor", DoctorConfig, "find duplicates, leaks between splits, likely wrong labels and outliers in a folder"),
+        ("label", LabelConfig, "label an unsorted folder: suggestions for every image and which to label next"),
     ):
         sp = sub.add_parser(name, help=text)
         add_arguments(sp, cls)
-        if name in ("train", "predict", "evaluate", "doctor"):
+        if name in ("train", "predict", "evaluate", "doctor", "label"):
             sp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     sub.choices["evaluate"].add_argument("--json", help="also write the metrics to this file")
 
@@ -272,6 +274,38 @@ def cmd_doctor(a) -> int:
     return 0
 
 
+def cmd_label(a) -> int:
+    from engine.labelling.session import CSV_HEADER, label
+
+    res = _job(label, from_args(LabelConfig, a), a.quiet)
+    if res.cancelled:
+        return 130
+    print(
+        f"{res.n_images} images, {res.n_labelled} labelled"
+        + (f" in {len(res.classes)} classes ({', '.join(res.classes)})" if res.classes else "")
+        + f"; {res.seconds:.1f} s"
+    )
+    if res.skipped:
+        print(f"Skipped {len(res.skipped)} unreadable file(s): " + "; ".join(f"{p}: {r}" for p, r in res.skipped[:5]))
+    acc = res.accept
+    if not acc:
+        print("No suggestions yet: label images of at least two classes (the first to ask are the most typical of")
+        print("each kind of picture in the folder).")
+    else:
+        right = acc["right_so_far"]
+        print(
+            f"Accept suggestions at {acc['level']:.0%} confidence: {acc['would_label']} image(s); such suggestions "
+            + (f"were right {right:.0%} of the time on {acc['judged']} labelled images judged out of sample"
+               if right is not None else "have not been judged yet (no labelled image reached that confidence)")
+        )  # fmt: skip
+    asked = sorted((r for r in res.rows if r[4] != ""), key=lambda r: r[4])
+    for r in asked:
+        print(f"  ask {r[4]:>3}: {r[0]}" + (f"  (looks like {r[1]}, {float(r[2]):.0%})" if r[1] else ""))
+    if a.csv:
+        print(f"Written to {a.csv} (one row per unlabelled image: {', '.join(CSV_HEADER)})")
+    return 0
+
+
 def cmd_cache(a) -> int:
     from engine.embed.embeddings import cache_contents, clear_cache
     from engine.paths import default_cache_dir
@@ -305,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "scan": cmd_scan,
         "cache": cmd_cache,
         "doctor": cmd_doctor,
+        "label": cmd_label,
     }
     try:
         return handlers[args.command](args)

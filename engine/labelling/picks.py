@@ -1,0 +1,77 @@
+"""Which images to ask about next.
+
+Before any label, the typical and diverse ones (TypiClust, Hacohen et al. 2022): the folder's embeddings cut into as
+many clusters as images to ask, and from each cluster its most typical image (the densest: nearest, on average, to
+its own nearest neighbours), so every kind of picture in the folder is seen in the first picks, and none of them is
+an odd one out. Label Studio's users found pure uncertainty sampling no better than random at small budgets; the
+typical-and-diverse start is what beats random there.
+
+With labels, a batch is mostly the images the model is least sure of (smallest margin between its two likeliest
+classes), spread across the folder (the 5x least certain cut into clusters, the least certain of each), plus a few
+typical images of the regions no label is near ("unfamiliar"), so a kind of picture nobody labelled yet is asked
+about too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.trust.familiarity import normalise
+
+NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours in the cluster
+
+
+def _clusters(X: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    k = max(1, min(k, len(X)))
+    return KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50).fit_predict(X)
+
+
+def _most_typical(X: np.ndarray, members: np.ndarray) -> int:
+    """The member nearest, on average, to its nearest neighbours among the members (cosine on unit vectors)."""
+    if len(members) <= 2:
+        return int(members[0])
+    f = X[members]
+    d = 1.0 - f @ f.T
+    np.fill_diagonal(d, np.inf)
+    k = min(NEIGHBOURS, len(members) - 1)
+    return int(members[np.argmin(np.sort(d, 1)[:, :k].mean(1))])
+
+
+def typical_and_diverse(X: np.ndarray, n: int, seed: int, among: np.ndarray | None = None) -> list[int]:
+    """``n`` indices into ``X`` (``among``: only these rows), one per cluster, each its cluster's most typical,
+    the largest clusters first."""
+    among = np.arange(len(X)) if among is None else np.asarray(among)
+    if n <= 0 or not len(among):
+        return []
+    f = normalise(X[among])
+    lab = _clusters(f, n, seed)
+    sizes = np.bincount(lab)
+    return [int(among[_most_typical(f, np.flatnonzero(lab == c))]) for c in np.argsort(-sizes, kind="stable")]
+
+
+def uncertain_and_diverse(X: np.ndarray, margin: np.ndarray, among: np.ndarray, n: int, seed: int) -> list[int]:
+    """``n`` of ``among`` (indices into ``X``): from the ``5n`` with the smallest ``margin``, one per cluster, the
+    least certain of each."""
+    if n <= 0 or not len(among):
+        return []
+    pool = among[np.argsort(margin[among], kind="stable")[: 5 * n]]
+    lab = _clusters(normalise(X[pool]), n, seed)
+    out = [int(pool[np.flatnonzero(lab == c)][0]) for c in range(lab.max() + 1) if (lab == c).any()]
+    return sorted(out, key=lambda i: margin[i])
+
+
+def next_batch(
+    X: np.ndarray, unlabelled: np.ndarray, n: int, seed: int, margin: np.ndarray | None, unfamiliar: np.ndarray | None
+) -> list[int]:
+    """The ``n`` unlabelled images (indices into ``X``) to ask about next: typical and diverse without a model
+    (``margin`` None); else uncertain and diverse, a fifth of them typical images of the unfamiliar ones."""
+    unlabelled = np.asarray(unlabelled)
+    if margin is None:
+        return typical_and_diverse(X, n, seed, unlabelled)
+    strange = unlabelled[unfamiliar[unlabelled]] if unfamiliar is not None else unlabelled[:0]
+    n_strange = min(len(strange), n // 5)
+    picks = typical_and_diverse(X, n_strange, seed, strange) if n_strange else []
+    rest = np.setdiff1d(unlabelled, picks)
+    return uncertain_and_diverse(X, margin, rest, n - len(picks), seed) + picks

@@ -1,0 +1,97 @@
+"""Labelling an unsorted folder from the command line's job: cold start, a round with labels, the labels file."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.data.labels import list_images, read_labels, write_labels
+from engine.events import EngineError
+from engine.labelling.session import LabelConfig, label
+from tests.imagegen import draw_image, draw_unlike
+
+KINDS = {"circles": 24, "squares": 14, "stripes": 9}  # unequal: the rare kinds must still be asked about early
+
+
+@pytest.fixture(scope="module")
+def pile(tmp_path_factory):
+    """An unsorted pile: three kinds of shapes (and a few pages of text) loose at the top and in nested folders,
+    names that say nothing about the class, and one broken file."""
+    root = tmp_path_factory.mktemp("pile")
+    truth = {}
+    i = 0
+    for kind, n in KINDS.items():
+        for _ in range(n):
+            folder = root / ("" if i % 3 else f"day{i % 4}/batch")
+            folder.mkdir(parents=True, exist_ok=True)
+            p = folder / f"IMG_{i:04d}.jpg"
+            draw_image(kind, 1000 + i).save(p)
+            truth[str(p)] = kind
+            i += 1
+    for j in range(4):
+        p = root / f"scan_{j}.png"
+        draw_unlike(3 * j).save(p)  # pages of text: a fourth kind of picture
+        truth[str(p)] = "text"
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    return root, truth
+
+
+def _cfg(root, tmp, **kw):
+    return LabelConfig(data=str(root), cache_dir=str(tmp / "cache"), **kw)
+
+
+def test_cold_start_asks_first_about_every_kind_of_picture_in_the_folder(pile, tmp_path):
+    root, truth = pile
+    res = label(_cfg(root, tmp_path, labels=str(tmp_path / "none.csv"), next=6, csv=str(tmp_path / "out.csv")))
+    assert res.n_images == len(truth) and res.n_labelled == 0 and not res.classes
+    assert [p for p, _ in res.skipped] == [str(root / "broken.jpg")]  # reported, not a crash
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(truth) and all(r["suggested_label"] == "" for r in rows)  # no suggestion before 2 classes
+    asked = sorted((r for r in rows if r["ask"]), key=lambda r: int(r["ask"]))
+    assert [int(r["ask"]) for r in asked] == list(range(1, 7))
+    assert {truth[r["path"]] for r in asked} == {"circles", "squares", "stripes", "text"}  # 4 kinds in 6 picks
+
+
+def test_a_round_with_labels_suggests_every_other_image_and_asks_where_it_is_least_sure(pile, tmp_path):
+    root, truth = pile
+    by_kind = {k: [p for p, t in truth.items() if t == k] for k in ("circles", "squares", "stripes", "text")}
+    labels = {os.path.abspath(p): (k, "user") for k in ("circles", "squares", "stripes") for p in by_kind[k][:3]}
+    labels[os.path.abspath(by_kind["text"][0])] = ("", "user")  # "not a class": left out
+    write_labels(str(tmp_path / "labels.csv"), labels)
+    res = label(_cfg(root, tmp_path, labels=str(tmp_path / "labels.csv"), next=5, csv=str(tmp_path / "o.csv")))
+    assert res.classes == ["circles", "squares", "stripes"] and res.n_labelled == 9
+    with open(tmp_path / "o.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(truth) - 10  # every unlabelled image, once; the labelled and "not a class" ones not
+    shapes = [r for r in rows if truth[r["path"]] != "text"]
+    right = np.mean([r["suggested_label"] == truth[r["path"]] for r in shapes])
+    assert right >= 0.9 and all(0 < float(r["confidence"]) <= 1 for r in rows)
+    assert {r["status"] for r in rows} <= {"sure", "unsure", "unfamiliar"}
+    assert sorted(int(r["ask"]) for r in rows if r["ask"]) == [1, 2, 3, 4, 5]
+    assert res.accept["level"] == 0.95 and res.accept["would_label"] >= 0
+
+
+def test_the_labels_file_round_trips_and_a_missing_one_is_a_cold_start(tmp_path):
+    assert read_labels(str(tmp_path / "missing.csv")) == {}
+    (tmp_path / "empty.csv").write_text("")
+    assert read_labels(str(tmp_path / "empty.csv")) == {}
+    labels = {str(tmp_path / "a.jpg"): ("cat", "user"), str(tmp_path / "b.jpg"): ("dog", "accepted")}
+    write_labels(str(tmp_path / "l.csv"), labels)
+    assert read_labels(str(tmp_path / "l.csv")) == labels
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary file left behind
+    (tmp_path / "bad.csv").write_text("path,label,source\nx.jpg,cat,robot\n")
+    with pytest.raises(EngineError, match="source"):
+        read_labels(str(tmp_path / "bad.csv"))
+
+
+def test_a_folder_of_loose_images_at_any_depth_is_listed(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for p in ("x.jpg", "a/y.PNG", "a/b/z.webp", ".hidden/h.jpg", "a/notes.txt"):
+        Path(tmp_path, p).write_bytes(b"")
+    assert [os.path.relpath(p, tmp_path) for p in list_images(str(tmp_path))] == ["x.jpg", "a/y.PNG", "a/b/z.webp"]
