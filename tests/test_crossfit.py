@@ -71,3 +71,19 @@ def test_a_validation_folder_the_user_made_is_kept_as_given(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert "validation" not in metrics and metrics["val_n"] == 10 and metrics["n_train"] == 24
     assert "Validation accuracy" in res.message
+
+
+def test_runs_saved_before_cross_fitting_and_auto_json_read_as_they_did(tmp_path):
+    """A run folder from before 2026-12-02 (no ``validation`` block, automatic mode's block inside metrics.json) reads
+    as it did; a new one gets its ``auto`` block back from auto.json."""
+    from engine.runs import AUTO_FILE, atomic_write_json, read_metrics
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for d in (old, new):
+        d.mkdir()
+    atomic_write_json(str(old / "metrics.json"), {"val_accuracy": 0.9, "auto": {"winner": "fine-tuning"}})
+    atomic_write_json(str(new / "metrics.json"), {"val_accuracy": 0.8, "validation": {"method": "cross-validated"}})
+    atomic_write_json(str(new / AUTO_FILE), {"winner": "feature-extraction"})
+    assert read_metrics(str(old)) == {"val_accuracy": 0.9, "auto": {"winner": "fine-tuning"}}
+    assert read_metrics(str(new))["auto"] == {"winner": "feature-extraction"}
+    assert "validation" not in read_metrics(str(old))
