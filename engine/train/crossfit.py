@@ -54,6 +54,75 @@ class CrossFit:
     k: int
 
 
+def _gradients(x, yy, weights, W, B, H: int, C: int):
+    """One lock-step batch: every head's logits ``(batch, H, C)``, per-image losses ``(batch, H)`` and the gradients
+    for ``[W, B]``. ``weights`` (batch, H): each image's share of each head's mean loss (0: not that head's image)."""
+    out = (x @ W.T).reshape(len(x), H, C) + B
+    p = softmax(out.reshape(-1, C)).reshape(out.shape)
+    rows = np.arange(len(x))
+    ce = -np.log(np.maximum(p[rows, :, yy], 1e-30))
+    p[rows, :, yy] -= 1.0  # d(mean CE)/d(logits) = (softmax - one_hot) / batch
+    p *= weights[..., None]
+    return out, ce, [p.reshape(len(x), -1).T @ x, p.sum(0)]
+
+
+def _out_of_fold(X: np.ndarray, W: np.ndarray, B: np.ndarray, held: list[np.ndarray], C: int) -> np.ndarray:
+    """Each image's logits from the head of its fold (fold f's head: rows f*C .. (f+1)*C of W)."""
+    oof = np.zeros((len(X), C), np.float32)
+    for f, rows in enumerate(held):
+        if len(rows):
+            oof[rows] = X[rows] @ W[f * C : (f + 1) * C].T + B[f]
+    return oof
+
+
+class _LockStep:
+    """Every head's weights, optimiser and dropout bank; :meth:`epoch` makes one pass of shared batches."""
+
+    def __init__(self, X, y, own, C, batch_size, epochs, lr, weight_decay, dropout, class_weight, seed):
+        self.X, self.y, self.own, self.C = X, y, own, C
+        self.H = own.shape[1]
+        self.rng = np.random.default_rng(seed)
+        dim = X.shape[1]
+        self.W = np.empty((self.H * C, dim), np.float32)  # head h's rows: h*C .. (h+1)*C
+        self.B = np.empty((self.H, C), np.float32)
+        for h in range(self.H):  # every head starts as nn.Linear would
+            self.W[h * C : (h + 1) * C], self.B[h] = init_linear(dim, C, self.rng)
+        self.bs = min(batch_size, len(X))
+        self.steps = math.ceil(len(X) / self.bs)
+        self.opt = HeadAdamW([self.W, self.B], lr, weight_decay, total_steps=epochs * self.steps)
+        keep = 1.0 - dropout
+        self.bank = (self.rng.random((MASKS, dim), dtype=np.float32) < keep) / np.float32(keep) if dropout > 0 else None
+        self.cw = np.ones(C, np.float32) if class_weight is None else class_weight.astype(np.float32)
+        self.report = 0
+        self.throttle = Throttle(0.2)  # batch events at most 5 a second
+
+    def epoch(self, epoch: int, cancel: CancelToken | None, on_batch) -> tuple[float, float]:
+        """One pass; returns the reported head's training loss and accuracy over its own images."""
+        perm = self.rng.permutation(len(self.X))
+        r = self.report
+        tot_loss, tot_correct, seen = 0.0, 0, 0
+        for step in range(self.steps):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            idx = perm[step * self.bs : (step + 1) * self.bs]
+            x, yy = self.X[idx], self.y[idx]
+            if self.bank is not None:
+                x = x * self.bank[self.rng.integers(0, MASKS, len(idx))]
+            sw = self.own[idx] * self.cw[yy][:, None]  # (batch, H): each head's mean over its own images
+            sw = sw / np.maximum(sw.sum(0, keepdims=True), 1e-12)
+            out, ce, grads = _gradients(x, yy, sw, self.W, self.B, self.H, self.C)
+            self.opt.step(grads)
+            mine = self.own[idx, r]
+            tot_loss += float((sw[:, r] * ce[:, r]).sum()) * int(mine.sum())
+            tot_correct += int(((out[:, r].argmax(1) == yy) & mine).sum())
+            seen += int(mine.sum())
+            if on_batch is not None and self.throttle.ready():
+                on_batch(
+                    BatchMetrics(epoch, step + 1, self.steps, tot_loss / max(seen, 1), tot_correct / max(seen, 1), 0, 0)
+                )
+        return tot_loss / max(seen, 1), tot_correct / max(seen, 1)
+
+
 def cross_fit(
     X: np.ndarray,
     y: np.ndarray,
@@ -82,69 +151,27 @@ def cross_fit(
     accuracy as the validation figures. Raises :class:`Cancelled` when ``cancel`` is set (checked every step)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
-    n, dim = X.shape
     extra = extra or {}
     own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)  # (n, H)
     held = [np.flatnonzero(folds == f) for f in range(k)]
-    H = own.shape[1]
-    rng = np.random.default_rng(seed)
-    W = np.empty((H * num_classes, dim), np.float32)  # head h's rows: h*C .. (h+1)*C
-    B = np.empty((H, num_classes), np.float32)
-    for h in range(H):  # every head starts as nn.Linear would
-        W[h * num_classes : (h + 1) * num_classes], B[h] = init_linear(dim, num_classes, rng)
-    bs = min(batch_size, n)
-    steps = math.ceil(n / bs)
-    opt = HeadAdamW([W, B], lr, weight_decay, total_steps=epochs * steps)
-    keep = 1.0 - dropout
-    bank = (rng.random((MASKS, dim), dtype=np.float32) < keep) / np.float32(keep) if dropout > 0 else None
-    cw = np.ones(num_classes, np.float32) if class_weight is None else class_weight.astype(np.float32)
+    heads = _LockStep(X, y, own, num_classes, batch_size, epochs, lr, weight_decay, dropout, class_weight, seed)
+    heads.report = k if extra else 0  # whose training loss the epochs report: the first extra head's (the final one)
     stopping = EarlyStopping(patience)
     best = None
     history: list[dict] = []
-    throttle = Throttle(0.2)
-    report = k if extra else 0  # whose training loss the epochs report: the first extra head's (the final one)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        perm = rng.permutation(n)
-        tot_loss, tot_correct, seen = 0.0, 0, 0
-        for step in range(steps):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            idx = perm[step * bs : (step + 1) * bs]
-            x, yy = X[idx], y[idx]
-            if bank is not None:
-                x = x * bank[rng.integers(0, MASKS, len(idx))]
-            out = (x @ W.T).reshape(len(idx), H, num_classes) + B  # (batch, H, C)
-            p = softmax(out.reshape(-1, num_classes)).reshape(out.shape)
-            sw = own[idx] * cw[yy][:, None]  # (batch, H): each head's mean over its own images, class-weighted
-            sw = sw / np.maximum(sw.sum(0, keepdims=True), 1e-12)
-            rows = np.arange(len(idx))
-            ce = -np.log(np.maximum(p[rows, :, yy], 1e-30))  # (batch, H)
-            p[rows, :, yy] -= 1.0  # d(mean CE)/d(logits) = (softmax - one_hot) / batch
-            p *= sw[..., None]
-            opt.step([p.reshape(len(idx), -1).T @ x, p.sum(0)])
-            mine = own[idx, report]
-            tot_loss += float((sw[:, report] * ce[:, report]).sum()) * int(mine.sum())
-            tot_correct += int(((out[:, report].argmax(1) == yy) & mine).sum())
-            seen += int(mine.sum())
-            if on_batch is not None and throttle.ready():
-                on_batch(
-                    BatchMetrics(epoch, step + 1, steps, tot_loss / max(seen, 1), tot_correct / max(seen, 1), 0, 0)
-                )
-        oof = np.zeros((n, num_classes), np.float32)
-        for f, rows_f in enumerate(held):
-            if len(rows_f):
-                oof[rows_f] = X[rows_f] @ W[f * num_classes : (f + 1) * num_classes].T + B[f]
+        loss, acc = heads.epoch(epoch, cancel, on_batch)
+        oof = _out_of_fold(X, heads.W, heads.B, held, num_classes)
         vloss, _ = cross_entropy(oof, y, class_weight)
         vacc = float((oof.argmax(1) == y).mean())
         improved = stopping.update(vloss, epoch)
         if improved:
-            best = (oof, W.copy(), B.copy())
+            best = (oof, heads.W.copy(), heads.B.copy())
         secs = time.perf_counter() - t0
         m = EpochMetrics(
-            epoch, epochs, tot_loss / max(seen, 1), tot_correct / max(seen, 1), vloss, vacc, opt.lr, secs,
-            n / secs if secs else 0.0, improved,
-        )  # fmt: skip
+            epoch, epochs, loss, acc, vloss, vacc, heads.opt.lr, secs, len(X) / secs if secs else 0.0, improved
+        )
         history.append(m.as_row())
         if on_epoch is not None:
             on_epoch(m)

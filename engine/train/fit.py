@@ -42,6 +42,12 @@ class HeldOut:
     labels: np.ndarray  # (N,) int
     probs: np.ndarray  # (N, C) float32, the run's temperature applied
 
+    def only(self, paths: list[str]) -> HeldOut:
+        """These images' rows, in this order."""
+        at = {p: i for i, p in enumerate(self.paths)}
+        rows = [at[p] for p in paths]
+        return HeldOut([self.paths[i] for i in rows], self.labels[rows], self.probs[rows])
+
 
 @dataclass
 class FitResult:
@@ -313,21 +319,7 @@ def _save(
             "device": facts.device,
         }
     )
-    if outcome.train_images_per_s is not None:  # fine-tuning: images through the backbone per second
-        metrics["train_images_per_s"] = round(outcome.train_images_per_s, 1)
-        metrics["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
-    if outcome.features_path:
-        metrics["features"] = outcome.features_path
-    if outcome.recipe:
-        metrics["fine_tuning_recipe"] = outcome.recipe
-    if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
-        metrics["embed_seconds"] = round(outcome.embed_seconds, 3)
-        metrics["embeddings_from_cache"] = outcome.from_cache
-        metrics["embed_images_per_s"] = (
-            round(outcome.embedded / outcome.embed_seconds, 1)
-            if outcome.embedded and outcome.embed_seconds > 0
-            else None
-        )
+    metrics.update(_stage_figures(outcome))
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
     meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path, outcome.recipe)
@@ -361,11 +353,7 @@ def _save(
     }
     if outcome.cross_fit and "val" in held_out and carved.split("val"):
         # what automatic mode compares fine-tuning with: the same validation images, judged out of fold
-        at = {path: i for i, path in enumerate(held_out["val"].paths)}
-        rows_of = [at[s.path] for s in carved.split("val")]
-        held_out["val_split"] = HeldOut(
-            [held_out["val"].paths[i] for i in rows_of], held_out["val"].labels[rows_of], held_out["val"].probs[rows_of]
-        )
+        held_out["val_split"] = held_out["val"].only([s.path for s in carved.split("val")])
     head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
     header = ["path", "split", "label", "prediction", "confidence"] + [f"p_{c}" for c in ds.classes]
     rows = [dict(zip(header, row)) for row in predictions]
@@ -373,6 +361,27 @@ def _save(
         run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None, meta, rows,
         outcome.probe_head,
     )  # fmt: skip
+
+
+def _stage_figures(outcome: TrainOutcome) -> dict:
+    """metrics.json's figures of how the stage ran (rates, engine, recipe), where the stage measured them."""
+    out: dict = {}
+    if outcome.train_images_per_s is not None:  # fine-tuning: images through the backbone per second
+        out["train_images_per_s"] = round(outcome.train_images_per_s, 1)
+        out["unfamiliar_features_seconds"] = round(outcome.features_seconds, 3)
+    if outcome.features_path:
+        out["features"] = outcome.features_path
+    if outcome.recipe:
+        out["fine_tuning_recipe"] = outcome.recipe
+    if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
+        out["embed_seconds"] = round(outcome.embed_seconds, 3)
+        out["embeddings_from_cache"] = outcome.from_cache
+        out["embed_images_per_s"] = (
+            round(outcome.embedded / outcome.embed_seconds, 1)
+            if outcome.embedded and outcome.embed_seconds > 0
+            else None
+        )
+    return out
 
 
 def _numpy(v) -> np.ndarray:
