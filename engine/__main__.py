@@ -217,9 +217,9 @@ def cmd_backbones(a) -> int:
 
 
 def cmd_scan(a) -> int:
-    from engine.data.folder import scan_folder
+    from engine.data.labels import open_dataset
 
-    ds = _job(scan_folder, from_args(ScanConfig, a), True).dataset
+    ds = _job(open_dataset, from_args(ScanConfig, a), True).dataset
     if ds is None:
         return 130
     print(

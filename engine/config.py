@@ -143,6 +143,12 @@ class TrainConfig:
     exclude: str | None = option(
         None, "leave out the images listed in this CSV (a 'path' column: the doctor's CSV works as it is)", parse=str
     )
+    labels: str | None = option(
+        None,
+        "train on the images this labels file labels (CSV: path, label, source, as the labelling view and "
+        "'label' write) instead of class folders; a test/ folder in DATA is still only scored",
+        parse=str,
+    )
     device: str = option("auto", "auto (prefers CUDA), cpu, cuda, cuda:N, mps")
     engine: str = option(
         "auto",
@@ -189,6 +195,7 @@ class ScanConfig:
     test_split: float = option(0.0, "share of each class held out as a test set (unsplit folders)")
     seed: int = option(0, "random seed of the split")
     exclude: str | None = option(None, "leave out the images listed in this CSV (a 'path' column)", parse=str)
+    labels: str | None = option(None, "read classes from this labels file instead of class folders", parse=str)
 
 
 @dataclass

@@ -379,9 +379,12 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
         bn_stats="update",
         small_images="off",
         cross_fit="off",
+        labels=str(tmp_path / "labels.csv"),
         overwrite=False,
     )
     (tmp_path / "exclude.csv").write_text("path\n" + str(flat_data / "circles" / "circles_000.jpg") + "\n")
+    rows = [f"{p},{p.parent.name},user" for p in sorted(flat_data.rglob("*.jpg"))]
+    (tmp_path / "labels.csv").write_text("path,label,source\n" + "\n".join(rows) + "\n")
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     assert changed == {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}  # every field is exercised
     window.apply_config(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -95,3 +96,37 @@ def test_a_folder_of_loose_images_at_any_depth_is_listed(tmp_path):
     for p in ("x.jpg", "a/y.PNG", "a/b/z.webp", ".hidden/h.jpg", "a/notes.txt"):
         Path(tmp_path, p).write_bytes(b"")
     assert [os.path.relpath(p, tmp_path) for p in list_images(str(tmp_path))] == ["x.jpg", "a/y.PNG", "a/b/z.webp"]
+
+
+def test_train_with_a_labels_file_learns_from_the_labelled_images_only_and_scores_the_test_folder(tmp_path):
+    """``train DATA --labels L``: the unlabelled and "not a class" images are left out; a test/ folder of class
+    folders is still only scored."""
+    from engine import TrainConfig, fit
+    from engine.data.labels import scan_labelled
+
+    root = tmp_path / "data"
+    labels, truth = {}, {}
+    for i in range(30):
+        kind = ("circles", "squares")[i % 2]
+        p = root / "pile" / f"IMG_{i:03d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        draw_image(kind, 200 + i).save(p)
+        truth[str(p)] = kind
+        if i < 24:
+            labels[os.path.abspath(p)] = (kind if i < 22 else "", "user" if i < 16 else "accepted")
+    for kind in ("circles", "squares"):
+        (root / "test" / kind).mkdir(parents=True)
+        for j in range(4):
+            draw_image(kind, 900 + j).save(root / "test" / kind / f"{j}.jpg")
+    write_labels(str(tmp_path / "labels.csv"), labels)
+    ds = scan_labelled(str(root), str(tmp_path / "labels.csv"))
+    assert ds.classes == ["circles", "squares"]
+    assert sorted(s.path for s in ds.samples if s.split != "test") == sorted(str(root / "pile" / f"IMG_{i:03d}.jpg")
+                                                                            for i in range(22))  # fmt: skip
+    assert len(ds.split("test")) == 8
+    res = fit(TrainConfig(data=str(root), labels=str(tmp_path / "labels.csv"), out=str(tmp_path / "run"),
+                          cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    meta = json.loads((Path(res.run_dir) / "metrics.json").read_text())
+    assert meta["test_accuracy"] >= 0.85
+    with pytest.raises(EngineError, match="no labels yet"):
+        scan_labelled(str(root), str(tmp_path / "none.csv"))

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 
 from engine.data.folder import SPLIT_NAMES, excluded_paths
 from engine.events import EngineError
@@ -40,6 +41,16 @@ def add_to_exclude_list(csv_path: str, paths: list[str]) -> int:
     have |= {os.path.abspath(p) for p in paths}
     _write_paths(csv_path, have)
     return len(have)
+
+
+def place(src: str, dst: str) -> str:
+    """Hard link (no extra space, same file) where the file system allows, else a copy; returns how."""
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copied"
 
 
 def free_name(path: str) -> str:

@@ -47,13 +47,22 @@ class Dataset:
     warnings: list[str] = field(default_factory=list)
     split_settings: tuple[float, float, int] = (0.2, 0.0, 0)  # (val_split, test_split, seed) it was scanned with
     excluded: list[str] = field(default_factory=list)  # images left out on purpose (an exclude list)
+    labels_file: str | None = None  # read from this labels file (engine/data/labels.py), not from class folders
 
     def matches(
-        self, root: str, val_split: float, test_split: float, seed: int, exclude: str | set | None = None
+        self,
+        root: str,
+        val_split: float,
+        test_split: float,
+        seed: int,
+        exclude: str | set | None = None,
+        labels: str | None = None,
     ) -> bool:
-        """Whether this scan is what scanning ``root`` with these settings would give now (same folder, split and
-        exclude list)."""
+        """Whether this scan is what scanning ``root`` with these settings would give now (same folder, split,
+        exclude list and labels file)."""
         if os.path.abspath(self.root) != os.path.abspath(root):
+            return False
+        if (os.path.abspath(labels) if labels else None) != self.labels_file:
             return False
         return self.split_settings == (val_split, test_split, seed) and set(self.excluded) == {
             p
@@ -87,6 +96,7 @@ class Dataset:
             list(self.warnings),
             self.split_settings,
             list(self.excluded),
+            self.labels_file,
         )
 
     def split(self, name: str) -> list[Sample]:

@@ -11,9 +11,24 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
 
-from engine.data.folder import _hidden, is_image_name
-from engine.events import EngineError
+from engine.data.edits import free_name, place
+from engine.data.folder import (
+    Dataset,
+    Sample,
+    ScanResult,
+    _assign_splits,
+    _check_files,
+    _class_dirs,
+    _hidden,
+    dataset_warnings,
+    is_image_name,
+    scan_folder,
+    walk_images,
+)
+from engine.data.splits import SPLIT_NAMES, excluded_paths
+from engine.events import Callbacks, Cancelled, CancelToken, EngineError
 from engine.runs import atomic_write_text
 
 HEADER = ["path", "label", "source"]
@@ -62,9 +77,122 @@ def write_labels(path: str, labels: dict[str, tuple[str, str]], shown: dict[str,
     for p in sorted(labels):
         label, source = labels[p]
         w.writerow([(shown or {}).get(p, p), label, source])
-    atomic_write_text(path, buf.getvalue())
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_text(path, buf.getvalue())
+    except OSError as exc:
+        raise EngineError(f"Cannot save the labels to {path}: {exc.strerror or exc}.") from exc
 
 
 def classes_of(labels: dict[str, tuple[str, str]]) -> list[str]:
     """The class names the labels use, sorted (the empty "not a class" left out)."""
     return sorted({label for label, _ in labels.values() if label})
+
+
+def scan_labelled(
+    root: str,
+    labels_file: str,
+    val_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 0,
+    cancel: CancelToken | None = None,
+    progress=None,
+    exclude: str | set | None = None,
+) -> Dataset:
+    """``train DATA --labels LABELS.csv``: the labelled images under ``root`` as a dataset (the "not a class" ones
+    and the unlabelled ones left out), split by each image's own draw as a flat folder is. A ``test/`` folder of
+    class folders in ``root`` is kept as the test split (only scored), and its images are never read as labelled."""
+    given = read_labels(labels_file)
+    if not given:
+        raise EngineError(f"The labels file {labels_file} has no labels yet: label some images first.")
+    if not os.path.isdir(root):
+        raise EngineError(f"{root} is not a folder.")
+    test_dir = next((os.path.join(root, n) for n in _class_dirs(root) if SPLIT_NAMES.get(n.lower()) == "test"), None)
+    skipped: list[tuple[str, str]] = []
+    warn: list[str] = []
+    by_class: dict[str, list[str]] = {}
+    for p in list_images(root):
+        if test_dir and os.path.abspath(p).startswith(os.path.abspath(test_dir) + os.sep):
+            continue
+        lab = given.get(os.path.abspath(p))
+        if lab and lab[0]:
+            by_class.setdefault(lab[0], []).append(p)
+    missing = sum(1 for lab, _ in given.values() if lab) - sum(len(v) for v in by_class.values())
+    if missing > 0:
+        warn.append(f"{missing} labelled image(s) in {labels_file} are not under {root} (moved or deleted): left out.")
+    leave_out = excluded_paths(exclude)
+    groups = [
+        (None, c, [p for p in files if os.path.abspath(p) not in leave_out]) for c, files in sorted(by_class.items())
+    ]
+    if test_dir:
+        groups += [
+            ("test", c, walk_images(os.path.join(test_dir, c), cancel, skipped.append)) for c in _class_dirs(test_dir)
+        ]
+    checked = _check_files(groups, True, cancel, progress, lambda p, r: skipped.append((p, r)))
+    names = sorted({c for s, c, f in checked if s is None and f})
+    if len(names) < 2:
+        raise EngineError(
+            f"{labels_file} labels images of {len(names)} class(es) under {root}: a classifier needs two."
+        )
+    index = {c: i for i, c in enumerate(names)}
+    labelled = [(s, c, f) for s, c, f in checked if s is None]
+    samples = _assign_splits(root, False, labelled, index, val_split, 0.0 if test_dir else test_split, seed, warn)
+    for s, c, files in checked:
+        if s == "test" and c in index:
+            samples += [Sample(p, index[c], "test") for p in files]
+        elif s == "test" and files:
+            warn.append(f"Test folder '{c}' has no labelled images to learn from: its {len(files)} image(s) left out.")
+    ds = Dataset(root, "labelled", names, samples, skipped, warn, (val_split, test_split, seed),
+                 [p for p in leave_out], labels_file=os.path.abspath(labels_file))  # fmt: skip
+    ds.warnings.extend(dataset_warnings(ds))
+    return ds
+
+
+def write_sorted(
+    labels: dict[str, tuple[str, str]], dest: str, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
+) -> dict:
+    """*Write sorted folder...*: ``dest/<class>/<name>`` for every labelled image, hard-linked (or copied where the
+    file system cannot link); nothing is ever moved, renamed or overwritten (a taken name gets a suffix). Returns
+    ``{"counts": {class: n}, "linked": n, "copied": n, "failed": [(path, reason)]}``."""
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as exc:
+        raise EngineError(f"Cannot create {dest}: {exc.strerror or exc}. Choose another folder.") from exc
+    counts: Counter = Counter()
+    how: Counter = Counter()
+    failed = []
+    for i, (path, (label, _)) in enumerate(sorted(labels.items())):
+        if cancel is not None and i % 64 == 0:
+            cancel.raise_if_cancelled()
+        if not label:
+            continue
+        folder = os.path.join(dest, label)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            how[place(path, free_name(os.path.join(folder, os.path.basename(path))))] += 1
+            counts[label] += 1
+        except OSError as exc:
+            failed.append((path, exc.strerror or str(exc)))
+    return {"counts": dict(counts), "linked": how["linked"], "copied": how["copied"], "failed": failed}
+
+
+def open_dataset(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> ScanResult:
+    """The scan job (CLI ``scan``, the window's Dataset tab): class folders, or ``config.labels``' labels."""
+    cb = callbacks or Callbacks()
+    try:
+        if getattr(config, "labels", None):
+            return ScanResult(
+                scan_labelled(
+                    config.data,
+                    config.labels,
+                    config.val_split,
+                    config.test_split,
+                    config.seed,
+                    cancel,
+                    cb.on_progress,
+                    config.exclude,
+                )  # fmt: skip
+            )
+    except Cancelled:
+        return ScanResult(None, cancelled=True)
+    return scan_folder(config, cb, cancel)

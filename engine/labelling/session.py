@@ -64,6 +64,8 @@ class Suggestions:
     ask: list[int]  # the next images to ask about, in order
     accept: dict = field(default_factory=dict)  # level, unlabelled images it would label, how often right so far
     head: dict | None = None  # the final head ("weight", "bias") and its "temperature"
+    estimate: float | None = None  # cross-validated accuracy on the labels so far (each judged by a head without it)
+    n_labelled: int = 0
 
 
 def suggest(
@@ -100,7 +102,8 @@ def suggest(
         "temperature": t,
     }
     picks = next_batch(X, unlabelled, n_next, seed, margin, unfamiliar)
-    return Suggestions(classes, probs, unfamiliar, picks, accept, {**head, "temperature": t})
+    estimate = float((oof.argmax(1) == yl).mean())
+    return Suggestions(classes, probs, unfamiliar, picks, accept, {**head, "temperature": t}, estimate, len(labelled))
 
 
 @dataclass
@@ -115,30 +118,71 @@ class LabelResult:
     cancelled: bool = False
 
 
-def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> LabelResult:
+@dataclass
+class Pile:
+    """A folder opened for labelling: every readable image under it (as listed) and its embedding."""
+
+    root: str
+    paths: list[str]
+    feats: np.ndarray  # (n, d), rows in the order of ``paths``
+    skipped: list[tuple[str, str]]
+    cancelled: bool = False
+
+    def targets(self, given: dict[str, tuple[str, str]], classes: list[str] | None = None) -> np.ndarray:
+        """Each image's class index in ``classes`` (default: the labels' own), -1 unlabelled, -2 "not a class"."""
+        index = {c: i for i, c in enumerate(classes if classes is not None else classes_of(given))}
+        y = np.full(len(self.paths), -1, np.int64)
+        for i, p in enumerate(self.paths):
+            lab = given.get(os.path.abspath(p))
+            if lab is not None:
+                y[i] = index[lab[0]] if lab[0] else -2
+        return y
+
+
+def open_pile(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> Pile:
+    """The job that opens ``config.data`` for labelling: lists every image at any depth and embeds it (the
+    embedding cache, as for training; unreadable files skipped and reported)."""
     cb, cancel = callbacks or Callbacks(), cancel or CancelToken()
-    t0 = time.perf_counter()
     try:
         paths = list_images(config.data)
         if not paths:
             raise EngineError(f"No images under {config.data} (JPEG, PNG, BMP, GIF, WebP, TIFF).")
-        given = read_labels(config.labels)
-        cb.on_log(f"{len(paths)} images under {config.data}; {len(given)} labelled so far")
+        cb.on_log(f"{len(paths)} images under {config.data}")
         ds = Dataset(config.data, "unsorted", [], [Sample(p, -1, "train") for p in paths])
         cb.on_progress(Progress(Phase.EMBEDDING, 0, len(paths)))
         feats, _ = embed_dataset(config, ds, cb, cancel)
-        kept = [s.path for s in ds.samples]
-        classes = classes_of(given)
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.full(len(kept), -1, np.int64)
-        for i, p in enumerate(kept):
-            lab = given.get(os.path.abspath(p))
-            if lab is not None:
-                y[i] = index[lab[0]] if lab[0] else -2
-        cancel.raise_if_cancelled()
-        s = suggest(feats, y, classes, config.next, config.seed, config.accept_level)
     except Cancelled:
+        return Pile(config.data, [], np.zeros((0, 0), np.float32), [], True)
+    return Pile(config.data, [s.path for s in ds.samples], feats, ds.skipped)
+
+
+def next_round(
+    pile: Pile,
+    y: np.ndarray,
+    classes: list[str],
+    n_next: int = 10,
+    level: float = ACCEPT_LEVEL,
+    seed: int = 0,
+    callbacks: Callbacks | None = None,
+    cancel: CancelToken | None = None,
+) -> Suggestions:
+    """A round on an opened pile (the app's labelling view runs one in the background after every few labels)."""
+    return suggest(pile.feats, y, classes, n_next, seed, level)
+
+
+def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> LabelResult:
+    cb, cancel = callbacks or Callbacks(), cancel or CancelToken()
+    t0 = time.perf_counter()
+    given = read_labels(config.labels)
+    pile = open_pile(config, cb, cancel)
+    if pile.cancelled:
         return LabelResult([], [], 0, 0, {}, [], time.perf_counter() - t0, True)
+    cb.on_log(f"{len(given)} labelled so far")
+    kept, feats = pile.paths, pile.feats
+    classes = classes_of(given)
+    y = pile.targets(given, classes)
+    ds = pile
+    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level)
     ask = {i: r + 1 for r, i in enumerate(s.ask)}
     rows = []
     for i in np.flatnonzero(y == -1):

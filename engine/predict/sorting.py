@@ -5,24 +5,13 @@ that is taken gets a suffix. Unreadable files are left where they are."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.data.edits import free_name
+from engine.data.edits import free_name, place
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, PredictionRow, Progress
 
 FOLDER_OF_STATUS = {"unsure": "_unsure", "unfamiliar": "_unfamiliar"}
-
-
-def _place(src: str, dst: str) -> str:
-    """Hard link (no extra space, same file) where the file system allows, else a copy; returns how."""
-    try:
-        os.link(src, dst)
-        return "linked"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copied"
 
 
 @dataclass
@@ -63,7 +52,7 @@ def sort_into(config: SortConfig, callbacks: Callbacks | None = None, cancel: Ca
             folder = os.path.join(config.folder, name)
             os.makedirs(folder, exist_ok=True)
             try:
-                how[_place(r.path, free_name(os.path.join(folder, os.path.basename(r.path))))] += 1
+                how[place(r.path, free_name(os.path.join(folder, os.path.basename(r.path))))] += 1
                 counts[name] += 1
             except OSError as exc:
                 cb.on_log(f"Could not sort {r.path}: {exc.strerror or exc}")

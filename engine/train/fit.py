@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from engine.config import TrainConfig
 from engine.data.folder import Dataset, scan
+from engine.data.labels import scan_labelled
 from engine.data.splits import untrained_classes
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from engine.meters import TrainOutcome
@@ -110,12 +112,14 @@ def fit(
 
 
 def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: CancelToken) -> Dataset:
-    if given is not None and given.matches(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cfg.exclude):
+    if given is not None and given.matches(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cfg.exclude, cfg.labels):
         cb.on_log(f"Using the scan of {cfg.data} already made")
         ds = given.copy()  # fit drops files it cannot decode: never from the caller's object
     else:
-        cb.on_log(f"Scanning {cfg.data}")
-        ds = scan(cfg.data, cfg.val_split, cfg.test_split, cfg.seed, cancel, cb.on_progress, exclude=cfg.exclude)
+        cb.on_log(f"Scanning {cfg.data}" + (f" for the images {cfg.labels} labels" if cfg.labels else ""))
+        read = partial(scan_labelled, labels_file=cfg.labels) if cfg.labels else scan
+        ds = read(cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, cancel=cancel,
+                  progress=cb.on_progress, exclude=cfg.exclude)  # fmt: skip
     counts = {c: sum(v.values()) for c, v in ds.counts().items()}
     cb.on_log(
         f"Found {len(ds.samples)} images in {len(ds.classes)} classes ({ds.layout} layout): "

@@ -1,10 +1,10 @@
 """Starting, stopping and routing engine jobs: the one place the window goes through to run anything.
 
-Jobs run in lanes: ``"main"`` (training, prediction, export: one at a time, the user's work), ``"scan"`` (the
-Dataset tab's folder scan: a new one supersedes the old), ``"discovery"`` (start-up's backbone list) and
-``"heatmap"`` (one image explained) and ``"projection"`` (the dataset map's t-SNE): a new request supersedes the
-old, and they may run beside a training. Each job's
-end goes to the handlers given when it started, so a failure or a stop reaches only the tab whose job it was.
+Jobs run in lanes: ``"main"`` (training, prediction, export, opening a folder to label: one at a time, the user's
+work), ``"scan"`` (the Dataset tab's folder scan: a new one supersedes the old), ``"discovery"`` (start-up's backbone
+list), ``"heatmap"`` (one image explained), ``"projection"`` (the dataset map's t-SNE) and ``"label"`` (a labelling
+round on embeddings in memory): a new request supersedes the old, and they may run beside a training. Each job's end
+goes to the handlers given when it started, so a failure or a stop reaches only the tab whose job it was.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from PySide6.QtCore import QObject
 
 from gui.jobs.worker import Job, start_job
 
-MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION = "main", "scan", "discovery", "heatmap", "projection"
+MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION, LABEL = "main", "scan", "discovery", "heatmap", "projection", "label"
 
 
 class JobController(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.lanes: dict[str, Job | None] = {lane: None for lane in (MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION)}
+        self.lanes: dict[str, Job | None] = {lane: None for lane in (MAIN, SCAN, DISCOVERY, HEATMAP, PROJECTION, LABEL)}
 
     def job(self, lane: str = MAIN) -> Job | None:
         return self.lanes[lane]

@@ -58,6 +58,7 @@ class DatasetTab(QWidget):
         self.recent_folders: list[str] = []
         self.excludes: dict[str, str] = {}  # folder -> its exclude list (train's --exclude)
         self.exclude_file: str | None = None  # the loaded folder's
+        self.labels_for: dict[str, str] = {}  # folder -> the labels file its classes come from (train's --labels)
         self.checked = None  # the last DoctorResult
         root = QVBoxLayout(self)
 
@@ -178,7 +179,16 @@ class DatasetTab(QWidget):
         if folder:
             v = self.values()
             self.exclude_file = self.excludes.get(os.path.abspath(folder))
-            self.scan_requested.emit(ScanConfig(folder, v["val_split"], v["test_split"], v["seed"], self.exclude_file))
+            labels = self.labels_for.get(os.path.abspath(folder))
+            self.scan_requested.emit(
+                ScanConfig(folder, v["val_split"], v["test_split"], v["seed"], self.exclude_file, labels)
+            )
+
+    def use_labels(self, folder: str, labels_file: str | None) -> None:
+        """Open ``folder`` with its classes from ``labels_file`` (the labelling view's *Train on these labels*);
+        None: from its class folders again."""
+        self._remember(self.labels_for, folder, labels_file)
+        self.request_scan(folder)
 
     def set_recent(self, folders: list[str]) -> None:
         self.recent_folders = list(folders)[:10]
@@ -197,6 +207,7 @@ class DatasetTab(QWidget):
             "test_split": self.test_pct.value() / 100.0,
             "seed": self.seed.value(),
             "exclude": self.exclude_file,
+            "labels": self.dataset.labels_file if self.dataset else None,
         }
 
     def set_values(self, values: dict) -> None:
@@ -210,27 +221,38 @@ class DatasetTab(QWidget):
         folder = values.get("data") or (self.dataset.root if self.dataset else "")
         if "exclude" in values and folder:
             self._remember_exclude(folder, values["exclude"])
+        if "labels" in values and folder:
+            self._remember(self.labels_for, folder, values["labels"])
         if values.get("data") and (self.dataset is None or values["data"] != self.dataset.root):
             self.request_scan(values["data"])
         elif "exclude" in values and self.dataset is not None:
             self.exclude_file = values["exclude"]
 
     def _remember_exclude(self, folder: str, csv_path: str | None) -> None:
+        self._remember(self.excludes, folder, csv_path)
+
+    @staticmethod
+    def _remember(table: dict[str, str], folder: str, csv_path: str | None) -> None:
         if csv_path:
-            self.excludes[os.path.abspath(folder)] = csv_path
+            table[os.path.abspath(folder)] = os.path.abspath(csv_path)
         else:
-            self.excludes.pop(os.path.abspath(folder), None)
+            table.pop(os.path.abspath(folder), None)
 
     def save_settings(self, settings) -> None:
         save_values(settings, {k: v for k, v in self.values().items() if k in self.FIELDS})
         settings.setValue("data/recent", self.recent_folders)
         settings.setValue("data/excludes", json.dumps(self.excludes))
+        settings.setValue("data/labels", json.dumps(self.labels_for))
 
     def restore_settings(self, settings) -> None:
         try:
             self.excludes = dict(json.loads(str(settings.value("data/excludes", "{}"))))
         except (ValueError, TypeError):
             self.excludes = {}
+        try:
+            self.labels_for = dict(json.loads(str(settings.value("data/labels", "{}"))))
+        except (ValueError, TypeError):
+            self.labels_for = {}
         self.set_values(load_values(settings, self.FIELDS))
         recent = settings.value("data/recent", []) or []
         self.set_recent([recent] if isinstance(recent, str) else [r for r in recent if isinstance(r, str)])
@@ -357,6 +379,10 @@ class DatasetTab(QWidget):
             if ds.layout == "pre-split"
             else "not split: the split below is applied"
         )
+        if ds.labels_file:
+            layout = (
+                f"classes from the labels file {html.escape(ds.labels_file)} (unlabelled images left out); " + layout
+            )
         if ds.validation_given():
             judged = " Your val/ folder is kept as given: every strategy is judged on it."
         elif cross_fits(TrainConfig(), ds):

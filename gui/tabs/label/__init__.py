@@ -1,0 +1,1 @@
+"""The Label tab: labelling an unsorted folder."""

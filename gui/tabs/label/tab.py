@@ -1,0 +1,447 @@
+"""The Label tab: from a pile of unsorted images to labels, with the app choosing what to ask.
+
+The folder is embedded once (a main-lane job: :func:`engine.labelling.session.open_pile`); then every few labels a
+round (:func:`engine.labelling.session.next_round`, the ``label`` lane, on the embeddings in memory) retrains the
+cross-fitted head, suggests a class for every unlabelled image and picks the next ones to ask. The labels file is
+written atomically after every action (engine/data/labels.py), so a killed app loses no confirmed label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QItemSelectionModel, Qt, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from engine.data.labels import read_labels, write_labels
+from engine.events import EngineError
+from engine.labelling.session import ACCEPT_LEVEL
+from engine.paths import app_data_dir
+from gui.widgets.image_grid import ImageGrid
+
+RETRAIN_EVERY = 5  # labels between background rounds (the batch ends a round too)
+NOT_A_CLASS = ""
+
+
+def labels_file_for(folder: str) -> str:
+    """Where a folder's labels are kept: the app's data folder, one file per folder (the images stay untouched)."""
+    key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
+    name = os.path.basename(os.path.abspath(folder).rstrip(os.sep)) or "folder"
+    return os.path.join(app_data_dir(), "labels", f"{name}-{key}.csv")
+
+
+class LabelTab(QWidget):
+    open_requested = Signal(str)  # a folder to embed for labelling
+    round_requested = Signal(object)  # (y, classes, n_next, level): a background round
+    write_requested = Signal(str)  # the folder to write the sorted tree into
+    train_requested = Signal(str, str)  # folder, labels file: open it in the Dataset tab to train
+
+    def __init__(self, loader, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.pile = None
+        self.labels: dict[str, tuple[str, str]] = {}  # absolute path -> (label, source)
+        self.labels_file = ""
+        self.classes: list[str] = []  # in the order created (the number keys follow it)
+        self.skipped: set[str] = set()
+        self.history: list[list[tuple[str, tuple[str, str] | None]]] = []  # undo: each action's previous values
+        self.batch: list[str] = []  # absolute paths asked now
+        self.suggestions = None
+        self.suggested_for: list[str] = []  # the classes the suggestions' columns are
+        self.curve: list[tuple[int, float]] = []  # (labels, cross-validated accuracy)
+        self.since_round = 0
+        self.round_running = False
+        self.round_pending = False
+        self._build(loader)
+
+    # ------------------------------------------------------------------------------------------------ layout
+    def _build(self, loader) -> None:
+        root = QVBoxLayout(self)
+        top = QHBoxLayout()
+        self.open_btn = QPushButton("Open a folder to label…")
+        self.open_btn.clicked.connect(self.choose_folder)
+        self.folder_label = QLabel(
+            "Open a folder of unsorted images: the app shows first the ones most worth labelling."
+        )
+        self.folder_label.setWordWrap(True)
+        top.addWidget(self.open_btn)
+        top.addWidget(self.folder_label, 1)
+        root.addLayout(top)
+
+        bar = QHBoxLayout()
+        self.new_class = QLineEdit()
+        self.new_class.setPlaceholderText("New class: type a name, Enter")
+        self.new_class.setMaximumWidth(220)
+        self.new_class.returnPressed.connect(self._add_typed_class)
+        bar.addWidget(self.new_class)
+        self.class_bar = QHBoxLayout()
+        bar.addLayout(self.class_bar)
+        bar.addStretch(1)
+        self.not_class_btn = QPushButton("Not a class (0)")
+        self.not_class_btn.setToolTip("Leave the selected images out: they are neither trained on nor asked again.")
+        self.not_class_btn.clicked.connect(self.mark_not_a_class)
+        self.skip_btn = QPushButton("Skip (S)")
+        self.skip_btn.clicked.connect(self.skip)
+        self.undo_btn = QPushButton("Undo (Ctrl+Z)")
+        self.undo_btn.clicked.connect(self.undo)
+        for b in (self.not_class_btn, self.skip_btn, self.undo_btn):
+            bar.addWidget(b)
+        root.addLayout(bar)
+
+        split = QSplitter(Qt.Horizontal)
+        self.grid = ImageGrid(loader)
+        self.grid.setToolTip("Select one or many (Shift/Ctrl-click), then press a class's number or button.")
+        split.addWidget(self.grid)
+        side = QWidget()
+        sl = QVBoxLayout(side)
+        self.plot = pg.PlotWidget(title="Estimated accuracy (cross-validated) against labels")
+        self.plot.setLabel("bottom", "labels")
+        self.plot.setYRange(0, 1)
+        self.plot.getAxis("left").setWidth(40)
+        self.curve_item = self.plot.plot(pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=6)
+        sl.addWidget(self.plot, 1)
+        acc = QHBoxLayout()
+        acc.addWidget(QLabel("Accept suggestions at"))
+        self.level = QDoubleSpinBox()
+        self.level.setRange(50, 99.9)
+        self.level.setDecimals(1)
+        self.level.setSuffix(" %")
+        self.level.setValue(100 * ACCEPT_LEVEL)
+        self.level.valueChanged.connect(self._show_accept)
+        acc.addWidget(self.level)
+        self.accept_btn = QPushButton("Accept suggestions")
+        self.accept_btn.clicked.connect(self.accept_suggestions)
+        acc.addWidget(self.accept_btn)
+        sl.addLayout(acc)
+        self.accept_note = QLabel("")
+        self.accept_note.setWordWrap(True)
+        sl.addWidget(self.accept_note)
+        out = QHBoxLayout()
+        self.write_btn = QPushButton("Write sorted folder…")
+        self.write_btn.setToolTip("A folder per class, made of hard links (or copies): the images stay where they are.")
+        self.write_btn.clicked.connect(self.choose_sorted_folder)
+        self.train_btn = QPushButton("Train on these labels")
+        self.train_btn.clicked.connect(self._train)
+        out.addWidget(self.write_btn)
+        out.addWidget(self.train_btn)
+        sl.addLayout(out)
+        split.addWidget(side)
+        split.setSizes([780, 480])
+        root.addWidget(split, 1)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+
+        self.shortcuts = []
+        for n in range(10):
+            sc = QShortcut(QKeySequence(str(n)), self, context=Qt.WidgetWithChildrenShortcut)
+            sc.activated.connect(self._key_slot(n))
+            self.shortcuts.append(sc)
+        for key, slot in (("S", self.skip), (QKeySequence.Undo, self.undo)):
+            sc = QShortcut(QKeySequence(key), self, context=Qt.WidgetWithChildrenShortcut)
+            sc.activated.connect(slot)
+            self.shortcuts.append(sc)
+        self._enable()
+
+    def _key_slot(self, n: int):
+        def pressed() -> None:
+            if self.new_class.hasFocus():
+                return
+            if n == 0:
+                self.mark_not_a_class()
+            elif n <= len(self.classes):
+                self.assign(self.classes[n - 1])
+
+        return pressed
+
+    def _enable(self) -> None:
+        ready = self.pile is not None
+        for w in (self.new_class, self.not_class_btn, self.skip_btn, self.grid, self.write_btn, self.train_btn):
+            w.setEnabled(ready)
+        self.undo_btn.setEnabled(ready and bool(self.history))
+
+    # ------------------------------------------------------------------------------------------------ opening
+    def choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a folder of images to label", os.path.expanduser("~"))
+        if folder:
+            self.open_requested.emit(folder)
+
+    def opening(self, folder: str) -> None:
+        self.pile = None
+        self._enable()
+        self.status.setText(f"Reading every image under {folder} once (the embedding cache makes the next time fast)…")
+
+    def on_progress(self, p) -> None:
+        if p.total:
+            self.status.setText(f"Reading the images: {p.done} of {p.total}…")
+
+    def stopping(self) -> None:
+        self.status.setText("Stopping…")
+
+    def open_failed(self, message: str) -> None:
+        self.status.setText(message)
+
+    def pile_opened(self, pile, labels_file: str | None = None) -> None:
+        """The folder is embedded: read its labels so far and ask the first images."""
+        if pile.cancelled:
+            self.status.setText("Stopped before every image was read; nothing changed.")
+            return
+        self.pile = pile
+        self.labels_file = labels_file or labels_file_for(pile.root)
+        self.labels = read_labels(self.labels_file)
+        self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
+        self.skipped, self.history, self.batch, self.curve = set(), [], [], []
+        self.suggestions = None
+        self.abs_paths = [os.path.abspath(p) for p in pile.paths]
+        self.shown = dict(zip(self.abs_paths, pile.paths))
+        self._rebuild_class_buttons()
+        skipped = f"; {len(pile.skipped)} unreadable file(s) skipped" if pile.skipped else ""
+        self.folder_label.setText(
+            f"<b>{pile.root}</b>: {len(pile.paths)} images{skipped}. Labels are saved after every action to "
+            f"{self.labels_file}."
+        )
+        self._enable()
+        self.request_round()
+
+    # ------------------------------------------------------------------------------------------------ classes
+    def _add_typed_class(self) -> None:
+        name = self.new_class.text().strip()
+        self.new_class.clear()
+        if name:
+            self.add_class(name)
+            self.grid.setFocus()
+
+    def add_class(self, name: str) -> None:
+        if name and name not in self.classes:
+            self.classes.append(name)
+            self._rebuild_class_buttons()
+
+    def _rebuild_class_buttons(self) -> None:
+        while self.class_bar.count():
+            w = self.class_bar.takeAt(0).widget()
+            if w is not None:
+                w.deleteLater()
+        counts = self.counts()
+        for i, c in enumerate(self.classes):
+            key = f"{i + 1} " if i < 9 else ""
+            b = QPushButton(f"{key}{c} ({counts.get(c, 0)})")
+            b.clicked.connect(self._assign_slot(c))
+            self.class_bar.addWidget(b)
+
+    def _assign_slot(self, c: str):
+        def clicked() -> None:
+            self.assign(c)
+
+        return clicked
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lab, _ in self.labels.values():
+            out[lab] = out.get(lab, 0) + 1
+        return out
+
+    # ------------------------------------------------------------------------------------------------ actions
+    def _targets(self) -> list[str]:
+        sel = [os.path.abspath(p) for p in self.grid.selected_paths()]
+        if not sel and self.grid.currentIndex().isValid():
+            sel = [os.path.abspath(self.grid.currentIndex().data(Qt.UserRole))]
+        return sel
+
+    def assign(self, label: str, paths: list[str] | None = None, source: str = "user") -> int:
+        """Label ``paths`` (default: the selected thumbnails); ``label`` "" is "not a class". Saved at once."""
+        paths = self._targets() if paths is None else [os.path.abspath(p) for p in paths]
+        if not paths or self.pile is None:
+            return 0
+        if label:
+            self.add_class(label)
+        self.history.append([(p, self.labels.get(p)) for p in paths])
+        for p in paths:
+            self.labels[p] = (label, source)
+            self.skipped.discard(p)
+        self._changed(len(paths))
+        return len(paths)
+
+    def mark_not_a_class(self) -> None:
+        self.assign(NOT_A_CLASS)
+
+    def skip(self) -> None:
+        paths = self._targets()
+        self.skipped.update(paths)
+        self._show_batch()
+        self._advance()
+
+    def undo(self) -> bool:
+        if not self.history:
+            return False
+        for p, before in reversed(self.history.pop()):
+            if before is None:
+                self.labels.pop(p, None)
+            else:
+                self.labels[p] = before
+        self._changed(0)
+        return True
+
+    def accept_suggestions(self) -> int:
+        """Label every unlabelled image suggested at or above the level, as *accepted* (kept apart from the user's)."""
+        picks = self._acceptable()
+        if not picks:
+            return 0
+        self.history.append([(p, self.labels.get(p)) for p, _ in picks])
+        for p, c in picks:
+            self.labels[p] = (c, "accepted")
+        self._changed(len(picks))
+        return len(picks)
+
+    def _acceptable(self) -> list[tuple[str, str]]:
+        s = self.suggestions
+        if s is None or s.probs is None:
+            return []
+        level = self.level.value() / 100
+        out = []
+        for i, p in enumerate(self.abs_paths):
+            if p not in self.labels and s.probs[i].max() >= level:
+                out.append((p, self.suggested_for[int(s.probs[i].argmax())]))
+        return out
+
+    def _changed(self, n_new: int) -> None:
+        try:
+            write_labels(self.labels_file, self.labels, self.shown)
+            saved = "saved"
+        except EngineError as exc:  # (the labels stay in memory; the next action tries again)
+            saved = f"NOT saved: {exc}"
+        self.since_round += n_new
+        self._rebuild_class_buttons()
+        self._show_batch()
+        self._show_accept()
+        self._enable()
+        labelled = sum(1 for lab, _ in self.labels.values() if lab)
+        self.status.setText(f"{labelled} labelled ({len(self.labels) - labelled} not a class); {saved}.")
+        if self.since_round >= RETRAIN_EVERY:
+            self.request_round()
+        else:
+            self._advance()
+
+    def _advance(self) -> None:
+        """A batch whose every image is answered asks for the next one."""
+        if self.batch and all(p in self.labels or p in self.skipped for p in self.batch):
+            self.request_round()
+
+    # ------------------------------------------------------------------------------------------------ rounds
+    def request_round(self) -> None:
+        if self.pile is None:
+            return
+        if self.round_running:
+            self.round_pending = True
+            return
+        used = sorted({lab for lab, _ in self.labels.values() if lab})
+        index = {c: i for i, c in enumerate(used)}
+        y = np.full(len(self.abs_paths), -1, np.int64)
+        for i, p in enumerate(self.abs_paths):
+            if p in self.labels:
+                lab = self.labels[p][0]
+                y[i] = index[lab] if lab else -2
+            elif p in self.skipped:
+                y[i] = -3  # neither trained on nor asked again this session
+        self.since_round = 0
+        self.round_running = True
+        self.round_requested.emit((y, used, 12, self.level.value() / 100))
+
+    def round_finished(self, s) -> None:
+        self.round_running = False
+        self.suggestions = s
+        self.suggested_for = list(s.classes)
+        if s.estimate is not None:
+            self.curve = [pt for pt in self.curve if pt[0] != s.n_labelled] + [(s.n_labelled, s.estimate)]
+            self.curve.sort()
+            self.curve_item.setData([x for x, _ in self.curve], [v for _, v in self.curve])
+        if not self.batch or all(p in self.labels or p in self.skipped for p in self.batch):
+            self.batch = [self.abs_paths[i] for i in s.ask]
+        self._show_batch()
+        self._show_accept()
+        if self.round_pending:
+            self.round_pending = False
+            self.request_round()
+
+    def round_failed(self, message: str) -> None:
+        self.round_running = False
+        self.status.setText(f"Could not update the suggestions: {message}")
+
+    def _show_batch(self) -> None:
+        s = self.suggestions
+        row = {p: i for i, p in enumerate(self.abs_paths)} if s is not None and s.probs is not None else {}
+        items = []
+        for p in self.batch:
+            if p in self.labels:
+                lab = self.labels[p][0]
+                caption = f"✓ {lab}" if lab else "✓ not a class"
+            elif p in self.skipped:
+                caption = "skipped"
+            elif p in row:
+                i = row[p]
+                j = int(s.probs[i].argmax())
+                guess = "unfamiliar" if s.unfamiliar[i] else f"{self.suggested_for[j]}? {s.probs[i, j]:.0%}"
+                caption = guess
+            else:
+                caption = "?"
+            items.append((self.shown.get(p, p), caption, p))
+        selected = set(self.grid.selected_paths())
+        self.grid.set_items(items)
+        for r, (p, _, _) in enumerate(items):  # keep the selection of the items still unanswered
+            if p in selected and os.path.abspath(p) not in self.labels:
+                self.grid.selectionModel().select(self.grid.model().index(r, 0), QItemSelectionModel.Select)
+        if items and not self.grid.currentIndex().isValid():
+            first = next((r for r, (p, _, _) in enumerate(items) if os.path.abspath(p) not in self.labels), 0)
+            self.grid.setCurrentIndex(self.grid.model().index(first, 0))
+
+    def _show_accept(self) -> None:
+        s = self.suggestions
+        picks = self._acceptable()
+        self.accept_btn.setText(f"Accept {len(picks)} suggestion(s)")
+        self.accept_btn.setEnabled(bool(picks))
+        if s is None or s.probs is None:
+            self.accept_note.setText("Suggestions come once two classes have labels.")
+            return
+        a = s.accept
+        right = a.get("right_so_far")
+        judged = (
+            f"Of your labelled images, the {a['judged']} the model was at least {a['level']:.0%} sure of "
+            f"(each judged by a head that never saw it) were right {right:.0%} of the time."
+            if right is not None
+            else "No labelled image was judged that sure yet: how often such suggestions are right is unknown."
+        )
+        est = f"Estimated accuracy now: {s.estimate:.0%} on {s.n_labelled} labels (cross-validated). "
+        self.accept_note.setText(est + judged + " Accepted labels are kept apart from yours in the labels file.")
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def choose_sorted_folder(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Write the sorted folder into", os.path.dirname(self.pile.root))
+        if d:
+            self.write_requested.emit(d)
+
+    def write_failed(self, message: str) -> None:
+        self.status.setText(f"Could not write the sorted folder: {message}")
+
+    def sorted_written(self, result: dict, folder: str) -> None:
+        parts = ", ".join(f"{n} {c}" for c, n in sorted(result["counts"].items()))
+        failed = f"; {len(result['failed'])} could not be written" if result["failed"] else ""
+        self.status.setText(
+            f"Wrote {folder}: {parts} ({result['linked']} hard-linked, {result['copied']} copied){failed}. "
+            "Open it in the Dataset tab like any sorted folder."
+        )
+
+    def _train(self) -> None:
+        if self.pile is not None:
+            self.train_requested.emit(self.pile.root, self.labels_file)

@@ -1,0 +1,162 @@
+"""Labelling an unsorted folder in the app, as a user does it (pytest-qt), and the labels surviving a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("PySide6")
+from PySide6.QtCore import QItemSelectionModel, Qt
+
+from engine.data.labels import read_labels
+from tests.imagegen import draw_image
+from tests.test_gui import settings, window  # noqa: F401 (the window fixtures, shared)
+
+KINDS = ("circles", "squares", "stripes")
+
+
+@pytest.fixture
+def pile(tmp_path):
+    """Loose images of three kinds, flat and nested, named so the name says nothing of the kind: no class folders."""
+    root = tmp_path / "pile"
+    truth = {}
+    for i in range(36):
+        kind = KINDS[i % 3]
+        folder = root / ("" if i % 4 else "2024/june")
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / f"IMG_{i:04d}.jpg"
+        draw_image(kind, 500 + i).save(p)
+        truth[os.path.abspath(p)] = kind
+    return root, truth
+
+
+def _select(t, paths):
+    sm = t.grid.selectionModel()
+    sm.clearSelection()
+    for r in range(t.grid.model().rowCount()):
+        idx = t.grid.model().index(r, 0)
+        if os.path.abspath(idx.data(Qt.UserRole)) in paths:
+            sm.setCurrentIndex(idx, QItemSelectionModel.NoUpdate)
+            sm.select(idx, QItemSelectionModel.Select)
+
+
+def _saved(t):
+    return read_labels(t.labels_file)
+
+
+def _wait_round(qtbot, w):
+    qtbot.waitUntil(lambda: not w.label_tab.round_running and not w.label_tab.round_pending, timeout=60000)
+    job = w.jobs.job("label")
+    if job is not None:
+        assert job.wait(60000)
+    qtbot.wait(50)
+
+
+def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, window, pile, tmp_path):  # noqa: F811
+    root, truth = pile
+    w, t = window, window.label_tab
+    w.activateWindow()
+    w.scan_folder(str(root))  # no class folders: the app opens it for labelling instead of failing
+    qtbot.waitUntil(lambda: t.pile is not None and bool(t.batch), timeout=120000)
+    _wait_round(qtbot, w)
+    assert w.tabs.currentWidget() is t and not w.last_error
+    assert "Label tab" in w.dataset_tab.status.text()
+    assert {truth[p] for p in t.batch} == set(KINDS)  # the first picks show every kind of picture
+
+    for name in KINDS:  # classes made by typing a name
+        qtbot.keyClicks(t.new_class, name)
+        qtbot.keyClick(t.new_class, Qt.Key_Return)
+    assert t.classes == list(KINDS)
+
+    # By number key, one image at a time.
+    first = next(p for p in t.batch if truth[p] == "circles")
+    _select(t, [first])
+    t.grid.setFocus()
+    qtbot.keyClick(t.grid, Qt.Key_1)
+    assert _saved(t)[first] == ("circles", "user")  # saved at once
+
+    # Many at once: every square in the batch, one key.
+    squares = [p for p in t.batch if truth[p] == "squares"]
+    _select(t, squares)
+    qtbot.keyClick(t.grid, Qt.Key_2)
+    assert all(_saved(t)[p] == ("squares", "user") for p in squares)
+
+    # Undo takes the last action back, in the file too; the class button does it again.
+    assert t.undo()
+    assert not any(p in _saved(t) for p in squares)
+    _select(t, squares)
+    t.class_bar.itemAt(1).widget().click()
+    assert all(_saved(t)[p] == ("squares", "user") for p in squares)
+
+    rest = [p for p in t.batch if truth[p] in ("circles", "stripes") and p != first]
+    stripes = [p for p in rest if truth[p] == "stripes"]
+    _select(t, stripes[:-1])
+    qtbot.keyClick(t.grid, Qt.Key_3)
+    _select(t, [stripes[-1]])
+    qtbot.keyClick(t.grid, Qt.Key_0)  # "not a class": kept in the file with an empty label, never trained on
+    assert _saved(t)[stripes[-1]] == ("", "user")
+    _select(t, [p for p in rest if truth[p] == "circles"])
+    qtbot.keyClick(t.grid, Qt.Key_1)
+    _wait_round(qtbot, w)
+
+    s = t.suggestions
+    assert s is not None and s.probs is not None and s.estimate is not None
+    assert t.curve and t.curve[-1][0] == s.n_labelled  # the accuracy-against-labels plot has its point
+    t.level.setValue(50)
+    n = t.accept_suggestions()
+    saved = _saved(t)
+    accepted = {p: lab for p, (lab, src) in saved.items() if src == "accepted"}
+    assert n == len(accepted) > 0
+    assert sum(truth[p] == lab for p, lab in accepted.items()) >= 0.9 * len(accepted)
+    assert all(src == "user" for p, (lab, src) in saved.items() if p not in accepted)  # kept apart
+
+    out = tmp_path / "sorted"
+    w.write_sorted_folder(str(out))
+    qtbot.waitUntil(lambda: not w.busy(), timeout=30000)
+    qtbot.wait(50)
+    labelled = {p: lab for p, (lab, _) in _saved(t).items() if lab}
+    written = {str(p) for p in out.rglob("*.jpg")}
+    assert len(written) == len(labelled) and sorted(os.listdir(out)) == sorted(set(labelled.values()))
+    for p, lab in labelled.items():
+        copy = out / lab / os.path.basename(p)
+        assert os.path.samefile(copy, p) or copy.read_bytes() == open(p, "rb").read()
+        assert os.path.exists(p)  # nothing moved
+
+    t.train_btn.click()  # the Dataset tab opens the folder with the labels as its classes
+    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and not w.dataset_tab.scanning, timeout=30000)
+    ds = w.dataset_tab.dataset
+    assert ds.labels_file == os.path.abspath(t.labels_file) and ds.classes == sorted(KINDS)
+    assert len(ds.samples) == len(labelled)
+    assert w.train_config().labels == os.path.abspath(t.labels_file)
+
+
+_WRITER = """
+import sys
+from engine.data.labels import write_labels
+labels = {}
+for i in range(100000):
+    labels[f"/pile/IMG_{i:05d}.jpg"] = ("cat" if i % 2 else "dog", "user")
+    write_labels(sys.argv[1], labels)
+    print(i, flush=True)  # confirmed: saved
+"""
+
+
+def test_killing_the_app_mid_session_keeps_every_confirmed_label(tmp_path):
+    """Labels are written after every action by replacing the file: a kill at any moment leaves a whole file with
+    every label confirmed before it."""
+    path = tmp_path / "labels.csv"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    confirmed = -1
+    for line in proc.stdout:
+        confirmed = int(line)
+        if confirmed >= 300:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    labels = read_labels(str(path))
+    assert len(labels) >= confirmed + 1
+    assert all(labels[f"/pile/IMG_{i:05d}.jpg"] == ("cat" if i % 2 else "dog", "user") for i in range(confirmed + 1))
