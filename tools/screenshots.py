@@ -45,6 +45,23 @@ def browse_and_check(app, w, browse_data, shot) -> None:
     d.views.setCurrentIndex(0)
 
 
+def label_pile(app, w, folder, shot) -> None:
+    """The Label tab on ``folder`` read as an unsorted pile; a simulated user answers three batches with each image's
+    own folder name (as the labelling benchmark does), then accepts nothing: the shot shows the suggestions."""
+    if not os.path.isdir(folder):
+        return
+    t = w.label_tab
+    os.environ["TRANSFER_STUDIO_DATA"] = tempfile.mkdtemp(prefix="ts-shots-labels-")  # (the labels file: not the user's)
+    w.start_labelling(folder)
+    wait(app, lambda: t.pile is not None and bool(t.batch) and not t.round_running)
+    for _ in range(3):
+        for p in list(t.batch):
+            t.assign(os.path.basename(os.path.dirname(p)), [p])
+        wait(app, lambda: not t.round_running and not t.round_pending)
+    wait(app, lambda: len(w.loader.pending) == 0, 60)
+    shot("10-label.png")
+
+
 def main() -> int:
     if len(sys.argv) != 4:
         print(__doc__)
@@ -69,6 +86,10 @@ def main() -> int:
         w.grab().save(os.path.join(out, name))
         print("saved", name)
 
+    label_pile(app, w, os.path.join(os.path.abspath(train_data), "train"), shot)
+    if os.environ.get("SCREENSHOTS_ONLY_LABEL"):  # (set: only 10-label.png)
+        w.close()
+        return 0
     if not os.environ.get("SCREENSHOTS_SKIP_CHECK"):  # (set: keep 1, 6 and 7 as they are; minutes less)
         browse_and_check(app, w, browse_data, shot)
     w.scan_folder(os.path.abspath(train_data))

@@ -368,7 +368,11 @@ class LabelTab(QWidget):
             self.curve.sort()
             self.curve_item.setData([x for x, _ in self.curve], [v for _, v in self.curve])
         if not self.batch or all(p in self.labels or p in self.skipped for p in self.batch):
-            self.batch = [self.abs_paths[i] for i in s.ask]
+            # (a round started before the last answers may ask about images answered since: those are dropped)
+            fresh = [self.abs_paths[i] for i in s.ask]
+            fresh = [p for p in fresh if p not in self.labels and p not in self.skipped]
+            if fresh or not self.round_pending:
+                self.batch = fresh
         self._show_batch()
         self._show_accept()
         if self.round_pending:
