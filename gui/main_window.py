@@ -18,6 +18,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMainWindow, QMessageBox, QTabWidget
 
 from engine.config import ExportConfig, PredictConfig, ScanConfig, TrainConfig, to_argv
+from engine.data.folder import is_image_name
 from engine.data.labels import list_images, open_dataset, write_sorted
 from engine.events import EngineError
 from engine.labelling.session import LabelConfig, next_round, open_pile
@@ -207,7 +208,7 @@ class MainWindow(QMainWindow):
 
     def scan_failed(self, message: str, details: str) -> None:
         folder = self.dataset_tab.folder
-        if not self.busy() and self._unsorted(folder):
+        if not self.busy() and self._unsorted(folder, message):
             # No class folders, but images: that is a folder to label, not an error.
             self.dataset_tab.scan_failed(
                 f"{folder} has images but no class folders: it is open in the Label tab, which asks you about the "
@@ -219,10 +220,15 @@ class MainWindow(QMainWindow):
         self.show_error(message, details)
 
     @staticmethod
-    def _unsorted(folder: str) -> bool:
+    def _unsorted(folder: str, message: str) -> bool:
+        """Whether a folder that failed to open as a sorted one is a pile to label: images loose at its top (beside
+        at most one folder, as a pile nested by date has), or images but no class folder holding any."""
+        if not folder or not os.path.isdir(folder):
+            return False
         try:
-            return bool(folder) and bool(list_images(folder))
-        except EngineError:
+            loose = any(is_image_name(n) and not n.startswith(".") for n in os.listdir(folder))
+            return loose or (message.startswith("No readable images") and bool(list_images(folder)))
+        except (OSError, EngineError):
             return False
 
     # ------------------------------------------------------------------------------------------------ labelling

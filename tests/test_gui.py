@@ -564,7 +564,7 @@ def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat
     import gui.main_window
     from engine.events import Cancelled
 
-    real = gui.main_window.scan_folder
+    real = gui.main_window.open_dataset
     started = []
 
     def slow_scan(cfg, callbacks=None, cancel=None):
@@ -575,7 +575,7 @@ def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat
             raise Cancelled()
         return real(cfg, callbacks=callbacks, cancel=cancel)
 
-    monkeypatch.setattr(gui.main_window, "scan_folder", slow_scan)
+    monkeypatch.setattr(gui.main_window, "open_dataset", slow_scan)
     errors = []
     monkeypatch.setattr(window, "show_error", lambda message, details="": errors.append(message))
     (tmp_path / "big").mkdir()

@@ -4,7 +4,8 @@
 
 Trains feature extraction (empty embedding cache), fine-tuning (2 epochs) and feature extraction again (every
 embedding from the cache) on TRAIN_DATA, then predicts PREDICT_FOLDER, and prints the worst stall of each job plus
-the number of rows streamed before the job ended. TS_MODES=feature-extraction runs only the two feature extractions.
+the number of rows streamed before the job ended. TS_MODES=feature-extraction runs only the two feature extractions;
+TS_MODES=label opens TRAIN_DATA as an unsorted pile in the Label tab and answers images as a fast user would.
 
 TS_STALL_TRACE=MS: a watchdog thread samples the GUI thread's and the job thread's Python stacks whenever the event
 loop's heartbeat is more than MS late, and prints where each stall over MS was spent (to find what causes outliers).
@@ -102,6 +103,41 @@ def wait(cond, timeout=1800.0):
     wait_until(cond, timeout)
 
 
+def label_session(w, folder: str, stall, answers: int = 60) -> int:
+    """TRAIN_DATA opened as a pile in the Label tab; each image answered with its folder's name, one every 150 ms
+    (a fast user on number keys), while the background rounds retrain every 5 labels. Prints the worst stall of the
+    opening (embedding) and of the answering, and how long the rounds took."""
+    t = w.label_tab
+    t0 = time.time()
+    stall.start()
+    w.start_labelling(folder)
+    wait(lambda: t.pile is not None and bool(t.batch) and not t.round_running)
+    print(f"label: opened {len(t.pile.paths)} images in {time.time() - t0:.1f} s, worst stall {stall.stop():.0f} ms")
+    done = []
+
+    def answer() -> None:
+        todo = [p for p in t.batch if p not in t.labels]
+        if todo and len(done) < answers:
+            t.assign(os.path.basename(os.path.dirname(todo[0])), [todo[0]])
+            done.append(todo[0])
+
+    timer = QTimer()
+    timer.setInterval(150)
+    timer.timeout.connect(answer)
+    stall.start()
+    t0 = time.time()
+    timer.start()
+    wait(lambda: len(done) >= answers or time.time() - t0 > 300)
+    timer.stop()
+    wait(lambda: not t.round_running and not t.round_pending)
+    print(
+        f"label: {len(done)} answers in {time.time() - t0:.1f} s, worst GUI stall while answering "
+        f"(rounds retraining in the background): {stall.stop():.0f} ms; estimate {t.curve[-1] if t.curve else None}"
+    )
+    w.close()
+    return 0
+
+
 def main() -> int:
     train, predict = map(os.path.abspath, sys.argv[1:3])
     for d in (train, predict):
@@ -121,6 +157,8 @@ def main() -> int:
     w.scan_folder(train)
     wait(lambda: not w.dataset_tab.scanning)
     stall = StallMeter()
+    if os.environ.get("TS_MODES") == "label":  # the Label tab: a user answering one image every 150 ms
+        return label_session(w, train, stall)
     if os.environ.get("TS_SWITCH"):  # experiment: another GIL switch interval than the app's
         sys.setswitchinterval(float(os.environ["TS_SWITCH"]))
     # the last: feature extraction again, all embeddings from the cache (almost all Python on the job thread)

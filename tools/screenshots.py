@@ -51,7 +51,7 @@ def label_pile(app, w, folder, shot) -> None:
     if not os.path.isdir(folder):
         return
     t = w.label_tab
-    os.environ["TRANSFER_STUDIO_DATA"] = tempfile.mkdtemp(prefix="ts-shots-labels-")  # (the labels file: not the user's)
+    os.environ["TRANSFER_STUDIO_DATA"] = tempfile.mkdtemp(prefix="ts-shots-labels-")  # (labels file: not the user's)
     w.start_labelling(folder)
     wait(app, lambda: t.pile is not None and bool(t.batch) and not t.round_running)
     for _ in range(3):
