@@ -515,5 +515,6 @@ class MainWindow(QMainWindow):
             j.cancel()
             j.wait(30000)
         self.loader.shutdown()
+        self.label_tab.saver.flush()  # every label handed over is on disk before the app goes
         self.save_settings()
         e.accept()

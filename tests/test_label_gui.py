@@ -45,6 +45,7 @@ def _select(t, paths):
 
 
 def _saved(t):
+    t.saver.flush()  # (written off the GUI thread; the status line says "saved." when it is on disk)
     return read_labels(t.labels_file)
 
 
@@ -78,6 +79,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     t.grid.setFocus()
     qtbot.keyClick(t.grid, Qt.Key_1)
     assert _saved(t)[first] == ("circles", "user")  # saved at once
+    qtbot.waitUntil(lambda: t.status.text().endswith("saved."), timeout=5000)
 
     # Many at once: every square in the batch, one key.
     squares = [p for p in t.batch if truth[p] == "squares"]

@@ -103,7 +103,7 @@ def wait(cond, timeout=1800.0):
     wait_until(cond, timeout)
 
 
-def label_session(w, folder: str, stall, answers: int = 60) -> int:
+def label_session(w, folder: str, stall, tracer=None, answers: int = 60) -> int:
     """TRAIN_DATA opened as a pile in the Label tab; each image answered with its folder's name, one every 150 ms
     (a fast user on number keys), while the background rounds retrain every 5 labels. Prints the worst stall of the
     opening (embedding) and of the answering, and how long the rounds took."""
@@ -134,6 +134,8 @@ def label_session(w, folder: str, stall, answers: int = 60) -> int:
         f"label: {len(done)} answers in {time.time() - t0:.1f} s, worst GUI stall while answering "
         f"(rounds retraining in the background): {stall.stop():.0f} ms; estimate {t.curve[-1] if t.curve else None}"
     )
+    if tracer:
+        tracer.report("label")
     w.close()
     return 0
 
@@ -158,7 +160,7 @@ def main() -> int:
     wait(lambda: not w.dataset_tab.scanning)
     stall = StallMeter()
     if os.environ.get("TS_MODES") == "label":  # the Label tab: a user answering one image every 150 ms
-        return label_session(w, train, stall)
+        return label_session(w, train, stall, tracer)
     if os.environ.get("TS_SWITCH"):  # experiment: another GIL switch interval than the app's
         sys.setswitchinterval(float(os.environ["TS_SWITCH"]))
     # the last: feature extraction again, all embeddings from the cache (almost all Python on the job thread)

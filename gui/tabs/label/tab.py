@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QItemSelectionModel, Qt, Signal
+from PySide6.QtCore import QItemSelectionModel, QObject, Qt, QThreadPool, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
@@ -32,6 +33,41 @@ from engine.events import EngineError
 from engine.labelling.session import ACCEPT_LEVEL
 from engine.paths import app_data_dir
 from gui.widgets.image_grid import ImageGrid
+
+
+class LabelSaver(QObject):
+    """Writes the labels file off the GUI thread (an fsync took 0.3-0.5 s on a busy disk, on every key press): each
+    action hands over a snapshot, the newest one is written (atomically), ``saved`` says when it is on disk."""
+
+    saved = Signal(str)  # "" when written, else why not
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.pool = QThreadPool(self)
+        self.pool.setMaxThreadCount(1)
+        self.lock = threading.Lock()
+        self.latest = None
+
+    def save(self, path: str, labels: dict, shown: dict) -> None:
+        with self.lock:
+            self.latest = (path, dict(labels), shown)
+        self.pool.start(self._write)
+
+    def _write(self) -> None:
+        with self.lock:
+            job, self.latest = self.latest, None
+        if job is None:  # (a newer snapshot was written by the run before)
+            return
+        try:
+            write_labels(*job)
+            self.saved.emit("")
+        except EngineError as exc:  # the labels stay in memory; the next action writes them again
+            self.saved.emit(str(exc))
+
+    def flush(self) -> None:
+        """Wait until every snapshot handed over is on disk (closing, training from the file)."""
+        self.pool.waitForDone()
+
 
 RETRAIN_EVERY = 5  # labels between background rounds (the batch ends a round too)
 NOT_A_CLASS = ""
@@ -65,6 +101,8 @@ class LabelTab(QWidget):
         self.since_round = 0
         self.round_running = False
         self.round_pending = False
+        self.saver = LabelSaver(self)
+        self.saver.saved.connect(self._saved)
         self._build(loader)
 
     # ------------------------------------------------------------------------------------------------ layout
@@ -317,22 +355,25 @@ class LabelTab(QWidget):
         return out
 
     def _changed(self, n_new: int) -> None:
-        try:
-            write_labels(self.labels_file, self.labels, self.shown)
-            saved = "saved"
-        except EngineError as exc:  # (the labels stay in memory; the next action tries again)
-            saved = f"NOT saved: {exc}"
+        self.saver.save(self.labels_file, self.labels, self.shown)
         self.since_round += n_new
         self._rebuild_class_buttons()
         self._show_batch()
         self._show_accept()
         self._enable()
         labelled = sum(1 for lab, _ in self.labels.values() if lab)
-        self.status.setText(f"{labelled} labelled ({len(self.labels) - labelled} not a class); {saved}.")
+        self.status.setText(f"{labelled} labelled ({len(self.labels) - labelled} not a class); saving…")
         if self.since_round >= RETRAIN_EVERY:
             self.request_round()
         else:
             self._advance()
+
+    def _saved(self, error: str) -> None:
+        text = self.status.text()
+        if error:
+            self.status.setText(f"Labels NOT saved: {error}")
+        elif text.endswith("saving…"):
+            self.status.setText(text[: -len("saving…")] + "saved.")
 
     def _advance(self) -> None:
         """A batch whose every image is answered asks for the next one."""
@@ -448,4 +489,5 @@ class LabelTab(QWidget):
 
     def _train(self) -> None:
         if self.pile is not None:
+            self.saver.flush()
             self.train_requested.emit(self.pile.root, self.labels_file)
