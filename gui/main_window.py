@@ -208,7 +208,8 @@ class MainWindow(QMainWindow):
 
     def scan_failed(self, message: str, details: str) -> None:
         folder = self.dataset_tab.folder
-        if not self.busy() and self._unsorted(folder, message):
+        from_labels = os.path.abspath(folder) in self.dataset_tab.labels_for if folder else False
+        if not self.busy() and not from_labels and self._unsorted(folder, message):
             # No class folders, but images: that is a folder to label, not an error.
             self.dataset_tab.scan_failed(
                 f"{folder} has images but no class folders: it is open in the Label tab, which asks you about the "

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("PySide6")
 from PySide6.QtCore import QItemSelectionModel, Qt
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from engine.data.labels import read_labels
 from tests.imagegen import draw_image
@@ -80,6 +81,15 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     qtbot.keyClick(t.grid, Qt.Key_1)
     assert _saved(t)[first] == ("circles", "user")  # saved at once
     qtbot.waitUntil(lambda: t.status.text().endswith("saved."), timeout=5000)
+    t.train_btn.click()  # one class so far: a clear message, and the labelling stays as it was
+    qtbot.waitUntil(lambda: "needs two" in w.last_error, timeout=30000)
+    assert t.pile is not None and _saved(t)[first] == ("circles", "user")
+    w.last_error = ""
+    for box in w.findChildren(QMessageBox):  # the user reads the message and closes it
+        box.close()
+    w.tabs.setCurrentWidget(t)
+    w.activateWindow()  # (the window manager does this when the box closes; offscreen Qt needs asking)
+    qtbot.waitUntil(lambda: QApplication.activeWindow() is w, timeout=5000)
 
     # Many at once: every square in the batch, one key.
     squares = [p for p in t.batch if truth[p] == "squares"]
