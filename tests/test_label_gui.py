@@ -172,3 +172,43 @@ def test_killing_the_app_mid_session_keeps_every_confirmed_label(tmp_path):
     labels = read_labels(str(path))
     assert len(labels) >= confirmed + 1
     assert all(labels[f"/pile/IMG_{i:05d}.jpg"] == ("cat" if i % 2 else "dog", "user") for i in range(confirmed + 1))
+
+
+def test_a_partly_sorted_folder_keeps_its_class_folders_when_the_user_says_they_are_classes(
+    qtbot,
+    window,  # noqa: F811
+    tmp_path,
+):
+    """Two class folders plus loose images: *Subfolders are classes* labels the sorted ones by their folder (source
+    "folder", apart from the user's), the loose ones get suggestions, and undo or unticking takes them back."""
+    from engine.data.labels import scan_labelled
+
+    root = tmp_path / "partly"
+    for kind, n in (("circles", 8), ("squares", 8)):
+        (root / kind).mkdir(parents=True)
+        for i in range(n):
+            draw_image(kind, 300 + i).save(root / kind / f"{kind}_{i}.jpg")
+    for i in range(12):
+        draw_image(("circles", "squares")[i % 2], 700 + i).save(root / f"loose_{i}.jpg")
+    w, t = window, window.label_tab
+    w.start_labelling(str(root))
+    qtbot.waitUntil(lambda: t.pile is not None and bool(t.batch), timeout=120000)
+    _wait_round(qtbot, w)
+    assert t.folder_classes.isEnabled()
+    t.folder_classes.setChecked(True)
+    saved = _saved(t)
+    assert len(saved) == 16 and {src for _, src in saved.values()} == {"folder"}
+    assert all(saved[os.path.abspath(root / k / f"{k}_0.jpg")] == (k, "folder") for k in ("circles", "squares"))
+    assert t.classes == ["circles", "squares"]
+    _wait_round(qtbot, w)
+    s = t.suggestions
+    assert s is not None and s.probs is not None  # the loose images are suggested a class
+    assert all(os.path.basename(p).startswith("loose_") for p in t.batch)  # and only they are asked about
+    ds = scan_labelled(str(root), t.labels_file)  # train --labels learns from the class folders' images
+    assert ds.classes == ["circles", "squares"] and len(ds.samples) == 16
+    assert t.undo() and _saved(t) == {}
+    t.folder_classes.setChecked(False)
+    t.folder_classes.setChecked(True)
+    t.folder_classes.setChecked(False)
+    assert _saved(t) == {}
+    _wait_round(qtbot, w)

@@ -298,7 +298,8 @@ def scan(
         if loose:
             warn.append(
                 f"{len(loose)} image(s) directly in {root} were ignored: put each image in a folder "
-                "named after its class."
+                "named after its class, or label them in the Label tab (Open a folder to label…, then Subfolders "
+                "are classes)."
             )
 
     leave_out = excluded_paths(exclude)

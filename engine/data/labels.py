@@ -32,7 +32,7 @@ from engine.events import Callbacks, Cancelled, CancelToken, EngineError
 from engine.runs import atomic_write_text
 
 HEADER = ["path", "label", "source"]
-SOURCES = ("user", "accepted")
+SOURCES = ("user", "accepted", "folder")  # folder: taken from the class folder the image is in (a partly sorted pile)
 
 
 def list_images(root: str) -> list[str]:
@@ -44,6 +44,19 @@ def list_images(root: str) -> list[str]:
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not _hidden(x))
         out += [os.path.join(d, f) for f in sorted(files) if is_image_name(f) and not _hidden(f)]
+    return out
+
+
+def folder_labels(root: str, paths: list[str]) -> dict[str, tuple[str, str]]:
+    """A partly sorted pile: each image in a top-level subfolder of ``root`` (at any depth below it) labelled with
+    that subfolder's name, source ``folder``; the loose images at the top and a ``test/`` folder get none. Only on the
+    user's word (the Label tab's *Subfolders are classes*): a pile nested by date looks the same."""
+    top = os.path.abspath(root)
+    out = {}
+    for p in paths:
+        rel = os.path.relpath(os.path.abspath(p), top).split(os.sep)
+        if len(rel) >= 2 and SPLIT_NAMES.get(rel[0].lower()) != "test":
+            out[os.path.abspath(p)] = (rel[0], "folder")
     return out
 
 
@@ -63,7 +76,7 @@ def read_labels(path: str | None) -> dict[str, tuple[str, str]]:
         if r.get("path"):
             source = r.get("source") or "user"
             if source not in SOURCES:
-                raise EngineError(f"The labels file {path} has source '{source}': use 'user' or 'accepted'.")
+                raise EngineError(f"The labels file {path} has source '{source}': use 'user', 'accepted' or 'folder'.")
             out[os.path.abspath(r["path"])] = ((r.get("label") or "").strip(), source)
     return out
 

@@ -17,6 +17,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QItemSelectionModel, QObject, Qt, QThreadPool, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
+    QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,
@@ -28,7 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.data.labels import read_labels, write_labels
+from engine.data.labels import folder_labels, read_labels, write_labels
 from engine.events import EngineError
 from engine.labelling.session import ACCEPT_LEVEL
 from engine.paths import app_data_dir
@@ -101,6 +102,7 @@ class LabelTab(QWidget):
         self.since_round = 0
         self.round_running = False
         self.round_pending = False
+        self.has_subfolders = False
         self.saver = LabelSaver(self)
         self.saver.saved.connect(self._saved)
         self._build(loader)
@@ -128,6 +130,13 @@ class LabelTab(QWidget):
         self.class_bar = QHBoxLayout()
         bar.addLayout(self.class_bar)
         bar.addStretch(1)
+        self.folder_classes = QCheckBox("Subfolders are classes")
+        self.folder_classes.setToolTip(
+            "A partly sorted folder: label every image in a top-level subfolder with the subfolder's name (source "
+            "'folder' in the labels file); the loose images are left to you. Off: those labels are taken back."
+        )
+        self.folder_classes.toggled.connect(self.use_folder_classes)
+        bar.addWidget(self.folder_classes)
         self.not_class_btn = QPushButton("Not a class (0)")
         self.not_class_btn.setToolTip("Leave the selected images out: they are neither trained on nor asked again.")
         self.not_class_btn.clicked.connect(self.mark_not_a_class)
@@ -207,6 +216,9 @@ class LabelTab(QWidget):
 
     def _enable(self) -> None:
         ready = self.pile is not None
+        self.folder_classes.setEnabled(
+            ready and any(os.sep in os.path.relpath(p, self.pile.root) for p in self.pile.paths)
+        )
         for w in (self.new_class, self.not_class_btn, self.skip_btn, self.grid, self.write_btn, self.train_btn):
             w.setEnabled(ready)
         self.undo_btn.setEnabled(ready and bool(self.history))
@@ -245,7 +257,11 @@ class LabelTab(QWidget):
         self.suggestions = None
         self.abs_paths = [os.path.abspath(p) for p in pile.paths]
         self.shown = dict(zip(self.abs_paths, pile.paths))
+        self.has_subfolders = bool(folder_labels(pile.root, pile.paths))
         self._rebuild_class_buttons()
+        self.folder_classes.blockSignals(True)
+        self.folder_classes.setChecked(any(src == "folder" for _, src in self.labels.values()))
+        self.folder_classes.blockSignals(False)
         skipped = f"; {len(pile.skipped)} unreadable file(s) skipped" if pile.skipped else ""
         self.folder_label.setText(
             f"<b>{pile.root}</b>: {len(pile.paths)} images{skipped}. Labels are saved after every action to "
@@ -311,6 +327,28 @@ class LabelTab(QWidget):
             self.skipped.discard(p)
         self._changed(len(paths))
         return len(paths)
+
+    def use_folder_classes(self, on: bool) -> int:
+        """Label (on) or unlabel (off) the images of the top-level subfolders by their folder's name; one action
+        (undo takes it back); the user's own and accepted labels are never overwritten."""
+        if self.pile is None:
+            return 0
+        if on:
+            change = {p: v for p, v in folder_labels(self.pile.root, self.pile.paths).items() if p not in self.labels}
+        else:
+            change = {p: None for p, (_, src) in self.labels.items() if src == "folder"}
+        if not change:
+            return 0
+        self.history.append([(p, self.labels.get(p)) for p in change])
+        for p, v in change.items():
+            if v is None:
+                self.labels.pop(p, None)
+            else:
+                self.labels[p] = v
+                self.add_class(v[0])
+        self.batch = []  # what to ask changed wholesale: the next round's picks replace the grid
+        self._changed(max(len(change), RETRAIN_EVERY))
+        return len(change)
 
     def mark_not_a_class(self) -> None:
         self.assign(NOT_A_CLASS)
