@@ -181,7 +181,6 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
     kept, feats = pile.paths, pile.feats
     classes = classes_of(given)
     y = pile.targets(given, classes)
-    ds = pile
     s = suggest(feats, y, classes, config.next, config.seed, config.accept_level)
     ask = {i: r + 1 for r, i in enumerate(s.ask)}
     rows = []
@@ -199,4 +198,4 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
         w.writerow(CSV_HEADER)
         w.writerows(rows)
         atomic_write_text(config.csv, buf.getvalue())
-    return LabelResult(rows, classes, len(kept), int((y >= 0).sum()), s.accept, ds.skipped, time.perf_counter() - t0)
+    return LabelResult(rows, classes, len(kept), int((y >= 0).sum()), s.accept, pile.skipped, time.perf_counter() - t0)

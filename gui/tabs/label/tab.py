@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QItemSelectionModel, QObject, Qt, QThreadPool, Signal
+from PySide6.QtCore import QItemSelectionModel, Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -29,46 +28,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.data.labels import folder_labels, read_labels, write_labels
-from engine.events import EngineError
+from engine.data.labels import folder_labels, read_labels
 from engine.labelling.session import ACCEPT_LEVEL
 from engine.paths import app_data_dir
+from gui.tabs.label.saver import LabelSaver
 from gui.widgets.image_grid import ImageGrid
-
-
-class LabelSaver(QObject):
-    """Writes the labels file off the GUI thread (an fsync took 0.3-0.5 s on a busy disk, on every key press): each
-    action hands over a snapshot, the newest one is written (atomically), ``saved`` says when it is on disk."""
-
-    saved = Signal(str)  # "" when written, else why not
-
-    def __init__(self, parent: QObject | None = None) -> None:
-        super().__init__(parent)
-        self.pool = QThreadPool(self)
-        self.pool.setMaxThreadCount(1)
-        self.lock = threading.Lock()
-        self.latest = None
-
-    def save(self, path: str, labels: dict, shown: dict) -> None:
-        with self.lock:
-            self.latest = (path, dict(labels), shown)
-        self.pool.start(self._write)
-
-    def _write(self) -> None:
-        with self.lock:
-            job, self.latest = self.latest, None
-        if job is None:  # (a newer snapshot was written by the run before)
-            return
-        try:
-            write_labels(*job)
-            self.saved.emit("")
-        except EngineError as exc:  # the labels stay in memory; the next action writes them again
-            self.saved.emit(str(exc))
-
-    def flush(self) -> None:
-        """Wait until every snapshot handed over is on disk (closing, training from the file)."""
-        self.pool.waitForDone()
-
 
 RETRAIN_EVERY = 5  # labels between background rounds (the batch ends a round too)
 NOT_A_CLASS = ""
