@@ -70,7 +70,11 @@ def _fix_tiny_class(idx: list[int], u: list[float], out: list[str], val_split: f
 
 def _key(path: str, root: str) -> str:
     """An image's identity for its split draw: its path inside its class folder ("a/b.jpg" in DATA/cats/a/b.jpg)."""
-    rel = os.path.relpath(path, root).replace(os.sep, "/").split("/")
+    prefix = root.rstrip(os.sep) + os.sep
+    # (os.path.relpath took 50 us an image: 0.4 s of a 4,317-image rerun from the cache; the prefix is the same)
+    rel = path[len(prefix) :].replace(os.sep, "/").split("/") if path.startswith(prefix) else [""]
+    if any(c in ("", ".", "..") for c in rel):  # not plainly under root: let relpath normalise it
+        rel = os.path.relpath(path, root).replace(os.sep, "/").split("/")
     rel = rel[1:] if rel[0] in SPLIT_NAMES or rel[0].lower() in SPLIT_NAMES else rel
     return "/".join(rel[1:]) or rel[-1]
 
