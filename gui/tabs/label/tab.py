@@ -62,6 +62,10 @@ class LabelTab(QWidget):
         self.batch: list[str] = []  # absolute paths asked now
         self.suggestions = None
         self.suggested_for: list[str] = []  # the classes the suggestions' columns are
+        # Fixed per round / per pile, so a key press costs no pass over every image (5,000 in a pile is common):
+        self.best = np.zeros(0, np.float32)  # each image's top suggested probability
+        self.best_class = np.zeros(0, np.int64)  # ... and its class (a column of suggestions.probs)
+        self.row: dict[str, int] = {}  # absolute path -> its index in the pile
         self.curve: list[tuple[int, float]] = []  # (labels, cross-validated accuracy)
         self.since_round = 0
         self.round_running = False
@@ -219,7 +223,9 @@ class LabelTab(QWidget):
         self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
         self.skipped, self.history, self.batch, self.curve = set(), [], [], []
         self.suggestions = None
+        self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
         self.abs_paths = [os.path.abspath(p) for p in pile.paths]
+        self.row = {p: i for i, p in enumerate(self.abs_paths)}
         self.shown = dict(zip(self.abs_paths, pile.paths))
         self.has_subfolders = bool(folder_labels(pile.root, pile.paths))
         self._rebuild_class_buttons()
@@ -351,9 +357,10 @@ class LabelTab(QWidget):
             return []
         level = self.level.value() / 100
         out = []
-        for i, p in enumerate(self.abs_paths):
-            if p not in self.labels and s.probs[i].max() >= level:
-                out.append((p, self.suggested_for[int(s.probs[i].argmax())]))
+        for i in np.flatnonzero(self.best >= level):  # the few sure ones, not every image
+            p = self.abs_paths[i]
+            if p not in self.labels:
+                out.append((p, self.suggested_for[self.best_class[i]]))
         return out
 
     def _changed(self, n_new: int) -> None:
@@ -406,6 +413,10 @@ class LabelTab(QWidget):
         self.round_running = False
         self.suggestions = s
         self.suggested_for = list(s.classes)
+        if s.probs is not None:
+            self.best, self.best_class = s.probs.max(1), s.probs.argmax(1)
+        else:
+            self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
         if s.estimate is not None:
             self.curve = [pt for pt in self.curve if pt[0] != s.n_labelled] + [(s.n_labelled, s.estimate)]
             self.curve.sort()
@@ -428,7 +439,7 @@ class LabelTab(QWidget):
 
     def _show_batch(self) -> None:
         s = self.suggestions
-        row = {p: i for i, p in enumerate(self.abs_paths)} if s is not None and s.probs is not None else {}
+        row = self.row if s is not None and s.probs is not None else {}
         items = []
         for p in self.batch:
             if p in self.labels:
@@ -438,8 +449,8 @@ class LabelTab(QWidget):
                 caption = "skipped"
             elif p in row:
                 i = row[p]
-                j = int(s.probs[i].argmax())
-                guess = "unfamiliar" if s.unfamiliar[i] else f"{self.suggested_for[j]}? {s.probs[i, j]:.0%}"
+                j = int(self.best_class[i])
+                guess = "unfamiliar" if s.unfamiliar[i] else f"{self.suggested_for[j]}? {self.best[i]:.0%}"
                 caption = guess
             else:
                 caption = "?"
