@@ -130,3 +130,42 @@ def test_train_with_a_labels_file_learns_from_the_labelled_images_only_and_score
     assert meta["test_accuracy"] >= 0.85
     with pytest.raises(EngineError, match="no labels yet"):
         scan_labelled(str(root), str(tmp_path / "none.csv"))
+
+
+def test_label_folder_classes_takes_a_partly_sorted_folders_subfolders_as_labels_and_asks_the_loose_ones(tmp_path):
+    """The command line's `--folder-classes` (the Label tab's *Subfolders are classes*): the sorted part is
+    labelled from its folder names (source `folder`, written into the labels file, a user's own label kept over
+    it), the loose images are what it suggests for and asks about; without the flag nothing is assumed."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "part"
+    for kind in ("circles", "squares"):
+        (root / kind).mkdir(parents=True)
+        for i in range(5):
+            draw_image(kind, 10 * i + len(kind)).save(root / kind / f"{i}.png")
+    loose = {}
+    for i, kind in enumerate(["circles", "squares"] * 3):
+        p = root / f"loose_{i}.png"
+        draw_image(kind, 500 + i).save(p)
+        loose[str(p)] = kind
+    labels = tmp_path / "labels.csv"
+    mine = os.path.abspath(root / "circles" / "0.png")
+    write_labels(str(labels), {mine: ("", "user")})  # the user said "not a class" for one sorted image
+    out = tmp_path / "out.csv"
+    cmd = [sys.executable, "-m", "engine", "label", str(root), "--labels", str(labels), "--next", "3"]
+    common = ["--cache-dir", str(tmp_path / "cache"), "--csv", str(out)]
+    done = subprocess.run(cmd + common + ["--folder-classes"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    saved = read_labels(str(labels))
+    assert saved[mine] == ("", "user") and len(saved) == 10
+    assert {v for p, v in saved.items() if p != mine} == {("circles", "folder"), ("squares", "folder")}
+    assert all(saved[os.path.abspath(p)][0] == os.path.basename(os.path.dirname(p)) for p in saved if p != mine)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["path"] for r in rows} == set(loose)  # only the loose images are left to label
+    assert np.mean([r["suggested_label"] == loose[r["path"]] for r in rows]) >= 0.8
+    assert sorted(int(r["ask"]) for r in rows if r["ask"]) == [1, 2, 3]
+    write_labels(str(labels), {})
+    done = subprocess.run(cmd + common, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and read_labels(str(labels)) == {}  # without the flag: a cold start, nothing assumed

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.config import TrainConfig, option
 from engine.data.folder import Dataset, Sample
-from engine.data.labels import classes_of, list_images, read_labels
+from engine.data.labels import classes_of, folder_labels, list_images, read_labels, write_labels
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from engine.labelling.picks import next_batch
 from engine.runs import atomic_write_text
@@ -49,6 +49,15 @@ LabelConfig = dataclasses.make_dataclass(
         ("next", "int", option(10, "how many images to ask about next", parse=int)),
         ("csv", "str | None", option(None, "write one row per unlabelled image here", parse=str)),
         ("accept_level", "float", option(ACCEPT_LEVEL, "the confidence 'accept suggestions' takes", parse=float)),
+        (
+            "folder_classes",
+            "bool",
+            option(
+                False,
+                "a partly sorted folder: each image in a top-level subfolder takes the subfolder's name as its "
+                "label (source 'folder', written into --labels; your own labels win); the loose ones are asked",
+            ),
+        ),
     ],
     namespace={"__doc__": "``python -m engine label DATA``: train's folder, backbone and cache options, and labels."},
 )
@@ -177,6 +186,12 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
     pile = open_pile(config, cb, cancel)
     if pile.cancelled:
         return LabelResult([], [], 0, 0, {}, [], time.perf_counter() - t0, True)
+    if config.folder_classes:  # as the Label tab's "Subfolders are classes": never over the user's own labels
+        found = {p: v for p, v in folder_labels(pile.root, pile.paths).items() if p not in given}
+        given.update(found)
+        cb.on_log(f"{len(found)} image(s) labelled by their subfolder's name")
+        if config.labels and found:
+            write_labels(config.labels, given)
     cb.on_log(f"{len(given)} labelled so far")
     kept, feats = pile.paths, pile.feats
     classes = classes_of(given)
