@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "texture (default: ../shared/datasets/flowers, scans, product)",
     )
     bc = sub.add_parser("crossfit", help="feature extraction with and without cross-fitting, on a test split")
-    bc.add_argument("data", nargs="*", help="folders, or 'digits' (default: hymenoptera, flowers, digits)")
+    bc.add_argument(
+        "data",
+        nargs="*",
+        help="folders, or 'digits' / 'scans' / 'product' / 'texture' (default: hymenoptera, flowers, digits, scans)",
+    )
     bc.add_argument("--per-class", default="all,30,10", help="training images per class: all and/or numbers")
     bc.add_argument("--draws", type=int, default=3, help="draws of the reduced training sets")
     bl = sub.add_parser("label", help="a simulated user labels a folder: the app's picks against random picks")

@@ -112,7 +112,7 @@ def _one(view: str, cross: str, tmp: str) -> dict:
 
 
 def run_bench_crossfit(a) -> int:
-    folders = a.data or [os.path.join(SHARED, "hymenoptera"), os.path.join(SHARED, "flowers"), "digits"]
+    folders = a.data or [os.path.join(SHARED, "hymenoptera"), os.path.join(SHARED, "flowers"), "digits", "scans"]
     tmp = tempfile.mkdtemp(prefix="ts-crossfit-")
     budgets = [int(b) if b != "all" else None for b in a.per_class.split(",")]
     print(
@@ -124,6 +124,10 @@ def run_bench_crossfit(a) -> int:
             name = os.path.basename(os.path.normpath(src))
             if src == "digits":
                 src = digits_folder(os.path.join(tmp, "digits-src"))
+            elif src in ("scans", "product", "texture"):  # one kind of picture (tests/imagegen.py), 160 a class
+                from tests.imagegen import make_one_kind
+
+                src = str(make_one_kind(os.path.join(tmp, src + "-src"), src, 160, val_share=0.0))
             elif not os.path.isdir(src):
                 print(f"{src}: not found, skipped (the benchmarks read ../shared/datasets when it exists)")
                 continue

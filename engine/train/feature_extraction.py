@@ -111,12 +111,13 @@ def _cross_fitted(cfg: TrainConfig, ds: Dataset, split_X: dict, y: np.ndarray, t
         f"on {K_FOLDS - 1} of {K_FOLDS} folds, judge every image out of sample (the figures, the epoch and the "
         "calibration come from those judgements)"
     )
-    res = cross_fit(X, y, folds, len(ds.classes), extra=extra, **train)
+    res = cross_fit(X, y, folds, len(ds.classes), extra=extra, lrs=cfg.lr_grid or None, **train)
     head = res.heads["final"]
     Xte = split_X["test"][0]
     logits = {"val": res.oof_logits, "test": Xte @ head["weight"].T + head["bias"] if len(Xte) else None}
     info = {"method": "cross-validated", "folds": K_FOLDS, "images": len(pool),
-            "fold_sizes": [int((folds == f).sum()) for f in range(K_FOLDS)]}  # fmt: skip
+            "fold_sizes": [int((folds == f).sum()) for f in range(K_FOLDS)],
+            "lr": res.lr, "lr_tried": res.tried}  # fmt: skip
     return HeadOutcome(
         head, res.history, res.best_epoch, logits, {"train": X, "val": None},
         held_items={"val": pool, "test": ds.split("test")}, cross_fit=info, probe=res.heads.get("probe"),

@@ -36,25 +36,49 @@ class HeadAdamW:
         total_steps: int,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        scales: list | None = None,
     ) -> None:
+        """``scales``: per parameter, a factor on the learning rate (broadcast over it: rows of heads that learn
+        at different rates); None: 1 everywhere."""
         self.params, self.base_lr, self.wd, self.total = params, lr, weight_decay, max(1, total_steps)
+        self.scales = scales or [1.0] * len(params)
         self.b1, self.b2, self.eps = betas[0], betas[1], eps
         self.m = [np.zeros_like(p) for p in params]
         self.v = [np.zeros_like(p) for p in params]
         self.t = 0
         self.lr = lr
 
+    def select(self, index: list) -> list[np.ndarray]:
+        """Keep only the rows ``index[i]`` of parameter i (and of its moments and scale): heads that stopped
+        learning leave the arithmetic. Returns the new parameter arrays."""
+        self.params = [p[ix] for p, ix in zip(self.params, index)]
+        self.m = [m[ix] for m, ix in zip(self.m, index)]
+        self.v = [v[ix] for v, ix in zip(self.v, index)]
+        self.scales = [s[ix] if isinstance(s, np.ndarray) else s for s, ix in zip(self.scales, index)]
+        return self.params
+
     def step(self, grads: list[np.ndarray]) -> None:
+        """One update, in place. The arithmetic is spelled out with ``out=`` buffers: written as expressions, its
+        temporaries made it half of a cross-fitted run's time (18 heads x 5 classes x 1,280 features a step)."""
         self.t += 1
         lr = self.lr
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            p *= 1 - lr * self.wd
+        for p, g, m, v, s in zip(self.params, grads, self.m, self.v, self.scales):
+            step = lr * s
+            p *= 1 - step * self.wd
             m *= self.b1
-            m += (1 - self.b1) * g
+            buf = np.multiply(g, 1 - self.b1, dtype=p.dtype)
+            m += buf
             v *= self.b2
-            v += (1 - self.b2) * g * g
-            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
+            np.multiply(g, g, out=buf)
+            buf *= 1 - self.b2
+            v += buf
+            np.multiply(v, 1 / c2, out=buf)  # the denominator: sqrt(v / c2) + eps
+            np.sqrt(buf, out=buf)
+            buf += self.eps
+            np.divide(m, buf, out=buf)
+            buf *= step / c1 if np.ndim(step) == 0 else (step / c1).astype(p.dtype)
+            p -= buf
         self.lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * min(self.t, self.total) / self.total))
 
 

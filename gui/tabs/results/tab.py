@@ -257,6 +257,12 @@ class ResultsTab(QWidget):
                 f"Every one of the {n} labelled images trained the saved model and was judged by one of "
                 f"{cv.get('folds')} heads that never saw it: the figures, the matrix and the mistakes are all out of "
                 "sample"
+                + (
+                    f" (the epoch and the learning rate, {cv['lr']:g} of the {len(cv['lr_tried'])} tried, were chosen "
+                    "on these same judgements)"
+                    if len(cv.get("lr_tried") or []) > 1
+                    else ""
+                )
             )
         bal, f1 = metrics.get("val_balanced_accuracy"), metrics.get("val_macro_f1")
         if bal is not None:

@@ -78,7 +78,10 @@ class TrainingTab(QWidget):
         self.lr = QDoubleSpinBox(
             decimals=5, minimum=0.0, maximum=1.0, singleStep=0.0005, value=0.0, specialValueText="auto"
         )
-        self.lr.setToolTip("Learning rate of the new head (the backbone uses a tenth of it). auto: 0.003 / 0.001")
+        self.lr.setToolTip(
+            "Learning rate of the new head (the backbone uses a tenth of it). auto: feature extraction tries 0.003, "
+            "0.01 and 0.03 and keeps the one its cross-validated judgements favour; fine-tuning 0.001"
+        )
         self.augment = QCheckBox("Mirror images")
         self.augment.setChecked(True)
         self.augment.setToolTip(
