@@ -94,11 +94,12 @@ def run_bench_label(a) -> int:
         last = curve[-1][2]
         un = np.flatnonzero(known < 0)
         conf = last.probs[un].max(1)
-        take = un[conf >= ACCEPT_LEVEL]
+        take = un[(conf >= ACCEPT_LEVEL) & last.agreed[un]]  # as Accept takes them: every head agreeing
         right = float((last.probs[take].argmax(1) == yp[take]).mean()) if len(take) else float("nan")
         print(
             f"accept at {ACCEPT_LEVEL:.0%}: {len(take)} of {len(un)} unlabelled "
             f"({100 * len(take) / max(len(un), 1):.0f}%)"
-            f", {right:.3f} right; a round (suggest + next {ROUND}) took {np.median(t_round):.2f} s (median)"
+            f", {right:.3f} right (the app's own estimate: {last.accept['right_so_far']}); "
+            f"a round (suggest + next {ROUND}) took {np.median(t_round):.2f} s (median)"
         )
     return 0

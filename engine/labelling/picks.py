@@ -6,10 +6,12 @@ its own nearest neighbours), so every kind of picture in the folder is seen in t
 an odd one out. Label Studio's users found pure uncertainty sampling no better than random at small budgets; the
 typical-and-diverse start is what beats random there.
 
-With labels, a batch is mostly the images the model is least sure of (smallest margin between its two likeliest
-classes), spread across the folder (the 5x least certain cut into clusters, the least certain of each), plus a few
-typical images of the regions no label is near ("unfamiliar"), so a kind of picture nobody labelled yet is asked
-about too.
+With a few labels (under 5 a class: ``session.TYPICAL_UNTIL``), TypiClust's later rounds: every image cut into as
+many clusters as labels so far plus the batch, and the most typical unlabelled image of each cluster the labels cover
+least (:func:`uncovered_typical`). After that, a batch is mostly the images the model is least sure of (smallest
+margin between its two likeliest classes), spread across the folder (the 5x least certain cut into clusters, the
+least certain of each), plus a few typical images of the regions no label is near ("unfamiliar"), so a kind of
+picture nobody labelled yet is asked about too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,41 @@ def typical_and_diverse(X: np.ndarray, n: int, seed: int, among: np.ndarray | No
     return [int(among[_most_typical(f, np.flatnonzero(lab == c))]) for c in np.argsort(-sizes, kind="stable")]
 
 
+def _reduced(X: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    """Unit vectors through a fixed random projection to ``dims`` dimensions (Johnson-Lindenstrauss: distances
+    kept to within a few percent), for k-means with dozens of clusters over thousands of images. PCA did the same
+    in 0.7 s for 5,000 images (a third of a round); this takes milliseconds."""
+    f = normalise(X)
+    if f.shape[1] <= dims:
+        return f
+    R = np.random.default_rng(seed).standard_normal((f.shape[1], dims)).astype(np.float32) / np.sqrt(dims)
+    return f @ R
+
+
+def uncovered_typical(X: np.ndarray, labelled: np.ndarray, unlabelled: np.ndarray, n: int, seed: int) -> list[int]:
+    """TypiClust's later rounds: every image cut into (labels so far + n) clusters; from the clusters holding the
+    fewest labels (the largest first), each one's most typical unlabelled image. So the kinds of picture no label
+    covers yet are asked about, by their most ordinary member rather than an odd one."""
+    if n <= 0 or not len(unlabelled):
+        return []
+    f = _reduced(X, 128, seed)
+    lab = _clusters(f, len(labelled) + n, seed)
+    k = lab.max() + 1
+    covered = np.bincount(lab[labelled], minlength=k) if len(labelled) else np.zeros(k, int)
+    sizes = np.bincount(lab, minlength=k)
+    free = np.zeros(len(X), bool)
+    free[unlabelled] = True
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)  # (typicality is cosine)
+    out = []
+    for c in np.lexsort((-sizes, covered)):  # fewest labels first, then the largest
+        members = np.flatnonzero((lab == c) & free)
+        if len(members):
+            out.append(_most_typical(f, members))
+        if len(out) == n:
+            break
+    return out
+
+
 def uncertain_and_diverse(X: np.ndarray, margin: np.ndarray, among: np.ndarray, n: int, seed: int) -> list[int]:
     """``n`` of ``among`` (indices into ``X``): from the ``5n`` with the smallest ``margin``, one per cluster, the
     least certain of each."""
@@ -63,15 +100,25 @@ def uncertain_and_diverse(X: np.ndarray, margin: np.ndarray, among: np.ndarray, 
 
 
 def next_batch(
-    X: np.ndarray, unlabelled: np.ndarray, n: int, seed: int, margin: np.ndarray | None, unfamiliar: np.ndarray | None
+    X: np.ndarray,
+    unlabelled: np.ndarray,
+    n: int,
+    seed: int,
+    margin: np.ndarray | None,
+    unfamiliar: np.ndarray | None,
+    labelled: np.ndarray | None = None,
+    typical_share: float = 0.0,
 ) -> list[int]:
     """The ``n`` unlabelled images (indices into ``X``) to ask about next: typical and diverse without a model
     (``margin`` None); else uncertain and diverse, a fifth of them typical images of the unfamiliar ones."""
     unlabelled = np.asarray(unlabelled)
     if margin is None:
         return typical_and_diverse(X, n, seed, unlabelled)
+    n_typical = int(round(n * typical_share)) if labelled is not None else 0
+    picks = uncovered_typical(X, labelled, unlabelled, n_typical, seed) if n_typical else []
     strange = unlabelled[unfamiliar[unlabelled]] if unfamiliar is not None else unlabelled[:0]
-    n_strange = min(len(strange), n // 5)
-    picks = typical_and_diverse(X, n_strange, seed, strange) if n_strange else []
+    strange = np.setdiff1d(strange, picks)
+    n_strange = min(len(strange), (n - len(picks)) // 5)
+    picks += typical_and_diverse(X, n_strange, seed, strange) if n_strange else []
     rest = np.setdiff1d(unlabelled, picks)
     return uncertain_and_diverse(X, margin, rest, n - len(picks), seed) + picks

@@ -60,6 +60,7 @@ class CrossFit:
     k: int
     lr: float = 0.0  # the learning rate of the heads kept (of several: see _choose)
     tried: list[dict] = field(default_factory=list)  # each rate's best out-of-fold loss and its epoch
+    fold_heads: list[dict[str, np.ndarray]] = field(default_factory=list)  # the k fold heads kept with them
 
 
 def _gradients(x, yy, weights, W, B, H: int, C: int):
@@ -250,6 +251,7 @@ def cross_fit(
         name: {"weight": Wb[(k + i) * C : (k + i + 1) * C].copy(), "bias": Bb[k + i].copy()}
         for i, name in enumerate(extra)
     }
+    folds_kept = [{"weight": Wb[f * C : (f + 1) * C].copy(), "bias": Bb[f].copy()} for f in range(k)]
     tried = [{"lr": lrs[h], "loss": peaked[h].best_loss, "epoch": peaked[h].best_epoch} for h in sorted(bests)]
     if G > 1 and on_log is not None:
         on_log(
@@ -258,7 +260,7 @@ def cross_fit(
             + ("; the lowest" if g == lead else f"; {lrs[lead]:g} was lower by less than its standard error")
             + ")"
         )
-    return CrossFit(oof, heads, peaked[g].best_epoch, history, folds, k, lrs[g], tried)
+    return CrossFit(oof, heads, peaked[g].best_epoch, history, folds, k, lrs[g], tried, folds_kept)
 
 
 def _behind(curve: list[float], lead_loss: float, stopping: EarlyStopping, epochs: int) -> bool:

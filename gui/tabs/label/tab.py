@@ -65,6 +65,7 @@ class LabelTab(QWidget):
         # Fixed per round / per pile, so a key press costs no pass over every image (5,000 in a pile is common):
         self.best = np.zeros(0, np.float32)  # each image's top suggested probability
         self.best_class = np.zeros(0, np.int64)  # ... and its class (a column of suggestions.probs)
+        self.sure = np.zeros(0, bool)  # ... and whether every fold head suggests that class too (Accept needs it)
         self.row: dict[str, int] = {}  # absolute path -> its index in the pile
         self.curve: list[tuple[int, float]] = []  # (labels, cross-validated accuracy)
         self.since_round = 0
@@ -223,7 +224,7 @@ class LabelTab(QWidget):
         self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
         self.skipped, self.history, self.batch, self.curve = set(), [], [], []
         self.suggestions = None
-        self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        self.best, self.best_class, self.sure = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
         self.abs_paths = [os.path.abspath(p) for p in pile.paths]
         self.row = {p: i for i, p in enumerate(self.abs_paths)}
         self.shown = dict(zip(self.abs_paths, pile.paths))
@@ -357,7 +358,7 @@ class LabelTab(QWidget):
             return []
         level = self.level.value() / 100
         out = []
-        for i in np.flatnonzero(self.best >= level):  # the few sure ones, not every image
+        for i in np.flatnonzero((self.best >= level) & self.sure):  # the few sure ones, not every image
             p = self.abs_paths[i]
             if p not in self.labels:
                 out.append((p, self.suggested_for[self.best_class[i]]))
@@ -413,10 +414,12 @@ class LabelTab(QWidget):
         self.round_running = False
         self.suggestions = s
         self.suggested_for = list(s.classes)
-        if s.probs is not None:
+        if s.probs is not None:  # (where the heads disagree: shown as it is, never offered for Accept)
             self.best, self.best_class = s.probs.max(1), s.probs.argmax(1)
+            self.sure = s.agreed if s.agreed is not None else np.ones(len(self.best), bool)
         else:
             self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
+            self.sure = np.zeros(0, bool)
         if s.estimate is not None:
             self.curve = [pt for pt in self.curve if pt[0] != s.n_labelled] + [(s.n_labelled, s.estimate)]
             self.curve.sort()
