@@ -182,7 +182,8 @@ def cross_fit(
     for the model to save) in lock-step; keep the epoch whose out-of-fold loss is lowest.
 
     ``lrs``: learning rates to try (default: ``lr`` alone). Each is a group of k + extra heads in the same
-    lock-step, and the group and epoch with the lowest out-of-fold loss win: no one rate suits every folder (the
+    lock-step, each group keeps its epoch of lowest out-of-fold loss, and the first rate given is kept unless
+    another's loss is lower by more than a standard error (:func:`_choose`): no one rate suits every folder (the
     flowers' head is best within a few epochs at 3e-3, the digits' still improves at epoch 100 and needs ~10x the
     rate; measured in docs/benchmarks.md), and judging every image out of sample is what lets the choice be made
     without a validation split. The epoch metrics report the winning-so-far group: its first extra head's training
