@@ -295,7 +295,8 @@ def cmd_label(a) -> int:
         right = acc["right_so_far"]
         print(
             f"Accept suggestions at {acc['level']:.0%} confidence: {acc['would_label']} image(s); such suggestions "
-            + (f"were right {right:.0%} of the time on {acc['judged']} labelled images judged out of sample"
+            + (f"were right {right:.0%} of the time on {acc['judged']} labelled images judged out of sample "
+               f"(at least {acc['right_at_least']:.0%} allowing for chance)"
                if right is not None else "have not been judged yet (no labelled image reached that confidence)")
         )  # fmt: skip
     asked = sorted((r for r in res.rows if r[4] != ""), key=lambda r: r[4])

@@ -479,7 +479,8 @@ class LabelTab(QWidget):
         right = a.get("right_so_far")
         judged = (
             f"Of your labelled images, the {a['judged']} the model was at least {a['level']:.0%} sure of "
-            f"(each judged by a head that never saw it) were right {right:.0%} of the time."
+            f"(each judged by a head that never saw it) were right {right:.0%} of the time (so, allowing for chance, "
+            f"at least {a['right_at_least']:.0%})."
             if right is not None
             else "No labelled image was judged that sure yet: how often such suggestions are right is unknown."
         )
