@@ -197,13 +197,7 @@ def cross_fit(
     own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)  # (n, H)
     group = own.shape[1]  # heads per learning-rate group
     held = [np.flatnonzero(folds == f) for f in range(k)]
-    # Judged for the epoch and the rate: the images whose class their fold's head has seen. With a few labels a
-    # class may sit wholly in one fold; its images are always wrong there and their loss only grows with the
-    # heads' confidence, so the loss never fell below epoch 1's (20 digits: an untrained head, 0.12 accuracy).
-    seen = np.zeros((k, num_classes), bool)
-    for f in range(k):
-        seen[f, np.unique(y[folds != f])] = True
-    fair = seen[folds, y] if seen[folds, y].any() else np.ones(len(y), bool)
+    fair = _judgeable(y, folds, k, num_classes)
     scale = np.repeat(np.array(lrs, np.float64) / lrs[0], group)
     heads = _LockStep(
         X, y, np.tile(own, (1, G)), num_classes, batch_size, epochs, lrs[0], weight_decay, dropout, class_weight,
@@ -246,13 +240,6 @@ def cross_fit(
             heads.keep([active.index(g) * group + h for g in still for h in range(group)])
             active = still
     g = _choose({h: (b[0][fair],) for h, b in bests.items()}, y[fair], lead)
-    oof, Wb, Bb = bests[g]  # the chosen group's heads alone: its k fold heads, then the extra ones
-    C = num_classes
-    heads = {
-        name: {"weight": Wb[(k + i) * C : (k + i + 1) * C].copy(), "bias": Bb[k + i].copy()}
-        for i, name in enumerate(extra)
-    }
-    folds_kept = [{"weight": Wb[f * C : (f + 1) * C].copy(), "bias": Bb[f].copy()} for f in range(k)]
     tried = [{"lr": lrs[h], "loss": peaked[h].best_loss, "epoch": peaked[h].best_epoch} for h in sorted(bests)]
     if G > 1 and on_log is not None:
         on_log(
@@ -261,7 +248,25 @@ def cross_fit(
             + ("; the lowest" if g == lead else f"; {lrs[lead]:g} was lower by less than its standard error")
             + ")"
         )
-    return CrossFit(oof, heads, peaked[g].best_epoch, history, folds, k, lrs[g], tried, folds_kept)
+    oof, Wb, Bb = bests[g]  # the chosen group's heads alone: its k fold heads, then the extra ones
+
+    def head(h: int) -> dict[str, np.ndarray]:
+        return {"weight": Wb[h * num_classes : (h + 1) * num_classes].copy(), "bias": Bb[h].copy()}
+
+    named = {name: head(k + i) for i, name in enumerate(extra)}
+    return CrossFit(oof, named, peaked[g].best_epoch, history, folds, k, lrs[g], tried, [head(f) for f in range(k)])
+
+
+def _judgeable(y: np.ndarray, folds: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+    """The images the out-of-fold loss judges (for the epoch and the rate): those whose class their fold's head has
+    seen. With a few labels a class may sit wholly in one fold; its images are always wrong there and their loss
+    only grows with the heads' confidence, so the loss never fell below epoch 1's (20 digits: an untrained head,
+    0.12 accuracy). All images when no class is seen across folds (one label a class)."""
+    seen = np.zeros((k, num_classes), bool)
+    for f in range(k):
+        seen[f, np.unique(y[folds != f])] = True
+    fair = seen[folds, y]
+    return fair if fair.any() else np.ones(len(y), bool)
 
 
 def _behind(curve: list[float], lead_loss: float, stopping: EarlyStopping, epochs: int) -> bool:
