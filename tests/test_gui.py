@@ -88,6 +88,7 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path,
     # no validation folder: every labelled image trained the model and was judged out of fold, and the tabs say so
     assert "Cross-validated (5-fold) accuracy" in w.results_tab.summary.text()
     assert "each judged by a head that never saw it" in w.results_tab.mistakes_label.text()
+    assert "the learning rate" in w.results_tab.summary.text() and "of the 3 tried" in w.results_tab.summary.text()
     assert "Feature extraction cross-validates (5 folds): all 42 labelled images" in w.dataset_tab.status.text()
     assert "stall" not in w.status_label.text().lower()  # a developer's measurement, not the user's concern
     # a confusion-matrix cell leads to its images: as many as the run's metrics.json counts there
