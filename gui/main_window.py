@@ -19,9 +19,8 @@ from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMainWindow, QM
 
 from engine.config import ExportConfig, PredictConfig, ScanConfig, TrainConfig, to_argv
 from engine.data.folder import is_image_name
-from engine.data.labels import list_images, open_dataset, write_sorted
+from engine.data.labels import list_images, open_dataset
 from engine.events import EngineError
-from engine.labelling.session import LabelConfig, next_round, open_pile
 from engine.paths import default_runs_dir
 from engine.predict.export import export_model
 from engine.predict.heatmap import HeatmapConfig, heatmap
@@ -30,10 +29,11 @@ from engine.predict.sorting import SortConfig, sort_into
 from engine.runs import new_run_name
 from engine.train.fit import fit
 from gui.cache_dialog import manage_embedding_cache
-from gui.jobs.controller import DISCOVERY, HEATMAP, LABEL, MAIN, SCAN, JobController
+from gui.jobs.controller import DISCOVERY, HEATMAP, MAIN, SCAN, JobController
 from gui.jobs.discovery import discover
 from gui.tabs.dataset.doctor_controller import DatasetChecks
 from gui.tabs.dataset.tab import DatasetTab
+from gui.tabs.label.controller import Labelling
 from gui.tabs.label.tab import LabelTab
 from gui.tabs.model.tab import ModelTab
 from gui.tabs.predict.tab import PredictTab
@@ -90,10 +90,7 @@ class MainWindow(QMainWindow):
         self.predict_tab.stop_requested.connect(self.stop_job)
         self.predict_tab.export_requested.connect(self.export_model)
         self.predict_tab.sort_requested.connect(self.sort_predictions)
-        self.label_tab.open_requested.connect(self.start_labelling)
-        self.label_tab.round_requested.connect(self._labelling_round)
-        self.label_tab.write_requested.connect(self.write_sorted_folder)
-        self.label_tab.train_requested.connect(self._train_on_labels)
+        self.labelling = Labelling(self)  # the Label tab's jobs
         self.results_tab.run_opened.connect(self._run_opened)
         self.results_tab.heatmap_requested.connect(self.show_heatmap)
         self.predict_tab.heatmap_requested.connect(self.show_heatmap)
@@ -232,62 +229,12 @@ class MainWindow(QMainWindow):
         except (OSError, EngineError):
             return False
 
-    # ------------------------------------------------------------------------------------------------ labelling
     def start_labelling(self, folder: str) -> None:
-        """Open ``folder`` in the Label tab: every image embedded once (the main lane: it uses the backbone)."""
-        if self.busy():
-            self.show_error("Another job is running: stop it or wait for it to finish.")
-            return
-        values = {**self.dataset_tab.values(), **self.model_tab.values(), **self.training_tab.values()}
-        names = {f.name for f in dataclasses.fields(LabelConfig)}
-        cfg = LabelConfig(**{k: v for k, v in values.items() if k in names and k != "data"}, data=folder)
-        self.tabs.setCurrentWidget(self.label_tab)
-        self.label_tab.opening(folder)
-        self.start_main(
-            self.label_tab,
-            open_pile,
-            cfg,
-            done=self.label_tab.pile_opened,
-            failed=self._labelling_failed,
-            signals={"progress": self.label_tab.on_progress},
-        )
-
-    def _labelling_failed(self, message: str, details: str) -> None:
-        self.label_tab.open_failed(message)
-        self.show_error(message, details)
-
-    def _labelling_round(self, request) -> None:
-        y, classes, n_next, level = request
-        t = self.label_tab
-        self.jobs.start(
-            LABEL, next_round, t.pile, y, classes, n_next, level, done=t.round_finished, failed=self._round_failed
-        )
-
-    def _round_failed(self, message: str, details: str) -> None:
-        self.label_tab.round_failed(message)
+        """Open ``folder`` in the Label tab (gui/tabs/label/controller.py)."""
+        self.labelling.start(folder)
 
     def write_sorted_folder(self, folder: str) -> None:
-        if self.busy():
-            self.show_error("Another job is running: stop it or wait for it to finish.")
-            return
-        self.label_tab.writing_to = folder
-        self.start_main(
-            self.label_tab, write_sorted, dict(self.label_tab.labels), folder,
-            done=self._sorted_written, failed=self._write_failed,
-        )  # fmt: skip
-
-    def _sorted_written(self, result) -> None:
-        self.last_result = result
-        self.label_tab.sorted_written(result, self.label_tab.writing_to)
-
-    def _write_failed(self, message: str, details: str) -> None:
-        self.label_tab.write_failed(message)
-        self.show_error(message, details)
-
-    def _train_on_labels(self, folder: str, labels_file: str) -> None:
-        """*Train on these labels*: the Dataset tab opens the folder with its classes from the labels file."""
-        self.dataset_tab.use_labels(folder, labels_file)
-        self.tabs.setCurrentWidget(self.dataset_tab)
+        self.labelling.write_sorted_folder(folder)
 
     def _scanned(self, result) -> None:
         self.dataset_tab.scan_finished(result)
