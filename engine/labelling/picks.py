@@ -110,7 +110,8 @@ def next_batch(
     typical_share: float = 0.0,
 ) -> list[int]:
     """The ``n`` unlabelled images (indices into ``X``) to ask about next: typical and diverse without a model
-    (``margin`` None); else uncertain and diverse, a fifth of them typical images of the unfamiliar ones."""
+    (``margin`` None); else ``typical_share`` of them :func:`uncovered_typical` (given the ``labelled`` indices),
+    and the rest uncertain and diverse, a fifth of those typical images of the unfamiliar ones."""
     unlabelled = np.asarray(unlabelled)
     if margin is None:
         return typical_and_diverse(X, n, seed, unlabelled)
