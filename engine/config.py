@@ -22,7 +22,7 @@ MODES = ("feature-extraction", "fine-tuning", "auto")
 # Per-mode defaults for the settings left at None ("auto" in the window).
 DEFAULTS = {
     # Head on cached features: an epoch costs milliseconds, so many epochs with early stopping.
-    # Cross-fitted, it tries three learning rates at once and keeps the lowest out-of-fold loss (crossfit.py).
+    # Cross-fitted, it tries three rates at once; the first is kept unless another is clearly better (crossfit.py).
     "feature-extraction": {"epochs": 100, "batch_size": 64, "lr": 3e-3, "patience": 15, "lr_grid": (3e-3, 1e-2, 3e-2)},
     "fine-tuning": {"epochs": 5, "batch_size": 32, "lr": 1e-3, "patience": 3},
 }
@@ -97,8 +97,8 @@ class TrainConfig:
     batch_size: int | None = option(None, "default 64 / 32", parse=int)
     lr: float | None = option(
         None,
-        "head learning rate (default: feature extraction cross-fitted tries 3e-3, 1e-2 and 3e-2 and keeps the "
-        "lowest cross-validated loss, otherwise 3e-3; fine-tuning 1e-3)",
+        "head learning rate (default: feature extraction cross-fitted tries 3e-3, 1e-2 and 3e-2 and keeps 3e-3 "
+        "unless another has a clearly lower cross-validated loss, otherwise 3e-3; fine-tuning 1e-3)",
         parse=float,
     )
     backbone_lr_mult: float | None = option(

@@ -236,7 +236,7 @@ def cross_fit(
         if stopping.stop(True, on_log):
             break
         still = [g for g in active if g == lead or not _behind(curve[g], peaked[lead].best_loss, peaked[g], epochs)]
-        if len(still) < len(active):  # ~1 ms a step per group of heads is AdamW's: a group out of the race drops
+        if len(still) < len(active):  # AdamW alone is ~0.4 ms a step per group (10 classes): drop the losers
             heads.keep([active.index(g) * group + h for g in still for h in range(group)])
             active = still
     g = _choose({h: (b[0][fair],) for h, b in bests.items()}, y[fair], lead)

@@ -108,8 +108,9 @@ def _cross_fitted(cfg: TrainConfig, ds: Dataset, split_X: dict, y: np.ndarray, t
         extra["probe"] = np.arange(len(pool)) < len(split_X["train"][0])
     cb.on_log(
         f"Training the head on all {len(pool)} labelled images, cross-fitted: {K_FOLDS} more heads, each trained "
-        f"on {K_FOLDS - 1} of {K_FOLDS} folds, judge every image out of sample (the figures, the epoch and the "
-        "calibration come from those judgements)"
+        f"on {K_FOLDS - 1} of {K_FOLDS} folds, judge every image out of sample (the figures, the epoch, "
+        + ("the learning rate (of " + ", ".join(f"{r:g}" for r in cfg.lr_grid) + ") " if cfg.lr_grid else "")
+        + "and the calibration come from those judgements)"
     )
     res = cross_fit(X, y, folds, len(ds.classes), extra=extra, lrs=cfg.lr_grid or None, **train)
     head = res.heads["final"]

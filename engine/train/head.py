@@ -58,8 +58,9 @@ class HeadAdamW:
         return self.params
 
     def step(self, grads: list[np.ndarray]) -> None:
-        """One update, in place. The arithmetic is spelled out with ``out=`` buffers: written as expressions, its
-        temporaries made it half of a cross-fitted run's time (18 heads x 5 classes x 1,280 features a step)."""
+        """One update, in place, spelled out with ``out=`` buffers: about a third of a cross-fitted epoch is this
+        update (cProfile, flowers), and without the expressions' temporaries it ran 5-25% faster (21 heads x 10
+        classes x 1,280 features: 1.18 against 1.24 ms a step)."""
         self.t += 1
         lr = self.lr
         c1, c2 = 1 - self.b1**self.t, 1 - self.b2**self.t
