@@ -322,7 +322,7 @@ def cmd_cache(a) -> int:
         return 0
     print(f"{'backbone':22} {'key':16} {'images':>8} {'MB':>9}")
     for e in entries:
-        images = "damaged" if e["images"] is None else str(e["images"])
+        images = ("-" if e["key"] == "-" else "damaged") if e["images"] is None else str(e["images"])
         print(f"{e['backbone']:22} {e['key']:16} {images:>8} {e['bytes'] / 1e6:9.1f}")
     print(f"{'total':22} {'':16} {'':>8} {sum(e['bytes'] for e in entries) / 1e6:9.1f}")
     print("\nA key is one backbone + weights + preprocessing. `python -m engine cache --clear` deletes it all.")

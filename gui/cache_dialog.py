@@ -16,7 +16,7 @@ def manage_embedding_cache(window, busy: bool) -> int | None:
     if not entries:
         QMessageBox.information(window, "Embedding cache", f"The embedding cache in {folder} is empty.")
         return None
-    images = sum(e["images"] or 0 for e in entries)
+    images = sum(e["images"] or 0 for e in entries if e["key"] != "-")  # (not the thumbnails, graphs, index)
     mb = sum(e["bytes"] for e in entries) / 1e6
     if busy:
         window.show_error("A job is running: stop it before deleting the embedding cache.")

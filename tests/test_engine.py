@@ -358,7 +358,7 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     second = fit(TrainConfig(out=str(tmp_path / "r2"), **cfg))
     assert second.metrics["embeddings_from_cache"] == 42 and second.metrics["embed_images_per_s"] is None
     assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
-    (cache_file,) = [p for p in cache.iterdir() if not p.name.endswith(".backbone.safetensors")]
+    (cache_file,) = [p for p in cache.glob("*.safetensors") if not p.name.endswith(".backbone.safetensors")]
     cache_file.write_bytes(cache_file.read_bytes()[:200])  # torn write
     logs = []
 
@@ -383,12 +383,40 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     # `python -m engine cache`: what is stored, and --clear deletes only the cache's own files
     from engine.embed.embeddings import cache_contents, clear_cache
 
-    (entry,) = cache_contents(str(cache))
+    (entry,) = [e for e in cache_contents(str(cache)) if e["key"] != "-"]  # (besides the files-read index)
     assert entry["backbone"] == "efficientnet_lite0" and entry["images"] == 42 and len(entry["files"]) == 2
     (cache / "notes.txt").write_text("mine")
-    assert clear_cache(str(cache)) == entry["bytes"]
+    stored = sum(e["bytes"] for e in cache_contents(str(cache)))
+    assert clear_cache(str(cache)) == stored
     assert cache_contents(str(cache)) == [] and [p.name for p in cache.iterdir()] == ["notes.txt"]
     assert fit(TrainConfig(out=str(tmp_path / "r6"), **cfg)).metrics["embeddings_from_cache"] == 0
+
+
+def test_a_rerun_checks_no_header_again_but_sees_a_file_broken_since(tmp_path, monkeypatch):
+    """The header check of every image was a quarter of a cached rerun: files decoded before and unchanged (size and
+    modification time) are taken as they are, and a file rewritten since is checked, skipped and reported."""
+    import time
+
+    from engine.data import folder
+
+    data = make_flat_dataset(tmp_path / "data", n_per_class=6)
+    files = sorted(str(p) for p in data.rglob("*") if p.is_file())
+    old = time.time() - 60  # (a file modified in the last two seconds is not remembered: its time may repeat)
+    for p in files:
+        os.utime(p, (old, old))
+    cfg = dict(data=str(data), epochs=3, cache_dir=str(tmp_path / "cache"))
+    fit(TrainConfig(out=str(tmp_path / "r1"), **cfg))
+    checked = []
+    real = folder.check_image
+    monkeypatch.setattr(folder, "check_image", lambda p: checked.append(p) or real(p))
+    second = fit(TrainConfig(out=str(tmp_path / "r2"), **cfg))
+    assert checked == [] and second.metrics["embeddings_from_cache"] == len(files)
+    Path(files[0]).write_bytes(b"this is no longer an image")
+    os.utime(files[0], (old, old))  # even with its old time: its size changed
+    third = fit(TrainConfig(out=str(tmp_path / "r3"), **cfg))
+    assert [os.path.abspath(p) for p in checked] == [os.path.abspath(files[0])]
+    assert [os.path.abspath(p) for p, _ in third.skipped] == [os.path.abspath(files[0])]
+    assert third.metrics["embeddings_from_cache"] == len(files) - 1
 
 
 def test_malicious_pickle_is_refused(tmp_path):

@@ -272,9 +272,11 @@ def scan(
     progress: Callable[[Progress], None] | None = None,
     check_files: bool = True,
     exclude: str | set | None = None,
+    known: Callable[[str], bool] | None = None,
 ) -> Dataset:
     """Scan ``root`` into a :class:`Dataset`, leaving out the images ``exclude`` lists. Raises :class:`EngineError`
-    with a suggestion when it cannot be used, :class:`Cancelled` when cancelled."""
+    with a suggestion when it cannot be used, :class:`Cancelled` when cancelled. ``known(path)``: the file was decoded
+    before and is unchanged, so its header is not checked again (engine/data/known_files.py)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise EngineError(f"Folder not found: {root}. Choose a folder that contains one subfolder per class.")
@@ -310,7 +312,7 @@ def scan(
             excluded += [p for p in files if os.path.abspath(p) in leave_out]
             kept_groups.append((split, cname, [p for p in files if os.path.abspath(p) not in leave_out]))
         groups = kept_groups
-    files_by_group = _check_files(groups, check_files, cancel, progress, record)
+    files_by_group = _check_files(groups, check_files, cancel, progress, record, known)
 
     names = sorted({c for _, c, f in files_by_group if f})
     empty = sorted({c for _, c, f in files_by_group} - set(names))
@@ -344,8 +346,11 @@ def scan(
     return ds
 
 
-def _check_files(groups, check_files: bool, cancel, progress, record) -> list[tuple[str | None, str, list[str]]]:
-    """Each group's files whose header reads as an image (the others are recorded with their reason)."""
+def _check_files(
+    groups, check_files: bool, cancel, progress, record, known: Callable[[str], bool] | None = None
+) -> list[tuple[str | None, str, list[str]]]:
+    """Each group's files whose header reads as an image (the others are recorded with their reason); ``known``
+    files are taken as they are."""
     total = sum(len(f) for _, _, f in groups)
     checked = 0
     files_by_group: list[tuple[str | None, str, list[str]]] = []
@@ -354,7 +359,7 @@ def _check_files(groups, check_files: bool, cancel, progress, record) -> list[tu
         for path in files:
             if cancel is not None and checked % 64 == 0:
                 cancel.raise_if_cancelled()
-            reason = check_image(path) if check_files else None
+            reason = check_image(path) if check_files and not (known and known(path)) else None
             if reason:
                 record(path, reason)
             else:

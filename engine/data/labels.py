@@ -111,10 +111,12 @@ def scan_labelled(
     cancel: CancelToken | None = None,
     progress=None,
     exclude: str | set | None = None,
+    known=None,
 ) -> Dataset:
     """``train DATA --labels LABELS.csv``: the labelled images under ``root`` as a dataset (the "not a class" ones
     and the unlabelled ones left out), split by each image's own draw as a flat folder is. A ``test/`` folder of
-    class folders in ``root`` is kept as the test split (only scored), and its images are never read as labelled."""
+    class folders in ``root`` is kept as the test split (only scored), and its images are never read as labelled.
+    ``known``: as :func:`engine.data.folder.scan`'s."""
     given = read_labels(labels_file)
     if not given:
         raise EngineError(f"The labels file {labels_file} has no labels yet: label some images first.")
@@ -141,7 +143,7 @@ def scan_labelled(
         groups += [
             ("test", c, walk_images(os.path.join(test_dir, c), cancel, skipped.append)) for c in _class_dirs(test_dir)
         ]
-    checked = _check_files(groups, True, cancel, progress, lambda p, r: skipped.append((p, r)))
+    checked = _check_files(groups, True, cancel, progress, lambda p, r: skipped.append((p, r)), known)
     names = sorted({c for s, c, f in checked if s is None and f})
     if len(names) < 2:
         raise EngineError(

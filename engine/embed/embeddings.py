@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from engine.data.decode import content_hash, iter_decoded, read_bytes, stack_on
+from engine.data.known_files import FILE as KNOWN_FILE
+from engine.data.known_files import KnownFiles
 from engine.events import Cancelled, CancelToken, EngineError, Phase, Progress
 from engine.meters import RateMeter
 from engine.network.backbones import LoadedBackbone, Preprocessing
@@ -206,6 +208,15 @@ def cache_contents(folder: str | None = None) -> list[dict]:
             "bytes": sum(os.path.getsize(p) for p in thumbs),
             "files": thumbs,
         }
+    index = os.path.join(folder, KNOWN_FILE)  # which files were read before (engine/data/known_files.py)
+    if os.path.isfile(index):
+        entries[("files", "")] = {
+            "backbone": "(files read before)",
+            "key": "-",
+            "images": len(KnownFiles(folder).entries),
+            "bytes": os.path.getsize(index),
+            "files": [index],
+        }
     graphs = os.path.join(folder, "graphs")  # ONNX Runtime's exported and quantised backbones
     files = sorted(
         os.path.join(graphs, n)
@@ -238,14 +249,18 @@ def clear_cache(folder: str | None = None) -> int:
     return freed
 
 
-def _hash_all(paths: Sequence[str], cancel: CancelToken | None) -> tuple[list[str | None], list[tuple[str, str]]]:
+def hash_files(
+    paths: Sequence[str], cancel: CancelToken | None = None, known: KnownFiles | None = None
+) -> tuple[list[str | None], list[tuple[str, str]]]:
+    """Each file's content hash (None, with the reason in the errors, for a file that cannot be read); a file
+    ``known`` to be unchanged since it was read is not read again."""
     hashes: list[str | None] = [None] * len(paths)
     errors: list[tuple[str, str]] = []
     for i, p in enumerate(paths):
         if cancel is not None and i % 256 == 0:
             cancel.raise_if_cancelled()
         try:
-            hashes[i] = content_hash(read_bytes(p))
+            hashes[i] = (known.hash_of(p) if known is not None else None) or content_hash(read_bytes(p))
         except OSError as exc:
             errors.append((p, f"cannot read file: {exc.strerror or exc}"))
     return hashes, errors
@@ -320,7 +335,8 @@ def embed_files(
     pre = backbone.preprocessing
     name = backbone_name or "backbone"
     n = len(paths)
-    hashes, errors = _hash_all(paths, cancel)
+    known = KnownFiles(cache_dir)
+    hashes, errors = hash_files(paths, cancel, known)
     onnx = ob.use_onnx(engine, device)
     readable = [h for h in hashes if h is not None]
     cache = decision = None
@@ -381,6 +397,9 @@ def embed_files(
         stats["embedded"] = int(sum(ok[i] for i in todo))
         stats["embed_seconds"] = time.perf_counter() - t0
     kept = [i for i in range(n) if ok[i]]
+    if cache_dir:  # the files that decoded (or were cached) need not be read again while unchanged
+        known.remember([paths[i] for i in kept], [hashes[i] for i in kept])
+        known.save()
     stats["hashes"] = [hashes[i] for i in kept]  # content hashes of the kept files (the doctor's byte copies)
     return feats[kept], kept, errors, stats
 

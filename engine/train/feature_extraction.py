@@ -16,8 +16,9 @@ import numpy as np
 from engine.config import TrainConfig
 from engine.data.decode import content_hash, read_bytes
 from engine.data.folder import Dataset
+from engine.data.known_files import KnownFiles
 from engine.data.splits import _key
-from engine.embed.embeddings import BackboneSnapshot, EmbeddingCache, embed_files
+from engine.embed.embeddings import BackboneSnapshot, EmbeddingCache, embed_files, hash_files
 from engine.events import Callbacks, CancelToken, EngineError, Phase, Progress
 from engine.meters import TrainOutcome
 from engine.network.backbones import LoadedBackbone, describe_without_torch
@@ -143,13 +144,9 @@ def from_cache(
     if not snap.exists():
         return None
     t0 = time.perf_counter()
-    try:
-        hashes = []
-        for i, s in enumerate(ds.samples):
-            if i % 256 == 0:
-                cancel.raise_if_cancelled()
-            hashes.append(content_hash(read_bytes(s.path)))
-    except OSError:
+    known = KnownFiles(cache_dir)
+    hashes, errors = hash_files([s.path for s in ds.samples], cancel, known)
+    if errors:
         return None
     for variant in cache_variants(cfg.engine, cfg.precision):  # any complete cache these settings allow
         cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre, variant)
@@ -163,6 +160,8 @@ def from_cache(
     backbone_sd = snap.load()
     if backbone_sd is None:
         return None
+    known.remember([s.path for s in ds.samples], hashes)
+    known.save()
     dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
@@ -298,14 +297,14 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
     cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
     facts = describe_without_torch(cfg.backbone, cfg.weights) if cache_dir else None
     if facts is not None:
-        try:
-            hashes = [content_hash(read_bytes(s.path)) for s in ds.samples]
-        except OSError:
-            hashes = None
-        for variant in cache_variants(cfg.engine, cfg.precision) if hashes else []:
+        known = KnownFiles(cache_dir)
+        hashes, errors = hash_files([s.path for s in ds.samples], cancel, known)
+        for variant in cache_variants(cfg.engine, cfg.precision) if not errors else []:
             cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0], variant)
             if cache.has_all(hashes):
                 cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
+                known.remember([s.path for s in ds.samples], hashes)
+                known.save()
                 return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
     from engine.network.backbones import load_backbone
     from engine.network.device import resolve_device

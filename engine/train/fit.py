@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.config import TrainConfig
 from engine.data.folder import Dataset, scan
+from engine.data.known_files import KnownFiles
 from engine.data.labels import scan_labelled
 from engine.data.splits import untrained_classes
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
@@ -118,8 +119,9 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
     else:
         cb.on_log(f"Scanning {cfg.data}" + (f" for the images {cfg.labels} labels" if cfg.labels else ""))
         read = partial(scan_labelled, labels_file=cfg.labels) if cfg.labels else scan
+        known = KnownFiles(_cache_dir(cfg)).knows if _cache_dir(cfg) else None  # headers checked before
         ds = read(cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, cancel=cancel,
-                  progress=cb.on_progress, exclude=cfg.exclude)  # fmt: skip
+                  progress=cb.on_progress, exclude=cfg.exclude, known=known)  # fmt: skip
     counts = {c: sum(v.values()) for c, v in ds.counts().items()}
     cb.on_log(
         f"Found {len(ds.samples)} images in {len(ds.classes)} classes ({ds.layout} layout): "

@@ -40,7 +40,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, prior_sd: float | None = 
     Why a prior: fitted on hymenoptera's 84 validation images, the plain minimum sharpened a fine-tuning run's
     probabilities with T = 0.17 and made its test log-loss worse (0.253 -> 0.372); with sd 0.5, T = 0.41 and 0.223.
     On flowers' 881 validation images the prior changed no temperature by 0.01 (docs/benchmarks.md, calibration).
-    A grid in log T, then golden-section search around its best point (the objective need not be convex in T).
+    A grid in log T (61 points, 0.15 apart), then golden-section search around its best point (the objective need
+    not be convex in T); 241 points and 60 steps (3x the time) moved no fitted T by 1e-7.
     """
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
@@ -54,13 +55,13 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, prior_sd: float | None = 
         ce = float(np.sum(np.log(np.exp(s - m[:, None]).sum(1)) + m - zy * np.exp(u)))
         return ce + (u * u / (2 * prior_sd**2) if prior_sd else 0.0)
 
-    grid = np.linspace(np.log(0.01), np.log(100.0), 241)
+    grid = np.linspace(np.log(0.01), np.log(100.0), 61)
     i = int(np.argmin([objective(u) for u in grid]))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     g = (np.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
     fa, fb = objective(a), objective(b)
-    for _ in range(60):
+    for _ in range(40):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - g * (hi - lo)
