@@ -10,7 +10,7 @@ With a few labels (under 5 a class: ``session.TYPICAL_UNTIL``), TypiClust's late
 many clusters as labels so far plus the batch, and the most typical unlabelled image of each cluster the labels cover
 least (:func:`uncovered_typical`). After that, a batch is mostly the images the model is least sure of (smallest
 margin between its two likeliest classes), spread across the folder (the 5x least certain cut into clusters, the
-least certain of each), plus a few typical images of the regions no label is near ("unfamiliar"), so a kind of
+most typical of each), plus a few typical images of the regions no label is near ("unfamiliar"), so a kind of
 picture nobody labelled yet is asked about too.
 """
 
@@ -90,12 +90,14 @@ def uncovered_typical(X: np.ndarray, labelled: np.ndarray, unlabelled: np.ndarra
 
 def uncertain_and_diverse(X: np.ndarray, margin: np.ndarray, among: np.ndarray, n: int, seed: int) -> list[int]:
     """``n`` of ``among`` (indices into ``X``): from the ``5n`` with the smallest ``margin``, one per cluster, the
-    least certain of each."""
+    most typical of each (the least certain of each was 1.7 points behind at 10 labels a class and 3.4 at 20 on
+    the digits, three seeds: an odd one out teaches less than a doubt shared by its neighbours)."""
     if n <= 0 or not len(among):
         return []
     pool = among[np.argsort(margin[among], kind="stable")[: 5 * n]]
-    lab = _clusters(normalise(X[pool]), n, seed)
-    out = [int(pool[np.flatnonzero(lab == c)][0]) for c in range(lab.max() + 1) if (lab == c).any()]
+    f = normalise(X[pool])
+    lab = _clusters(f, n, seed)
+    out = [int(pool[_most_typical(f, np.flatnonzero(lab == c))]) for c in range(lab.max() + 1) if (lab == c).any()]
     return sorted(out, key=lambda i: margin[i])
 
 
