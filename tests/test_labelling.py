@@ -207,3 +207,25 @@ def test_a_suggestion_offered_at_90_percent_is_right_at_least_90_percent_of_the_
         assert taken.sum() == s.accept["would_label"]
         if taken.any():
             assert (s.probs.argmax(1) == y)[taken].mean() >= 0.9, seed
+
+
+def test_past_a_few_labels_a_group_nobody_labelled_is_asked_about_but_a_couple_of_odd_images_are_not():
+    """Three labelled kinds, 6 labels each (past TypiClust's rounds). A fourth kind nobody labelled (8% of the pile,
+    far from every label) is asked about in the next batch; two odd images far out along a labelled kind's direction
+    (confidently suggested, unfamiliar) are not asked about every round, as they were before."""
+    from engine.labelling.session import suggest
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 32)) * 3
+    kind = np.repeat(np.arange(4), [300, 300, 300, 80])
+    X = (centres[kind] + rng.standard_normal((len(kind), 32))).astype(np.float32)
+    known = np.full(len(kind), -1)
+    for k in range(3):
+        known[np.flatnonzero(kind == k)[:6]] = k
+    s = suggest(X, known, ["a", "b", "c"], 10, 0)
+    assert sum(kind[i] == 3 for i in s.ask) >= 2, [int(kind[i]) for i in s.ask]
+    odd = (centres[0] * 2 + 4 * rng.standard_normal((2, 32))).astype(np.float32)  # (cosine: another direction)
+    X2, known2 = np.concatenate([X[kind < 3], odd]), np.concatenate([known[kind < 3], [-1, -1]])
+    s2 = suggest(X2, known2, ["a", "b", "c"], 10, 0)
+    assert s2.unfamiliar[-2:].all() and s2.probs[-2:, 0].min() > 0.9
+    assert not {len(X2) - 2, len(X2) - 1} & set(s2.ask), s2.ask
