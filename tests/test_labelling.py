@@ -78,7 +78,7 @@ def test_a_round_with_labels_suggests_every_other_image_and_asks_where_it_is_lea
 
 
 def test_with_a_few_labels_the_next_picks_go_to_the_kinds_no_label_covers(pile, tmp_path):
-    """Two kinds labelled twice each (under 5 labels a class): the next batch is TypiClust's, the typical images
+    """Two kinds labelled twice each (under 3 labels a class): the next batch is TypiClust's, the typical images
     of the clusters the labels cover least, so the kinds nobody labelled yet are asked about rather than the
     borders between the two known ones. 13 of the 47 unlabelled images are of those kinds: random picks would ask
     about 1.7 of 6. (The earlier uncertain-plus-unfamiliar rule also passes here, 3-5 of 6 over four seeds: its

@@ -6,7 +6,7 @@ its own nearest neighbours), so every kind of picture in the folder is seen in t
 an odd one out. Label Studio's users found pure uncertainty sampling no better than random at small budgets; the
 typical-and-diverse start is what beats random there.
 
-With a few labels (under 5 a class: ``session.TYPICAL_UNTIL``), TypiClust's later rounds: every image cut into as
+With a few labels (under 3 a class: ``session.TYPICAL_UNTIL``), TypiClust's later rounds: every image cut into as
 many clusters as labels so far plus the batch, and the most typical unlabelled image of each cluster the labels cover
 least (:func:`uncovered_typical`). After that, a batch is mostly the images the model is least sure of (smallest
 margin between its two likeliest classes), spread across the folder (the 5x least certain cut into clusters, the
