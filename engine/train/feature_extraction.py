@@ -126,6 +126,19 @@ def _cross_fitted(cfg: TrainConfig, ds: Dataset, split_X: dict, y: np.ndarray, t
     )  # fmt: skip
 
 
+def _known_hashes(ds: Dataset, cache_dir: str, cancel: CancelToken) -> tuple[KnownFiles, list[str] | None]:
+    """Every sample's content hash (None if a file cannot be read), unchanged files' from the files-read index."""
+    known = KnownFiles(cache_dir)
+    hashes, errors = hash_files([s.path for s in ds.samples], cancel, known)
+    return known, None if errors else hashes
+
+
+def _remember(known: KnownFiles, ds: Dataset, hashes: list[str]) -> None:
+    """Every sample's embedding was found: none of them needs its header checked or its bytes read next time."""
+    known.remember([s.path for s in ds.samples], hashes)
+    known.save()
+
+
 def from_cache(
     cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks, cancel: CancelToken, probe: bool = False
 ) -> TrainOutcome | None:
@@ -144,9 +157,8 @@ def from_cache(
     if not snap.exists():
         return None
     t0 = time.perf_counter()
-    known = KnownFiles(cache_dir)
-    hashes, errors = hash_files([s.path for s in ds.samples], cancel, known)
-    if errors:
+    known, hashes = _known_hashes(ds, cache_dir, cancel)
+    if hashes is None:
         return None
     for variant in cache_variants(cfg.engine, cfg.precision):  # any complete cache these settings allow
         cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre, variant)
@@ -160,8 +172,7 @@ def from_cache(
     backbone_sd = snap.load()
     if backbone_sd is None:
         return None
-    known.remember([s.path for s in ds.samples], hashes)
-    known.save()
+    _remember(known, ds, hashes)
     dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
@@ -297,14 +308,12 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
     cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
     facts = describe_without_torch(cfg.backbone, cfg.weights) if cache_dir else None
     if facts is not None:
-        known = KnownFiles(cache_dir)
-        hashes, errors = hash_files([s.path for s in ds.samples], cancel, known)
-        for variant in cache_variants(cfg.engine, cfg.precision) if not errors else []:
+        known, hashes = _known_hashes(ds, cache_dir, cancel)
+        for variant in cache_variants(cfg.engine, cfg.precision) if hashes else []:
             cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0], variant)
             if cache.has_all(hashes):
                 cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
-                known.remember([s.path for s in ds.samples], hashes)
-                known.save()
+                _remember(known, ds, hashes)
                 return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
     from engine.network.backbones import load_backbone
     from engine.network.device import resolve_device

@@ -119,7 +119,8 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
     else:
         cb.on_log(f"Scanning {cfg.data}" + (f" for the images {cfg.labels} labels" if cfg.labels else ""))
         read = partial(scan_labelled, labels_file=cfg.labels) if cfg.labels else scan
-        known = KnownFiles(_cache_dir(cfg)).knows if _cache_dir(cfg) else None  # headers checked before
+        cache_dir = _cache_dir(cfg)
+        known = KnownFiles(cache_dir).knows if cache_dir else None  # files whose header was checked before
         ds = read(cfg.data, val_split=cfg.val_split, test_split=cfg.test_split, seed=cfg.seed, cancel=cancel,
                   progress=cb.on_progress, exclude=cfg.exclude, known=known)  # fmt: skip
     counts = {c: sum(v.values()) for c, v in ds.counts().items()}
