@@ -7,7 +7,7 @@ nanosecond) was decoded and embedded before, so neither is needed. As git and ma
 not seen; a file modified within the last two seconds is not recorded (its time could still match an edit made
 in the same tick). Renaming or moving a file costs one read: the entry is by absolute path, the embedding by content.
 One index for every folder: about 230 bytes a file (4,317 flowers: 0.56 MB, read in milliseconds); entries are never
-pruned, so a machine that has read a million files would spend a fraction of a second on it (`cache --clear`
+pruned, so a machine that has read a million files would spend a second or two reading it (`cache --clear`
 empties it).
 """
 
