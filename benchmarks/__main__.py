@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--draws", type=int, default=3, help="draws of the reduced training sets")
     bl = sub.add_parser("label", help="a simulated user labels a folder: the app's picks against random picks")
     bl.add_argument(
-        "data", nargs="*", help="labelled folders, or digits/scans (default: hymenoptera, flowers, digits, scans)"
+        "data",
+        nargs="*",
+        help="labelled folders, or digits / scans / hands / product / texture "
+        "(default: hymenoptera, flowers, digits, scans)",
     )
     bl.add_argument("--max-share", type=float, default=0.15, help="stop at this share of the pool labelled")
     bl.add_argument("--max-per-class", type=int, default=30, help="or at this many labels per class")

@@ -47,6 +47,7 @@ def _train_on(X, y, picked, classes, seed):
 
 def run_bench_label(a) -> int:
     from benchmarks.crossfit import digits_folder
+    from tests.imagegen import ONE_KIND, make_one_kind
 
     folders = a.data or [os.path.join(SHARED, "hymenoptera"), os.path.join(SHARED, "flowers"), "digits", "scans"]
     tmp = tempfile.mkdtemp(prefix="ts-label-")
@@ -54,10 +55,8 @@ def run_bench_label(a) -> int:
         name = os.path.basename(os.path.normpath(src))
         if src == "digits":
             src = digits_folder(os.path.join(tmp, "digits"))
-        elif src in ("scans", "product", "texture"):
-            from tests.imagegen import make_one_kind
-
-            src = str(make_one_kind(os.path.join(tmp, src), src, 60, val_share=0.0))
+        elif src in ONE_KIND:  # drawn here (tests/imagegen.py); hands as many as the hand-sign pool (~1,500)
+            src = str(make_one_kind(os.path.join(tmp, src), src, 200 if src == "hands" else 60, val_share=0.0))
         elif not os.path.isdir(src):
             print(f"{src}: not found, skipped")
             continue

@@ -122,7 +122,17 @@ ONE_KIND = {
     "scans": ["healthy", "bright", "dark", "ring"],
     "texture": ["ok", "scratch", "spot"],
     "product": ["bottle", "mug", "box"],
+    # hand signs: which fingers are raised (thumb, index, middle, ring, little)
+    "hands": ["fist", "one", "two", "three", "four", "five", "thumb", "rock", "call", "gun"],
 }
+_FINGERS = {
+    "fist": "00000", "one": "01000", "two": "01100", "three": "01110", "four": "01111", "five": "11111",
+    "thumb": "10000", "rock": "01001", "call": "10001", "gun": "11000",
+}  # fmt: skip
+# Hand-sign folders are frames of a few people signing (Sign Language MNIST is cut from videos): the same person,
+# light and background again and again, each frame a little different. Which person an image shows follows from its
+# index (seed % 10_007, as make_one_kind numbers them), the same people in every class.
+SIGNERS = 6
 
 
 def _field(rng, size: int, sigma: float):
@@ -187,6 +197,8 @@ def draw_one_kind(kind: str, label: str, seed: int, size: int = 160) -> Image.Im
             sx, sy = rng.uniform(0.2, 0.8, 2)
             a = np.where((xx - sx) ** 2 + (yy - sy) ** 2 < 0.003, 235.0, a)
         return _grey(a, rng, 5)
+    if kind == "hands":
+        return _draw_hand(label, seed, size)
     # product: one object on one studio background, its pose and light a little different each time
     bg = 225 + 15 * (yy - 0.5) + 4 * _field(rng, size, 20)
     im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).convert("RGB")
@@ -208,6 +220,43 @@ def draw_one_kind(kind: str, label: str, seed: int, size: int = 160) -> Image.Im
     fg = Image.fromarray(np.clip(colour, 0, 255).astype(np.uint8))
     im.paste(fg, (0, 0), obj)
     a = np.asarray(im, float) + rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _draw_hand(label: str, seed: int, size: int) -> Image.Image:
+    import numpy as np
+
+    who = (seed % 10_007) % SIGNERS
+    person = np.random.default_rng(9_000 + who)  # the same for every frame of this person, in every class
+    rng = np.random.default_rng(seed)
+    skin = person.uniform([150, 95, 70], [235, 190, 160])
+    back = person.uniform(30, 200, 3)
+    scale = person.uniform(0.85, 1.1) * rng.uniform(0.96, 1.04)
+    turn = person.normal(0, 12) + rng.normal(0, 4)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    bg = back[None, None, :] * (0.85 + 0.3 * yy[..., None]) + 6 * _field(rng, size, 12)[..., None]
+    im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    mask = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(mask)
+    s = size * 0.42 * scale
+    cx, cy = size / 2 + rng.normal(0, 3), size * 0.6 + rng.normal(0, 3)
+    d.rounded_rectangle([cx - 0.42 * s, cy - 0.35 * s, cx + 0.42 * s, cy + 0.5 * s], int(0.2 * s), fill=255)  # palm
+    d.rectangle([cx - 0.3 * s, cy + 0.4 * s, cx + 0.3 * s, size], fill=255)  # wrist
+    up = _FINGERS[label]
+    for f, x in enumerate((-0.3, -0.1, 0.1, 0.3)):  # index .. little
+        length = (0.95 if f in (1, 2) else 0.8) * s if up[f + 1] == "1" else 0.18 * s
+        w = 0.085 * s
+        x0 = cx + x * s + rng.normal(0, 0.01 * s)
+        d.rounded_rectangle([x0 - w, cy - 0.3 * s - length, x0 + w, cy - 0.2 * s], int(w), fill=255)
+    if up[0] == "1":  # the thumb out to the side
+        d.line([cx - 0.35 * s, cy + 0.1 * s, cx - 0.85 * s, cy - 0.35 * s], fill=255, width=int(0.19 * s))
+    else:  # folded across the palm
+        d.line([cx - 0.35 * s, cy + 0.15 * s, cx + 0.05 * s, cy - 0.05 * s], fill=200, width=int(0.17 * s))
+    mask = mask.rotate(turn, resample=Image.BILINEAR, center=(cx, size * 0.9))
+    shade = 0.8 + 0.35 * xx[..., None] + 0.05 * _field(rng, size, 5)[..., None]
+    fg = Image.fromarray(np.clip(skin[None, None, :] * shade, 0, 255).astype(np.uint8))
+    im.paste(fg, (0, 0), mask)
+    a = np.asarray(im, float) + rng.normal(0, 5, (size, size, 3))
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
