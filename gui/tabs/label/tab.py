@@ -19,10 +19,12 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
+    QScrollArea,
     QSplitter,
     QVBoxLayout,
     QWidget,
@@ -93,11 +95,10 @@ class LabelTab(QWidget):
         bar = QHBoxLayout()
         self.new_class = QLineEdit()
         self.new_class.setPlaceholderText("New class: type a name, Enter")
+        self.new_class.setMinimumWidth(180)
         self.new_class.setMaximumWidth(220)
         self.new_class.returnPressed.connect(self._add_typed_class)
         bar.addWidget(self.new_class)
-        self.class_bar = QHBoxLayout()
-        bar.addLayout(self.class_bar)
         bar.addStretch(1)
         self.folder_classes = QCheckBox("Subfolders are classes")
         self.folder_classes.setToolTip(
@@ -116,6 +117,18 @@ class LabelTab(QWidget):
         for b in (self.not_class_btn, self.skip_btn, self.undo_btn):
             bar.addWidget(b)
         root.addLayout(bar)
+        # The class buttons get a row of their own that scrolls sideways: ten classes of clothing in the bar above
+        # made the window 1,420 px wide, wider than the screen.
+        self.class_scroll = QScrollArea()
+        self.class_scroll.setWidgetResizable(True)
+        self.class_scroll.setFrameShape(QFrame.NoFrame)
+        self.class_scroll.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        row = QWidget()
+        self.class_bar = QHBoxLayout(row)
+        self.class_bar.setContentsMargins(0, 0, 0, 0)
+        self.class_scroll.setWidget(row)
+        self.class_scroll.setVisible(False)
+        root.addWidget(self.class_scroll)
 
         split = QSplitter(Qt.Horizontal)
         self.grid = ImageGrid(loader)
@@ -265,6 +278,10 @@ class LabelTab(QWidget):
             b = QPushButton(f"{key}{c} ({counts.get(c, 0)})")
             b.clicked.connect(self._assign_slot(c))
             self.class_bar.addWidget(b)
+        self.class_bar.addStretch(1)
+        self.class_scroll.setVisible(bool(self.classes))
+        button = QPushButton("0").sizeHint().height()  # (the layout's own hint is not current until shown)
+        self.class_scroll.setFixedHeight(button + self.class_scroll.horizontalScrollBar().sizeHint().height() + 2)
 
     def _assign_slot(self, c: str):
         def clicked() -> None:
