@@ -77,13 +77,15 @@ def run_bench_label(a) -> int:
             s = suggest(Xp, known, classes, 0, 0)
             curve.append((n, _accuracy(s.head, Xt, yt), s))
         print(f"\n{name}: {len(pool)} pool images, {len(yt)} test, {C} classes; every pool label: {all_acc:.3f}")
-        print(f"{'labels':>7} {'per class':>9} {'app':>6} {'random':>7}")
-        for n, acc, _ in curve:
+        print(f"{'labels':>7} {'per class':>9} {'app':>6} {'random':>7}  the app's estimate (random checks)")
+        for n, acc, s in curve:
             if n % (2 * ROUND) and n != curve[-1][0]:
                 continue
             rand = [_accuracy(_train_on(Xp, yp, np.random.default_rng(r).choice(len(pool), n, False), classes, r),
                               Xt, yt) for r in range(3)]  # fmt: skip
-            print(f"{n:7d} {n / C:9.1f} {acc:6.3f} {np.nanmean(rand):7.3f}")
+            est = f"{s.estimate:.3f} ({s.estimate_range[0]:.2f}-{s.estimate_range[1]:.2f}, {s.checks} checks)" if (
+                s.estimate is not None) else f"- ({s.checks} checks)"  # fmt: skip
+            print(f"{n:7d} {n / C:9.1f} {acc:6.3f} {np.nanmean(rand):7.3f}  {est}")
         within = next((n for n, acc, _ in curve if acc >= all_acc - 0.02), None)
         print(
             f"within 2 points of every label: {within} labels ({100 * within / len(pool):.1f}% of the pool)"

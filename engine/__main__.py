@@ -275,7 +275,7 @@ def cmd_doctor(a) -> int:
 
 
 def cmd_label(a) -> int:
-    from engine.labelling.session import CSV_HEADER, label
+    from engine.labelling.session import CSV_HEADER, MIN_CHECKS, label
 
     res = _job(label, from_args(LabelConfig, a), a.quiet)
     if res.cancelled:
@@ -299,6 +299,14 @@ def cmd_label(a) -> int:
                f"(at least {acc['right_at_least']:.0%} allowing for chance)"
                if right is not None else "have not been judged yet (no labelled image reached that confidence)")
         )  # fmt: skip
+    if acc:
+        print(
+            f"Estimated accuracy: {res.estimate[0]:.0%} (95% range {res.estimate[1]:.0%}-{res.estimate[2]:.0%}) on "
+            f"{res.estimate[3]} random checks"
+            if res.estimate
+            else f"Estimated accuracy: once {MIN_CHECKS} random checks are labelled ({res.checks} so far)"
+        )
+        print("  (one image in ten asked is drawn at random: a fair sample of the folder, unlike the others)")
     asked = sorted((r for r in res.rows if r[4] != ""), key=lambda r: r[4])
     for r in asked:
         print(f"  ask {r[4]:>3}: {r[0]}" + (f"  (looks like {r[1]}, {float(r[2]):.0%})" if r[1] else ""))

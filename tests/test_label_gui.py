@@ -14,6 +14,7 @@ from PySide6.QtCore import QItemSelectionModel, Qt
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from engine.data.labels import read_labels
+from engine.labelling.picks import CHECK_SHARE
 from tests.imagegen import draw_image
 from tests.test_gui import settings, window  # noqa: F401 (the window fixtures, shared)
 
@@ -116,8 +117,20 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     _wait_round(qtbot, w)
 
     s = t.suggestions
-    assert s is not None and s.probs is not None and s.estimate is not None
-    assert t.curve and t.curve[-1][0] == s.n_labelled  # the accuracy-against-labels plot has its point
+    assert s is not None and s.probs is not None
+    # The estimated accuracy comes from random checks only (one image in ten asked is drawn at random; the others
+    # are the hard ones the picks chose), and waits for five of them: one batch has had one.
+    assert s.estimate is None and not t.curve and "once 5 random checks" in t.accept_note.text()
+    checks = [p for p, d in zip(t.abs_paths, t.pile.draws()) if d < CHECK_SHARE and p not in t.labels]
+    assert len(checks) >= 4
+    for p in checks:  # (as if the user had answered the next batches' checks)
+        t.assign(truth[p], [p])
+    t.request_round()
+    _wait_round(qtbot, w)
+    s = t.suggestions
+    assert s.checks >= 5 and s.estimate is not None and s.estimate_range[0] <= s.estimate <= s.estimate_range[1]
+    assert t.curve and t.curve[-1][:2] == (s.n_labelled, s.estimate)  # the accuracy-against-labels plot's point
+    assert f"from the {s.checks} random checks" in t.accept_note.text()
     a = s.accept  # how often such suggestions were right comes with how low that could be, given how few judged it
     if a["right_so_far"] is not None:  # (it is, on this folder of three easy kinds)
         assert a["right_at_least"] < a["right_so_far"] and "at least" in t.accept_note.text()

@@ -23,7 +23,7 @@ from engine.config import TrainConfig, option
 from engine.data.folder import Dataset, Sample
 from engine.data.labels import classes_of, folder_labels, list_images, read_labels, write_labels
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
-from engine.labelling.picks import next_batch
+from engine.labelling.picks import CHECK_SHARE, check_draws, next_batch
 from engine.runs import atomic_write_text
 from engine.train.crossfit import cross_fit, fold_ids
 from engine.train.feature_extraction import embed_dataset
@@ -40,6 +40,7 @@ LRS = (3e-3, 1e-2, 3e-2)
 # seeds each, digits 10/cl 0.667 -> 0.674 and 20/cl 0.758 -> 0.770, flowers 16/cl 0.588 -> 0.612 and 20/cl 0.617 ->
 # 0.637 (hymenoptera and the 4-class scans ask the same images either way).
 TYPICAL_UNTIL = 3
+MIN_CHECKS = 5  # random checks labelled before an estimate is shown (five: an interval about 40 points wide)
 ACCEPT_LEVEL = 0.95  # "Accept suggestions" offers the unlabelled images at least this confident
 CSV_HEADER = ["path", "suggested_label", "confidence", "status", "ask"]
 _SHARED = ("data", "backbone", "weights", "download", "seed", "device", "engine", "precision", "cache", "cache_dir")
@@ -83,21 +84,35 @@ class Suggestions:
     ask: list[int]  # the next images to ask about, in order
     accept: dict = field(default_factory=dict)  # level, unlabelled images it would label, how often right so far
     head: dict | None = None  # the final head ("weight", "bias") and its "temperature"
-    estimate: float | None = None  # cross-validated accuracy on the labels so far (each judged by a head without it)
+    # cross-validated accuracy on the random checks labelled so far (each judged by a head trained without it), and
+    # its 95% Wilson interval: the model's accuracy on the folder (None until MIN_CHECKS of them)
+    estimate: float | None = None
     n_labelled: int = 0
     agreed: np.ndarray | None = None  # (n,) bool: every fold head and the final head suggest the same class
+    estimate_range: tuple[float, float] | None = None
+    checks: int = 0  # random checks labelled, of classes with at least two labels (what the estimate is on)
 
 
 def suggest(
-    X: np.ndarray, y: np.ndarray, classes: list[str], n_next: int, seed: int = 0, level: float = ACCEPT_LEVEL
+    X: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    n_next: int,
+    seed: int = 0,
+    level: float = ACCEPT_LEVEL,
+    draws: np.ndarray | None = None,
+    own: np.ndarray | None = None,
 ) -> Suggestions:
-    """``y``: each image's class index, -1 unlabelled, -2 "not a class". The pure core of a round, shared by the job
-    and the labelling benchmark."""
+    """``y``: each image's class index, -1 unlabelled, -2 "not a class"; ``draws``: each image's check draw
+    (:func:`engine.labelling.picks.check_draws` of its path; default: of its row number); ``own``: which labels are
+    the user's own (default: all), the only ones a random check counts on (an accepted suggestion would only agree
+    with the model). The pure core of a round, shared by the job and the labelling benchmark."""
     labelled = np.flatnonzero(y >= 0)
     unlabelled = np.flatnonzero(y == -1)
     present = np.unique(y[labelled])
+    draws = check_draws([str(i) for i in range(len(X))]) if draws is None else draws
     if len(present) < 2:
-        return Suggestions(classes, None, None, next_batch(X, unlabelled, n_next, seed, None, None))
+        return Suggestions(classes, None, None, next_batch(X, unlabelled, n_next, seed, None, None, draws=draws))
     yl = y[labelled]
     keys = [str(i) for i in labelled]
     k = int(min(5, len(labelled)))
@@ -139,11 +154,20 @@ def suggest(
         "temperature": t,
     }
     share = 1.0 if len(labelled) < TYPICAL_UNTIL * len(present) else 0.0
-    picks = next_batch(X, unlabelled, n_next, seed, margin, unfamiliar, labelled, share)
-    estimate = float((oof.argmax(1) == yl).mean())
+    picks = next_batch(X, unlabelled, n_next, seed, margin, unfamiliar, labelled, share, draws)
+    # The estimate: the random checks only (the other labels are the images the picks chose for being hard), and of
+    # those only the ones whose class has another label (a fold head without it has never seen its class).
+    judged = (draws[labelled] < CHECK_SHARE) & (np.bincount(yl, minlength=len(classes))[yl] >= 2)
+    if own is not None:
+        judged &= own[labelled]
+    right = int((oof.argmax(1) == yl)[judged].sum())
+    estimate, interval = None, None
+    if judged.sum() >= MIN_CHECKS:
+        estimate, interval = right / int(judged.sum()), wilson_interval(right, int(judged.sum()))
     return Suggestions(
-        classes, probs, unfamiliar, picks, accept, {**head, "temperature": t}, estimate, len(labelled), agreed
-    )
+        classes, probs, unfamiliar, picks, accept, {**head, "temperature": t}, estimate, len(labelled), agreed,
+        interval, int(judged.sum()),
+    )  # fmt: skip
 
 
 @dataclass
@@ -156,6 +180,8 @@ class LabelResult:
     skipped: list[tuple[str, str]]
     seconds: float
     cancelled: bool = False
+    estimate: tuple[float, float, float, int] | None = None  # accuracy, its 95% range, on how many random checks
+    checks: int = 0  # random checks labelled so far (of classes with two labels or more)
 
 
 @dataclass
@@ -167,6 +193,14 @@ class Pile:
     feats: np.ndarray  # (n, d), rows in the order of ``paths``
     skipped: list[tuple[str, str]]
     cancelled: bool = False
+    _draws: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def draws(self) -> np.ndarray:
+        """Each image's random-check draw, from its path within the folder (the same checks wherever the folder
+        is)."""
+        if self._draws is None or len(self._draws) != len(self.paths):
+            self._draws = check_draws([os.path.relpath(p, self.root).replace(os.sep, "/") for p in self.paths])
+        return self._draws
 
     def targets(self, given: dict[str, tuple[str, str]], classes: list[str] | None = None) -> np.ndarray:
         """Each image's class index in ``classes`` (default: the labels' own), -1 unlabelled, -2 "not a class"."""
@@ -205,9 +239,10 @@ def next_round(
     seed: int = 0,
     callbacks: Callbacks | None = None,
     cancel: CancelToken | None = None,
+    own: np.ndarray | None = None,
 ) -> Suggestions:
     """A round on an opened pile (the app's labelling view runs one in the background after every few labels)."""
-    return suggest(pile.feats, y, classes, n_next, seed, level)
+    return suggest(pile.feats, y, classes, n_next, seed, level, pile.draws(), own)
 
 
 def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> LabelResult:
@@ -227,7 +262,8 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
     kept, feats = pile.paths, pile.feats
     classes = classes_of(given)
     y = pile.targets(given, classes)
-    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level)
+    own = np.array([given.get(os.path.abspath(p), ("", ""))[1] == "user" for p in kept], bool)
+    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level, pile.draws(), own)
     ask = {i: r + 1 for r, i in enumerate(s.ask)}
     rows = []
     for i in np.flatnonzero(y == -1):
@@ -245,4 +281,8 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
         w.writerow(CSV_HEADER)
         w.writerows(rows)
         atomic_write_text(config.csv, buf.getvalue())
-    return LabelResult(rows, classes, len(kept), int((y >= 0).sum()), s.accept, pile.skipped, time.perf_counter() - t0)
+    estimate = (s.estimate, *s.estimate_range, s.checks) if s.estimate is not None else None
+    return LabelResult(
+        rows, classes, len(kept), int((y >= 0).sum()), s.accept, pile.skipped, time.perf_counter() - t0, False,
+        estimate, s.checks,
+    )  # fmt: skip

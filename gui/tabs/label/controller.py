@@ -47,11 +47,12 @@ class Labelling(QObject):
         self.w.show_error(message, details)
 
     def _round(self, request) -> None:
-        y, classes, n_next, level = request
+        y, classes, n_next, level, own = request
         t = self.w.label_tab
         self.w.jobs.start(
-            LABEL, next_round, t.pile, y, classes, n_next, level, done=t.round_finished, failed=self._round_failed
-        )
+            LABEL, next_round, t.pile, y, classes, n_next, level, own=own, done=t.round_finished,
+            failed=self._round_failed,
+        )  # fmt: skip
 
     def _round_failed(self, message: str, details: str) -> None:
         self.w.label_tab.round_failed(message)

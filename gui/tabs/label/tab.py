@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.data.labels import folder_labels, read_labels
-from engine.labelling.session import ACCEPT_LEVEL
+from engine.labelling.session import ACCEPT_LEVEL, MIN_CHECKS
 from engine.paths import app_data_dir
 from gui.tabs.label.saver import LabelSaver
 from gui.widgets.image_grid import ImageGrid
@@ -49,7 +49,7 @@ def labels_file_for(folder: str) -> str:
 
 class LabelTab(QWidget):
     open_requested = Signal(str)  # a folder to embed for labelling
-    round_requested = Signal(object)  # (y, classes, n_next, level): a background round
+    round_requested = Signal(object)  # (y, classes, n_next, level, own): a background round
     write_requested = Signal(str)  # the folder to write the sorted tree into
     train_requested = Signal(str, str)  # folder, labels file: open it in the Dataset tab to train
 
@@ -69,7 +69,7 @@ class LabelTab(QWidget):
         self.best_class = np.zeros(0, np.int64)  # ... and its class (a column of suggestions.probs)
         self.sure = np.zeros(0, bool)  # ... and whether every fold head suggests that class too (Accept needs it)
         self.row: dict[str, int] = {}  # absolute path -> its index in the pile
-        self.curve: list[tuple[int, float]] = []  # (labels, cross-validated accuracy)
+        self.curve: list[tuple[int, float, float, float]] = []  # (labels, estimated accuracy, its 95% range)
         self.since_round = 0
         self.round_running = False
         self.round_pending = False
@@ -136,11 +136,13 @@ class LabelTab(QWidget):
         split.addWidget(self.grid)
         side = QWidget()
         sl = QVBoxLayout(side)
-        self.plot = pg.PlotWidget(title="Estimated accuracy (cross-validated) against labels")
+        self.plot = pg.PlotWidget(title="Estimated accuracy (random checks, 95% range) against labels")
         self.plot.setLabel("bottom", "labels")
         self.plot.setYRange(0, 1)
         self.plot.getAxis("left").setWidth(40)
         self.curve_item = self.plot.plot(pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=6)
+        self.range_item = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), pen=pg.mkPen((31, 119, 180, 120)), beam=0.6)
+        self.plot.addItem(self.range_item)
         sl.addWidget(self.plot, 1)
         acc = QHBoxLayout()
         acc.addWidget(QLabel("Accept suggestions at"))
@@ -236,6 +238,8 @@ class LabelTab(QWidget):
         self.labels = read_labels(self.labels_file)
         self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
         self.skipped, self.history, self.batch, self.curve = set(), [], [], []
+        self.curve_item.setData([], [])  # (the last folder's curve is not this one's)
+        self.range_item.setData(x=np.zeros(0), y=np.zeros(0), top=np.zeros(0), bottom=np.zeros(0))
         self.suggestions = None
         self.best, self.best_class, self.sure = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
         self.abs_paths = [os.path.abspath(p) for p in pile.paths]
@@ -417,15 +421,17 @@ class LabelTab(QWidget):
         used = sorted({lab for lab, _ in self.labels.values() if lab})
         index = {c: i for i, c in enumerate(used)}
         y = np.full(len(self.abs_paths), -1, np.int64)
+        own = np.zeros(len(self.abs_paths), bool)  # the user's own labels (not accepted ones): what checks count
         for i, p in enumerate(self.abs_paths):
             if p in self.labels:
-                lab = self.labels[p][0]
+                lab, source = self.labels[p]
                 y[i] = index[lab] if lab else -2
+                own[i] = source == "user"
             elif p in self.skipped:
                 y[i] = -3  # neither trained on nor asked again this session
         self.since_round = 0
         self.round_running = True
-        self.round_requested.emit((y, used, 12, self.level.value() / 100))
+        self.round_requested.emit((y, used, 12, self.level.value() / 100, own))
 
     def round_finished(self, s) -> None:
         self.round_running = False
@@ -438,9 +444,11 @@ class LabelTab(QWidget):
             self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
             self.sure = np.zeros(0, bool)
         if s.estimate is not None:
-            self.curve = [pt for pt in self.curve if pt[0] != s.n_labelled] + [(s.n_labelled, s.estimate)]
-            self.curve.sort()
-            self.curve_item.setData([x for x, _ in self.curve], [v for _, v in self.curve])
+            point = (s.n_labelled, s.estimate, *s.estimate_range)
+            self.curve = sorted([pt for pt in self.curve if pt[0] != s.n_labelled] + [point])
+            x, v, lo, hi = (np.array(c, np.float64) for c in zip(*self.curve))
+            self.curve_item.setData(x, v)
+            self.range_item.setData(x=x, y=v, top=hi - v, bottom=v - lo)
         if not self.batch or all(p in self.labels or p in self.skipped for p in self.batch):
             # (a round started before the last answers may ask about images answered since: those are dropped)
             fresh = [self.abs_paths[i] for i in s.ask]
@@ -501,7 +509,13 @@ class LabelTab(QWidget):
             if right is not None
             else "No labelled image was judged that sure yet: how often such suggestions are right is unknown."
         )
-        est = f"Estimated accuracy now: {s.estimate:.0%} on {s.n_labelled} labels (cross-validated). "
+        why = "one image in ten asked is drawn at random, so these are a fair sample of the folder"
+        est = (
+            f"Estimated accuracy now: {s.estimate:.0%} (95% range {s.estimate_range[0]:.0%}-"
+            f"{s.estimate_range[1]:.0%}), from the {s.checks} random checks among your {s.n_labelled} labels ({why}). "
+            if s.estimate is not None
+            else f"Estimated accuracy: once {MIN_CHECKS} random checks are labelled ({s.checks} so far; {why}). "
+        )
         self.accept_note.setText(est + judged + " Accepted labels are kept apart from yours in the labels file.")
 
     # ------------------------------------------------------------------------------------------------ outputs
