@@ -14,7 +14,9 @@ most typical of each), plus a few typical images of the regions no label is near
 group rather than a few odd pictures, so a kind of picture nobody labelled yet is asked about too.
 
 One image in ten of every batch is a random check instead (:data:`CHECK_SHARE`): the only labels the estimated
-accuracy is measured on, since the others were chosen for being hard.
+accuracy is measured on, since the others were chosen for being hard. The picks never see the checks' answers
+(``session.suggest`` chooses them with a head trained without the checks, and only the other labels cover the
+folder), so the picks do not steer clear of the checks and each check stays what a random image is to the model.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ UNFAMILIAR_GROUP = 0.02
 # of them, drawn at random, and the other picks come from the rest. The images the picks choose are the hard ones,
 # so the labels' own cross-validated accuracy said 0.57 on clothing at 10 labels a class where the model scored 0.79
 # on test images, and it fell as labels were added while the model got better (docs/benchmarks.md, ninth session);
-# the checks are a fair sample of the folder, so their cross-validated accuracy is the estimate the user sees.
+# the checks are a fair sample of the folder, so their accuracy (by a head that never saw them) is the estimate.
 CHECK_SHARE = 0.1
 
 

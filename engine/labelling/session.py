@@ -84,8 +84,8 @@ class Suggestions:
     ask: list[int]  # the next images to ask about, in order
     accept: dict = field(default_factory=dict)  # level, unlabelled images it would label, how often right so far
     head: dict | None = None  # the final head ("weight", "bias") and its "temperature"
-    # cross-validated accuracy on the random checks labelled so far (each judged by a head trained without it), and
-    # its 95% Wilson interval: the model's accuracy on the folder (None until MIN_CHECKS of them)
+    # accuracy on the random checks labelled so far (judged by the head trained on every other label, the one the
+    # picks come from), and its 95% Wilson interval: the model's accuracy on the folder (None until MIN_CHECKS of them)
     estimate: float | None = None
     n_labelled: int = 0
     agreed: np.ndarray | None = None  # (n,) bool: every fold head and the final head suggest the same class
@@ -116,8 +116,18 @@ def suggest(
     yl = y[labelled]
     keys = [str(i) for i in labelled]
     k = int(min(5, len(labelled)))
+    # The random checks (the user's own labels of images drawn as checks) are kept from the picks: a head trained
+    # without them chooses what to ask and is the one the estimate judges them with, so each check is what a random
+    # test image is to the model, an image nobody chose to ask near.
+    check = draws[labelled] < CHECK_SHARE
+    if own is not None:
+        check &= own[labelled]
+    blind = ~check
+    extra = {"final": np.ones(len(labelled), bool)}
+    if check.any() and len(np.unique(yl[blind])) >= 2:
+        extra["without checks"] = blind
     res = cross_fit(
-        X[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), k=k, extra={"final": np.ones(len(labelled), bool)},
+        X[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), k=k, extra=extra,
         epochs=100, batch_size=64, lr=3e-3, weight_decay=1e-4, patience=15, seed=seed, lrs=LRS,
     )  # fmt: skip
     t = fit_temperature(res.oof_logits, yl)
@@ -131,10 +141,17 @@ def suggest(
     probs = np.mean(folds, 0)
     oof = probabilities(res.oof_logits, t)
     sure = oof.max(1) >= level
-    top2 = np.sort(probs, 1)[:, -2:]
+    picker = res.heads.get("without checks")
+    top2 = np.sort(probs if picker is None else probabilities(X @ picker["weight"].T + picker["bias"], t), 1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     fam = familiarity_block(X[labelled], None, seed)
     unfamiliar = knn_distance(X, X[labelled], k=fam["k"]) > fam["threshold"]
+    seen = labelled[blind]
+    if picker is not None:  # (what the picks take as unfamiliar: far from every label but the checks)
+        fam_b = familiarity_block(X[seen], None, seed)
+        strange = knn_distance(X, X[seen], k=fam_b["k"]) > fam_b["threshold"]
+    else:
+        strange = unfamiliar
     # Accepted only where every fold head and the final head suggest the same class.
     top = probs.argmax(1)
     agreed = (X @ head["weight"].T + head["bias"]).argmax(1) == top
@@ -153,14 +170,17 @@ def suggest(
         "judged": int(sure.sum()),
         "temperature": t,
     }
-    share = 1.0 if len(labelled) < TYPICAL_UNTIL * len(present) else 0.0
-    picks = next_batch(X, unlabelled, n_next, seed, margin, unfamiliar, labelled, share, draws)
-    # The estimate: the random checks only (the other labels are the images the picks chose for being hard), and of
-    # those only the ones whose class has another label (a fold head without it has never seen its class).
-    judged = (draws[labelled] < CHECK_SHARE) & (np.bincount(yl, minlength=len(classes))[yl] >= 2)
-    if own is not None:
-        judged &= own[labelled]
-    right = int((oof.argmax(1) == yl)[judged].sum())
+    share = 1.0 if len(seen) < TYPICAL_UNTIL * len(np.unique(yl[blind])) else 0.0
+    picks = next_batch(X, unlabelled, n_next, seed, margin, strange, seen, share, draws)
+    # The estimate: the random checks only (the other labels are the images the picks chose for being hard), judged
+    # by the head that never saw them, and of those only the ones whose class that head has seen.
+    if picker is not None:
+        judged = check & (np.bincount(yl[blind], minlength=len(classes))[yl] >= 1)
+        said = (X[labelled] @ picker["weight"].T + picker["bias"]).argmax(1)
+    else:
+        judged = np.zeros(len(labelled), bool)
+        said = oof.argmax(1)
+    right = int((said == yl)[judged].sum())
     estimate, interval = None, None
     if judged.sum() >= MIN_CHECKS:
         estimate, interval = right / int(judged.sum()), wilson_interval(right, int(judged.sum()))
