@@ -46,7 +46,7 @@ def browse_and_check(app, w, browse_data, shot) -> None:
 
 
 def label_pile(app, w, folder, shot) -> None:
-    """The Label tab on ``folder`` read as an unsorted pile; a simulated user answers three batches with each image's
+    """The Label tab on ``folder`` read as an unsorted pile; a simulated user answers six batches with each image's
     own folder name (as the labelling benchmark does), then accepts nothing: the shot shows the suggestions."""
     if not os.path.isdir(folder):
         return
@@ -54,7 +54,7 @@ def label_pile(app, w, folder, shot) -> None:
     os.environ["TRANSFER_STUDIO_DATA"] = tempfile.mkdtemp(prefix="ts-shots-labels-")  # (labels file: not the user's)
     w.start_labelling(folder)
     wait(app, lambda: t.pile is not None and bool(t.batch) and not t.round_running)
-    for _ in range(3):
+    for _ in range(6):  # (six batches: past the five random checks the estimate starts at, on hymenoptera)
         for p in list(t.batch):
             t.assign(os.path.basename(os.path.dirname(p)), [p])
         wait(app, lambda: not t.round_running and not t.round_pending)

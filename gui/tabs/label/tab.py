@@ -136,9 +136,14 @@ class LabelTab(QWidget):
         split.addWidget(self.grid)
         side = QWidget()
         sl = QVBoxLayout(side)
-        self.plot = pg.PlotWidget(title="Estimated accuracy (random checks, 95% range) against labels")
+        self.plot = pg.PlotWidget(title="Estimated accuracy (random checks, 95% range)")
         self.plot.setLabel("bottom", "labels")
+        self.plot.getAxis("bottom").enableAutoSIPrefix(False)  # (an empty plot read "labels (x0.001)")
         self.plot.setYRange(0, 1)
+        self.plot.setXRange(0, 50)
+        # what the plot waits for, until the first estimate
+        self.plot_note = pg.TextItem("", color=(90, 90, 90), anchor=(0.5, 0.5))
+        self.plot.addItem(self.plot_note)
         self.plot.getAxis("left").setWidth(40)
         self.curve_item = self.plot.plot(pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=6)
         self.range_item = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), pen=pg.mkPen((31, 119, 180, 120)), beam=0.6)
@@ -239,6 +244,7 @@ class LabelTab(QWidget):
         self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
         self.skipped, self.history, self.batch, self.curve = set(), [], [], []
         self.curve_item.setData([], [])  # (the last folder's curve is not this one's)
+        self.plot_note.setText("")
         self.range_item.setData(x=np.zeros(0), y=np.zeros(0), top=np.zeros(0), bottom=np.zeros(0))
         self.suggestions = None
         self.best, self.best_class, self.sure = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
@@ -449,11 +455,20 @@ class LabelTab(QWidget):
             x, v, lo, hi = (np.array(c, np.float64) for c in zip(*self.curve))
             self.curve_item.setData(x, v)
             self.range_item.setData(x=x, y=v, top=hi - v, bottom=v - lo)
+        right = max(10, s.n_labelled, max((pt[0] for pt in self.curve), default=0)) * 1.05
+        self.plot.setXRange(0, right, padding=0)
+        self.plot.setYRange(0, 1.02, padding=0)
+        self.plot_note.setText(
+            "" if self.curve else f"The estimate starts at {MIN_CHECKS} random checks ({s.checks} labelled so far)"
+        )
+        self.plot_note.setPos(right / 2, 0.5)
         if not self.batch or all(p in self.labels or p in self.skipped for p in self.batch):
-            # (a round started before the last answers may ask about images answered since: those are dropped)
-            fresh = [self.abs_paths[i] for i in s.ask]
-            fresh = [p for p in fresh if p not in self.labels and p not in self.skipped]
-            if fresh or not self.round_pending:
+            # (a round started before the last answers may ask about images answered since: those are dropped, and
+            # when another round that sees every answer is on its way, its batch is awaited instead: the stale one
+            # has usually lost its random check, which the estimate needs one of per batch)
+            asked = [self.abs_paths[i] for i in s.ask]
+            fresh = [p for p in asked if p not in self.labels and p not in self.skipped]
+            if not self.round_pending or (fresh and len(fresh) == len(asked)):
                 self.batch = fresh
         self._show_batch()
         self._show_accept()
