@@ -174,7 +174,9 @@ for i in range(100000):
 
 
 def test_answering_batches_one_image_at_a_time_every_new_batch_is_full_and_holds_a_random_check(
-    qtbot, window, tmp_path  # noqa: F811
+    qtbot,
+    window,  # noqa: F811
+    tmp_path,
 ):
     """Rounds start in the background after every few answers, so the round that ends a batch was often started
     before its last answers and asked about images answered since: its batch came short, and usually without its

@@ -39,6 +39,18 @@ UNFAMILIAR_GROUP = 0.02
 # on test images, and it fell as labels were added while the model got better (docs/benchmarks.md, ninth session);
 # the checks are a fair sample of the folder, so their accuracy (by a head that never saw them) is the estimate.
 CHECK_SHARE = 0.1
+MIN_CHECKS = 5  # random checks labelled before an estimate is shown (five: an interval about 40 points wide)
+
+
+def random_checks(root: str, paths: list[str], given: dict[str, tuple[str, str]]) -> np.ndarray:
+    """Which of ``paths`` (images under the folder ``root``) are random checks the user labelled: their draw (of
+    the path within ``root``, as the labelling view draws it) under ``CHECK_SHARE`` and their label the user's own
+    in ``given`` (a labels file's path -> (label, source)); an accepted suggestion or a folder's name is no check."""
+    import os
+
+    draws = check_draws([os.path.relpath(p, root).replace(os.sep, "/") for p in paths])
+    own = np.array([given.get(os.path.abspath(p), ("", ""))[1] == "user" for p in paths], bool)
+    return (draws < CHECK_SHARE) & own
 
 
 def check_draws(keys: list[str]) -> np.ndarray:

@@ -23,7 +23,7 @@ from engine.config import TrainConfig, option
 from engine.data.folder import Dataset, Sample
 from engine.data.labels import classes_of, folder_labels, list_images, read_labels, write_labels
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
-from engine.labelling.picks import CHECK_SHARE, check_draws, next_batch
+from engine.labelling.picks import CHECK_SHARE, MIN_CHECKS, check_draws, next_batch
 from engine.runs import atomic_write_text
 from engine.train.crossfit import cross_fit, fold_ids
 from engine.train.feature_extraction import embed_dataset
@@ -40,7 +40,6 @@ LRS = (3e-3, 1e-2, 3e-2)
 # seeds each, digits 10/cl 0.667 -> 0.674 and 20/cl 0.758 -> 0.770, flowers 16/cl 0.588 -> 0.612 and 20/cl 0.617 ->
 # 0.637 (hymenoptera and the 4-class scans ask the same images either way).
 TYPICAL_UNTIL = 3
-MIN_CHECKS = 5  # random checks labelled before an estimate is shown (five: an interval about 40 points wide)
 ACCEPT_LEVEL = 0.95  # "Accept suggestions" offers the unlabelled images at least this confident
 CSV_HEADER = ["path", "suggested_label", "confidence", "status", "ask"]
 _SHARED = ("data", "backbone", "weights", "download", "seed", "device", "engine", "precision", "cache", "cache_dir")

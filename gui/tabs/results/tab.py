@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.events import EngineError
+from engine.labelling.picks import MIN_CHECKS
 from engine.runs import list_runs, read_history, read_json, read_metrics, read_predictions
 from engine.trust.calibration import set_unsure_threshold
 from gui.tabs.results.trust_panel import TrustPanel
@@ -246,6 +247,15 @@ class ResultsTab(QWidget):
         ]
         cv = metrics.get("validation") or {}
         judged = f"Cross-validated ({cv.get('folds')}-fold) accuracy" if cv else "Validation accuracy"
+        checks = metrics.get("random_checks") or {}
+        if checks.get("n", 0) >= MIN_CHECKS:  # trained from labels the labelling view asked for: the fair figure
+            lo, hi = checks["ci95"]
+            parts.append(
+                f"<span style='font-size:16px'>Accuracy on the random checks <b>{100 * checks['accuracy']:.1f}%"
+                f"</b></span> (95% interval {100 * lo:.1f}–{100 * hi:.1f}%, the {checks['n']} images among your "
+                "labels that the labelling view drew at random: a fair sample of the folder. The figures below are "
+                "over every label, lower because the other images it asked about were the ones it was least sure of)"
+            )
         if acc is not None and ci:
             parts.append(
                 f"<span style='font-size:16px'>{judged} <b>{100 * acc:.1f}%</b></span> "
