@@ -13,8 +13,7 @@ pytest.importorskip("PySide6")
 from PySide6.QtCore import QItemSelectionModel, Qt
 from PySide6.QtWidgets import QApplication, QMessageBox
 
-from engine.data.labels import read_labels
-from engine.labelling.picks import CHECK_SHARE
+from engine.data.labels import CHECK_SHARE, read_labels
 from tests.imagegen import draw_image
 from tests.test_gui import settings, window  # noqa: F401 (the window fixtures, shared)
 

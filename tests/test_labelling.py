@@ -154,7 +154,7 @@ def test_a_run_trained_from_asked_labels_reports_its_accuracy_on_the_random_chec
     is far below the model's (0.57 against 0.77 on a pile of clothing at 9 a class). The run says its accuracy on
     the random checks among the user's own labels (an accepted suggestion is no check), each judged out of fold."""
     from engine import TrainConfig, fit
-    from engine.labelling.picks import CHECK_SHARE, check_draws
+    from engine.data.labels import CHECK_SHARE, check_draws
 
     root = tmp_path / "pile"
     root.mkdir()
@@ -305,7 +305,7 @@ def test_the_estimated_accuracy_comes_from_random_checks_and_matches_the_model_o
     (a fixed tenth of the folder, by the images' draws) and the estimate is the checks' accuracy, judged by a head
     trained on the other labels: none before five checks, then within its 95% range of the model's accuracy on
     images it never saw."""
-    from engine.labelling.picks import CHECK_SHARE
+    from engine.data.labels import CHECK_SHARE
     from engine.labelling.session import MIN_CHECKS, suggest
 
     rng = np.random.default_rng(0)

@@ -21,10 +21,9 @@ folder), so the picks do not steer clear of the checks and each check stays what
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
+from engine.data.labels import CHECK_SHARE
 from engine.trust.familiarity import normalise
 
 NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours in the cluster
@@ -33,30 +32,6 @@ NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours in 
 # two of them every round cost 4.4 points at 10 labels a class on the digits (0.655 -> 0.699 without; three seeds;
 # flowers 12/cl 0.549 -> 0.585): a kind of picture nobody labelled is a larger group than that.
 UNFAMILIAR_GROUP = 0.02
-# Random checks: a fixed tenth of the folder (by a hash of each image's path) is left to chance: every batch asks one
-# of them, drawn at random, and the other picks come from the rest. The images the picks choose are the hard ones,
-# so the labels' own cross-validated accuracy said 0.57 on clothing at 10 labels a class where the model scored 0.79
-# on test images, and it fell as labels were added while the model got better (docs/benchmarks.md, ninth session);
-# the checks are a fair sample of the folder, so their accuracy (by a head that never saw them) is the estimate.
-CHECK_SHARE = 0.1
-MIN_CHECKS = 5  # random checks labelled before an estimate is shown (five: an interval about 40 points wide)
-
-
-def random_checks(root: str, paths: list[str], given: dict[str, tuple[str, str]]) -> np.ndarray:
-    """Which of ``paths`` (images under the folder ``root``) are random checks the user labelled: their draw (of
-    the path within ``root``, as the labelling view draws it) under ``CHECK_SHARE`` and their label the user's own
-    in ``given`` (a labels file's path -> (label, source)); an accepted suggestion or a folder's name is no check."""
-    import os
-
-    draws = check_draws([os.path.relpath(p, root).replace(os.sep, "/") for p in paths])
-    own = np.array([given.get(os.path.abspath(p), ("", ""))[1] == "user" for p in paths], bool)
-    return (draws < CHECK_SHARE) & own
-
-
-def check_draws(keys: list[str]) -> np.ndarray:
-    """Each key's fixed draw in [0, 1) (SHA-1 of the key, e.g. the image's path within the folder): the images under
-    ``CHECK_SHARE`` are the random checks, asked in the order of their draws."""
-    return np.array([int(hashlib.sha1(k.encode()).hexdigest()[:12], 16) / 16**12 for k in keys], np.float64)
 
 
 def _clusters(X: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -21,9 +21,18 @@ import numpy as np
 
 from engine.config import TrainConfig, option
 from engine.data.folder import Dataset, Sample
-from engine.data.labels import classes_of, folder_labels, list_images, read_labels, write_labels
+from engine.data.labels import (
+    CHECK_SHARE,
+    MIN_CHECKS,
+    check_draws,
+    classes_of,
+    folder_labels,
+    list_images,
+    read_labels,
+    write_labels,
+)
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
-from engine.labelling.picks import CHECK_SHARE, MIN_CHECKS, check_draws, next_batch
+from engine.labelling.picks import next_batch
 from engine.runs import atomic_write_text
 from engine.train.crossfit import cross_fit, fold_ids
 from engine.train.feature_extraction import embed_dataset

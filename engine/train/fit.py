@@ -18,10 +18,9 @@ import numpy as np
 from engine.config import TrainConfig
 from engine.data.folder import Dataset, scan
 from engine.data.known_files import KnownFiles
-from engine.data.labels import read_labels, scan_labelled
+from engine.data.labels import MIN_CHECKS, random_checks, read_labels, scan_labelled
 from engine.data.splits import untrained_classes
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
-from engine.labelling.picks import MIN_CHECKS, random_checks
 from engine.meters import TrainOutcome
 from engine.network.backbones import load_backbone
 from engine.network.device import device_label, resolve_device, warm_optimizer_imports

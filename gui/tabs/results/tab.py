@@ -22,8 +22,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.data.labels import MIN_CHECKS
 from engine.events import EngineError
-from engine.labelling.picks import MIN_CHECKS
 from engine.runs import list_runs, read_history, read_json, read_metrics, read_predictions
 from engine.trust.calibration import set_unsure_threshold
 from gui.tabs.results.trust_panel import TrustPanel
