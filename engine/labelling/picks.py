@@ -13,10 +13,10 @@ margin between its two likeliest classes), spread across the folder (the 5x leas
 most typical of each), plus a few typical images of the regions no label is near ("unfamiliar") when those are a
 group rather than a few odd pictures, so a kind of picture nobody labelled yet is asked about too.
 
-One image in ten of every batch is a random check instead (:data:`CHECK_SHARE`): the only labels the estimated
-accuracy is measured on, since the others were chosen for being hard. The picks never see the checks' answers
-(``session.suggest`` chooses them with a head trained without the checks, and only the other labels cover the
-folder), so the picks do not steer clear of the checks and each check stays what a random image is to the model.
+One image in ten of every batch is a random check (``CHECK_SHARE``, engine/data/labels.py): the only labels the
+estimated accuracy is measured on, since the others were chosen for being hard. The picks never see the checks'
+answers (``session.suggest`` chooses them with a head trained without the checks, and only the other labels cover
+the folder), so the picks do not steer clear of the checks and each check stays what a random image is to the model.
 """
 
 from __future__ import annotations
