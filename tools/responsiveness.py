@@ -108,9 +108,16 @@ def label_session(w, folder: str, stall, tracer=None, answers: int = 60) -> int:
     (a fast user on number keys), while the background rounds retrain every 5 labels. Prints the worst stall of the
     opening (embedding) and of the answering, and how long the rounds took."""
     t = w.label_tab
+    os.environ["TRANSFER_STUDIO_DATA"] = tempfile.mkdtemp(prefix="ts-resp-labels-")  # (labels file: not the user's)
+    t0 = time.perf_counter()
+    w.tabs.setCurrentWidget(t)  # the first switch lays out the tab and its plot: its own cost, as for training
+    print(f"first switch to the label tab: {(time.perf_counter() - t0) * 1000:.0f} ms")
+    w.tabs.setCurrentIndex(0)
+    t0 = time.perf_counter()
+    w.start_labelling(folder)  # (called here, not from the event loop: its own cost too)
+    print(f"starting to open the pile (the GUI thread's part): {(time.perf_counter() - t0) * 1000:.0f} ms")
     t0 = time.time()
     stall.start()
-    w.start_labelling(folder)
     wait(lambda: t.pile is not None and bool(t.batch) and not t.round_running)
     print(f"label: opened {len(t.pile.paths)} images in {time.time() - t0:.1f} s, worst stall {stall.stop():.0f} ms")
     done = []

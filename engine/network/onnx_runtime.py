@@ -46,11 +46,20 @@ _MISSING: list[str] = []  # why ONNX Runtime could not be imported (said in the 
 
 
 def available() -> bool:
+    """Whether ONNX Runtime loads and the onnx package (the export and the int8 quantiser need it) is installed.
+    onnx and ``onnxruntime.quantization`` are found here, not imported: importing them (with ml_dtypes) holds the
+    GIL for ~0.5 s, which froze the window for 450-530 ms at the start of every first embedding (the Label tab
+    opening a folder; py-spy --gil). They are imported only where a graph is exported or quantised (once)."""
+    import importlib.util
+
     try:
         import onnxruntime  # noqa: F401 (imported only to prove it loads)
-        from onnxruntime.quantization import quantize_static  # noqa: F401 (as above)
     except ImportError as exc:
         _MISSING[:] = [f"{exc.__class__.__name__}: {exc}"]
+        return False
+    missing = [m for m in ("onnx", "onnxruntime.quantization") if importlib.util.find_spec(m) is None]
+    if missing:
+        _MISSING[:] = [f"{', '.join(missing)} not installed"]
         return False
     return True
 
