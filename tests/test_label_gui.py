@@ -180,7 +180,7 @@ def test_answering_batches_one_image_at_a_time_every_new_batch_is_full_and_holds
     """Rounds start in the background after every few answers, so the round that ends a batch was often started
     before its last answers and asked about images answered since: its batch came short, and usually without its
     random check (on hymenoptera 3 checks in 64 labels instead of 6), so the estimate came late. Now such a batch
-    is dropped for the round already on its way that sees every answer."""
+    is dropped for the round already on its way that sees every answer. Then the user trains on the labels."""
     root = tmp_path / "big"
     root.mkdir()
     truth = {}
@@ -194,7 +194,7 @@ def test_answering_batches_one_image_at_a_time_every_new_batch_is_full_and_holds
     _wait_round(qtbot, w)
     draws = dict(zip(t.abs_paths, t.pile.draws()))
     shown = []
-    for _ in range(4):
+    for _ in range(5):
         batch = list(t.batch)
         shown.append(batch)
         for p in batch:  # one answer at a time, as a user clicks
@@ -204,7 +204,19 @@ def test_answering_batches_one_image_at_a_time_every_new_batch_is_full_and_holds
     for batch in shown:
         left = [p for p in batch if draws[p] < CHECK_SHARE]
         assert len(batch) == 12 and len(left) == 1, (len(batch), len(left))
-    assert t.suggestions.checks == 4
+    assert t.suggestions.checks == 5
+
+    # Trained on these labels, the run leads with its accuracy on the five checks: the other labels are the images
+    # the view asked about for being hard, so their cross-validated accuracy says less about the folder.
+    t.train_btn.click()
+    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and not w.dataset_tab.scanning, timeout=30000)
+    w.start_training()
+    qtbot.waitUntil(lambda: w.job is not None and not w.job.is_running(), timeout=300000)
+    qtbot.wait(50)
+    res = w.last_result
+    assert res.run_dir and res.metrics["random_checks"]["n"] == 5
+    assert res.message.startswith("Accuracy on the 5 random checks among your labels"), res.message
+    assert "Accuracy on the random checks" in w.results_tab.summary.text()
 
 
 def test_killing_the_app_mid_session_keeps_every_confirmed_label(tmp_path):

@@ -119,6 +119,18 @@ def random_checks(root: str, paths: list[str], given: dict[str, tuple[str, str]]
     return (draws < CHECK_SHARE) & own
 
 
+def checks_summary(checks: dict | None) -> str:
+    """A run's accuracy on the random checks among its labels (``metrics["random_checks"]``), as its summary leads
+    with it; "" under ``MIN_CHECKS`` of them or without."""
+    if not checks or checks.get("n", 0) < MIN_CHECKS:
+        return ""
+    lo, hi = checks["ci95"]
+    return (
+        f"Accuracy on the {checks['n']} random checks among your labels {checks['accuracy']:.3f} (95% CI "
+        f"{lo:.3f}-{hi:.3f}), a fair sample of the folder"
+    )
+
+
 def check_draws(keys: list[str]) -> np.ndarray:
     """Each key's fixed draw in [0, 1) (SHA-1 of the key, e.g. the image's path within the folder): the images under
     ``CHECK_SHARE`` are the random checks, asked in the order of their draws."""

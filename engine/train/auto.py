@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from engine.data.labels import checks_summary
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, EpochMetrics
 from engine.paths import default_runs_dir
 from engine.runs import AUTO_FILE, atomic_write_json, json_safe, new_run_name, unique_dir
@@ -356,5 +357,7 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
         cancelled=cancel.cancelled,
         metrics={**won.metrics, "auto": {**block, "this_run": block["winner"]}},
         skipped=fe.skipped,
-        message=block["summary"],
+        # trained from labels the labelling view asked for: the fair figure first (the race's validation images are
+        # mostly the hard ones it asked about)
+        message=". ".join(filter(None, [checks_summary(won.metrics.get("random_checks")), block["summary"]])),
     )

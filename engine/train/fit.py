@@ -18,7 +18,7 @@ import numpy as np
 from engine.config import TrainConfig
 from engine.data.folder import Dataset, scan
 from engine.data.known_files import KnownFiles
-from engine.data.labels import MIN_CHECKS, random_checks, read_labels, scan_labelled
+from engine.data.labels import checks_summary, random_checks, read_labels, scan_labelled
 from engine.data.splits import untrained_classes
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from engine.meters import TrainOutcome
@@ -355,12 +355,11 @@ def _save(
         if acc is not None
         else "No validation split"
     )
-    if checks and checks["n"] >= MIN_CHECKS and acc is not None:
-        lo, hi = checks["ci95"]
+    lead = checks_summary(checks)
+    if lead and acc is not None:
         summary = (
-            f"Accuracy on the {checks['n']} random checks among your labels {checks['accuracy']:.3f} (95% CI "
-            f"{lo:.3f}-{hi:.3f}), a fair sample of the folder; {summary[0].lower()}{summary[1:]} over every label is "
-            "lower because the labelling view asked about the images it was least sure of"
+            f"{lead}; {summary[0].lower()}{summary[1:]} over every label is lower because the labelling view asked "
+            "about the images it was least sure of"
         )
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
     held_out = {
