@@ -114,7 +114,7 @@ def random_checks(root: str, paths: list[str], given: dict[str, tuple[str, str]]
     """Which of ``paths`` (images under the folder ``root``) are random checks the user labelled: their draw (of
     the path within ``root``, as the labelling view draws it) under ``CHECK_SHARE`` and their label the user's own
     in ``given`` (a labels file's path -> (label, source)); an accepted suggestion or a folder's name is no check."""
-    draws = check_draws([os.path.relpath(p, root).replace(os.sep, "/") for p in paths])
+    draws = folder_draws(root, paths)
     own = np.array([given.get(os.path.abspath(p), ("", ""))[1] == "user" for p in paths], bool)
     return (draws < CHECK_SHARE) & own
 
@@ -129,6 +129,11 @@ def checks_summary(checks: dict | None) -> str:
         f"Accuracy on the {checks['n']} random checks among your labels {checks['accuracy']:.3f} (95% CI "
         f"{lo:.3f}-{hi:.3f}), a fair sample of the folder"
     )
+
+
+def folder_draws(root: str, paths: list[str]) -> np.ndarray:
+    """Each image's check draw, from its path within ``root`` (the same checks wherever the folder is)."""
+    return check_draws([os.path.relpath(p, root).replace(os.sep, "/") for p in paths])
 
 
 def check_draws(keys: list[str]) -> np.ndarray:

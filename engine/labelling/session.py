@@ -26,6 +26,7 @@ from engine.data.labels import (
     MIN_CHECKS,
     check_draws,
     classes_of,
+    folder_draws,
     folder_labels,
     list_images,
     read_labels,
@@ -112,7 +113,7 @@ def suggest(
     own: np.ndarray | None = None,
 ) -> Suggestions:
     """``y``: each image's class index, -1 unlabelled, -2 "not a class"; ``draws``: each image's check draw
-    (:func:`engine.labelling.picks.check_draws` of its path; default: of its row number); ``own``: which labels are
+    (:func:`engine.data.labels.check_draws` of its path; default: of its row number); ``own``: which labels are
     the user's own (default: all), the only ones a random check counts on (an accepted suggestion would only agree
     with the model). The pure core of a round, shared by the job and the labelling benchmark."""
     labelled = np.flatnonzero(y >= 0)
@@ -227,7 +228,7 @@ class Pile:
         """Each image's random-check draw, from its path within the folder (the same checks wherever the folder
         is)."""
         if self._draws is None or len(self._draws) != len(self.paths):
-            self._draws = check_draws([os.path.relpath(p, self.root).replace(os.sep, "/") for p in self.paths])
+            self._draws = folder_draws(self.root, self.paths)
         return self._draws
 
     def targets(self, given: dict[str, tuple[str, str]], classes: list[str] | None = None) -> np.ndarray:
