@@ -357,10 +357,12 @@ def _save(
     )
     lead = checks_summary(checks)
     if lead and acc is not None:
-        summary = (
-            f"{lead}; {summary[0].lower()}{summary[1:]} over every label is lower because the labelling view asked "
-            "about the images it was least sure of"
+        why = (
+            "is lower because the labelling view asked about the images it was least sure of"
+            if acc < checks["accuracy"]
+            else "is mostly on the images the labelling view asked about for being hard"
         )
+        summary = f"{lead}; {summary[0].lower()}{summary[1:]} over every label {why}"
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
     held_out = {
         split: HeldOut([s.path for s in held[split]], np.array([s.label for s in held[split]]), p)

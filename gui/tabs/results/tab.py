@@ -254,7 +254,8 @@ class ResultsTab(QWidget):
                 f"<span style='font-size:16px'>Accuracy on the random checks <b>{100 * checks['accuracy']:.1f}%"
                 f"</b></span> (95% interval {100 * lo:.1f}–{100 * hi:.1f}%, the {checks['n']} images among your "
                 "labels that the labelling view drew at random: a fair sample of the folder. The figures below are "
-                "over every label, lower because the other images it asked about were the ones it was least sure of)"
+                "over every label, mostly the images it asked about for being the ones it was least sure of"
+                + (", hence lower)" if acc is not None and acc < checks["accuracy"] else ")")
             )
         if acc is not None and ci:
             parts.append(
