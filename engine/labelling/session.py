@@ -181,22 +181,25 @@ def suggest(
     }
     share = 1.0 if len(seen) < TYPICAL_UNTIL * len(np.unique(yl[blind])) else 0.0
     picks = next_batch(X, unlabelled, n_next, seed, margin, strange, seen, share, draws)
-    # The estimate: the random checks only (the other labels are the images the picks chose for being hard), judged
-    # by the head that never saw them, and of those only the ones whose class that head has seen.
-    if picker is not None:
-        judged = check & (np.bincount(yl[blind], minlength=len(classes))[yl] >= 1)
-        said = (X[labelled] @ picker["weight"].T + picker["bias"]).argmax(1)
-    else:
-        judged = np.zeros(len(labelled), bool)
-        said = oof.argmax(1)
-    right = int((said == yl)[judged].sum())
-    estimate, interval = None, None
-    if judged.sum() >= MIN_CHECKS:
-        estimate, interval = right / int(judged.sum()), wilson_interval(right, int(judged.sum()))
+    estimate, interval, n_checks = _check_estimate(picker, X[labelled], yl, check, len(classes))
     return Suggestions(
         classes, probs, unfamiliar, picks, accept, {**head, "temperature": t}, estimate, len(labelled), agreed,
-        interval, int(judged.sum()),
+        interval, n_checks,
     )  # fmt: skip
+
+
+def _check_estimate(picker: dict | None, Xl: np.ndarray, yl: np.ndarray, check: np.ndarray, n_classes: int):
+    """The estimate: the random checks only (the other labels are the images the picks chose for being hard),
+    judged by the head that never saw them (``picker``), and of those only the ones whose class that head has seen.
+    Returns (accuracy, its 95% Wilson interval, checks judged); the first two None under MIN_CHECKS."""
+    if picker is None:
+        return None, None, 0
+    judged = check & (np.bincount(yl[~check], minlength=n_classes)[yl] >= 1)
+    n = int(judged.sum())
+    if n < MIN_CHECKS:
+        return None, None, n
+    right = int(((Xl @ picker["weight"].T + picker["bias"]).argmax(1) == yl)[judged].sum())
+    return right / n, wilson_interval(right, n), n
 
 
 @dataclass

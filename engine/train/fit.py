@@ -355,14 +355,7 @@ def _save(
         if acc is not None
         else "No validation split"
     )
-    lead = checks_summary(checks)
-    if lead and acc is not None:
-        why = (
-            "is lower because the labelling view asked about the images it was least sure of"
-            if acc < checks["accuracy"]
-            else "is mostly on the images the labelling view asked about for being hard"
-        )
-        summary = f"{lead}; {summary[0].lower()}{summary[1:]} over every label {why}"
+    summary = _led_by_checks(summary, acc, checks)
     cb.on_log(f"{summary}; saved {run_dir} in {seconds:.1f} s")
     held_out = {
         split: HeldOut([s.path for s in held[split]], np.array([s.label for s in held[split]]), p)
@@ -379,6 +372,19 @@ def _save(
         run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None, meta, rows,
         outcome.probe_head,
     )  # fmt: skip
+
+
+def _led_by_checks(summary: str, acc: float | None, checks: dict | None) -> str:
+    """A run's summary, led by its accuracy on the random checks among its labels when it has enough of them."""
+    lead = checks_summary(checks)
+    if not lead or acc is None:
+        return summary
+    why = (
+        "is lower because the labelling view asked about the images it was least sure of"
+        if acc < checks["accuracy"]
+        else "is mostly on the images the labelling view asked about for being hard"
+    )
+    return f"{lead}; {summary[0].lower()}{summary[1:]} over every label {why}"
 
 
 def _random_checks(ds: Dataset, items: list, p: np.ndarray | None) -> dict | None:

@@ -247,16 +247,7 @@ class ResultsTab(QWidget):
         ]
         cv = metrics.get("validation") or {}
         judged = f"Cross-validated ({cv.get('folds')}-fold) accuracy" if cv else "Validation accuracy"
-        checks = metrics.get("random_checks") or {}
-        if checks.get("n", 0) >= MIN_CHECKS:  # trained from labels the labelling view asked for: the fair figure
-            lo, hi = checks["ci95"]
-            parts.append(
-                f"<span style='font-size:16px'>Accuracy on the random checks <b>{100 * checks['accuracy']:.1f}%"
-                f"</b></span> (95% interval {100 * lo:.1f}–{100 * hi:.1f}%, the {checks['n']} images among your "
-                "labels that the labelling view drew at random: a fair sample of the folder. The figures below are "
-                "over every label, mostly the images it asked about for being the ones it was least sure of"
-                + (", hence lower)" if acc is not None and acc < checks["accuracy"] else ")")
-            )
+        parts += _checks_line(metrics.get("random_checks") or {}, acc)
         if acc is not None and ci:
             parts.append(
                 f"<span style='font-size:16px'>{judged} <b>{100 * acc:.1f}%</b></span> "
@@ -402,3 +393,18 @@ class ResultsTab(QWidget):
         paths = self.mistakes.selected_paths()
         if paths:
             reveal_in_file_manager(paths[0])
+
+
+def _checks_line(checks: dict, acc: float | None) -> list[str]:
+    """A run trained from labels the labelling view asked for: its accuracy on the random checks, the fair figure,
+    first ([] under MIN_CHECKS of them or without)."""
+    if checks.get("n", 0) < MIN_CHECKS:
+        return []
+    lo, hi = checks["ci95"]
+    return [
+        f"<span style='font-size:16px'>Accuracy on the random checks <b>{100 * checks['accuracy']:.1f}%"
+        f"</b></span> (95% interval {100 * lo:.1f}–{100 * hi:.1f}%, the {checks['n']} images among your "
+        "labels that the labelling view drew at random: a fair sample of the folder. The figures below are "
+        "over every label, mostly the images it asked about for being the ones it was least sure of"
+        + (", hence lower)" if acc is not None and acc < checks["accuracy"] else ")")
+    ]
