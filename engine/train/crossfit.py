@@ -37,7 +37,7 @@ import numpy as np
 from engine.data.splits import _draw
 from engine.events import BatchMetrics, CancelToken, EpochMetrics, Throttle
 from engine.meters import EarlyStopping
-from engine.train.head import HeadAdamW, cross_entropy, init_linear
+from engine.train.head import HeadAdamW, centring, cross_entropy, fold_centre, init_linear
 from engine.trust.calibration import softmax
 
 K_FOLDS = 5
@@ -177,6 +177,8 @@ def cross_fit(
     on_batch: Callable[[BatchMetrics], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    centre: np.ndarray | None = None,
+    judge: np.ndarray | None = None,
 ) -> CrossFit:
     """Train k fold heads (and the ``extra`` heads, each on the images its boolean mask selects: ``{"final": all}``
     for the model to save) in lock-step; keep the epoch whose out-of-fold loss is lowest.
@@ -186,10 +188,14 @@ def cross_fit(
     another's loss is lower by more than a standard error (:func:`_choose`): no one rate suits every folder (the
     flowers' head is best within a few epochs at 3e-3, the digits' still improves at epoch 100 and needs ~10x the
     rate; measured in docs/benchmarks.md), and judging every image out of sample is what lets the choice be made
-    without a validation split. The epoch metrics report the winning-so-far group: its first extra head's training
-    loss (the final head's) and its out-of-fold loss and accuracy as the validation figures. Raises
+    without a validation split. The heads train on the features less ``centre`` (None: their mean;
+    :func:`engine.train.head.centring`) and are returned as heads on the features themselves. ``judge``: the images
+    whose out-of-fold loss chooses the epoch and the rate (default: all), so that a head trained without some images
+    is also chosen without them (the labelling rounds' random checks). The epoch metrics report the winning-so-far
+    group: its first extra head's training loss (the final head's) and its out-of-fold loss and accuracy as the
+    validation figures. Raises
     :class:`Cancelled` when ``cancel`` is set (checked every step)."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
+    X, c = centring(X, centre)
     y = np.asarray(y, dtype=np.int64)
     extra = extra or {}
     lrs = tuple(lrs) if lrs else (lr,)
@@ -198,6 +204,8 @@ def cross_fit(
     group = own.shape[1]  # heads per learning-rate group
     held = [np.flatnonzero(folds == f) for f in range(k)]
     fair = _judgeable(y, folds, k, num_classes)
+    if judge is not None and (fair & judge).any():
+        fair &= judge
     scale = np.repeat(np.array(lrs, np.float64) / lrs[0], group)
     heads = _LockStep(
         X, y, np.tile(own, (1, G)), num_classes, batch_size, epochs, lrs[0], weight_decay, dropout, class_weight,
@@ -251,7 +259,7 @@ def cross_fit(
     oof, Wb, Bb = bests[g]  # the chosen group's heads alone: its k fold heads, then the extra ones
 
     def head(h: int) -> dict[str, np.ndarray]:
-        return {"weight": Wb[h * num_classes : (h + 1) * num_classes].copy(), "bias": Bb[h].copy()}
+        return fold_centre({"weight": Wb[h * num_classes : (h + 1) * num_classes].copy(), "bias": Bb[h]}, c)
 
     named = {name: head(k + i) for i, name in enumerate(extra)}
     return CrossFit(oof, named, peaked[g].best_epoch, history, folds, k, lrs[g], tried, [head(f) for f in range(k)])

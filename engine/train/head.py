@@ -119,6 +119,26 @@ def loss_and_gradients(
     return loss, out, [g.T @ x, g.sum(0)]
 
 
+def centring(X: np.ndarray, centre: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The features less ``centre`` (None: their own mean), as float32, and the centre used.
+
+    The heads train on centred features. The embeddings share a large common part (the mean embedding is 92% of
+    the mean squared norm on the digits, 70% on hand signs, 32-51% on photos and clothing; Lite0), and each weight's
+    gradient is dominated by it: AdamW's steps then mostly raise or lower a class's score everywhere, which is the
+    bias's job once the features are centred (the gap is the same without dropout). Centring is linear, so the saved
+    head is the same ``nn.Linear``, the centre folded into its bias (:func:`fold_centre`). The rounds' trainer,
+    random labels, 4 seeds (docs/benchmarks.md): at 5 labels a class digits 0.469 -> 0.521, hands 0.575 -> 0.625,
+    clothing 0.711 -> 0.740, hymenoptera 0.690 -> 0.865; on every label digits 0.889 -> 0.906, the others level."""
+    X = np.asarray(X, dtype=np.float32)
+    c = X.mean(0) if centre is None else np.asarray(centre, dtype=np.float32)
+    return np.ascontiguousarray(X - c), c
+
+
+def fold_centre(head: dict[str, np.ndarray], centre: np.ndarray) -> dict[str, np.ndarray]:
+    """A head trained on ``x - centre`` as one on ``x``: W (x - c) + b = W x + (b - W c)."""
+    return {"weight": head["weight"], "bias": (head["bias"] - head["weight"] @ centre).astype(np.float32)}
+
+
 def balanced_class_weights(
     y: np.ndarray, num_classes: int, ratio: float = 3.0, mode: str = "auto"
 ) -> np.ndarray | None:
@@ -158,16 +178,19 @@ def train_linear_head(
     on_batch: Callable[[BatchMetrics], None] | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    centre: np.ndarray | None = None,
 ) -> HeadResult:
     """Minibatch AdamW on a linear head with early stopping on validation loss; keeps the best epoch.
 
-    Raises :class:`Cancelled` when ``cancel`` is set (checked every step).
+    The head trains on the features less ``centre`` (None: the training images' mean; :func:`centring`) and is
+    returned as a head on the features themselves. Raises :class:`Cancelled` when ``cancel`` is set (checked every
+    step).
     """
-    Xtr = np.ascontiguousarray(Xtr, dtype=np.float32)
+    Xtr, c = centring(Xtr, centre)
     ytr = np.asarray(ytr, dtype=np.int64)
     has_val = Xva is not None and len(Xva) > 0
     if has_val:
-        Xva = np.ascontiguousarray(Xva, dtype=np.float32)
+        Xva, _ = centring(Xva, c)
         yva = np.asarray(yva, dtype=np.int64)
     rng = np.random.default_rng(seed)
     w, b = init_linear(Xtr.shape[1], num_classes, rng)
@@ -216,4 +239,4 @@ def train_linear_head(
             on_epoch(m)
         if stopping.stop(has_val, on_log):
             break
-    return HeadResult(best_head, history, stopping.best_epoch)
+    return HeadResult(fold_centre(best_head, c) if best_head else None, history, stopping.best_epoch)
