@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: hymenoptera, flowers, digits, scans)",
     )
     bl.add_argument("--max-share", type=float, default=0.15, help="stop at this share of the pool labelled")
-    bl.add_argument("--max-per-class", type=int, default=30, help="or at this many labels per class")
+    bl.add_argument(
+        "--max-per-class", type=int, default=0, help="or at this many labels per class (default: no cap but the share)"
+    )
     return p
 
 
