@@ -101,7 +101,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     assert t.undo()
     assert not any(p in _saved(t) for p in squares)
     _select(t, squares)
-    t.class_bar.itemAt(1).widget().click()
+    t.class_bar.buttons.itemAt(1).widget().click()
     assert all(_saved(t)[p] == ("squares", "user") for p in squares)
 
     rest = [p for p in t.batch if truth[p] in ("circles", "stripes") and p != first]
@@ -119,7 +119,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     assert s is not None and s.probs is not None
     # The estimated accuracy comes from random checks only (one image in ten asked is drawn at random; the others
     # are the hard ones the picks chose), and waits for five of them: one batch has had one.
-    assert s.estimate is None and not t.curve and "once 5 random checks" in t.accept_note.text()
+    assert s.estimate is None and not t.plot.points and "once 5 random checks" in t.accept_note.text()
     checks = [p for p, d in zip(t.abs_paths, t.pile.draws()) if d < CHECK_SHARE and p not in t.labels]
     assert len(checks) >= 4
     for p in checks:  # (as if the user had answered the next batches' checks)
@@ -128,7 +128,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     _wait_round(qtbot, w)
     s = t.suggestions
     assert s.checks >= 5 and s.estimate is not None and s.estimate_range[0] <= s.estimate <= s.estimate_range[1]
-    assert t.curve and t.curve[-1][:2] == (s.n_labelled, s.estimate)  # the accuracy-against-labels plot's point
+    assert t.plot.points and t.plot.points[-1][:2] == (s.n_labelled, s.estimate)  # the plot's point
     assert f"from the {s.checks} random checks" in t.accept_note.text()
     a = s.accept  # how often such suggestions were right comes with how low that could be, given how few judged it
     if a["right_so_far"] is not None:  # (it is, on this folder of three easy kinds)

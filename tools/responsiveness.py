@@ -139,7 +139,7 @@ def label_session(w, folder: str, stall, tracer=None, answers: int = 60) -> int:
     wait(lambda: not t.round_running and not t.round_pending)
     print(
         f"label: {len(done)} answers in {time.time() - t0:.1f} s, worst GUI stall while answering "
-        f"(rounds retraining in the background): {stall.stop():.0f} ms; estimate {t.curve[-1] if t.curve else None}"
+        f"(rounds retraining in the background): {stall.stop():.0f} ms; estimate {(t.plot.points or [None])[-1]}"
     )
     if tracer:
         tracer.report("label")

@@ -153,36 +153,15 @@ def suggest(
     folds = [probabilities(X @ fh["weight"].T + fh["bias"], t) for fh in res.fold_heads]
     probs = np.mean(folds, 0)
     oof = probabilities(res.oof_logits, t)
-    sure = oof.max(1) >= level
     picker = res.heads.get("without checks")
     top2 = np.sort(probs if picker is None else probabilities(X @ picker["weight"].T + picker["bias"], t), 1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    fam = familiarity_block(X[labelled], None, seed)
-    unfamiliar = knn_distance(X, X[labelled], k=fam["k"]) > fam["threshold"]
+    unfamiliar = _far_from(X, X[labelled], seed)
     seen = labelled[blind]
-    if picker is not None:  # (what the picks take as unfamiliar: far from every label but the checks)
-        fam_b = familiarity_block(X[seen], None, seed)
-        strange = knn_distance(X, X[seen], k=fam_b["k"]) > fam_b["threshold"]
-    else:
-        strange = unfamiliar
-    # Accepted only where every fold head and the final head suggest the same class.
-    top = probs.argmax(1)
-    agreed = (X @ head["weight"].T + head["bias"]).argmax(1) == top
-    for p in folds:
-        agreed &= p.argmax(1) == top
-    acceptable = (probs.max(1) >= level) & agreed
-    accept = {
-        "level": level,
-        "would_label": int(acceptable[unlabelled].sum()) if len(unlabelled) else 0,
-        "right_so_far": float((oof.argmax(1) == yl)[sure].mean()) if sure.any() else None,
-        # how low that could really be (95% Wilson): 28 of 28 right is "at least 88%", not "100%"; on flowers
-        # accepted suggestions were 0.885 right while the labelled images judged that sure were all right
-        "right_at_least": wilson_interval(int((oof.argmax(1) == yl)[sure].sum()), int(sure.sum()))[0]
-        if sure.any()
-        else None,
-        "judged": int(sure.sum()),
-        "temperature": t,
-    }
+    # (what the picks take as unfamiliar: far from every label but the checks)
+    strange = _far_from(X, X[seen], seed) if picker is not None else unfamiliar
+    agreed, accept = _acceptable(X, head, folds, probs, oof, yl, unlabelled, level)
+    accept["temperature"] = t
     share = 1.0 if len(seen) < TYPICAL_UNTIL * len(np.unique(yl[blind])) else 0.0
     picks = next_batch(X, unlabelled, n_next, seed, margin, strange, seen, share, draws)
     estimate, interval, n_checks = _check_estimate(picker, X[labelled], yl, check, len(classes))
@@ -190,6 +169,34 @@ def suggest(
         classes, probs, unfamiliar, picks, accept, {**head, "temperature": t}, estimate, len(labelled), agreed,
         interval, n_checks,
     )  # fmt: skip
+
+
+def _far_from(X: np.ndarray, ref: np.ndarray, seed: int) -> np.ndarray:
+    """Which rows of ``X`` are unfamiliar to the labelled images ``ref`` (engine/trust/familiarity.py's rule)."""
+    fam = familiarity_block(ref, None, seed)
+    return knn_distance(X, ref, k=fam["k"]) > fam["threshold"]
+
+
+def _acceptable(X, head, folds, probs, oof, yl, unlabelled, level: float) -> tuple[np.ndarray, dict]:
+    """Which images *Accept suggestions* may take (every fold head and the final head suggest the same class; the
+    level is applied on top), and what it says: how many unlabelled images it would label at ``level``, and how
+    often the labelled images judged (out of fold) that sure were right."""
+    top = probs.argmax(1)
+    agreed = (X @ head["weight"].T + head["bias"]).argmax(1) == top
+    for p in folds:
+        agreed &= p.argmax(1) == top
+    acceptable = (probs.max(1) >= level) & agreed
+    sure = oof.max(1) >= level
+    right = oof.argmax(1) == yl
+    return agreed, {
+        "level": level,
+        "would_label": int(acceptable[unlabelled].sum()) if len(unlabelled) else 0,
+        "right_so_far": float(right[sure].mean()) if sure.any() else None,
+        # how low that could really be (95% Wilson): 28 of 28 right is "at least 88%", not "100%"; on flowers
+        # accepted suggestions were 0.885 right while the labelled images judged that sure were all right
+        "right_at_least": wilson_interval(int(right[sure].sum()), int(sure.sum()))[0] if sure.any() else None,
+        "judged": int(sure.sum()),
+    }
 
 
 def _check_estimate(picker: dict | None, Xl: np.ndarray, yl: np.ndarray, check: np.ndarray, n_classes: int):

@@ -12,27 +12,26 @@ import hashlib
 import os
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import QItemSelectionModel, Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
-    QScrollArea,
     QSplitter,
     QVBoxLayout,
     QWidget,
 )
 
 from engine.data.labels import folder_labels, read_labels
-from engine.labelling.session import ACCEPT_LEVEL, MIN_CHECKS
+from engine.labelling.session import ACCEPT_LEVEL
 from engine.paths import app_data_dir
+from gui.tabs.label.class_bar import ClassBar
+from gui.tabs.label.estimate import EstimatePlot, estimate_note
 from gui.tabs.label.saver import LabelSaver
 from gui.widgets.image_grid import ImageGrid
 
@@ -69,7 +68,6 @@ class LabelTab(QWidget):
         self.best_class = np.zeros(0, np.int64)  # ... and its class (a column of suggestions.probs)
         self.sure = np.zeros(0, bool)  # ... and whether every fold head suggests that class too (Accept needs it)
         self.row: dict[str, int] = {}  # absolute path -> its index in the pile
-        self.curve: list[tuple[int, float, float, float]] = []  # (labels, estimated accuracy, its 95% range)
         self.since_round = 0
         self.round_running = False
         self.round_pending = False
@@ -117,37 +115,28 @@ class LabelTab(QWidget):
         for b in (self.not_class_btn, self.skip_btn, self.undo_btn):
             bar.addWidget(b)
         root.addLayout(bar)
-        # The class buttons get a row of their own that scrolls sideways: ten classes of clothing in the bar above
-        # made the window 1,420 px wide, wider than the screen.
-        self.class_scroll = QScrollArea()
-        self.class_scroll.setWidgetResizable(True)
-        self.class_scroll.setFrameShape(QFrame.NoFrame)
-        self.class_scroll.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        row = QWidget()
-        self.class_bar = QHBoxLayout(row)
-        self.class_bar.setContentsMargins(0, 0, 0, 0)
-        self.class_scroll.setWidget(row)
-        self.class_scroll.setVisible(False)
-        root.addWidget(self.class_scroll)
+        self.class_bar = ClassBar()
+        self.class_bar.chosen.connect(self.assign)
+        root.addWidget(self.class_bar)
 
         split = QSplitter(Qt.Horizontal)
         self.grid = ImageGrid(loader)
         self.grid.setToolTip("Select one or many (Shift/Ctrl-click), then press a class's number or button.")
         split.addWidget(self.grid)
+        split.addWidget(self._build_side())
+        split.setSizes([780, 480])
+        root.addWidget(split, 1)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+        self._build_shortcuts()
+        self._enable()
+
+    def _build_side(self) -> QWidget:
+        """The right-hand side: the estimate's plot, Accept suggestions, and the two ways out (sorted folder, train)."""
         side = QWidget()
         sl = QVBoxLayout(side)
-        self.plot = pg.PlotWidget(title="Estimated accuracy (random checks, 95% range)")
-        self.plot.setLabel("bottom", "labels")
-        self.plot.getAxis("bottom").enableAutoSIPrefix(False)  # (an empty plot read "labels (x0.001)")
-        self.plot.setYRange(0, 1)
-        self.plot.setXRange(0, 50)
-        # what the plot waits for, until the first estimate
-        self.plot_note = pg.TextItem("", color=(90, 90, 90), anchor=(0.5, 0.5))
-        self.plot.addItem(self.plot_note)
-        self.plot.getAxis("left").setWidth(40)
-        self.curve_item = self.plot.plot(pen=pg.mkPen((31, 119, 180), width=2), symbol="o", symbolSize=6)
-        self.range_item = pg.ErrorBarItem(x=np.zeros(0), y=np.zeros(0), pen=pg.mkPen((31, 119, 180, 120)), beam=0.6)
-        self.plot.addItem(self.range_item)
+        self.plot = EstimatePlot()
         sl.addWidget(self.plot, 1)
         acc = QHBoxLayout()
         acc.addWidget(QLabel("Accept suggestions at"))
@@ -174,13 +163,10 @@ class LabelTab(QWidget):
         out.addWidget(self.write_btn)
         out.addWidget(self.train_btn)
         sl.addLayout(out)
-        split.addWidget(side)
-        split.setSizes([780, 480])
-        root.addWidget(split, 1)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        root.addWidget(self.status)
+        return side
 
+    def _build_shortcuts(self) -> None:
+        """Number keys label (0: not a class), S skips, Ctrl+Z undoes; anywhere in the tab."""
         self.shortcuts = []
         for n in range(10):
             sc = QShortcut(QKeySequence(str(n)), self, context=Qt.WidgetWithChildrenShortcut)
@@ -190,7 +176,6 @@ class LabelTab(QWidget):
             sc = QShortcut(QKeySequence(key), self, context=Qt.WidgetWithChildrenShortcut)
             sc.activated.connect(slot)
             self.shortcuts.append(sc)
-        self._enable()
 
     def _key_slot(self, n: int):
         def pressed() -> None:
@@ -242,10 +227,8 @@ class LabelTab(QWidget):
         self.labels_file = labels_file or labels_file_for(pile.root)
         self.labels = read_labels(self.labels_file)
         self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
-        self.skipped, self.history, self.batch, self.curve = set(), [], [], []
-        self.curve_item.setData([], [])  # (the last folder's curve is not this one's)
-        self.plot_note.setText("")
-        self.range_item.setData(x=np.zeros(0), y=np.zeros(0), top=np.zeros(0), bottom=np.zeros(0))
+        self.skipped, self.history, self.batch = set(), [], []
+        self.plot.reset()
         self.suggestions = None
         self.best, self.best_class, self.sure = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
         self.abs_paths = [os.path.abspath(p) for p in pile.paths]
@@ -278,26 +261,7 @@ class LabelTab(QWidget):
             self._rebuild_class_buttons()
 
     def _rebuild_class_buttons(self) -> None:
-        while self.class_bar.count():
-            w = self.class_bar.takeAt(0).widget()
-            if w is not None:
-                w.deleteLater()
-        counts = self.counts()
-        for i, c in enumerate(self.classes):
-            key = f"{i + 1} " if i < 9 else ""
-            b = QPushButton(f"{key}{c} ({counts.get(c, 0)})")
-            b.clicked.connect(self._assign_slot(c))
-            self.class_bar.addWidget(b)
-        self.class_bar.addStretch(1)
-        self.class_scroll.setVisible(bool(self.classes))
-        button = QPushButton("0").sizeHint().height()  # (the layout's own hint is not current until shown)
-        self.class_scroll.setFixedHeight(button + self.class_scroll.horizontalScrollBar().sizeHint().height() + 2)
-
-    def _assign_slot(self, c: str):
-        def clicked() -> None:
-            self.assign(c)
-
-        return clicked
+        self.class_bar.show_classes(self.classes, self.counts())
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -449,19 +413,7 @@ class LabelTab(QWidget):
         else:
             self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
             self.sure = np.zeros(0, bool)
-        if s.estimate is not None:
-            point = (s.n_labelled, s.estimate, *s.estimate_range)
-            self.curve = sorted([pt for pt in self.curve if pt[0] != s.n_labelled] + [point])
-            x, v, lo, hi = (np.array(c, np.float64) for c in zip(*self.curve))
-            self.curve_item.setData(x, v)
-            self.range_item.setData(x=x, y=v, top=hi - v, bottom=v - lo)
-        right = max(10, s.n_labelled, max((pt[0] for pt in self.curve), default=0)) * 1.05
-        self.plot.setXRange(0, right, padding=0)
-        self.plot.setYRange(0, 1.02, padding=0)
-        self.plot_note.setText(
-            "" if self.curve else f"The estimate starts at {MIN_CHECKS} random checks ({s.checks} labelled so far)"
-        )
-        self.plot_note.setPos(right / 2, 0.5)
+        self.plot.add_round(s)
         if not self.batch or all(p in self.labels or p in self.skipped for p in self.batch):
             # (a round started before the last answers may ask about images answered since: those are dropped, and
             # when another round that sees every answer is on its way, its batch is awaited instead: the stale one
@@ -512,26 +464,7 @@ class LabelTab(QWidget):
         picks = self._acceptable()
         self.accept_btn.setText(f"Accept {len(picks)} suggestion(s)")
         self.accept_btn.setEnabled(bool(picks))
-        if s is None or s.probs is None:
-            self.accept_note.setText("Suggestions come once two classes have labels.")
-            return
-        a = s.accept
-        right = a.get("right_so_far")
-        judged = (
-            f"Of your labelled images, the {a['judged']} the model was at least {a['level']:.0%} sure of "
-            f"(each judged by a head that never saw it) were right {right:.0%} of the time (so, allowing for chance, "
-            f"at least {a['right_at_least']:.0%})."
-            if right is not None
-            else "No labelled image was judged that sure yet: how often such suggestions are right is unknown."
-        )
-        why = "one image in ten asked is drawn at random, so these are a fair sample of the folder"
-        est = (
-            f"Estimated accuracy now: {s.estimate:.0%} (95% range {s.estimate_range[0]:.0%}-"
-            f"{s.estimate_range[1]:.0%}), from the {s.checks} random checks among your {s.n_labelled} labels ({why}). "
-            if s.estimate is not None
-            else f"Estimated accuracy: once {MIN_CHECKS} random checks are labelled ({s.checks} so far; {why}). "
-        )
-        self.accept_note.setText(est + judged + " Accepted labels are kept apart from yours in the labels file.")
+        self.accept_note.setText(estimate_note(s))
 
     # ------------------------------------------------------------------------------------------------ outputs
     def choose_sorted_folder(self) -> None:
