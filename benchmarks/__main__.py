@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument(
         "--max-per-class", type=int, default=0, help="or at this many labels per class (default: no cap but the share)"
     )
+    bl.add_argument(
+        "--seeds", type=int, default=1, help="simulated users (the app's picks averaged over them; 1: stop early)"
+    )
     return p
 
 
