@@ -1,4 +1,4 @@
-"""``python -m benchmarks {tutorial,trust,strategy,onnx,doctor,crossfit,label}``: the figures of docs/benchmarks.md.
+"""``python -m benchmarks JOB`` (tutorial, trust, strategy, onnx, doctor, crossfit, label, depth): docs/benchmarks.md.
 
 They live beside the product, not in it: the wheel and the bundle hold none of this code, and it may import the
 engine (never the reverse: pyproject.toml's import contracts). Folders default to ``../shared/datasets`` and each
@@ -20,6 +20,7 @@ JOBS = {
     "doctor": ("doctor", "run_bench_doctor"),
     "crossfit": ("crossfit", "run_bench_crossfit"),
     "label": ("label", "run_bench_label"),
+    "depth": ("depth", "run_bench_depth"),
 }
 
 
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument(
         "--seeds", type=int, default=1, help="simulated users (the app's picks averaged over them; 1: stop early)"
     )
+    bdp = sub.add_parser("depth", help="the backbone's earlier layers beside its final features, on few labels")
+    bdp.add_argument("data", nargs="*", help="labelled folders, or digits (default: hymenoptera, flowers, digits)")
     return p
 
 
