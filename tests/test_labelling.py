@@ -94,6 +94,21 @@ def test_with_a_few_labels_the_next_picks_go_to_the_kinds_no_label_covers(pile, 
     assert sum(k in ("stripes", "text") for k in asked) >= 3, asked
 
 
+def test_a_pile_of_copies_asks_one_of_each_picture_first():
+    """Unsorted piles hold copies (the same photo saved twice): the cold start asks one image per distinct picture
+    and does not fail when the folder has fewer distinct pictures than images to ask."""
+    from engine.labelling.picks import next_batch
+
+    rng = np.random.default_rng(0)
+    pictures = rng.random((3, 64)).astype(np.float32)
+    X = np.repeat(pictures, 5, axis=0)  # three pictures, five copies each
+    asked = next_batch(X, np.arange(len(X)), 6, 0, None, None)
+    assert sorted({i // 5 for i in asked}) == [0, 1, 2] and len(asked) == 3
+    blobs = np.concatenate([rng.normal(c, 0.05, (40, 64)) for c in rng.random((4, 64)) * 4]).astype(np.float32)
+    asked = next_batch(blobs, np.arange(len(blobs)), 4, 0, None, None)
+    assert sorted(i // 40 for i in asked) == [0, 1, 2, 3]  # four groups, four picks: one from each
+
+
 def test_the_labels_file_round_trips_and_a_missing_one_is_a_cold_start(tmp_path):
     assert read_labels(str(tmp_path / "missing.csv")) == {}
     (tmp_path / "empty.csv").write_text("")
