@@ -14,6 +14,7 @@ from PySide6.QtCore import QItemSelectionModel, Qt
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from engine.data.labels import CHECK_SHARE, read_labels
+from gui.tabs.label.book import LabelBook
 from tests.imagegen import draw_image
 from tests.test_gui import settings, window  # noqa: F401 (the window fixtures, shared)
 
@@ -274,3 +275,20 @@ def test_a_partly_sorted_folder_keeps_its_class_folders_when_the_user_says_they_
     t.folder_classes.setChecked(False)
     assert _saved(t) == {}
     _wait_round(qtbot, w)
+
+
+def test_undo_takes_back_one_whole_action_and_leaves_the_labels_before_it():
+    """The Label tab's edits (a click on many thumbnails, Accept, Subfolders are classes) are each one action: undo
+    restores every image it touched to what it was, labelled or not, and only that action."""
+    book = LabelBook({"/a.jpg": ("cat", "user")})
+    assert book.classes == ["cat"]
+    book.skipped.add("/c.jpg")
+    assert book.change({"/b.jpg": ("dog", "user"), "/c.jpg": ("dog", "user")}) == 2
+    assert book.classes == ["cat", "dog"] and not book.skipped  # a new class; an answered image is no longer skipped
+    book.change({"/a.jpg": ("dog", "accepted"), "/d.jpg": ("", "user")})  # relabel one, "not a class" another
+    y, used, own = book.targets(["/a.jpg", "/b.jpg", "/d.jpg", "/e.jpg"])
+    assert used == ["dog"] and list(y) == [0, 0, -2, -1] and list(own) == [False, True, True, False]
+    assert book.undo()
+    assert book.labels == {"/a.jpg": ("cat", "user"), "/b.jpg": ("dog", "user"), "/c.jpg": ("dog", "user")}
+    assert book.undo() and book.labels == {"/a.jpg": ("cat", "user")}
+    assert not book.undo() and book.labels == {"/a.jpg": ("cat", "user")}  # nothing left to undo: nothing changes

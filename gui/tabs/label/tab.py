@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from engine.data.labels import folder_labels, read_labels
 from engine.labelling.session import ACCEPT_LEVEL
 from engine.paths import app_data_dir
+from gui.tabs.label.book import LabelBook
 from gui.tabs.label.class_bar import ClassBar
 from gui.tabs.label.estimate import EstimatePlot, estimate_note
 from gui.tabs.label.saver import LabelSaver
@@ -55,11 +56,8 @@ class LabelTab(QWidget):
     def __init__(self, loader, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.pile = None
-        self.labels: dict[str, tuple[str, str]] = {}  # absolute path -> (label, source)
+        self.book = LabelBook()  # the labels, the classes in the order created, skips and undo
         self.labels_file = ""
-        self.classes: list[str] = []  # in the order created (the number keys follow it)
-        self.skipped: set[str] = set()
-        self.history: list[list[tuple[str, tuple[str, str] | None]]] = []  # undo: each action's previous values
         self.batch: list[str] = []  # absolute paths asked now
         self.suggestions = None
         self.suggested_for: list[str] = []  # the classes the suggestions' columns are
@@ -75,6 +73,15 @@ class LabelTab(QWidget):
         self.saver = LabelSaver(self)
         self.saver.saved.connect(self._saved)
         self._build(loader)
+
+    @property
+    def labels(self) -> dict[str, tuple[str, str]]:
+        """Absolute path -> (label, source), as saved."""
+        return self.book.labels
+
+    @property
+    def classes(self) -> list[str]:
+        return self.book.classes
 
     # ------------------------------------------------------------------------------------------------ layout
     def _build(self, loader) -> None:
@@ -195,7 +202,7 @@ class LabelTab(QWidget):
         )
         for w in (self.new_class, self.not_class_btn, self.skip_btn, self.grid, self.write_btn, self.train_btn):
             w.setEnabled(ready)
-        self.undo_btn.setEnabled(ready and bool(self.history))
+        self.undo_btn.setEnabled(ready and bool(self.book.history))
 
     # ------------------------------------------------------------------------------------------------ opening
     def choose_folder(self) -> None:
@@ -225,9 +232,8 @@ class LabelTab(QWidget):
             return
         self.pile = pile
         self.labels_file = labels_file or labels_file_for(pile.root)
-        self.labels = read_labels(self.labels_file)
-        self.classes = sorted({lab for lab, _ in self.labels.values() if lab})
-        self.skipped, self.history, self.batch = set(), [], []
+        self.book = LabelBook(read_labels(self.labels_file))
+        self.batch = []
         self.plot.reset()
         self.suggestions = None
         self.best, self.best_class, self.sure = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, bool)
@@ -256,18 +262,11 @@ class LabelTab(QWidget):
             self.grid.setFocus()
 
     def add_class(self, name: str) -> None:
-        if name and name not in self.classes:
-            self.classes.append(name)
+        if self.book.add_class(name):
             self._rebuild_class_buttons()
 
     def _rebuild_class_buttons(self) -> None:
-        self.class_bar.show_classes(self.classes, self.counts())
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for lab, _ in self.labels.values():
-            out[lab] = out.get(lab, 0) + 1
-        return out
+        self.class_bar.show_classes(self.classes, self.book.counts())
 
     # ------------------------------------------------------------------------------------------------ actions
     def _targets(self) -> list[str]:
@@ -281,14 +280,9 @@ class LabelTab(QWidget):
         paths = self._targets() if paths is None else [os.path.abspath(p) for p in paths]
         if not paths or self.pile is None:
             return 0
-        if label:
-            self.add_class(label)
-        self.history.append([(p, self.labels.get(p)) for p in paths])
-        for p in paths:
-            self.labels[p] = (label, source)
-            self.skipped.discard(p)
-        self._changed(len(paths))
-        return len(paths)
+        n = self.book.change({p: (label, source) for p in paths})
+        self._changed(n)
+        return n
 
     def use_folder_classes(self, on: bool) -> int:
         """Label (on) or unlabel (off) the images of the top-level subfolders by their folder's name; one action
@@ -299,15 +293,8 @@ class LabelTab(QWidget):
             change = {p: v for p, v in folder_labels(self.pile.root, self.pile.paths).items() if p not in self.labels}
         else:
             change = {p: None for p, (_, src) in self.labels.items() if src == "folder"}
-        if not change:
+        if not self.book.change(change):
             return 0
-        self.history.append([(p, self.labels.get(p)) for p in change])
-        for p, v in change.items():
-            if v is None:
-                self.labels.pop(p, None)
-            else:
-                self.labels[p] = v
-                self.add_class(v[0])
         self.batch = []  # what to ask changed wholesale: the next round's picks replace the grid
         self._changed(max(len(change), RETRAIN_EVERY))
         return len(change)
@@ -316,32 +303,22 @@ class LabelTab(QWidget):
         self.assign(NOT_A_CLASS)
 
     def skip(self) -> None:
-        paths = self._targets()
-        self.skipped.update(paths)
+        self.book.skipped.update(self._targets())
         self._show_batch()
         self._advance()
 
     def undo(self) -> bool:
-        if not self.history:
+        if not self.book.undo():
             return False
-        for p, before in reversed(self.history.pop()):
-            if before is None:
-                self.labels.pop(p, None)
-            else:
-                self.labels[p] = before
         self._changed(0)
         return True
 
     def accept_suggestions(self) -> int:
         """Label every unlabelled image suggested at or above the level, as *accepted* (kept apart from the user's)."""
-        picks = self._acceptable()
-        if not picks:
-            return 0
-        self.history.append([(p, self.labels.get(p)) for p, _ in picks])
-        for p, c in picks:
-            self.labels[p] = (c, "accepted")
-        self._changed(len(picks))
-        return len(picks)
+        n = self.book.change({p: (c, "accepted") for p, c in self._acceptable()})
+        if n:
+            self._changed(n)
+        return n
 
     def _acceptable(self) -> list[tuple[str, str]]:
         s = self.suggestions
@@ -378,7 +355,7 @@ class LabelTab(QWidget):
 
     def _advance(self) -> None:
         """A batch whose every image is answered asks for the next one."""
-        if self.batch and all(p in self.labels or p in self.skipped for p in self.batch):
+        if self.batch and all(self.book.answered(p) for p in self.batch):
             self.request_round()
 
     # ------------------------------------------------------------------------------------------------ rounds
@@ -388,17 +365,7 @@ class LabelTab(QWidget):
         if self.round_running:
             self.round_pending = True
             return
-        used = sorted({lab for lab, _ in self.labels.values() if lab})
-        index = {c: i for i, c in enumerate(used)}
-        y = np.full(len(self.abs_paths), -1, np.int64)
-        own = np.zeros(len(self.abs_paths), bool)  # the user's own labels (not accepted ones): what checks count
-        for i, p in enumerate(self.abs_paths):
-            if p in self.labels:
-                lab, source = self.labels[p]
-                y[i] = index[lab] if lab else -2
-                own[i] = source == "user"
-            elif p in self.skipped:
-                y[i] = -3  # neither trained on nor asked again this session
+        y, used, own = self.book.targets(self.abs_paths)
         self.since_round = 0
         self.round_running = True
         self.round_requested.emit((y, used, 12, self.level.value() / 100, own))
@@ -414,12 +381,12 @@ class LabelTab(QWidget):
             self.best, self.best_class = np.zeros(0, np.float32), np.zeros(0, np.int64)
             self.sure = np.zeros(0, bool)
         self.plot.add_round(s)
-        if not self.batch or all(p in self.labels or p in self.skipped for p in self.batch):
+        if not self.batch or all(self.book.answered(p) for p in self.batch):
             # (a round started before the last answers may ask about images answered since: those are dropped, and
             # when another round that sees every answer is on its way, its batch is awaited instead: the stale one
             # has usually lost its random check, which the estimate needs one of per batch)
             asked = [self.abs_paths[i] for i in s.ask]
-            fresh = [p for p in asked if p not in self.labels and p not in self.skipped]
+            fresh = [p for p in asked if not self.book.answered(p)]
             if not self.round_pending or (fresh and len(fresh) == len(asked)):
                 self.batch = fresh
         self._show_batch()
@@ -440,7 +407,7 @@ class LabelTab(QWidget):
             if p in self.labels:
                 lab = self.labels[p][0]
                 caption = f"✓ {lab}" if lab else "✓ not a class"
-            elif p in self.skipped:
+            elif p in self.book.skipped:
                 caption = "skipped"
             elif p in row:
                 i = row[p]
