@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.data.labels import classes_of
+
 Label = tuple[str, str]  # (label, source): label "" is "not a class"; source "user", "accepted" or "folder"
 
 
 class LabelBook:
     def __init__(self, labels: dict[str, Label] | None = None) -> None:
         self.labels: dict[str, Label] = dict(labels or {})  # absolute path -> (label, source)
-        self.classes: list[str] = sorted({lab for lab, _ in self.labels.values() if lab})  # number keys follow it
+        self.classes: list[str] = classes_of(self.labels)  # then in the order created (the number keys follow it)
         self.skipped: set[str] = set()  # skipped this session: neither trained on nor asked again
         self.history: list[list[tuple[str, Label | None]]] = []  # undo: each action's previous values
 
@@ -61,7 +63,7 @@ class LabelBook:
     def targets(self, paths: list[str]) -> tuple[np.ndarray, list[str], np.ndarray]:
         """For a round on ``paths`` (absolute, the pile's order): each image's class index (-1 unlabelled, -2 not a
         class, -3 skipped), the classes in use (sorted), and which labels are the user's own (what checks count)."""
-        used = sorted({lab for lab, _ in self.labels.values() if lab})
+        used = classes_of(self.labels)
         index = {c: i for i, c in enumerate(used)}
         y = np.full(len(paths), -1, np.int64)
         own = np.zeros(len(paths), bool)
