@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 
-from benchmarks.label import SHARED, _accuracy, _train_on
+from benchmarks.label import SHARED, _accuracy, _train_on, test_split
 from engine.data.decode import decode_one
 from engine.data.folder import scan
-from engine.data.splits import _draw, _key
 
 GROUPS = (-4, -3, -2)  # the last three block groups (the last stage of all is the 1x1 head conv: the final features)
 
@@ -74,7 +73,7 @@ def run_bench_depth(a) -> int:
         ds = scan(src, val_split=0.0, test_split=0.0)
         feats = _pooled([s.path for s in ds.samples])
         y = np.array([s.label for s in ds.samples])
-        test = np.array([_draw(99, s.label, "test|" + _key(s.path, ds.root)) < 0.25 for s in ds.samples])
+        test = test_split(ds)
         pool = np.flatnonzero(~test)
         C = len(ds.classes)
         print(f"\n{name}: {len(pool)} pool images, {test.sum()} test, {C} classes ({time.perf_counter() - t0:.0f} s "
