@@ -85,7 +85,7 @@ def _sklearn(view: str) -> float:
     got = {}
     for split in ("train", "test"):
         ds = scan(os.path.join(view, split), val_split=0.0, check_files=False)
-        feats, _ = embed_dataset(TrainConfig(data=ds.root), ds, Callbacks(), CancelToken())
+        feats = embed_dataset(TrainConfig(data=ds.root), ds, Callbacks(), CancelToken()).features
         got[split] = (feats, np.array([s.label for s in ds.samples]))
     lr = LogisticRegression(max_iter=3000).fit(*got["train"])
     return float(lr.score(*got["test"]))

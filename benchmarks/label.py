@@ -34,7 +34,7 @@ WITHIN = 0.02  # ... and within 2 points of every label with at most 15% of the 
 
 def _features(src: str):
     ds = scan(src, val_split=0.0, test_split=0.0)
-    X, _ = embed_dataset(TrainConfig(data=src), ds, Callbacks(), CancelToken())
+    X = embed_dataset(TrainConfig(data=src), ds, Callbacks(), CancelToken()).features
     y = np.array([s.label for s in ds.samples])
     return X, y, test_split(ds), ds.classes
 
@@ -45,7 +45,10 @@ def test_split(ds) -> np.ndarray:
 
 
 def _accuracy(head, X, y) -> float:
-    return float(((X @ head["weight"].T + head["bias"]).argmax(1) == y).mean()) if head else float("nan")
+    """A head's accuracy (it reads the first columns of ``X``: the final features, or all of them)."""
+    if not head:
+        return float("nan")
+    return float(((X[:, : head["weight"].shape[1]] @ head["weight"].T + head["bias"]).argmax(1) == y).mean())
 
 
 def _train_on(X, y, picked, classes, seed):

@@ -64,6 +64,12 @@ class TerminalProgress(Callbacks):
     def on_train_epoch_end(self, m: EpochMetrics) -> None:
         if not m.worth_logging:
             return
+        if m.label:
+            self._line(
+                f"head, {m.label}: train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}  out-of-fold loss "
+                f"{m.val_loss:.4f} acc {m.val_accuracy:.3f}{'  *' if m.is_best else ''}"
+            )
+            return
         rate = f"  {m.images_per_s:.1f} img/s" if m.images_per_s and not m.many_cheap_epochs else ""
         self._line(
             f"epoch {m.epoch}/{m.epochs}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}  "
@@ -316,7 +322,7 @@ def cmd_label(a) -> int:
 
 
 def cmd_cache(a) -> int:
-    from engine.embed.embeddings import cache_contents, clear_cache
+    from engine.embed.cache import cache_contents, clear_cache
     from engine.paths import default_cache_dir
 
     folder = a.cache_dir or default_cache_dir()

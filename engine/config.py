@@ -21,11 +21,12 @@ from engine.network.backbones import DEFAULT_BACKBONE
 MODES = ("feature-extraction", "fine-tuning", "auto")
 # Per-mode defaults for the settings left at None ("auto" in the window).
 DEFAULTS = {
-    # Head on cached features: an epoch costs milliseconds, so many epochs with early stopping.
-    # Cross-fitted, it tries three rates at once; the first is kept unless another is clearly better (crossfit.py).
-    "feature-extraction": {"epochs": 100, "batch_size": 64, "lr": 3e-3, "patience": 15, "lr_grid": (3e-3, 1e-2, 3e-2)},
+    # Feature extraction's head is solved exactly (engine/train/probe.py) and ignores epochs, batch size, learning
+    # rate and patience; they stay filled in so that a config reads the same in either mode.
+    "feature-extraction": {"epochs": 100, "batch_size": 64, "lr": 3e-3, "patience": 15},
     "fine-tuning": {"epochs": 5, "batch_size": 32, "lr": 1e-3, "patience": 3},
 }
+FEATURES = ("auto", "final", "depths")
 
 
 def unfreeze_value(v: str | int) -> int | str:
@@ -74,8 +75,6 @@ class TrainConfig:
     """Everything a training job needs. CLI: ``python -m engine train DATA [options]``, generated from these
     fields; ``out`` and ``overwrite`` are per run (the window makes a new run folder each time)."""
 
-    lr_grid = ()  # not a setting (no annotation: not a field): the rates :meth:`resolved` lets feature extraction try
-
     data: str = option("", "folder of class subfolders, or with train/ val/ [test/] subfolders", positional=True)
     out: str | None = option(None, "run folder to create (default: a new folder in the runs folder)", parse=str)
     mode: str = option(
@@ -93,20 +92,24 @@ class TrainConfig:
         "fine-tuning: last N stages, 'all', or auto (3; small pictures on a Lite backbone: all but the first 3)",
         parse=unfreeze_value,
     )
-    epochs: int | None = option(None, "default 100 (feature extraction, early-stopped) / 5 (fine-tuning)", parse=int)
-    batch_size: int | None = option(None, "default 64 / 32", parse=int)
-    lr: float | None = option(
-        None,
-        "head learning rate (default: feature extraction cross-fitted tries 3e-3, 1e-2 and 3e-2 and keeps 3e-3 "
-        "unless another has a clearly lower cross-validated loss, otherwise 3e-3; fine-tuning 1e-3)",
-        parse=float,
+    features: str = option(
+        "auto",
+        "feature extraction: which of the frozen network's features the head reads: auto (the final ones, and the "
+        "earlier layers' too when they do clearly better out of fold), final, or depths (both); the "
+        "regularisation is always chosen out of fold",
+        choices=FEATURES,
     )
+    epochs: int | None = option(
+        None, "fine-tuning epochs (default 5; feature extraction's head is solved exactly, without epochs)", parse=int
+    )
+    batch_size: int | None = option(None, "fine-tuning batch size (default 32)", parse=int)
+    lr: float | None = option(None, "fine-tuning head learning rate (default 1e-3)", parse=float)
     backbone_lr_mult: float | None = option(
         None,
         "fine-tuning: backbone learning rate = lr x this (default 0.1; small pictures, with more stages trained: 0.3)",
         parse=float,
     )
-    weight_decay: float = option(1e-4, "AdamW weight decay")
+    weight_decay: float = option(1e-4, "fine-tuning AdamW weight decay")
     augment: bool = option(
         True,
         "fine-tuning: each image or its mirror image at random (other backbones than the "
@@ -125,7 +128,7 @@ class TrainConfig:
         "backbone's input)",
         choices=("auto", "off"),
     )
-    patience: int | None = option(None, "early-stopping patience in epochs, 0 = off (default 15 / 3)", parse=int)
+    patience: int | None = option(None, "fine-tuning early-stopping patience in epochs, 0 = off (default 3)", parse=int)
     balance: str = option(
         "auto",
         "weight the loss by inverse class frequency: auto (when the largest class has 3x "
@@ -188,7 +191,6 @@ class TrainConfig:
         c.batch_size = self.batch_size if self.batch_size is not None else d["batch_size"]
         c.lr = self.lr if self.lr is not None else d["lr"]
         c.patience = self.patience if self.patience is not None else d["patience"]
-        c.lr_grid = d.get("lr_grid", ()) if self.lr is None else ()  # a rate the user gave is used as given
         if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0:
             raise EngineError("Epochs and batch size must be at least 1 and the learning rate above 0.")
         c.unfreeze = unfreeze_value(c.unfreeze)

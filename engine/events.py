@@ -69,6 +69,9 @@ class EpochMetrics:
     elapsed: float = 0.0
     # validation loss after the best temperature for this epoch's logits (fine-tuning; NaN where not computed)
     val_loss_calibrated: float = float("nan")
+    # what this row is when it is not an epoch: feature extraction's head solved at one regularisation strength
+    # ("final features, C 0.01"); its validation figures are out of fold
+    label: str = ""
 
     # A head on cached features runs many cheap epochs (100 by default): logs show every 10th of those.
     MANY_EPOCHS = 20
@@ -81,7 +84,7 @@ class EpochMetrics:
     @property
     def worth_logging(self) -> bool:
         """Whether a log (terminal, the window's log panel) shows this epoch: all of a few, every 10th of many."""
-        return not self.many_cheap_epochs or self.epoch == 1 or self.epoch % 10 == 0
+        return not self.many_cheap_epochs or self.epoch == 1 or self.epoch % 10 == 0 or bool(self.label)
 
     def as_row(self) -> dict:
         return {

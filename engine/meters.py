@@ -118,3 +118,4 @@ class TrainOutcome:
     cross_fit: dict | None = None  # feature extraction, cross-fitted: how (engine/train/crossfit.py)
     probe_head: dict | None = None  # automatic mode: a head on the training split alone
     recipe: dict | None = None  # fine-tuning: input size and stages trained (engine/train/fine_tuning/recipe.py)
+    depths: dict | None = None  # feature extraction: which features the head reads and why (train/probe.py)

@@ -307,9 +307,13 @@ def model_json(
     unfamiliar: dict | None = None,
     features_path: dict | None = None,
     recipe: dict | None = None,
+    depths: dict | None = None,
 ) -> dict:
     """model.json: what ``validate_model_json`` checks and ``model.load_model`` needs, plus the run's config and
-    what reproduces every prediction's status: the temperature, the "not sure" threshold, the "unfamiliar" one."""
+    what reproduces every prediction's status: the temperature, the "not sure" threshold, the "unfamiliar" one.
+    ``depths`` (feature extraction): whether the head reads the intermediate stages' features too (``kept``, with
+    their ``taps``), the final features' width and why (the out-of-fold comparison); runs saved before it read the
+    final features alone."""
     conf = asdict(cfg)
     trust = {}
     if calibration:
@@ -322,6 +326,8 @@ def model_json(
         trust["features"] = features_path
     if recipe:  # fine-tuning: the input size it trained at (also in preprocessing) and the stages it trained
         trust["fine_tuning"] = recipe
+    if depths:
+        trust["depths"] = {k: v for k, v in depths.items() if k != "tried"}
     if unfamiliar:
         trust["unfamiliar"] = {
             "k": unfamiliar["k"],

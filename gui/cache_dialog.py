@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QMessageBox
 
-from engine.embed.embeddings import cache_contents, clear_cache
+from engine.embed.cache import cache_contents, clear_cache
 from engine.paths import default_cache_dir
 
 

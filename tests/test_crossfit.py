@@ -11,6 +11,7 @@ from engine import TrainConfig, fit
 from engine.data.folder import scan
 from engine.train.crossfit import _choose, cross_fit, fold_ids
 from engine.train.head import cross_entropy, train_linear_head
+from engine.train.probe import C_GRID
 from tests.imagegen import make_flat_dataset, make_split_dataset
 
 RECIPE = dict(epochs=60, batch_size=32, lr=1e-2, weight_decay=0.0, patience=0, seed=0, dropout=0.0)
@@ -137,8 +138,7 @@ def test_a_folder_without_validation_folder_trains_on_every_image_and_reports_cr
     res = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=30, cache_dir=str(tmp_path / "c")))
     m = res.metrics
     assert m["validation"]["method"] == "cross-validated" and m["n_train"] == m["val_n"] == 36
-    assert m["validation"]["lr"] in (3e-3, 1e-2, 3e-2)  # the default: three rates tried, one kept and recorded
-    assert [t["lr"] for t in m["validation"]["lr_tried"]][0] == 3e-3
+    assert m["validation"]["C"] in C_GRID  # the regularisation chosen out of fold, and recorded
     assert "Cross-validated (5-fold) accuracy" in res.message and m["val_accuracy"] >= 0.8
     with open(tmp_path / "run" / "split.csv") as f:
         assert {r["split"] for r in csv.DictReader(f)} == {"train"}

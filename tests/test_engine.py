@@ -358,7 +358,8 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     second = fit(TrainConfig(out=str(tmp_path / "r2"), **cfg))
     assert second.metrics["embeddings_from_cache"] == 42 and second.metrics["embed_images_per_s"] is None
     assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
-    (cache_file,) = [p for p in cache.glob("*.safetensors") if not p.name.endswith(".backbone.safetensors")]
+    (cache_file,) = [p for p in cache.glob("*.safetensors") if p.name.count(".") == 1]  # the final features'
+    assert len(list(cache.glob("*.depths1.safetensors"))) == 1  # the earlier layers' beside them
     cache_file.write_bytes(cache_file.read_bytes()[:200])  # torn write
     logs = []
 
@@ -381,10 +382,11 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     fifth = fit(TrainConfig(out=str(tmp_path / "r5"), **cfg))  # rewritten by the fourth run
     assert "backbone not run" in fifth.metrics["device"]
     # `python -m engine cache`: what is stored, and --clear deletes only the cache's own files
-    from engine.embed.embeddings import cache_contents, clear_cache
+    from engine.embed.cache import cache_contents, clear_cache
 
     (entry,) = [e for e in cache_contents(str(cache)) if e["key"] != "-"]  # (besides the files-read index)
-    assert entry["backbone"] == "efficientnet_lite0" and entry["images"] == 42 and len(entry["files"]) == 2
+    assert entry["backbone"] == "efficientnet_lite0" and entry["images"] == 42
+    assert len(entry["files"]) == 3  # the final features, the earlier layers' and the backbone's weights
     (cache / "notes.txt").write_text("mine")
     stored = sum(e["bytes"] for e in cache_contents(str(cache)))
     assert clear_cache(str(cache)) == stored
@@ -559,7 +561,8 @@ def test_cli_train_predict_export(flat_data, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["run"] == str(run) and summary["status"] == "completed"
-    assert "epoch 1/5" in r.stderr and "img/s" in r.stderr
+    assert "embedding 42/42" in r.stderr and "img/s" in r.stderr  # the backbone's progress
+    assert "head, final features, C 0.0003: train loss" in r.stderr  # the head's, one line per strength tried
     out_csv = tmp_path / "p.csv"
     r = subprocess.run(
         [sys.executable, "-m", "engine", "predict", str(run), str(flat_data / "circles"), "--csv", str(out_csv)],
@@ -709,7 +712,8 @@ def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_
     made with int8 features predicts with them (predict agrees with evaluate); --engine torch is the old path."""
     import torch
 
-    from engine.embed.embeddings import _cache_key, embed_files
+    from engine.embed.cache import _cache_key
+    from engine.embed.embeddings import embed_files
     from engine.network import onnx_runtime as ob
     from engine.network.backbones import LITE0_PREPROCESSING, load_backbone
     from engine.predict.evaluate import evaluate

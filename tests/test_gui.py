@@ -88,7 +88,8 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path,
     # no validation folder: every labelled image trained the model and was judged out of fold, and the tabs say so
     assert "Cross-validated (5-fold) accuracy" in w.results_tab.summary.text()
     assert "each judged by a head that never saw it" in w.results_tab.mistakes_label.text()
-    assert "the learning rate" in w.results_tab.summary.text() and "of the 3 tried" in w.results_tab.summary.text()
+    assert "the features and the regularisation were chosen" in w.results_tab.summary.text()
+    assert "The head reads the network's" in w.results_tab.summary.text()  # which features, and the evidence
     assert "Feature extraction cross-validates (5 folds): all 42 labelled images" in w.dataset_tab.status.text()
     assert "stall" not in w.status_label.text().lower()  # a developer's measurement, not the user's concern
     # a confusion-matrix cell leads to its images: as many as the run's metrics.json counts there
@@ -380,6 +381,7 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
         bn_stats="update",
         small_images="off",
         cross_fit="off",
+        features="depths",
         labels=str(tmp_path / "labels.csv"),
         overwrite=False,
     )
@@ -595,7 +597,7 @@ def test_embedding_cache_can_be_seen_and_deleted_from_the_app(qtbot, window, mon
     import numpy as np
     from PySide6.QtWidgets import QMessageBox
 
-    from engine.embed.embeddings import EmbeddingCache, cache_contents
+    from engine.embed.cache import EmbeddingCache, cache_contents
     from engine.network.backbones import LITE0_PREPROCESSING
     from engine.paths import default_cache_dir
 

@@ -103,7 +103,7 @@ class DetailThumbnails:
     cache."""
 
     def __init__(self, paths: list[str], hashes: list[str], cache_dir: str | None) -> None:
-        from engine.embed.embeddings import DetailCache
+        from engine.embed.cache import DetailCache
 
         self.paths, self.hashes, self.cache = paths, hashes, DetailCache(cache_dir)
         self.memo: dict[int, np.ndarray] = {}
@@ -169,7 +169,7 @@ def layouts(paths: list[str], hashes: list[str] | None = None, cache_dir: str | 
     from concurrent.futures import ThreadPoolExecutor
 
     from engine.data.decode import decode_workers
-    from engine.embed.embeddings import LayoutCache
+    from engine.embed.cache import LayoutCache
 
     cache = LayoutCache(cache_dir) if cache_dir and hashes is not None else LayoutCache(None)
     out = [cache.get(h) for h in hashes] if hashes is not None else [None] * len(paths)
@@ -344,7 +344,8 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
             cb.on_progress,
             exclude=config.exclude,
         )
-        feats, hashes = embed_dataset(config, ds, cb, cancel)
+        emb = embed_dataset(config, ds, cb, cancel)
+        feats, hashes = emb.features, emb.hashes
         cb.on_progress(Progress(Phase.CHECKING, 0, 1))
         cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
         notes: dict = {}

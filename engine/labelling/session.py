@@ -35,15 +35,13 @@ from engine.data.labels import (
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from engine.labelling.picks import next_batch
 from engine.runs import atomic_write_text
-from engine.train.crossfit import cross_fit, fold_ids
+from engine.train.crossfit import fold_ids
 from engine.train.feature_extraction import embed_dataset
+from engine.train.probe import Blocks, fit_probe
 from engine.trust.calibration import fit_temperature, probabilities
 from engine.trust.familiarity import familiarity_block, knn_distance
 from engine.trust.scores import wilson_interval
 
-# The rounds' head: cross-fitted as feature extraction is, with its three learning rates (the digits' head
-# under-fits at the default alone).
-LRS = (3e-3, 1e-2, 3e-2)
 # Until this many labels per class the batches are TypiClust's (the typical images of the clusters the labels cover
 # least), then the least certain images spread across the folder: at 2 labels per class on the digits uncertainty
 # was no better than chance (docs/benchmarks.md), as published work finds at small budgets. 3 rather than 5: three
@@ -111,20 +109,25 @@ def suggest(
     level: float = ACCEPT_LEVEL,
     draws: np.ndarray | None = None,
     own: np.ndarray | None = None,
+    blocks: Blocks | None = None,
 ) -> Suggestions:
     """``y``: each image's class index, -1 unlabelled, -2 "not a class"; ``draws``: each image's check draw
     (:func:`engine.data.labels.check_draws` of its path; default: of its row number); ``own``: which labels are
     the user's own (default: all), the only ones a random check counts on (an accepted suggestion would only agree
-    with the model). The pure core of a round, shared by the job and the labelling benchmark."""
+    with the model). ``blocks``: how ``X``'s columns split into the final features and the earlier layers' (default:
+    all final). The pure core of a round, shared by the job and the labelling benchmark."""
     labelled = np.flatnonzero(y >= 0)
     unlabelled = np.flatnonzero(y == -1)
     present = np.unique(y[labelled])
     draws = check_draws([str(i) for i in range(len(X))]) if draws is None else draws
     if len(present) < 2:
-        return Suggestions(classes, None, None, next_batch(X, unlabelled, n_next, seed, None, None, draws=draws))
+        final = X[:, : blocks.final] if blocks else X
+        return Suggestions(classes, None, None, next_batch(final, unlabelled, n_next, seed, None, None, draws=draws))
     yl = y[labelled]
     keys = [str(i) for i in labelled]
     k = int(min(5, len(labelled)))
+    blocks = blocks or Blocks([X.shape[1]])
+    final = X[:, : blocks.final]  # what the picks and "unfamiliar" compare
     # The random checks (the user's own labels of images drawn as checks) are kept from the picks: a head trained
     # without them chooses what to ask and is the one the estimate judges them with, so each check is what a random
     # test image is to the model, an image nobody chose to ask near.
@@ -135,14 +138,15 @@ def suggest(
     extra = {"final": np.ones(len(labelled), bool)}
     if check.any() and len(np.unique(yl[blind])) >= 2:
         extra["without checks"] = blind
-    # Centred on the whole folder's mean embedding, not the labels' (with 2-5 labels a class theirs is a noisy
-    # centre: hymenoptera 2/cl 0.757 against 0.809, random labels, 4 seeds); the epoch and rate are chosen by the
-    # other labels' out-of-fold loss alone, so the head the checks judge was not chosen by them either.
-    res = cross_fit(
-        X[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), k=k, extra=extra,
-        epochs=100, batch_size=64, lr=3e-3, weight_decay=1e-4, patience=15, seed=seed, lrs=LRS, centre=X.mean(0),
+    # The whole folder fixes the features' centring, scaling and axes (with 2-5 labels a class the labels' own
+    # centre is noisy: hymenoptera 2/cl 0.757 against 0.809 with the folder's, random labels, 4 seeds); the
+    # regularisation and the features are chosen by the other labels' out-of-fold loss alone, so the head the
+    # checks judge was not chosen by them either.
+    res = fit_probe(
+        X[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), blocks, k=k, extra=extra, stats=X, seed=seed,
         judge=blind if "without checks" in extra else None,
     )  # fmt: skip
+    Xh = X[:, : res.columns]  # what the chosen heads read
     t = fit_temperature(res.oof_logits, yl)
     head = res.heads["final"]
     # A suggestion's confidence is the k fold heads' mean calibrated probability: the temperature was fitted on those
@@ -150,21 +154,22 @@ def suggest(
     # on every label, so sharper) is the model; with its own probabilities, the flowers it put at >= 95% after 150
     # labels were 0.885-0.928 right, with the fold heads' mean 0.917-1.000 over three runs, 86 of 89
     # (docs/benchmarks.md, label).
-    folds = [probabilities(X @ fh["weight"].T + fh["bias"], t) for fh in res.fold_heads]
+    folds = [probabilities(Xh @ fh["weight"].T + fh["bias"], t) for fh in res.fold_heads]
     probs = np.mean(folds, 0)
     oof = probabilities(res.oof_logits, t)
     picker = res.heads.get("without checks")
-    top2 = np.sort(probs if picker is None else probabilities(X @ picker["weight"].T + picker["bias"], t), 1)[:, -2:]
+    top2 = np.sort(probs if picker is None else probabilities(Xh @ picker["weight"].T + picker["bias"], t), 1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    unfamiliar = _far_from(X, X[labelled], seed)
+    unfamiliar = _far_from(final, final[labelled], seed)
     seen = labelled[blind]
     # (what the picks take as unfamiliar: far from every label but the checks)
-    strange = _far_from(X, X[seen], seed) if picker is not None else unfamiliar
-    agreed, accept = _acceptable(X, head, folds, probs, oof, yl, unlabelled, level)
+    strange = _far_from(final, final[seen], seed) if picker is not None else unfamiliar
+    agreed, accept = _acceptable(Xh, head, folds, probs, oof, yl, unlabelled, level)
     accept["temperature"] = t
+    accept["features"] = res.features
     share = 1.0 if len(seen) < TYPICAL_UNTIL * len(np.unique(yl[blind])) else 0.0
-    picks = next_batch(X, unlabelled, n_next, seed, margin, strange, seen, share, draws)
-    estimate, interval, n_checks = _check_estimate(picker, X[labelled], yl, check, len(classes))
+    picks = next_batch(final, unlabelled, n_next, seed, margin, strange, seen, share, draws)
+    estimate, interval, n_checks = _check_estimate(picker, Xh[labelled], yl, check, len(classes))
     return Suggestions(
         classes, probs, unfamiliar, picks, accept, {**head, "temperature": t}, estimate, len(labelled), agreed,
         interval, n_checks,
@@ -233,9 +238,10 @@ class Pile:
 
     root: str
     paths: list[str]
-    feats: np.ndarray  # (n, d), rows in the order of ``paths``
+    feats: np.ndarray  # (n, d), rows in the order of ``paths``: the final features, then the earlier layers'
     skipped: list[tuple[str, str]]
     cancelled: bool = False
+    blocks: Blocks | None = None  # how ``feats``' columns split (None: all final)
     _draws: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def draws(self) -> np.ndarray:
@@ -267,10 +273,10 @@ def open_pile(config, callbacks: Callbacks | None = None, cancel: CancelToken | 
         cb.on_log(f"{len(paths)} images under {config.data}")
         ds = Dataset(config.data, "unsorted", [], [Sample(p, -1, "train") for p in paths])
         cb.on_progress(Progress(Phase.EMBEDDING, 0, len(paths)))
-        feats, _ = embed_dataset(config, ds, cb, cancel)
+        emb = embed_dataset(config, ds, cb, cancel, taps=True)
     except Cancelled:
         return Pile(config.data, [], np.zeros((0, 0), np.float32), [], True)
-    return Pile(config.data, [s.path for s in ds.samples], feats, ds.skipped)
+    return Pile(config.data, [s.path for s in ds.samples], emb.features, ds.skipped, blocks=emb.blocks)
 
 
 def next_round(
@@ -285,7 +291,7 @@ def next_round(
     own: np.ndarray | None = None,
 ) -> Suggestions:
     """A round on an opened pile (the app's labelling view runs one in the background after every few labels)."""
-    return suggest(pile.feats, y, classes, n_next, seed, level, pile.draws(), own)
+    return suggest(pile.feats, y, classes, n_next, seed, level, pile.draws(), own, pile.blocks)
 
 
 def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> LabelResult:
@@ -306,7 +312,7 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
     classes = classes_of(given)
     y = pile.targets(given, classes)
     own = np.array([given.get(os.path.abspath(p), ("", ""))[1] == "user" for p in kept], bool)
-    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level, pile.draws(), own)
+    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level, pile.draws(), own, pile.blocks)
     ask = {i: r + 1 for r, i in enumerate(s.ask)}
     rows = []
     for i in np.flatnonzero(y == -1):

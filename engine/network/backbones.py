@@ -255,13 +255,26 @@ def _feature_net_class():
         def __init__(self, body: nn.Module, feature_dim: int, stages: list[list[str]], kind: str) -> None:
             super().__init__()
             self.body = body
-            self.feature_dim = feature_dim
+            self.final_dim = feature_dim  # the final pooled features, always the first ones
+            self.feature_dim = feature_dim  # all of them: with taps, the intermediate stages' after the final
             self.stage_names = stages  # attribute paths of body, first -> last
             self.kind = kind
+            self.taps = False
+
+        def with_taps(self, on: bool = True):
+            """Also return the intermediate stages' pooled outputs (engine/network/depths.py), after the final
+            features; returns self."""
+            from engine.network import depths
+
+            self.taps = bool(on) and depths.supports(self)
+            self.feature_dim = self.final_dim + (sum(depths.tap_widths(self)) if self.taps else 0)
+            return self
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.kind == "lite":
-                return self.body.extract_features(x).mean((2, 3))
+                from engine.network.depths import lite_forward
+
+                return lite_forward(self.body, x, self.taps)
             return self.body(x)
 
         def stages(self) -> list[list[nn.Module]]:

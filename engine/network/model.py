@@ -74,6 +74,11 @@ class LoadedModel:
         return emb.astype("float32") if emb.ndim == 2 and emb.shape[1] == dim else None
 
     @property
+    def final_dim(self) -> int:
+        """How many of the network's features are the final ones (the rest, if any, are earlier layers')."""
+        return int((self.meta.get("depths") or {}).get("final_dim") or self.model.backbone.final_dim)
+
+    @property
     def familiar_frozen_stages(self) -> int | None:
         """Set when "unfamiliar" compares the frozen stages' pooled output (fine-tuning), not the embedding."""
         v = (self.meta.get("unfamiliar") or {}).get("frozen_stages")
@@ -104,6 +109,7 @@ def load_model(run_dir: str) -> LoadedModel:
     classes = list(meta["classes"])
     pre = Preprocessing.from_dict(meta["preprocessing"])
     net = build_architecture(meta["backbone"], pre)
+    _depths(net, meta, weights)
     model = make_classifier(net, len(classes))
     head = sd.get("head.weight")
     if head is None or tuple(head.shape) != (len(classes), net.feature_dim):
@@ -119,3 +125,18 @@ def load_model(run_dir: str) -> LoadedModel:
         ) from exc
     model.eval()
     return LoadedModel(model, classes, pre, meta, run_dir)
+
+
+def _depths(net, meta: dict, where: str) -> None:
+    """A head that reads the intermediate stages' features too: the network computes them (the same taps)."""
+    from engine.network import depths
+
+    d = meta.get("depths") or {}
+    if not d.get("kept"):
+        return
+    net.with_taps(True)
+    if not net.taps or depths.describe(depths.tap_widths(net)) != d.get("taps"):
+        raise EngineError(
+            f"{where} reads features of the network's earlier layers that this version of Transfer Studio does not "
+            "compute the same way; train the model again."
+        )

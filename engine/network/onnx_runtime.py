@@ -151,12 +151,17 @@ class Graphs:
     seconds: float  # one-time cost of making what was missing (0 when both were cached)
 
 
-def graph_paths(cache_dir: str, backbone: str, weights_id: str) -> tuple[str, str]:
-    """The fp32 graph and this CPU's int8 graph (each flavour its own file: engine/network/int8.py)."""
+def graph_paths(cache_dir: str, backbone: str, weights_id: str, taps: bool = False) -> tuple[str, str]:
+    """The fp32 graph and this CPU's int8 graph (each flavour its own file: engine/network/int8.py); ``taps``: the
+    graphs whose output also holds the intermediate stages' features (engine/network/depths.py), files of their
+    own."""
+    from engine.network.depths import VERSION
+
     folder = os.path.join(cache_dir, "graphs")
+    stem = f"{backbone}-{weights_id}" + (f".taps{VERSION}" if taps else "")
     return (
-        os.path.join(folder, f"{backbone}-{weights_id}.fp32.onnx"),
-        os.path.join(folder, f"{backbone}-{weights_id}.int8-{int8_flavour()}.onnx"),
+        os.path.join(folder, f"{stem}.fp32.onnx"),
+        os.path.join(folder, f"{stem}.int8-{int8_flavour()}.onnx"),
     )
 
 
@@ -218,7 +223,7 @@ def _quantize(fp32: str, int8: str, calibration: np.ndarray, pre: Preprocessing)
 def ensure_graphs(cache_dir: str, backbone_name: str, backbone, calibration: np.ndarray | None, log=None) -> Graphs:
     """The fp32 and int8 graphs of ``backbone`` (made once, then reused); ``calibration``: (N,3,S,S) uint8 images
     of the user's own folder for the int8 graph (only needed when it is missing)."""
-    fp32, int8 = graph_paths(cache_dir, backbone_name, backbone.weights_id)
+    fp32, int8 = graph_paths(cache_dir, backbone_name, backbone.weights_id, getattr(backbone.net, "taps", False))
     os.makedirs(os.path.dirname(fp32), exist_ok=True)
     t0 = time.perf_counter()
     if not os.path.isfile(fp32):
@@ -239,14 +244,24 @@ def _write_json(path: str, obj) -> None:
     atomic_write_json(path, obj)
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+def agreement(a: np.ndarray, b: np.ndarray, final_dim: int | None = None) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``; with ``final_dim`` (features with the
+    intermediate stages' after the final ones), the lower of the two parts' cosines, so that neither part can hide
+    behind the other."""
+    if final_dim is not None and a.shape[1] > final_dim:
+        return np.minimum(agreement(a[:, :final_dim], b[:, :final_dim]), agreement(a[:, final_dim:], b[:, final_dim:]))
     na = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(1) / np.maximum(na, 1e-12)
 
 
 def choose(
-    graphs: Graphs, pre: Preprocessing, precision: str, sample: np.ndarray | None, batch_size: int, log=None
+    graphs: Graphs,
+    pre: Preprocessing,
+    precision: str,
+    sample: np.ndarray | None,
+    batch_size: int,
+    log=None,
+    final_dim: int | None = None,
 ) -> tuple[OrtForward, dict]:
     """The session to embed with, and what was decided (recorded in model.json)."""
     fp32 = OrtForward(graphs.fp32, pre, "fp32", batch_size)
@@ -264,7 +279,7 @@ def choose(
         return int8, {"engine": "onnxruntime", "precision": "int8", "reason": "asked for", **flavour}
     if sample is None or not len(sample):
         return fp32, {"engine": "onnxruntime", "precision": "fp32", "reason": "no images to check int8 on"}
-    cos = agreement(int8(sample), fp32(sample))
+    cos = agreement(int8(sample), fp32(sample), final_dim)
     decision = {
         "engine": "onnxruntime",
         **flavour,

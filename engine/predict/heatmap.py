@@ -2,8 +2,9 @@
 
 A few lines of hooks on the backbone's last stage rather than a library (grad-cam, torchcam): the backbone's stages
 are already named (``FeatureNet.stages``), both training modes save the same classifier, and the method is the
-gradient of the class score, averaged per channel, weighting that stage's feature maps. It runs as an engine job
-(the window runs it in the background); the fine-tuned or feature-extraction model is explained as saved.
+gradient of the class score, averaged per channel, weighting that stage's feature maps (a head that reads the
+earlier layers' features too is explained at the earliest stage it reads: :func:`explained_layer`). It runs as an
+engine job (the window runs it in the background); the fine-tuned or feature-extraction model is explained as saved.
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def grad_cam(model, x, target: int, layer) -> np.ndarray:
     return cam.detach().float().cpu().numpy()
 
 
+def explained_layer(net):
+    """The layer whose maps the heatmap weighs: the last stage's; for a head that also reads earlier layers'
+    features, the earliest tapped stage's (its gradient carries every path to the class score: the later stages,
+    their taps and the final features)."""
+    stages = net.stages()
+    if getattr(net, "taps", False):
+        from engine.network.depths import LITE_TAPS
+
+        return stages[LITE_TAPS[0][0]][-1]
+    return stages[-1][-1]
+
+
 def heatmap(
     config: HeatmapConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
 ) -> HeatmapResult:
@@ -99,7 +112,7 @@ def heatmap(
             raise EngineError(f"'{config.target}' is not one of this model's classes: {', '.join(loaded.classes)}.")
         target = loaded.classes.index(config.target) if config.target else pred
         cancel.raise_if_cancelled()
-        cam = grad_cam(model, x, target, model.backbone.stages()[-1][-1])
+        cam = grad_cam(model, x, target, explained_layer(model.backbone))
         heat = F.interpolate(
             torch.from_numpy(cam)[None, None], size=(pre.size, pre.size), mode="bilinear", align_corners=False
         )[0, 0].numpy()

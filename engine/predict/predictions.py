@@ -111,7 +111,8 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
         return None
     if engine != "onnxruntime" and made.get("engine") != "onnxruntime":
         return None  # trained on PyTorch's features: predict with them too
-    fp32, int8 = ob.graph_paths(default_cache_dir(), loaded.meta["backbone"], loaded.meta.get("weights_id", ""))
+    taps = bool(loaded.meta.get("depths"))  # embedded with the earlier layers' features (the head may not read them)
+    fp32, int8 = ob.graph_paths(default_cache_dir(), loaded.meta["backbone"], loaded.meta.get("weights_id", ""), taps)
     if made.get("graph") and os.path.isfile(made["graph"]):  # the very graph the training features came from
         if made.get("precision") == "int8":
             int8 = made["graph"]
@@ -127,7 +128,12 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
         precision = "fp32"
     if not os.path.isfile(fp32):
         os.makedirs(os.path.dirname(fp32), exist_ok=True)
-        ob.export_graph(loaded.model.backbone, loaded.preprocessing, fp32)
+        net = loaded.model.backbone
+        was = net.taps
+        try:
+            ob.export_graph(net.with_taps(taps), loaded.preprocessing, fp32)
+        finally:
+            net.with_taps(was)
     return ob.OrtForward(int8 if precision == "int8" else fp32, loaded.preprocessing, precision, batch_size or 16)
 
 
@@ -218,8 +224,10 @@ def predict_paths(
             f = torch.cat(feats) if feats else torch.zeros(0, head.in_features, device=device)
             if pretrained is not None:  # the same stacked pixels, through the pretrained backbone
                 pooled.extend(torch.as_tensor(pretrained(b)) for b in batches)
-            p = probabilities(head(f).float().cpu().numpy(), loaded.temperature)
-            familiar = torch.cat(pooled) if pooled else f
+            # (a graph that also computes the earlier layers' features may serve a head on the final ones: they
+            # come first)
+            p = probabilities(head(f[:, : head.in_features]).float().cpu().numpy(), loaded.temperature)
+            familiar = torch.cat(pooled) if pooled else f[:, : loaded.final_dim]
             pooled.clear()
             d = knn_distance(familiar.cpu().numpy(), train_emb) if train_emb is not None and len(f) else None
             idx = [i for i, _ in good]

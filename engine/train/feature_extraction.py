@@ -1,9 +1,13 @@
 """Feature extraction: each image through the frozen backbone once (or straight from the embedding cache), then a
-linear head trained on those features (engine/train/head.py, NumPy).
+linear head on those features, chosen and solved by engine/train/probe.py (NumPy).
 
 Two ways in: :func:`from_cache` needs no PyTorch at all (every embedding and the backbone's weights are cached) and
 returns None when anything is missing; :func:`run` embeds what is not cached. Both return a :class:`TrainOutcome`
-and raise :class:`Cancelled` when stopped (the head trains in milliseconds per epoch: nothing worth keeping).
+and raise :class:`Cancelled` when stopped (the head takes seconds: nothing worth keeping).
+
+The features are the final ones and, on the EfficientNet-Lite family, the intermediate stages' after them
+(engine/network/depths.py); the head reads the final ones alone unless the earlier layers' do clearly better out of
+fold (``--features auto``), and the saved model computes exactly what the head reads.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from engine.data.decode import content_hash, read_bytes
 from engine.data.folder import Dataset
 from engine.data.known_files import KnownFiles
 from engine.data.splits import _key
-from engine.embed.embeddings import BackboneSnapshot, EmbeddingCache, embed_files, hash_files
+from engine.embed.cache import BackboneSnapshot, FeatureCache
+from engine.embed.embeddings import embed_files, hash_files
 from engine.events import Callbacks, CancelToken, EngineError, Phase, Progress
 from engine.meters import TrainOutcome
+from engine.network import depths
 from engine.network.backbones import LoadedBackbone, describe_without_torch
 from engine.network.onnx_runtime import cache_variants, describe_variant
 from engine.paths import default_cache_dir
 from engine.runs import BackboneFacts
-from engine.train.crossfit import K_FOLDS, cross_fit, fold_ids
-from engine.train.head import balanced_class_weights, train_linear_head
+from engine.train.crossfit import K_FOLDS, fold_ids
+from engine.train.head import balanced_class_weights
+from engine.train.probe import DEPTHS, Blocks, Probe, fit_probe
 
 
 def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
@@ -37,11 +44,12 @@ def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
 
 @dataclass
 class HeadOutcome:
-    head: dict[str, np.ndarray]  # the head to save
+    head: dict[str, np.ndarray]  # the head to save (on the first ``choice.columns`` features)
     history: list[dict]
     best_epoch: int
     logits: dict  # "val" / "test": raw logits of the images in ``held_items`` (None where empty)
-    features: dict  # "train" / "val": what "unfamiliar" compares (None where empty)
+    features: dict  # "train" / "val": what "unfamiliar" compares (the final features; None where empty)
+    choice: Probe  # which features, which regularisation, and the out-of-fold evidence
     held_items: dict | None = None  # the samples behind ``logits`` per split; None: the dataset's own splits
     cross_fit: dict | None = None  # how the figures were judged, when cross-fitted
     probe: dict | None = None  # automatic mode: a head on the training split alone (fine-tuning starts from it)
@@ -54,76 +62,101 @@ def cross_fits(cfg: TrainConfig, ds: Dataset) -> bool:
     return cfg.cross_fit == "auto" and bool(ds.split("val")) and not ds.validation_given() and pool >= 4 * K_FOLDS
 
 
+def wants_depths(cfg: TrainConfig) -> bool:
+    """Whether the run embeds the intermediate stages too (the head may then choose them)."""
+    return cfg.features != "final"
+
+
+def depths_record(choice: Probe, blocks: Blocks, taps: list[dict] | None) -> dict:
+    """model.json's and metrics.json's ``depths``: what the head reads and why."""
+    out = {
+        "kept": choice.features == DEPTHS,
+        "final_dim": blocks.final,
+        "C": choice.C,
+        "why": choice.summary(),
+        "tried": choice.tried,
+    }
+    if choice.comparison:
+        out["comparison"] = choice.comparison
+    if choice.features == DEPTHS and taps:
+        out["taps"] = taps
+    return out
+
+
 def train_head(
     cfg: TrainConfig,
     ds: Dataset,
     features: dict[str, np.ndarray],
-    dim: int,
+    blocks: Blocks,
     cb: Callbacks,
     cancel: CancelToken,
     probe: bool = False,
 ) -> HeadOutcome:
-    """The head on each split's features (cross-fitted on train + val when :func:`cross_fits`)."""
+    """The head on each split's features: chosen out of fold on train + val cross-fitted when :func:`cross_fits`,
+    else on the training split's own folds (a val/ folder the user made is then only scored)."""
     split_X = {}
     for split in ("train", "val", "test"):
         p, y = labels(ds, split)
-        X = np.stack([features[q] for q in p]).astype(np.float32) if p else np.zeros((0, dim), np.float32)
+        X = np.stack([features[q] for q in p]).astype(np.float32) if p else np.zeros((0, blocks.total), np.float32)
         split_X[split] = (X, y)
     if len(split_X["train"][0]) == 0:
         raise EngineError("No training images left after skipping unreadable files.")
-    cb.on_progress(Progress(Phase.TRAINING, 0, cfg.epochs))
+    cb.on_progress(Progress(Phase.TRAINING, 0, 1))
     cross = cross_fits(cfg, ds)
-    pool_y = np.concatenate([split_X["train"][1], split_X["val"][1]]) if cross else split_X["train"][1]
-    weights = balanced_class_weights(pool_y, len(ds.classes), mode=cfg.balance)
+    parts = ("train", "val") if cross else ("train",)
+    pool = [s for split in parts for s in ds.split(split)]
+    X = np.concatenate([split_X[split][0] for split in parts])
+    y = np.concatenate([split_X[split][1] for split in parts])
+    weights = balanced_class_weights(y, len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log(
             "Classes are unbalanced: the loss weights each class by the inverse of its share ("
             + ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, weights))
             + ")"
         )
-    train = dict(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        patience=cfg.patience, seed=cfg.seed, cancel=cancel, on_batch=cb.on_train_batch_end,
-        on_epoch=cb.on_train_epoch_end, on_log=cb.on_log, class_weight=weights,
-    )  # fmt: skip
-    feats = {split: split_X[split][0] if len(split_X[split][0]) else None for split in ("train", "val")}
-    if cross:
-        return _cross_fitted(cfg, ds, split_X, pool_y, train, cb, probe)
-    cb.on_log(f"Training the head: {len(split_X['train'][0])} train / {len(split_X['val'][0])} val images")
-    res = train_linear_head(*split_X["train"], *split_X["val"], len(ds.classes), **train)
-    # Predictions come straight from the features (identical to running the saved model on the images).
-    logits = {
-        split: split_X[split][0] @ res.head["weight"].T + res.head["bias"] if len(split_X[split][0]) else None
-        for split in ("val", "test")
-    }
-    return HeadOutcome(res.head, res.history, res.best_epoch, logits, feats)
-
-
-def _cross_fitted(cfg: TrainConfig, ds: Dataset, split_X: dict, y: np.ndarray, train: dict, cb: Callbacks, probe: bool):
-    """k fold heads judge every labelled image out of sample; the saved head learns from all of them."""
-    pool = ds.split("train") + ds.split("val")
-    X = np.concatenate([split_X["train"][0], split_X["val"][0]])
     folds = fold_ids(y, [_key(s.path, ds.root) for s in pool], cfg.seed)
     extra = {"final": np.ones(len(pool), bool)}
-    if probe:
+    if probe and cross:
         extra["probe"] = np.arange(len(pool)) < len(split_X["train"][0])
+    depth_words = " and whether the earlier layers' features help" if blocks.total > blocks.final else ""
     cb.on_log(
-        f"Training the head on all {len(pool)} labelled images, cross-fitted: {K_FOLDS} more heads, each trained "
-        f"on {K_FOLDS - 1} of {K_FOLDS} folds, judge every image out of sample (the figures, the epoch, "
-        + ("the learning rate (of " + ", ".join(f"{r:g}" for r in cfg.lr_grid) + ") " if cfg.lr_grid else "")
-        + "and the calibration come from those judgements)"
+        (
+            f"Training the head on all {len(pool)} labelled images, cross-fitted: {K_FOLDS} more heads, each trained "
+            f"on {K_FOLDS - 1} of {K_FOLDS} folds, judge every image out of sample (the figures, "
+        )
+        if cross
+        else (
+            f"Training the head on {len(pool)} train images ({len(split_X['val'][0])} validation images only "
+            f"scored); {K_FOLDS} fold heads within them choose "
+        )
+        + f"the regularisation{depth_words}"
+        + (" and the calibration come from those judgements)" if cross else "")
     )
-    res = cross_fit(X, y, folds, len(ds.classes), extra=extra, lrs=cfg.lr_grid or None, **train)
-    head = res.heads["final"]
-    Xte = split_X["test"][0]
-    logits = {"val": res.oof_logits, "test": Xte @ head["weight"].T + head["bias"] if len(Xte) else None}
-    info = {"method": "cross-validated", "folds": K_FOLDS, "images": len(pool),
-            "fold_sizes": [int((folds == f).sum()) for f in range(K_FOLDS)],
-            "lr": res.lr, "lr_tried": res.tried}  # fmt: skip
-    return HeadOutcome(
-        head, res.history, res.best_epoch, logits, {"train": X, "val": None},
-        held_items={"val": pool, "test": ds.split("test")}, cross_fit=info, probe=res.heads.get("probe"),
+    allx = np.concatenate([v[0] for v in split_X.values()])  # every image's features fix the scaling (no labels)
+    choice = fit_probe(
+        X, y, folds, len(ds.classes), blocks, k=K_FOLDS, extra=extra, class_weight=weights, stats=allx,
+        features=cfg.features, seed=cfg.seed, cancel=cancel, on_epoch=cb.on_train_epoch_end, on_log=cb.on_log,
     )  # fmt: skip
+    head = choice.heads["final"]
+    cols = choice.columns
+
+    def scored(split):
+        Xs = split_X[split][0]
+        return Xs[:, :cols] @ head["weight"].T + head["bias"] if len(Xs) else None
+
+    final = {split: split_X[split][0][:, : blocks.final] if len(split_X[split][0]) else None for split in parts}
+    history, best = choice.history, len(choice.history)
+    if cross:
+        info = {"method": "cross-validated", "folds": K_FOLDS, "images": len(pool),
+                "fold_sizes": [int((folds == f).sum()) for f in range(K_FOLDS)], "C": choice.C,
+                "features": choice.features}  # fmt: skip
+        return HeadOutcome(
+            head, history, best, {"val": choice.oof_logits, "test": scored("test")},
+            {"train": final["train"] if not cross else np.concatenate([final[p] for p in parts]), "val": None},
+            choice, held_items={"val": pool, "test": ds.split("test")}, cross_fit=info, probe=choice.heads.get("probe"),
+        )  # fmt: skip
+    feats = {"train": final["train"], "val": split_X["val"][0][:, : blocks.final] if len(split_X["val"][0]) else None}
+    return HeadOutcome(head, history, best, {"val": scored("val"), "test": scored("test")}, feats, choice)
 
 
 def _known_hashes(ds: Dataset, cache_dir: str, cancel: CancelToken) -> tuple[KnownFiles, list[str] | None]:
@@ -160,11 +193,12 @@ def from_cache(
     known, hashes = _known_hashes(ds, cache_dir, cancel)
     if hashes is None:
         return None
+    taps = wants_depths(cfg)
     for variant in cache_variants(cfg.engine, cfg.precision):  # any complete cache these settings allow
-        cache = EmbeddingCache(cache_dir, cfg.backbone, wid, pre, variant)
+        cache = FeatureCache(cache_dir, cfg.backbone, wid, pre, variant, taps)
         if cache.rebuilt_reason:
             cb.on_log(cache.rebuilt_reason)
-        if cache.has_all(hashes):
+        if cache.has_all(hashes) and (not taps or cache.widths):
             break
     else:
         return None
@@ -173,30 +207,32 @@ def from_cache(
     if backbone_sd is None:
         return None
     _remember(known, ds, hashes)
-    dim = int(next(iter(by_path.values())).shape[0]) if by_path else 0
+    final_dim = int(cache.final.get(hashes[0]).shape[0]) if hashes else 0
+    blocks = Blocks([final_dim, *(cache.widths or [])])
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
-    h = train_head(cfg, ds, by_path, dim, cb, cancel, probe)
+    h = train_head(cfg, ds, by_path, blocks, cb, cancel, probe)
+    return _outcome(
+        h, blocks, {**backbone_sd, **{f"head.{k}": v for k, v in h.head.items()}},
+        taps=depths.describe(cache.widths) if cache.widths else None, embed_seconds=embed_s,
+        from_cache=len(by_path), features_path={**describe_variant(variant), "reason": "all from the cache"},
+        facts=BackboneFacts(pre, h.choice.columns, source, wid, "cpu (head on cached features; backbone not run)"),
+    )  # fmt: skip
+
+
+def _outcome(h: HeadOutcome, blocks: Blocks, weights: dict, taps: list[dict] | None, **more) -> TrainOutcome:
     return TrainOutcome(
-        weights={**backbone_sd, **{f"head.{k}": v for k, v in h.head.items()}},
-        history=h.history,
-        best_epoch=h.best_epoch,
-        logits=h.logits,
-        features=h.features,
-        held_items=h.held_items,
-        cross_fit=h.cross_fit,
-        probe_head=h.probe,
-        embed_seconds=embed_s,
-        from_cache=len(by_path),
-        features_path={**describe_variant(variant), "reason": "all from the cache"},
-        facts=BackboneFacts(pre, dim, source, wid, "cpu (head trained on cached features; backbone not run)"),
-    )
+        weights=weights, history=h.history, best_epoch=h.best_epoch, logits=h.logits, features=h.features,
+        held_items=h.held_items, cross_fit=h.cross_fit, probe_head=h.probe,
+        depths=depths_record(h.choice, blocks, taps), **more,
+    )  # fmt: skip
 
 
 def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
     """Features of every sample: (features, kept indices, errors, cached count, embedded count); under torchrun
     each rank embeds every world-th image and rank 0 gathers them and keeps the cache (other ranks get None)."""
     paths = [s.path for s in ds.samples]
+    taps = wants_depths(cfg)
     if not dist.enabled:
         f, kept, errors, stats = embed_files(
             paths,
@@ -209,6 +245,7 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
             log=cb.on_log,
             engine=cfg.engine,
             precision=cfg.precision,
+            taps=taps,
         )
         return f, kept, errors, stats["cached"], stats["embedded"], stats["features"]
     # (under torchrun every rank uses PyTorch: the features are gathered into one cache)
@@ -222,6 +259,7 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
         cancel=cancel,
         progress=cb.on_progress,
         log=cb.on_log,
+        taps=taps,
     )
     parts = dist.gather(([mine[j] for j in k], f, errors, stats))
     if not dist.is_main:
@@ -229,9 +267,13 @@ def _embed(cfg, ds, backbone, device, cache_dir, cb, cancel, dist):
     kept = [i for part in parts for i in part[0]]
     feats = np.concatenate([part[1] for part in parts]) if kept else np.zeros((0, f.shape[1]), np.float32)
     if cache_dir:
-        cache = EmbeddingCache(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing)  # torch's
-        for i, vec in zip(kept, feats):
-            cache.put(content_hash(read_bytes(paths[i])), vec)
+        from engine.network import depths
+
+        tapped = taps and depths.supports(backbone.net)
+        cache = FeatureCache(cache_dir, cfg.backbone, backbone.weights_id, backbone.preprocessing, "torch", tapped)
+        widths = depths.tap_widths(backbone.net) if tapped else None
+        for j, i in enumerate(kept):
+            feats[j] = cache.put(content_hash(read_bytes(paths[i])), feats[j], backbone.net.final_dim, widths)
         cache.save()
     return (
         feats,
@@ -283,38 +325,50 @@ def run(
                 snap.save({k: v.detach().cpu().contiguous().numpy() for k, v in backbone_sd.items()})
             except OSError as exc:
                 cb.on_log(f"Could not save the backbone snapshot ({exc.strerror or exc}); continuing without it")
-    h = train_head(cfg, ds, by_path, feats.shape[1], cb, cancel, probe)
+    net = backbone.net
+    widths = depths.tap_widths(net) if feats.shape[1] > net.final_dim else []
+    blocks = Blocks([net.final_dim, *widths])
+    h = train_head(cfg, ds, by_path, blocks, cb, cancel, probe)
+    if h.choice.features == DEPTHS:  # the saved network computes what the head reads
+        net.with_taps(True)
+        model = make_classifier(net, len(ds.classes))
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in h.head.items()})
-    return TrainOutcome(
-        weights=model.state_dict(),
-        history=h.history,
-        best_epoch=h.best_epoch,
-        logits=h.logits,
-        features=h.features,
-        held_items=h.held_items,
-        cross_fit=h.cross_fit,
-        probe_head=h.probe,
-        features_path=features_path,
-        embed_seconds=embed_s,
-        embedded=n_embedded,
-        from_cache=n_cached,
-    )
+    return _outcome(
+        h, blocks, model.state_dict(), depths.describe(widths) if widths else None, features_path=features_path,
+        embed_seconds=embed_s, embedded=n_embedded, from_cache=n_cached,
+    )  # fmt: skip
 
 
-def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple[np.ndarray, list[str]]:
+@dataclass
+class Embedded:
+    """Every sample's features and content hash, aligned with the dataset's samples."""
+
+    features: np.ndarray  # (n, blocks.total): the final features, then the intermediate stages' (with taps)
+    hashes: list[str]
+    blocks: Blocks
+
+    @property
+    def final(self) -> np.ndarray:
+        return self.features[:, : self.blocks.final]
+
+
+def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken, taps: bool = False) -> Embedded:
     """Every sample's embedding and content hash, aligned with ``ds.samples`` (unreadable files are dropped from
-    ``ds`` with their reason). ``cfg`` needs train's backbone, weights, download, device, cache and cache_dir.
-    From the cache alone without importing torch when every image is there (the bundled backbone)."""
+    ``ds`` with their reason); ``taps``: the intermediate stages' features too, where the backbone has them. ``cfg``
+    needs train's backbone, weights, download, device, cache and cache_dir. From the cache alone without importing
+    torch when every image is there (the bundled backbone)."""
     cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
     facts = describe_without_torch(cfg.backbone, cfg.weights) if cache_dir else None
     if facts is not None:
         known, hashes = _known_hashes(ds, cache_dir, cancel)
         for variant in cache_variants(cfg.engine, cfg.precision) if hashes else []:
-            cache = EmbeddingCache(cache_dir, cfg.backbone, facts[2], facts[0], variant)
-            if cache.has_all(hashes):
+            cache = FeatureCache(cache_dir, cfg.backbone, facts[2], facts[0], variant, taps)
+            if cache.has_all(hashes) and (not taps or cache.widths):
                 cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
                 _remember(known, ds, hashes)
-                return np.stack([cache.get(h) for h in hashes]).astype(np.float32), hashes
+                feats = np.stack([cache.get(h) for h in hashes]).astype(np.float32)
+                final_dim = int(cache.final.get(hashes[0]).shape[0])
+                return Embedded(feats, hashes, Blocks([final_dim, *(cache.widths or [])]))
     from engine.network.backbones import load_backbone
     from engine.network.device import resolve_device
 
@@ -331,6 +385,9 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken) -> tuple
         log=cb.on_log,
         engine=cfg.engine,
         precision=cfg.precision,
+        taps=taps,
     )
     ds.drop(errors)
-    return feats, stats["hashes"]
+    final_dim = stats["final_dim"]
+    widths = depths.tap_widths(backbone.net) if feats.shape[1] > final_dim else []
+    return Embedded(feats, stats["hashes"], Blocks([final_dim, *widths]))

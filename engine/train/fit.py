@@ -332,7 +332,7 @@ def _save(
     metrics.update(_stage_figures(outcome))
     out = cfg.out or os.path.join(default_runs_dir(), new_run_name(cfg.backbone, cfg.mode))
     cb.on_progress(Progress(Phase.SAVING, 0, 1))
-    meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path, outcome.recipe)
+    meta = model_json(cfg, ds, facts, calibration, unfamiliar, outcome.features_path, outcome.recipe, outcome.depths)
     run_dir = save_run(
         out,
         cfg.overwrite,
@@ -413,6 +413,8 @@ def _stage_figures(outcome: TrainOutcome) -> dict:
         out["features"] = outcome.features_path
     if outcome.recipe:
         out["fine_tuning_recipe"] = outcome.recipe
+    if outcome.depths:  # feature extraction: which features the head reads, and the out-of-fold evidence
+        out["depths"] = outcome.depths
     if outcome.embed_seconds is not None:  # feature extraction: the backbone ran once per image not yet cached
         out["embed_seconds"] = round(outcome.embed_seconds, 3)
         out["embeddings_from_cache"] = outcome.from_cache

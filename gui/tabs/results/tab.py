@@ -259,13 +259,10 @@ class ResultsTab(QWidget):
                 f"Every one of the {n} labelled images trained the saved model and was judged by one of "
                 f"{cv.get('folds')} heads that never saw it: the figures, the matrix and the mistakes are all out of "
                 "sample"
-                + (
-                    f" (the epoch and the learning rate, {cv['lr']:g} of the {len(cv['lr_tried'])} tried, were chosen "
-                    "on these same judgements)"
-                    if len(cv.get("lr_tried") or []) > 1
-                    else ""
-                )
+                + (" (the features and the regularisation were chosen on these same judgements)" if "C" in cv else "")
             )
+        if metrics.get("depths"):
+            parts.append(head_line(metrics["depths"]))
         bal, f1 = metrics.get("val_balanced_accuracy"), metrics.get("val_macro_f1")
         if bal is not None:
             parts.append(
@@ -283,8 +280,12 @@ class ResultsTab(QWidget):
             kept = auto.get("this_run") == auto.get("winner")
             parts.append("Automatic mode: " + auto["summary"] + ("" if kept else " (This is the run it did not keep.)"))
         parts.append(
-            f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
-            f"{_seconds(metrics.get('train_seconds', 0))} on {metrics.get('device', '?')}"
+            (
+                f"Best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
+                if not metrics.get("depths")
+                else ""
+            )
+            + f"{_seconds(metrics.get('train_seconds', 0))} on {metrics.get('device', '?')}"
         )
         self.summary.setText("<br>".join(parts))
         pc = metrics.get("per_class", {})
@@ -408,3 +409,24 @@ def _checks_line(checks: dict, acc: float | None) -> list[str]:
         "over every label, mostly the images it asked about for being the ones it was least sure of"
         + (", hence lower)" if acc is not None and acc < checks["accuracy"] else ")")
     ]
+
+
+def head_line(d: dict) -> str:
+    """What a feature-extraction head reads and why, in words (metrics.json's ``depths``)."""
+    c = d.get("comparison")
+    tried = len({row.get("C") for row in d.get("tried") or []})
+    reg = f"regularisation C {d.get('C', 0):g}, chosen out of fold" + (f" of {tried} tried" if tried > 1 else "")
+    if not c:
+        return f"The head reads the network's final features ({reg})."
+    gain = 100 * (c["accuracy"]["final+depths"] - c["accuracy"]["final"])
+    evidence = (
+        f"out of fold {gain:+.1f} points of accuracy with them, loss {c['loss']['final']:.3f} without and "
+        f"{c['loss']['final+depths']:.3f} with (difference {c['difference']:+.3f} ± {c['se']:.3f}, "
+        f"{c['images']} images)"
+    )
+    if d.get("kept"):
+        return f"The head reads the network's earlier layers as well as its final features: {evidence}; {reg}."
+    return (
+        "The head reads the network's final features alone: its earlier layers did not do clearly better "
+        f"({evidence}); {reg}."
+    )

@@ -52,6 +52,7 @@ class TrainingTab(QWidget):
         "bn_stats",
         "small_images",
         "cross_fit",
+        "features",
     ]
     start_requested = Signal()
     stop_requested = Signal()
@@ -249,6 +250,19 @@ class TrainingTab(QWidget):
             "Off: 20% are held out for validation and never trained on"
         )
         form.addRow("Cross-fitting", self.cross_fit)
+        self.features = QComboBox()
+        for text, value in (
+            ("Automatic: final, earlier layers too when clearly better", "auto"),
+            ("Final features only", "final"),
+            ("Final and earlier layers' features", "depths"),
+        ):
+            self.features.addItem(text, value)
+        self.features.setToolTip(
+            "Feature extraction: which of the frozen network's features the head reads. The earlier layers hold "
+            "more about texture, strokes and position (scans, hand signs, clothing, characters); automatic keeps "
+            "them only when they judge your images clearly better out of fold"
+        )
+        form.addRow("Features", self.features)
         form.addRow("Engine", self.engine)
         form.addRow("Precision", self.precision)
         # Collapsed by default: the group's check box shows or hides the rows (the values always apply).
@@ -299,6 +313,7 @@ class TrainingTab(QWidget):
             "bn_stats": self.bn_stats.currentData(),
             "small_images": "auto" if self.small_images.isChecked() else "off",
             "cross_fit": "auto" if self.cross_fit.isChecked() else "off",
+            "features": self.features.currentData(),
         }
 
     def set_values(self, v: dict) -> None:
@@ -332,6 +347,7 @@ class TrainingTab(QWidget):
             ("precision", self.precision),
             ("balance", self.balance),
             ("bn_stats", self.bn_stats),
+            ("features", self.features),
         ):
             if name in v:
                 combo.setCurrentIndex(max(0, combo.findData(v[name])))
@@ -403,10 +419,17 @@ class TrainingTab(QWidget):
 
     def on_epoch(self, m: EpochMetrics) -> None:
         self.plots.add_epoch(m)
-        if m.many_cheap_epochs:
+        if m.label:
+            self.phase.setText(f"Training the head: {m.label}")
+        elif m.many_cheap_epochs:
             self.phase.setText(f"Training the head: epoch {m.epoch} (stops early when validation loss stalls)")
         acc = f"{m.val_accuracy:.3f}" if m.val_accuracy == m.val_accuracy else "n/a"
-        if m.worth_logging:
+        if m.label:
+            self.add_log(
+                f"head, {m.label}: train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}, out-of-fold loss "
+                f"{m.val_loss:.4f} acc {acc}{' (best so far)' if m.is_best else ''}"
+            )
+        elif m.worth_logging:
             self.add_log(
                 f"epoch {m.epoch}/{m.epochs}: train loss {m.train_loss:.4f} acc {m.train_accuracy:.3f}, "
                 f"val loss {m.val_loss:.4f} acc {acc}{' (best so far)' if m.is_best else ''}"

@@ -1,0 +1,330 @@
+"""The head on frozen features, chosen per folder from out-of-fold evidence: which features (the final ones alone,
+or with the intermediate depths: engine/network/depths.py) and how strongly regularised.
+
+Every candidate (a feature set and a regularisation strength C) is judged the way cross-fitting judges images: k
+fold heads each train on all folds but one and predict that one, and the mean out-of-fold cross-entropy over the
+images it may judge says how well that candidate's head does on images it never saw. Each feature set keeps its best
+C; the final features alone are kept unless the depths' out-of-fold loss is lower by more than the comparison's
+uncertainty (:func:`prefer`): on a folder of everyday photos the depths help nothing and can hurt with few labels.
+
+The heads are exact logistic regressions (engine/train/logistic.py), all of them (fold heads, the final head and
+any extra ones, for every C) solved at once. Before that, each block of features (the final ones, each tapped
+stage) is centred and scaled to a root-mean-square of 1 per feature, so one grid of C fits every block and folder,
+and each feature set is rotated onto its ``MAX_DIMS`` leading principal axes (computed from the rows given as
+``stats``, never from the labels): the penalty leaves little weight on the axes beyond them (with 512 axes, test
+accuracy within 0.5 point of all 2,816 features on four folders; docs/benchmarks.md), and the products shrink 4-7x.
+The heads come back as ordinary linear heads on the raw features (the scaling and rotation folded in).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.events import CancelToken, EpochMetrics, Phase, Progress
+from engine.train.logistic import solve
+
+# The regularisation strengths tried, as scikit-learn's C on features of root-mean-square 1. On the folders
+# measured the chosen C ran from 0.03 (every label of photos) to 1 (10 labels a class of hand signs).
+C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+PATH_PATIENCE = 2  # the path stops after this many strengths in a row without a lower out-of-fold loss
+MAX_DIMS = 384  # principal axes a feature set is rotated onto before the heads are solved
+STATS_ROWS = 2048  # rows the axes are computed from (a fixed draw of them when there are more)
+MAX_ITER = 200
+FINAL, DEPTHS = "final", "final+depths"
+WORDS = {FINAL: "final features", DEPTHS: "with the earlier layers"}
+
+
+@dataclass
+class Blocks:
+    """How a feature matrix's columns split: the final features first, then each tapped stage's."""
+
+    widths: list[int]  # the final features' count, then each tap's
+
+    @property
+    def final(self) -> int:
+        return self.widths[0]
+
+    @property
+    def total(self) -> int:
+        return sum(self.widths)
+
+    def slices(self) -> list[slice]:
+        edges = np.cumsum([0, *self.widths])
+        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclass
+class Probe:
+    """The chosen head and the evidence for it."""
+
+    features: str  # FINAL or DEPTHS
+    columns: int  # the raw feature columns the heads read (the final features, or all)
+    C: float
+    oof_logits: np.ndarray  # (n, C) each image judged by the fold head that never saw it (the chosen candidate)
+    heads: dict[str, dict[str, np.ndarray]]  # the extra heads by name, on the raw features' first ``columns``
+    fold_heads: list[dict[str, np.ndarray]]
+    tried: list[dict] = field(default_factory=list)  # per feature set and C: out-of-fold loss and accuracy
+    comparison: dict | None = None  # final alone vs with depths: loss difference, its standard error, the verdict
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One sentence for the log and the Results tab."""
+        c = self.comparison
+        if c is None:
+            return f"Head on the final features (C {self.C:g}, chosen out of fold)"
+        gain = 100 * (c["accuracy"][DEPTHS] - c["accuracy"][FINAL])
+        words = "earlier layers' features kept" if self.features == DEPTHS else "final features alone kept"
+        return (
+            f"Head: {words} (out-of-fold loss {c['loss'][FINAL]:.3f} final alone, {c['loss'][DEPTHS]:.3f} with "
+            f"the earlier layers, difference {c['difference']:+.3f} +- {c['se']:.3f}; accuracy {gain:+.1f} points "
+            f"with them); C {self.C:g}"
+        )
+
+
+def _normalisers(X: np.ndarray, blocks: Blocks, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the centre and the scale that give each block a root-mean-square of 1 per feature (over ``rows``)."""
+    centre = X[rows].mean(0).astype(np.float32)
+    scale = np.empty(X.shape[1], np.float32)
+    for s in blocks.slices():
+        d = X[rows, s] - centre[s]
+        ms = float(np.einsum("ij,ij->", d, d)) / max(len(rows), 1) / max(s.stop - s.start, 1)
+        scale[s] = 1.0 / math.sqrt(ms) if ms > 0 else 1.0
+    return centre, scale
+
+
+def principal_axes(A: np.ndarray, k: int, seed: int = 0) -> np.ndarray | None:
+    """An orthonormal basis (D, k) of the ``k`` leading principal axes of the centred rows ``A`` (m, D), up to a
+    rotation among them (the head's penalty is the same in any rotation); None when there are at most ``k`` columns
+    (nothing to gain). A randomised range finder with one power iteration (Halko et al. 2011): four products with
+    ``A`` (0.2-0.3 s on 2,048 x 2,816 features), where the Gram matrix with a QR-based iteration took 3 s on the
+    2-core machine; on flowers' features it keeps 96.5% of the variance, the best 384 axes 96.7%."""
+    m, D = A.shape
+    k = min(k, m - 1)
+    if D <= k or k < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    Y = _orthonormal(A @ rng.standard_normal((D, k)).astype(np.float32))
+    Y = _orthonormal(A @ (A.T @ Y))
+    V = _orthonormal(A.T @ Y)
+    return np.ascontiguousarray(V) if V.shape[1] else None  # (no variance at all: the features as they are)
+
+
+def _orthonormal(Y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of Y's columns: Cholesky QR in float64 (an eigendecomposition or LAPACK's QR cost 10x
+    more here); when the columns are (nearly) dependent, which few images make them, through the eigenvectors of
+    their Gram matrix, dropping the directions that add nothing."""
+    S = (Y.T @ Y).astype(np.float64)
+    if not S.size or not np.abs(S).max() > 0:
+        return Y[:, :0]
+    d = np.sqrt(np.maximum(np.diag(S), 1e-300))
+    try:
+        R = np.linalg.cholesky(S / np.outer(d, d)).T  # unit diagonal: Cholesky sees the columns' angles
+        if np.diag(R).min() > 1e-6:
+            return (Y / d.astype(np.float32)) @ np.linalg.inv(R).astype(np.float32)
+    except np.linalg.LinAlgError:
+        pass
+    w, U = np.linalg.eigh(S)
+    keep = w > w.max() * 1e-10
+    return (Y @ (U[:, keep] / np.sqrt(w[keep])).astype(np.float32)).astype(np.float32)
+
+
+def prefer(ce_final: np.ndarray, ce_depths: np.ndarray) -> tuple[bool, float, float]:
+    """Whether the depths' per-image out-of-fold losses beat the final features' by more than 1.96 standard errors of
+    the paired difference (the same images judged both ways); the mean difference and its standard error. A tie
+    goes to the final features: fewer features, and the feature set that everyday photos want."""
+    d = ce_final - ce_depths
+    if len(d) < 2:
+        return False, float(d.mean()) if len(d) else 0.0, math.inf
+    se = float(d.std(ddof=1)) / math.sqrt(len(d))
+    return bool(d.mean() > 1.96 * se), float(d.mean()), se
+
+
+def per_image_ce(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
+
+
+def fit_probe(
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    num_classes: int,
+    blocks: Blocks,
+    *,
+    k: int,
+    extra: dict[str, np.ndarray] | None = None,
+    class_weight: np.ndarray | None = None,
+    judge: np.ndarray | None = None,
+    stats: np.ndarray | None = None,
+    features: str = "auto",
+    Cs: tuple[float, ...] = C_GRID,
+    seed: int = 0,
+    cancel: CancelToken | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> Probe:
+    """Choose the features and C out of fold and solve the heads (see the module docstring).
+
+    ``X`` (n, blocks.total): the labelled images' raw features; ``folds`` (n,): each image's fold in 0..k-1;
+    ``extra``: more heads to solve at the chosen candidate, each on the images its boolean mask selects
+    (``{"final": all}`` for the model to save); ``judge``: the images whose out-of-fold loss makes the choices
+    (default: every image whose class its fold's head has seen); ``stats``: features (any rows, labelled or not)
+    that fix the centring, scaling and axes (default: ``X``); ``features``: "auto", or "final" / "depths" to force
+    one set. Raises :class:`Cancelled` when ``cancel`` is set (checked every iteration)."""
+    t0 = time.perf_counter()
+    extra = extra or {}
+    y = np.asarray(y, np.int64)
+    X = np.asarray(X, np.float32)
+    stats = X if stats is None else np.asarray(stats, np.float32)
+    rows = np.arange(len(stats))
+    if len(rows) > STATS_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), STATS_ROWS, replace=False))
+    fair = _judgeable(y, folds, k, num_classes)
+    if judge is not None and (fair & judge).any():
+        fair &= judge
+    sets = [FINAL] if blocks.total == blocks.final or features == "final" else [FINAL, DEPTHS]
+    if features == "depths" and DEPTHS in sets:
+        sets = [DEPTHS]
+    own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)  # (n, k+E)
+    cw = np.ones(num_classes, np.float32) if class_weight is None else np.asarray(class_weight, np.float32)
+    weights = own.astype(np.float32) * cw[y][:, None]
+    report = _Reporter(y, folds, k, own.shape[1], fair, len(sets), on_epoch, on_progress)
+    results = {}
+    for name in sets:
+        cols = blocks.final if name == FINAL else blocks.total
+        results[name] = _solve_set(X[:, :cols], stats[:, :cols], rows, y, folds, k, weights, Cs, fair,
+                                   Blocks(blocks.widths[:1] if name == FINAL else blocks.widths), num_classes,
+                                   seed, cancel, report)  # fmt: skip
+    chosen, comparison = sets[0], None
+    if len(sets) == 2:
+        a, b = results[FINAL], results[DEPTHS]
+        better, diff, se = prefer(a["ce"][fair], b["ce"][fair])
+        chosen = DEPTHS if better else FINAL
+        comparison = {
+            "loss": {n: float(results[n]["ce"][fair].mean()) for n in sets},
+            "accuracy": {n: float((results[n]["oof"].argmax(1) == y)[fair].mean()) for n in sets},
+            "difference": diff,
+            "se": se,
+            "images": int(fair.sum()),
+            "kept": chosen,
+        }
+    r = results[chosen]
+    probe = Probe(
+        features=chosen, columns=r["cols"], C=r["C"], oof_logits=r["oof"],
+        heads={name: r["heads"][k + i] for i, name in enumerate(extra)}, fold_heads=r["heads"][:k],
+        tried=[row for n in sets for row in results[n]["table"]], comparison=comparison, history=report.history,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+    if on_log is not None:
+        on_log(probe.summary() + f" ({probe.seconds:.1f} s)")
+    return probe
+
+
+def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_classes, seed, cancel, report) -> dict:
+    """One feature set: its heads for every C solved at once; the C of lowest out-of-fold loss, and its heads as
+    linear heads on the raw features."""
+    centre, scale = _normalisers(stats, blocks, rows)
+    A = (stats[rows] - centre) * scale
+    V = principal_axes(A - A.mean(0), MAX_DIMS, seed)
+    Z = (X - centre) * scale
+    if V is not None:
+        Z = Z @ V
+    shift = Z.mean(0)
+    Z -= shift  # (the bias is free: centring only helps the solver)
+    per = weights.shape[1]
+    name = FINAL if blocks.total == blocks.final else DEPTHS
+    best, table, solved, rising = None, [], None, 0
+    for ci, c in enumerate(Cs):  # strongest first, each from the one before: a regularisation path
+        lam = np.array([1.0 / (c * max(float(weights[:, h].sum()), 1e-12)) for h in range(per)], np.float32)
+        solved = solve(Z, y, weights, lam, num_classes, max_iter=MAX_ITER, cancel=cancel, observe=report,
+                       init=solved)  # fmt: skip
+        oof = _out_of_fold(Z, solved.weight, solved.bias, 0, folds, k)
+        ce = per_image_ce(oof, y)
+        report.solved(name, c, Z, solved, oof, ce)
+        table.append({"C": c, "loss": float(ce[fair].mean()), "accuracy": float((oof.argmax(1) == y)[fair].mean())})
+        if best is None or table[-1]["loss"] < table[best[0]]["loss"]:
+            best, rising = (ci, oof, ce, solved), 0
+        else:
+            rising += 1
+        if rising == PATH_PATIENCE:  # past the best strength: weaker ones only fit the folds' own images closer
+            break
+    ci, oof, ce, solved = best
+    heads = []
+    for h in range(per):  # logits = ((x - centre) * scale @ V - shift) @ W + b, as one linear map of x
+        W, b = solved.weight[h], solved.bias[h]
+        VW = V @ W if V is not None else W  # (cols, C)
+        weight = (scale[:, None] * VW).T
+        bias = b - shift @ W - (centre * scale) @ VW
+        heads.append({"weight": np.ascontiguousarray(weight, np.float32), "bias": bias.astype(np.float32)})
+    rows_out = [{"features": name, **row} for row in table]
+    return dict(C=Cs[ci], oof=oof, ce=ce, heads=heads, table=rows_out, cols=X.shape[1])
+
+
+def _out_of_fold(Z, W, b, first, folds, k) -> np.ndarray:
+    """Each image's logits from the fold head (heads ``first .. first + k - 1``) that did not train on it."""
+    out = np.zeros((len(Z), W.shape[2]), np.float32)
+    for f in range(k):
+        rows = np.flatnonzero(folds == f)
+        if len(rows):
+            out[rows] = Z[rows] @ W[first + f] + b[first + f]
+    return out
+
+
+def _judgeable(y: np.ndarray, folds: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+    """The images the out-of-fold loss judges: those whose class their fold's head has seen. With a few labels a
+    class may sit wholly in one fold; its images are always wrong there and their loss only grows as the heads
+    sharpen (any regularisation would look best). All images when no class is seen across folds."""
+    seen = np.zeros((k, num_classes), bool)
+    for f in range(k):
+        seen[f, np.unique(y[folds != f])] = True
+    fair = seen[folds, y]
+    return fair if fair.any() else np.ones(len(y), bool)
+
+
+class _Reporter:
+    """Progress through the solver's iterations (the bar moves), and one epoch event per regularisation strength
+    solved (the plots and history.csv): the training loss and accuracy of the first extra head (the model to save;
+    else fold 0's head) and the fold heads' out-of-fold loss and accuracy as the validation figures, with the
+    strength C in the learning rate's column (the head has no learning rate)."""
+
+    def __init__(self, y, folds, k, per, fair, n_sets, on_epoch, on_progress) -> None:
+        self.y, self.folds, self.k, self.per, self.fair = y, folds, k, per, fair
+        self.on_epoch, self.on_progress = on_epoch, on_progress
+        self.epochs = len(C_GRID) * n_sets  # (a bound: a path stops once past its best strength)
+        self.epoch, self.iterations, self.best = 0, 0, math.inf
+        self.history: list[dict] = []
+        self.t = time.perf_counter()
+
+    def __call__(self, it: int, T: np.ndarray, done: np.ndarray) -> None:
+        self.iterations += 1
+        if self.on_progress is not None:
+            total = self.epochs * MAX_ITER
+            self.on_progress(Progress(Phase.TRAINING, min(self.epoch * MAX_ITER + it, total), total))
+
+    def solved(self, name: str, c: float, Z: np.ndarray, s, oof: np.ndarray, ce: np.ndarray) -> None:
+        y, fair, k = self.y, self.fair, self.k
+        self.epoch += 1
+        h = k if self.per > k else 0
+        own = np.ones(len(y), bool) if self.per > k else self.folds != 0
+        train = Z[own] @ s.weight[h] + s.bias[h]
+        loss = float(ce[fair].mean())
+        improved = loss < self.best - 1e-6
+        self.best = min(self.best, loss)
+        now = time.perf_counter()
+        secs, self.t = now - self.t, now
+        m = EpochMetrics(
+            self.epoch, self.epochs, float(per_image_ce(train, y[own]).mean()),
+            float((train.argmax(1) == y[own]).mean()), loss, float((oof.argmax(1) == y)[fair].mean()), 0.0, secs,
+            0.0, improved, label=f"{WORDS[name]}, C {c:g}",
+        )  # fmt: skip
+        self.iterations = 0
+        self.history.append({**m.as_row(), "C": c, "depths": int(name == DEPTHS)})  # (history.csv: numbers only)
+        if self.on_epoch is not None:
+            self.on_epoch(m)
