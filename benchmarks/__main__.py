@@ -1,4 +1,5 @@
-"""``python -m benchmarks JOB`` (tutorial, trust, strategy, onnx, doctor, crossfit, label, depth): docs/benchmarks.md.
+"""``python -m benchmarks JOB`` (tutorial, trust, strategy, onnx, doctor, crossfit, label, features):
+docs/benchmarks.md.
 
 They live beside the product, not in it: the wheel and the bundle hold none of this code, and it may import the
 engine (never the reverse: pyproject.toml's import contracts). Folders default to ``../shared/datasets`` and each
@@ -20,7 +21,7 @@ JOBS = {
     "doctor": ("doctor", "run_bench_doctor"),
     "crossfit": ("crossfit", "run_bench_crossfit"),
     "label": ("label", "run_bench_label"),
-    "depth": ("depth", "run_bench_depth"),
+    "features": ("features", "run_bench_features"),
 }
 
 
@@ -105,8 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument(
         "--seeds", type=int, default=1, help="simulated users (the app's picks averaged over them; 1: stop early)"
     )
-    bdp = sub.add_parser("depth", help="the backbone's earlier layers beside its final features, on few labels")
-    bdp.add_argument("data", nargs="*", help="labelled folders, or digits (default: hymenoptera, flowers, digits)")
+    bf = sub.add_parser(
+        "features",
+        help="the app's head on the final features, with its choice of the earlier layers', and scikit-learn's "
+        "logistic regression, on a test split at 10, 20 and every label a class",
+    )
+    bf.add_argument(
+        "data",
+        nargs="*",
+        help="labelled folders, or digits / hands / scans / texture / product "
+        "(default: hymenoptera, flowers and those five)",
+    )
+    bf.add_argument("--seeds", type=int, default=3, help="random label draws at 10 and 20 a class (averaged)")
+    bf.add_argument("--features", default="auto", choices=("auto", "final", "depths"), help="the app's choice")
     return p
 
 

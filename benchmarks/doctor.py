@@ -95,6 +95,10 @@ def _score(found: list[tuple[str, str, str]], clean: set[tuple[str, str]], plant
     return out
 
 
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _doctor(data: str, cache: str):
     from engine.doctor.findings import DoctorConfig, doctor
 
@@ -130,27 +134,35 @@ def _peer(res) -> list[tuple[str, str, str]]:
 
 
 def _label_trials(
-    feats: np.ndarray, y: np.ndarray, train: np.ndarray, sets: int = 5, flips: int = 20, seed: int = 7
+    res, cache: str, y: np.ndarray, train: np.ndarray, sets: int = 5, flips: int = 20, seed: int = 7
 ) -> dict:
     """Wrong labels over several random sets of ``flips`` flipped train labels on the same embeddings (one planted
-    set of 20 is too few to tell two methods apart): recall and share flagged for the doctor's rule and for the
-    peer, and the peer's recall when it may flag only as many images as the doctor (ranked by its given-class
-    probability, cleanlab's self-confidence)."""
+    set of 20 is too few to tell two methods apart): recall, share flagged and the doctor's own precision estimate
+    for its rule, and the same for the peer, and the peer's recall when it may flag only as many images as the
+    doctor (ranked by its given-class probability, cleanlab's self-confidence)."""
     from cleanlab.filter import find_label_issues
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from engine.doctor.findings import label_issues, out_of_sample_probs
+    from engine.config import TrainConfig
+    from engine.doctor import labels
+    from engine.events import Callbacks, CancelToken
+    from engine.train.feature_extraction import embed_dataset
 
+    emb = embed_dataset(TrainConfig(data=res.dataset.root, cache_dir=cache), res.dataset.copy(), Callbacks(),
+                        CancelToken(), taps=True)  # fmt: skip
+    feats = res.features
     rng = np.random.default_rng(seed)
     c = int(y.max()) + 1
-    out = {"mine": [], "mine_flagged": [], "peer": [], "peer_flagged": [], "peer_same_budget": []}
+    out = {"mine": [], "mine_flagged": [], "mine_precision": [], "estimated": [], "peer": [], "peer_flagged": [],
+           "peer_same_budget": []}  # fmt: skip
     for t in range(sets):
         picked = rng.choice(np.flatnonzero(train), flips, replace=False)
         yy = y.copy()
         yy[picked] = [rng.choice([k for k in range(c) if k != y[i]]) for i in picked]
+        check = labels.check_labels(labels.out_of_sample_probs(emb.features, yy, c, seed=t, blocks=emb.blocks), yy)
         mine = np.zeros(len(y), bool)
-        mine[[i for i, _, _ in label_issues(out_of_sample_probs(feats, yy, c, seed=t), yy)]] = True
+        mine[[i for i, _, _ in check.listed]] = True
         probs = cross_val_predict(LogisticRegression(max_iter=1000), feats, yy, cv=5, method="predict_proba")
         peer = find_label_issues(yy, probs)
         budget = np.zeros(len(y), bool)
@@ -158,8 +170,10 @@ def _label_trials(
         for key, flags in (("mine", mine), ("peer", peer), ("peer_same_budget", budget)):
             out[key].append(flags[picked].mean())
         out["mine_flagged"].append(mine.mean())
+        out["mine_precision"].append(mine[picked].sum() / mine.sum() if mine.any() else np.nan)
+        out["estimated"].append(check.precision if check.precision is not None else np.nan)
         out["peer_flagged"].append(peer.mean())
-    return {k: float(np.mean(v)) for k, v in out.items()} | {"sets": sets}
+    return {k: float(np.nanmean(v)) if not np.isnan(v).all() else None for k, v in out.items()} | {"sets": sets}
 
 
 def run_bench_doctor(a) -> int:
@@ -231,7 +245,7 @@ def _bench_one(src: str) -> dict:
     if peer_clean_found is not None:
         y = np.array([s.label for s in clean.dataset.samples])
         train = np.array([s.split == "train" for s in clean.dataset.samples])
-        trials = _label_trials(clean.features, y, train)
+        trials = _label_trials(clean, cache, y, train)
     planted = _plant(root)
     res, _ = _doctor(root, cache)
     mine = _score([(f.issue, f.path, f.other_path) for f in res.findings], clean_keys, planted)
@@ -259,7 +273,8 @@ def _bench_one(src: str) -> dict:
     if trials is not None:
         print(
             f"label, {trials['sets']} more random sets of 20 flips (same embeddings, labels flipped in memory): "
-            f"recall {trials['mine']:.2f} flagging {100 * trials['mine_flagged']:.1f}% of the images; peer "
+            f"recall {trials['mine']:.2f} flagging {100 * trials['mine_flagged']:.1f}% of the images, precision "
+            f"{_f(trials['mine_precision'])} (the doctor's own estimate {_f(trials['estimated'])}); peer "
             f"{trials['peer']:.2f} flagging {100 * trials['peer_flagged']:.1f}%, and {trials['peer_same_budget']:.2f}"
             " when it may flag as many images as the doctor"
         )
@@ -273,6 +288,8 @@ def _bench_one(src: str) -> dict:
     )
     if res.label_note:
         print(res.label_note)
+    elif res.label_precision is not None:
+        print(f"the doctor's estimate: about {100 * res.label_precision:.0f}% of its {n_label} label findings are true")
     copy_kinds = ("duplicate", "near-duplicate", "leak")
     planted_pairs = {frozenset(p) for k in copy_kinds for p in planted[k]}
     unplanted = [

@@ -267,6 +267,11 @@ def cmd_doctor(a) -> int:
         print("No problems found.")
     if res.label_note:
         print(res.label_note)
+    elif counts["label"]:
+        print(
+            f"About {100 * res.label_precision:.0f}% of the {counts['label']} wrong-label findings are estimated "
+            f"true on this folder (about {res.label_expected:.1f} would be listed even if every label were right)."
+        )
     if res.leaked_eval:
         print(f"{res.leaked_eval} validation/test image(s) have a copy in train.")
     if res.rescored and res.rescored["accuracy_without_leaks"] is not None:

@@ -87,7 +87,7 @@ def test_cli_writes_the_csv_and_a_summary_per_issue(planted, tmp_path):
     assert "leak" in r.stdout and "near-duplicate" in r.stdout and "1 validation/test image(s)" in r.stdout
     with open(out, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["issue", "path", "other_path", "label", "suggested_label", "score"]
+    assert list(rows[0]) == ["issue", "path", "other_path", "label", "suggested_label", "score", "precision"]
     assert {"duplicate", "near-duplicate", "leak", "label", "outlier"} <= {r["issue"] for r in rows}
     # the second check took embeddings and layout thumbnails from the cache, and found the same
     assert (cache / "layouts-16px.safetensors").is_file()
@@ -161,4 +161,4 @@ def test_on_a_folder_of_one_kind_of_picture_only_the_planted_copies_are_copies(k
     # every label here is right: the label check either says why it did not run, or flags few images
     labels = [f for f in res.findings if f.issue == "label"]
     assert (res.label_note and not labels) if kind == "digits" else len(labels) <= 0.05 * len(res.dataset.samples)
-    assert not res.label_note or "not checked" in res.label_note
+    assert not res.label_note or "could not be checked" in res.label_note

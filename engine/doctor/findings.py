@@ -10,9 +10,9 @@ embedding (both cached), so a folder already used for feature extraction is chec
   different busy pictures of one kind had embeddings at 0.95 while a copy resized to 80% and re-saved at JPEG
   quality 60 had 0.85; their thumbnails correlated at most 0.49 against 0.9998 (a 5% crop: 0.87);
 * ``leak``: an exact or near copy across splits (train vs validation/test): it flatters the reported accuracy;
-* ``label``: an image whose given class is probably wrong, with the class it more likely belongs to: out-of-sample
-  probabilities from k-fold linear heads on the embeddings (so no image is judged by a model that was fitted on it)
-  put another class first and the given one under 10% (:func:`label_issues` says why not the confident joint);
+* ``label``: an image whose given class is probably wrong, with the class it more likely belongs to: calibrated
+  out-of-sample probabilities put another class first and the given one under a level chosen per folder so that at
+  least half of such findings are estimated true; on a folder the features find hard, none (engine/doctor/labels.py);
 * ``outlier``: an image far from every other one (a screenshot, a blank frame, something else): the nearest-
   neighbour distance of engine/trust/familiarity.py (the same distance marks ``unfamiliar`` predictions), beyond
   Tukey's far-out fence (Q3 + 3 IQR) of the folder's own distances.
@@ -35,20 +35,19 @@ import numpy as np
 from engine.config import TrainConfig, option
 from engine.data.folder import Dataset, scan
 from engine.data.splits import _key
-from engine.doctor import same_picture
+from engine.doctor import labels, same_picture
 from engine.events import Callbacks, Cancelled, CancelToken, Phase, Progress
 from engine.paths import default_cache_dir
 from engine.runs import atomic_write_text
-from engine.train.crossfit import cross_fit, fold_ids
 from engine.train.feature_extraction import embed_dataset
-from engine.trust.calibration import softmax
+from engine.train.probe import Blocks
 from engine.trust.familiarity import K, fence, knn_distance, normalise
 
 ISSUES = ("duplicate", "near-duplicate", "leak", "label", "outlier")
 NEAR_EMBEDDING = 0.80  # cosine similarity of the embeddings ...
 NEAR_LAYOUT = 0.80  # ... and correlation of the thumbnails, both at least this: the same picture
 FOLDS = 5
-CSV_HEADER = ["issue", "path", "other_path", "label", "suggested_label", "score"]
+CSV_HEADER = ["issue", "path", "other_path", "label", "suggested_label", "score", "precision"]
 
 _SHARED = (
     "data",
@@ -93,9 +92,11 @@ class Finding:
     label: str = ""
     suggested_label: str = ""
     score: float = 0.0  # higher: more certainly a problem (for sorting)
+    precision: float | None = None  # wrong labels: the estimated share of such findings that are true
 
     def row(self) -> list[str]:
-        return [self.issue, self.path, self.other_path, self.label, self.suggested_label, f"{self.score:.4f}"]
+        p = "" if self.precision is None else f"{self.precision:.3f}"
+        return [self.issue, self.path, self.other_path, self.label, self.suggested_label, f"{self.score:.4f}", p]
 
 
 class DetailThumbnails:
@@ -135,6 +136,8 @@ class DoctorResult:
     cancelled: bool = False
     label_agreement: float | None = None  # out-of-sample heads vs the given labels
     label_note: str = ""  # why labels were not checked ("" when they were)
+    label_precision: float | None = None  # estimated share of the wrong-label findings that are wrong labels
+    label_expected: float | None = None  # how many the rule would list even if every label were right
 
     def counts(self) -> dict[str, int]:
         return {k: sum(f.issue == k for f in self.findings) for k in ISSUES}
@@ -222,68 +225,6 @@ def copies(
     return out
 
 
-def out_of_sample_probs(
-    feats: np.ndarray,
-    y: np.ndarray,
-    num_classes: int,
-    seed: int,
-    keys: list[str] | None = None,
-    cancel: CancelToken | None = None,
-) -> np.ndarray:
-    """Each image's class probabilities from a linear head trained on the other folds: feature extraction's
-    cross-fitting (engine/train/crossfit.py, the same folds: ``keys`` are the images' paths inside their class
-    folders; None: their positions), with the doctor's own short recipe.
-
-    Short training (15 epochs of 512, no dropout: 0.6 s for flowers' 4,317 images, against 5.5 s for the feature-
-    extraction head's 30 epochs of 64 with dropout) found as many planted wrong labels in fewer flags
-    (docs/benchmarks.md, dataset doctor)."""
-    keys = keys if keys is not None else [str(i) for i in range(len(y))]
-    x = normalise(feats) * np.float32(np.sqrt(feats.shape[1]))  # unit-scale features: one learning rate fits all
-    # Not centred (a zero centre), unlike the other heads: the label rule was measured on these heads, and centred
-    # ones moved it the wrong way on planted flips in hand signs (recall 0.85 -> 0.80, precision 0.85 -> 0.67, and 6
-    # findings on the clean folder instead of 3; `python -m benchmarks doctor hands`, docs/benchmarks.md).
-    res = cross_fit(
-        x, y, fold_ids(y, keys, seed), num_classes, k=FOLDS, epochs=15, batch_size=512, lr=1e-2,
-        weight_decay=1e-4, patience=0, seed=seed, dropout=0.0, cancel=cancel, centre=np.zeros(x.shape[1], np.float32),
-    )  # fmt: skip
-    return softmax(res.oof_logits)
-
-
-GIVEN_CLASS_MAX = 0.10  # out of sample, the given class gets less than this: a label finding
-# Labels are checked only when the out-of-sample heads agree with at least this share of the given labels: below it
-# a disagreement says more about the features than about the label. Synthetic digits (correct labels, pictures unlike
-# photos): agreement 0.54 and 15% of the images flagged, all wrongly; flowers 0.77 (planted flips found 0.81);
-# synthetic scans 0.94, hymenoptera 0.94.
-LABEL_CHECK_MIN_AGREEMENT = 0.70
-
-
-def label_check_note(agreement: float) -> str:
-    return (
-        f"Labels were not checked: out of sample, the pretrained features agree with only {100 * agreement:.0f}% "
-        "of your labels, too few to tell a wrong label from a hard picture (train a model first; its mistakes "
-        "list shows where it disagrees)."
-    )
-
-
-def label_issues(probs: np.ndarray, y: np.ndarray) -> list[tuple[int, int, float]]:
-    """(index, suggested class, margin) for images whose given class is probably wrong: out of sample, another
-    class is the likeliest and the given one gets under ``GIVEN_CLASS_MAX``. Margin: p(suggested) - p(given).
-
-    This is cleanlab's ``predicted_neq_given`` filter bounded by the given class's probability. The confident-joint
-    rule of confident learning (cleanlab's default) flagged 11.8% of flowers (15.5% through cleanlab itself, 22.5%
-    on scikit-learn's logistic regression), because a linear head on frozen features is wrong on about a quarter of
-    flowers' images; the bound flags about 8% and finds 83% of randomly flipped labels (the peer: 88% flagging
-    22.5%; docs/benchmarks.md, dataset doctor).
-    """
-    n = len(y)
-    given = probs[np.arange(n), y]
-    best = probs.argmax(1)
-    return [
-        (int(i), int(best[i]), float(probs[i, best[i]] - given[i]))
-        for i in np.flatnonzero((best != y) & (given < GIVEN_CLASS_MAX))
-    ]
-
-
 def outliers(feats: np.ndarray) -> tuple[np.ndarray, float]:
     """Each image's k-th nearest-neighbour distance to the others, and the far-out fence (what marks an image
     ``unfamiliar`` at prediction time, applied to the folder itself)."""
@@ -302,30 +243,43 @@ def check(
     cancel: CancelToken | None = None,
     cache_dir: str | None = None,
     notes: dict | None = None,
+    blocks: Blocks | None = None,
+    progress=None,
 ) -> list[Finding]:
     """Every finding for the dataset's kept samples (``hashes``/``feats`` aligned with ``ds.samples``), worst first
-    within each issue type. ``cache_dir``: where the layout and detail thumbnails are kept (None: computed each
-    time); ``notes`` receives ``label_agreement`` and, when the labels could not be checked, ``label_note``."""
+    within each issue type. ``feats``: the final features, then (``blocks``) the earlier layers' (the label check
+    may read them; copies and outliers compare the final ones). ``cache_dir``: where the layout and detail
+    thumbnails are kept (None: computed each time); ``notes`` receives ``label_agreement``, ``label_precision``,
+    ``label_expected`` and, when the labels could not be checked, ``label_note``."""
+    blocks = blocks or Blocks([feats.shape[1]])
+    final = feats[:, : blocks.final]
     y = np.array([s.label for s in ds.samples], dtype=np.int64)
-    found = copies(ds, hashes, feats, layouts([s.path for s in ds.samples], hashes, cache_dir), cache_dir)
+    _phase(progress, 0, "looking for copies")
+    found = copies(ds, hashes, final, layouts([s.path for s in ds.samples], hashes, cache_dir), cache_dir)
     if len(ds.classes) >= 2 and len(y) >= 2 * FOLDS:
+        _phase(progress, 1, "judging every label out of sample")
         keys = [_key(s.path, ds.root) for s in ds.samples]
-        probs = out_of_sample_probs(feats, y, len(ds.classes), seed, keys, cancel)
-        agreement = float((probs.argmax(1) == y).mean())
+        probs = labels.out_of_sample_probs(feats, y, len(ds.classes), seed, keys, blocks, cancel)
+        result = labels.check_labels(probs, y)
         if notes is not None:
-            notes["label_agreement"] = agreement
-        if agreement >= LABEL_CHECK_MIN_AGREEMENT:
-            for i, k, margin in label_issues(probs, y):
-                s = ds.samples[i]
-                found.append(Finding("label", s.path, "", ds.classes[s.label], ds.classes[k], margin))
-        elif notes is not None:
-            notes["label_note"] = label_check_note(agreement)
-    d, fence = outliers(feats)
+            notes.update(label_agreement=result.agreement, label_precision=result.precision,
+                         label_expected=result.expected_if_right, label_note=result.note)  # fmt: skip
+        for i, k, score in result.listed:
+            s = ds.samples[i]
+            found.append(Finding("label", s.path, "", ds.classes[s.label], ds.classes[k], score, result.precision))
+    _phase(progress, 2, "looking for outliers")
+    d, fence = outliers(final)
     for i in np.flatnonzero(d > fence):
         s = ds.samples[i]
         found.append(Finding("outlier", s.path, "", ds.classes[s.label], "", float(d[i] - fence)))
+    _phase(progress, 3, "done")
     order = {k: n for n, k in enumerate(ISSUES)}
     return sorted(found, key=lambda f: (order[f.issue], -f.score, f.path))
+
+
+def _phase(progress, done: int, message: str) -> None:
+    if progress is not None:
+        progress(Progress(Phase.CHECKING, done, 3, message=message))
 
 
 def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> DoctorResult:
@@ -344,12 +298,13 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
             cb.on_progress,
             exclude=config.exclude,
         )
-        emb = embed_dataset(config, ds, cb, cancel)
-        feats, hashes = emb.features, emb.hashes
-        cb.on_progress(Progress(Phase.CHECKING, 0, 1))
+        emb = embed_dataset(config, ds, cb, cancel, taps=True)
         cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
         notes: dict = {}
-        findings = check(ds, hashes, feats, config.seed, cancel, cache_dir, notes)
+        findings = check(
+            ds, emb.hashes, emb.features, config.seed, cancel, cache_dir, notes, emb.blocks, cb.on_progress
+        )
+        feats = emb.final
     except Cancelled:
         return DoctorResult(cancelled=True, seconds=time.perf_counter() - t0)
     res = DoctorResult(
@@ -360,6 +315,8 @@ def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | Non
         skipped=ds.skipped,
         label_agreement=notes.get("label_agreement"),
         label_note=notes.get("label_note", ""),
+        label_precision=notes.get("label_precision"),
+        label_expected=notes.get("label_expected"),
     )
     res.leaked_eval = len({f.path for f in findings if f.issue == "leak"})
     if config.run:

@@ -57,6 +57,11 @@ class DatasetChecks(QObject):
                 )
         if res.label_note:
             note = f"{note} {res.label_note}".strip()
+        elif res.label_precision is not None and res.counts()["label"]:
+            note = (
+                f"{note} About {100 * res.label_precision:.0f}% of the {res.counts()['label']} images listed as "
+                "probably in the wrong class are estimated to be mislabelled on this folder; look before moving."
+            ).strip()
         d.doctor_finished(res, note)
         if not res.cancelled and res.features is not None and len(res.features) >= 5:
             self.w.jobs.start(PROJECTION, tsne_map, MapConfig(res.features), done=self._mapped, failed=self._map_failed)

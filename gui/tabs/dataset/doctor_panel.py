@@ -150,7 +150,10 @@ class DoctorPanel(QWidget):
             )
             for c, text in enumerate([f.issue, os.path.relpath(f.path, root), other, f"{f.score:.3f}"]):
                 item = QTableWidgetItem(text)
-                item.setToolTip(WORDS[f.issue] if c == 0 else f.path)
+                tip = WORDS[f.issue]
+                if f.precision is not None:
+                    tip += f" (about {100 * f.precision:.0f}% of such findings are true on this folder)"
+                item.setToolTip(tip if c == 0 else f.path)
                 self.table.setItem(r, c, item)
         if rows:
             self.table.selectRow(0)
