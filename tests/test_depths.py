@@ -1,0 +1,138 @@
+"""More from the frozen network: the head reads the earlier layers' features where they tell the classes apart, and
+everything downstream (predict, evaluate, export, old runs and caches) follows what it chose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import TrainConfig, fit
+from engine.train.logistic import solve
+from tests.imagegen import make_flat_dataset, make_one_kind
+
+
+@pytest.fixture(scope="module")
+def grain(tmp_path_factory):
+    """Two classes of grey noise that differ only in their grain (tests/imagegen.py, kind ``grain``)."""
+    return make_one_kind(tmp_path_factory.mktemp("grain") / "data", "grain", 30, val_share=0.0)
+
+
+@pytest.fixture(scope="module")
+def grain_run(grain, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "grain"
+    return fit(TrainConfig(data=str(grain), out=str(out), cache_dir=str(tmp_path_factory.mktemp("cache"))))
+
+
+def test_the_head_keeps_the_earlier_layers_where_only_the_grain_tells_the_classes_apart(grain_run):
+    d = grain_run.metrics["depths"]
+    assert d["kept"] and d["comparison"]["kept"] == "final+depths"
+    acc = d["comparison"]["accuracy"]
+    assert acc["final+depths"] >= acc["final"] + 0.05  # out of fold: the earlier layers score clearly higher
+    assert grain_run.metrics["val_accuracy"] == pytest.approx(acc["final+depths"])
+    meta = json.loads((Path(grain_run.run_dir) / "model.json").read_text())
+    assert meta["depths"]["kept"] and meta["head"]["in_features"] == meta["feature_dim"] == 1280 + 1536
+    assert [t["stage"] for t in meta["depths"]["taps"]] == [2, 3, 4, 5, 6, 7]
+    assert "earlier layers" in meta["depths"]["why"]
+
+
+def test_photo_like_classes_keep_the_final_features_alone(tmp_path):
+    """Shapes in colours the pretrained features separate at once: nothing to gain, the final features are kept."""
+    data = make_flat_dataset(tmp_path / "flat", n_per_class=12)
+    res = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c")))
+    d = res.metrics["depths"]
+    assert not d["kept"] and d["comparison"]["kept"] == "final"
+    meta = json.loads((Path(res.run_dir) / "model.json").read_text())
+    assert meta["head"]["in_features"] == 1280 and not meta["depths"]["kept"]
+    assert res.metrics["val_accuracy"] >= 0.95
+
+
+def test_a_run_that_reads_the_earlier_layers_predicts_evaluates_and_exports_the_same_probabilities(
+    grain_run, grain, tmp_path
+):
+    import csv
+
+    import torch
+
+    from engine.config import EvaluateConfig, ExportConfig, PredictConfig
+    from engine.network.model import load_model
+    from engine.predict.evaluate import evaluate
+    from engine.predict.export import export_model
+    from engine.predict.predictions import predict_folder
+
+    run = grain_run.run_dir
+    pred = predict_folder(PredictConfig(run=run, images=[str(grain)], csv=str(tmp_path / "p.csv")))
+    by_path = {r.path: np.array(r.probabilities) for r in pred.rows}
+    with open(Path(run) / "val_predictions.csv", newline="") as f:
+        saved = list(csv.DictReader(f))
+    classes = grain_run.meta["classes"]
+    # every labelled image was judged out of fold by a fold head; predict runs the saved head: same classes mostly,
+    # and for the saved head itself (its own training images) probabilities agree with evaluate exactly
+    ev = evaluate(EvaluateConfig(run=run, data=str(grain)))
+    assert ev.metrics["accuracy"] == pytest.approx(
+        np.mean([r.prediction == Path(r.path).parent.name for r in pred.rows])
+    )
+    assert len(saved) == len(by_path)
+    loaded = load_model(run)
+    assert loaded.model.backbone.taps and loaded.final_dim == 1280
+    export_model(ExportConfig(run=run, format="onnx", out=str(tmp_path / "m.onnx")))
+    ort = pytest.importorskip("onnxruntime")
+    from engine.data.decode import decode_one
+
+    paths = sorted(by_path)[:6]
+    pre = loaded.preprocessing
+    mean, std = pre.scale_255()
+    x = np.stack([decode_one(p, pre, pre.size)[0].transpose(2, 0, 1) for p in paths]).astype(np.float32)
+    x = (x - mean) / std
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    _, probs = sess.run(None, {"images": x})
+    assert np.abs(probs - np.stack([by_path[p] for p in paths])).max() < 2e-3  # (the run's features: fp16 depths)
+    with torch.inference_mode():
+        logits = loaded.model(torch.from_numpy(x)).numpy()
+    assert (logits.argmax(1) == probs.argmax(1)).all()
+    assert set(classes) == {"fine", "coarse"}
+
+
+def test_an_old_run_without_depths_and_an_old_cache_without_them_still_work(tmp_path):
+    from engine.config import PredictConfig
+    from engine.embed.cache import cache_contents
+    from engine.predict.predictions import predict_folder
+
+    data = make_flat_dataset(tmp_path / "flat", n_per_class=10)
+    cache = tmp_path / "cache"
+    old = fit(TrainConfig(data=str(data), out=str(tmp_path / "old"), cache_dir=str(cache), features="final"))
+    # a run folder as versions before the depths wrote it: no "depths" in model.json or metrics.json
+    for name in ("model.json", "metrics.json"):
+        p = Path(old.run_dir) / name
+        d = json.loads(p.read_text())
+        d.pop("depths", None)
+        p.write_text(json.dumps(d))
+    rows = predict_folder(PredictConfig(run=old.run_dir, images=[str(data)], csv=str(tmp_path / "p.csv"))).rows
+    assert len(rows) == 30 and all(r.status in ("ok", "unsure") for r in rows)
+    # that run cached the final features only (as older versions did): the next run completes the cache once
+    assert not list(cache.glob("*.depths1.safetensors"))
+    new = fit(TrainConfig(data=str(data), out=str(tmp_path / "new"), cache_dir=str(cache)))
+    assert new.metrics["embeddings_from_cache"] == 0 and list(cache.glob("*.depths1.safetensors"))
+    again = fit(TrainConfig(data=str(data), out=str(tmp_path / "again"), cache_dir=str(cache)))
+    assert again.metrics["embeddings_from_cache"] == 30 and "backbone not run" in again.metrics["device"]
+    assert again.metrics["val_accuracy"] == new.metrics["val_accuracy"]
+    assert 30 in [e["images"] for e in cache_contents(str(cache))]  # the cache counts its images as before
+
+
+def test_the_exact_head_matches_scikit_learn_logistic_regression():
+    """The solver reaches scikit-learn's answer for the same problem (C, unpenalised bias), several heads at once."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (4, 20))
+    y = np.repeat(np.arange(4), 40)
+    X = (centres[y] + rng.normal(0, 1.5, (160, 20))).astype(np.float32)
+    X -= X.mean(0)
+    Cs = [0.01, 0.1, 1.0]
+    s = solve(X, y, np.ones((160, 3), np.float32), np.array([1 / (c * 160) for c in Cs]), 4, tol=1e-6)
+    assert s.converged.all()
+    for h, c in enumerate(Cs):
+        ref = sklearn.LogisticRegression(C=c, tol=1e-8, max_iter=5000).fit(X, y)
+        assert np.abs(s.weight[h].T - ref.coef_).max() < 1e-3 * max(1.0, np.abs(ref.coef_).max())
+        assert (((X @ s.weight[h]) + s.bias[h]).argmax(1) == ref.predict(X)).mean() == 1.0
