@@ -37,7 +37,13 @@ def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_c
     # pictures fine-tune at 128 px from a probe of their own, as the pairs test below does)
     res = fit(
         TrainConfig(
-            data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c"), small_images="off"
+            data=str(flat_data),
+            out=str(out),
+            mode="auto",
+            seed=1,
+            cache_dir=str(tmp_path / "c"),
+            small_images="off",
+            val_split=0.5,  # (21 validation images: enough for the two to be compared at all)
         ),
         log,
     )
@@ -68,7 +74,15 @@ def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_c
 def test_the_budget_stops_fine_tuning_and_feature_extraction_is_kept(flat_data, tmp_path):
     out = tmp_path / "auto"
     res = fit(
-        TrainConfig(data=str(flat_data), out=str(out), mode="auto", budget=0.001, seed=1, cache_dir=str(tmp_path / "c"))
+        TrainConfig(
+            data=str(flat_data),
+            out=str(out),
+            mode="auto",
+            budget=0.001,
+            seed=1,
+            cache_dir=str(tmp_path / "c"),
+            val_split=0.5,
+        )  # fmt: skip
     )
     assert res.run_dir == str(out) and not res.cancelled
     block = res.metrics["auto"]
@@ -91,7 +105,9 @@ def test_a_cancel_during_fine_tuning_keeps_both_halves_done_so_far(flat_data, tm
     token = CancelToken()
     out = tmp_path / "auto"
     res = fit(
-        TrainConfig(data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c")),
+        TrainConfig(
+            data=str(flat_data), out=str(out), mode="auto", seed=1, cache_dir=str(tmp_path / "c"), val_split=0.5
+        ),
         CancelAfterFirstFineTuningEpoch(token),
         token,
     )
@@ -224,3 +240,46 @@ def test_auto_picks_fine_tuning_where_frozen_features_cannot_compare_two_objects
     assert "Kept fine-tuning" in res.message and _metrics(f"{out}-{FE}")["auto"]["this_run"] == FE
     assert res.metrics["fine_tuning_recipe"]["small_pictures"]  # 128 px pictures: trained at their own size
     assert "your pictures are small (about 128 px)" in block["why"], block["why"]
+
+
+def test_with_a_dozen_labels_automatic_mode_keeps_feature_extraction_and_says_it_could_not_compare(tmp_path):
+    """A pile labelled a dozen times, trained in automatic mode: fine-tuning would be judged on 3 images, where no
+    comparison can show a difference, so it does not start; feature extraction is kept, judged on every label."""
+    from engine.data.labels import write_labels
+    from tests.imagegen import make_flat_dataset
+
+    pile = make_flat_dataset(tmp_path / "sorted", n_per_class=4)
+    labels = {str(p): (p.parent.name, "user") for p in sorted(pile.rglob("*.jpg"))}
+    write_labels(str(tmp_path / "labels.csv"), labels)
+    log = Log()
+    res = fit(
+        TrainConfig(data=str(pile), labels=str(tmp_path / "labels.csv"), out=str(tmp_path / "auto"), mode="auto",
+                    cache_dir=str(tmp_path / "c")),
+        log,
+    )  # fmt: skip
+    block = res.metrics["auto"]
+    assert block["winner"] == FE and FT not in block["runs"] and block["too_few"]["needed"] == 20
+    assert not [m for m in log.epochs if m.strategy == FT]  # fine-tuning never started
+    n_val = block["too_few"]["validation_images"]
+    assert n_val < 20 and f"{n_val} validation images: too few to compare" in res.message
+    assert "kept feature extraction, judged on all 12 labelled images" in res.message
+    assert _metrics(res.run_dir)["auto"]["winner"] == FE and not os.path.exists(f"{tmp_path / 'auto'}-{FT}")
+
+
+def test_paired_intervals_hold_on_a_handful_of_images():
+    """Every interval the comparison prints has width on a few images, and matches published values."""
+    import numpy as np
+
+    from engine.trust.scores import paired_accuracy_difference, paired_mean_difference, wilson_interval
+
+    for n, half in ((3, 0.5615), (10, 0.2775), (100, 0.0370)):  # both right on every image: -z^2/(n+z^2) .. +
+        d = paired_accuracy_difference(np.ones(n, bool), np.ones(n, bool))
+        assert d["difference"] == 0 and np.allclose(d["ci95"], [-half, half], atol=1e-4)
+    # Fagerland, Lydersen & Laake (2017), the paired 2x2 table of Cavo et al.: -0.0621 (-0.1186 to -0.0046)
+    before = np.array([1] * 59 + [1] * 6 + [0] * 16 + [0] * 80, bool)
+    after = np.array([1] * 59 + [0] * 6 + [1] * 16 + [0] * 80, bool)
+    d = paired_accuracy_difference(after, before)
+    assert round(d["difference"], 4) == -0.0621 and [round(v, 4) for v in d["ci95"]] == [-0.1186, -0.0046]
+    assert [round(v, 3) for v in wilson_interval(3, 3)] == [0.438, 1.0]
+    m, (lo, hi) = paired_mean_difference(np.array([0.1, 0.3, 0.2]))  # t with 2 degrees of freedom: 4.303
+    assert round(m, 3) == 0.2 and round(hi - m, 3) == round(4.303 * 0.1 / np.sqrt(3), 3)

@@ -23,6 +23,7 @@ from engine.data.deep_grey import DEEP_GREY_MODES, grey_to_8_bits
 from engine.data.splits import SPLIT_NAMES, _key, excluded_paths, stratified_split, untrained_classes
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 
+NO_VAL_FOLDER = "No validation folder"  # (the start of the warning a run may say more precisely: engine/train/fit.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Refuse images that would need more than this many pixels to decode (PIL's own bomb check warns at 89M).
 MAX_PIXELS = 16_000 * 16_000
@@ -396,7 +397,7 @@ def _assign_splits(
                 [s.label for s in train], val_split, 0.0, seed, [_key(s.path, root) for s in train]
             )
             samples = [Sample(s.path, s.label, a) for s, a in zip(train, assign)] + rest
-            warn.append(f"No validation folder: {val_split:.0%} of train/ was held out for validation.")
+            warn.append(f"{NO_VAL_FOLDER}: {val_split:.0%} of train/ was held out for validation.")
     else:
         flat = [(p, index[c]) for _, c, files in files_by_group for p in files]
         assign = stratified_split([y for _, y in flat], val_split, test_split, seed, [_key(p, root) for p, _ in flat])

@@ -32,9 +32,14 @@ from engine.events import Callbacks, Cancelled, CancelToken, EngineError, EpochM
 from engine.paths import default_runs_dir
 from engine.runs import AUTO_FILE, atomic_write_json, json_safe, new_run_name, unique_dir
 from engine.train.fine_tuning import estimate
+from engine.trust.scores import paired_accuracy_difference, paired_mean_difference
 
 FE, FT = "feature-extraction", "fine-tuning"
 MIN_EPOCHS_BEFORE_EXTRAPOLATING = 2
+# Fine-tuning holds out validation images to be judged on (20% of an unsplit folder). Under this many, no comparison
+# with feature extraction could show a difference: 12 labels left it 3 images, and automatic mode "kept fine-tuning"
+# on a loss difference those 3 images cannot support. Then fine-tuning is not started at all.
+MIN_COMPARED = 20
 
 
 class BudgetToken(CancelToken):
@@ -156,17 +161,49 @@ def calibrated_val_loss(held) -> float:
     return float(np.mean(-np.log(np.maximum(p, 1e-12))))
 
 
+def per_image_losses(held) -> dict[str, float]:
+    """Each validation image's calibrated log-loss, by path (a ``train.HeldOut``)."""
+    p = held.probs[np.arange(len(held.labels)), held.labels]
+    return dict(zip(held.paths, (-np.log(np.maximum(p, 1e-12))).tolist()))
+
+
 def paired_difference(a, b) -> tuple[float, tuple[float, float], int]:
-    """Accuracy of b minus a (``train.HeldOut``) on the validation images both runs predicted, with a 95% interval
-    (normal approximation of the paired per-image differences), and how many images that is."""
+    """Accuracy of b minus a (``train.HeldOut``) on the validation images both runs predicted, with Newcombe's 95%
+    interval for paired proportions (engine/trust/scores.py: right on a handful of images, never of zero width), and
+    how many images that is."""
     right_a, right_b = ({p: bool(ok) for p, ok in zip(h.paths, h.probs.argmax(1) == h.labels)} for h in (a, b))
     common = sorted(set(right_a) & set(right_b))
     if not common:
         return 0.0, (0.0, 0.0), 0
-    d = np.array([float(right_b[p]) - float(right_a[p]) for p in common])
-    mean = float(d.mean())
-    half = 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-    return mean, (mean - half, mean + half), len(d)
+    d = paired_accuracy_difference([right_a[p] for p in common], [right_b[p] for p in common])
+    return d["difference"], tuple(d["ci95"]), d["n"]
+
+
+def loss_difference(a, b) -> tuple[float, tuple[float, float], int]:
+    """Calibrated log-loss of b minus a per image, on the validation images both predicted: its mean, the mean's
+    95% interval (Student's t with n - 1 degrees of freedom) and n. b is better only where the whole interval is
+    below zero."""
+    la, lb = per_image_losses(a), per_image_losses(b)
+    common = sorted(set(la) & set(lb))
+    if not common:
+        return 0.0, (-math.inf, math.inf), 0
+    mean, ci = paired_mean_difference(np.array([lb[p] - la[p] for p in common]))
+    return mean, ci, len(common)
+
+
+def too_few_to_compare(n: int) -> bool:
+    """Whether ``n`` held-out images are too few for fine-tuning to be judged against feature extraction: on so few
+    a real difference hides in chance, and automatic mode does not start fine-tuning at all."""
+    return n < MIN_COMPARED
+
+
+def too_few_sentence(n_val: int, n_labelled: int, cross_fitted: bool) -> str:
+    """What automatic mode says when it does not start fine-tuning: the numbers and what was kept."""
+    judged = f"judged on all {n_labelled} labelled images (cross-validated)" if cross_fitted else "judged on them"
+    return (
+        f"{n_val} validation images: too few to compare fine-tuning with feature extraction (at least {MIN_COMPARED} "
+        f"are needed); kept feature extraction, {judged}."
+    )
 
 
 def why(
@@ -176,9 +213,12 @@ def why(
     stopped: str,
     raced: bool = True,
     small_side: int | None = None,
+    loss: tuple[float, tuple[float, float]] | None = None,
+    n: int = 0,
 ) -> str:
     """One sentence a non-specialist understands. ``raced``: fine-tuning finished at least one epoch;
-    ``small_side``: fine-tuning trained small pictures (of this median shorter side) at their own size."""
+    ``small_side``: fine-tuning trained small pictures (of this median shorter side) at their own size; ``loss``:
+    fine-tuning's calibrated loss minus feature extraction's per image (mean, 95% interval) on ``n`` images."""
     lo, hi = ci[0] * 100, ci[1] * 100
     if not raced:
         return "Feature extraction was kept: fine-tuning " + (
@@ -199,13 +239,19 @@ def why(
                 "network learned from, so retraining its last layers paid off."
             )
         return (
-            f"Fine-tuning's answers were slightly more reliable (lower validation loss); its accuracy differs "
+            f"Fine-tuning's answers were more reliable (a clearly lower calibrated loss); its accuracy differs "
             f"by {gain_points:+.1f} points (between {lo:+.1f} and {hi:+.1f}), which is within what chance can do."
         )
     if stopped:
         return (
             "Feature extraction was kept: the pretrained features already separate your classes, and "
             f"fine-tuning was stopped because {stopped}."
+        )
+    if loss is not None and loss[0] < 0:
+        return (
+            f"Feature extraction was kept: fine-tuning's answers were not clearly better on these {n} images (its "
+            f"calibrated loss was {-loss[0]:.3f} lower on average, but anywhere from {-loss[1][0]:.3f} lower to "
+            f"{loss[1][1]:.3f} higher is within what chance can do); feature extraction is the faster model."
         )
     return (
         "Feature extraction was kept: the pretrained features already separate your classes well, so "
@@ -216,7 +262,9 @@ def why(
 
 def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) -> dict:
     """Name the winner ``target`` and the other run beside it; write the ``auto`` block beside both (``fe``/``ft``:
-    the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block."""
+    the two jobs' ``FitResult``s, ``ft`` None when fine-tuning saved nothing); returns the block. Fine-tuning wins
+    only when its calibrated loss is lower on the same validation images by more than chance allows (the 95%
+    interval of the per-image difference below zero): a tie keeps feature extraction, the faster model."""
     fe_val = compared(fe)
     runs = {
         FE: {
@@ -225,7 +273,7 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
             "seconds": fe.metrics.get("train_seconds"),
         }
     }
-    winner, small_side = FE, None
+    winner, small_side, ft_val = FE, None, None
     if ft is not None:
         ft_val = ft.held_out.get("val")
         runs[FT] = {
@@ -234,12 +282,13 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
             "seconds": ft.metrics.get("train_seconds"),
             "epochs_run": ft.metrics.get("epochs_run"),
         }
-        if runs[FT]["val_loss"] < runs[FE]["val_loss"]:
-            winner = FT
         recipe = ft.metrics.get("fine_tuning_recipe") or {}
         small_side = recipe.get("median_shorter_side") if recipe.get("small_pictures") else None
     both = ft is not None and fe_val is not None and ft_val is not None
     diff, ci, n = paired_difference(fe_val, ft_val) if both else (0.0, (0.0, 0.0), 0)
+    loss = loss_difference(fe_val, ft_val) if both else None
+    if loss is not None and loss[1][1] < 0:
+        winner = FT
     final = {}
     for mode, res in ((FE, fe), (FT, ft)):
         if res is None:
@@ -262,8 +311,22 @@ def finish(target: str, overwrite: bool, fe, ft, ft_stop: str, cb: Callbacks) ->
             "val_accuracy": round(diff, 6),
             "ci95": [round(ci[0], 6), round(ci[1], 6)],
             "n": n,
+            **(
+                {"val_loss": round(loss[0], 6), "val_loss_ci95": [round(v, 6) for v in loss[1]]}
+                if loss is not None and np.isfinite(loss[1]).all()
+                else {}
+            ),
         },
-        "why": why(winner, diff * 100, ci, ft_stop, raced=ft is not None, small_side=small_side),
+        "why": why(
+            winner,
+            diff * 100,
+            ci,
+            ft_stop,
+            raced=ft is not None,
+            small_side=small_side,
+            loss=(loss[0], loss[1]) if loss else None,
+            n=n,
+        ),  # fmt: skip
     }
     block["summary"] = summary(winner, runs, diff, ci, n) + " " + block["why"]
     if both and "validation" in fe.metrics:
@@ -325,8 +388,11 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
         return fe
     fe_loss = calibrated_val_loss(compared(fe))
     ft, stop = None, ""
+    n_val = len(compared(fe).labels) if compared(fe) is not None else 0
     if fe_loss == math.inf:
         cb.on_log("No validation images: nothing to compare fine-tuning with; keeping feature extraction")
+    elif too_few_to_compare(n_val):
+        return _too_few(fe, target, cfg.overwrite, n_val, cb)
     else:
         ft_cfg = dataclasses.replace(cfg, mode=FT, out=f"{target}-{FT}")
         epochs = ft_cfg.resolved().epochs
@@ -343,7 +409,14 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
             f"Fine-tuning: {est.text}; budget " + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)")
         )
         token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
-        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=fe.probe or fe.head)
+        start = fe.probe or fe.head
+        if (fe.metrics.get("depths") or {}).get("kept"):
+            start = None
+            cb.on_log(
+                "Fine-tuning starts from its own linear probe on the final features: feature extraction's head also "
+                "reads the earlier layers' features, which fine-tuning's network does not pass to its head"
+            )
+        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=start)
         stop = token.early_stop_reason()
         if stop:
             cb.on_log(f"Fine-tuning stopped: {stop}")
@@ -361,3 +434,34 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
         # mostly the hard ones it asked about)
         message=". ".join(filter(None, [checks_summary(won.metrics.get("random_checks")), block["summary"]])),
     )
+
+
+def _too_few(fe, target: str, overwrite: bool, n_val: int, cb: Callbacks):
+    """Automatic mode on too few validation images: feature extraction is the result, fine-tuning never starts, and
+    the run says why (``auto.json`` as for a compared pair, with the one run)."""
+    cv = fe.metrics.get("validation") or {}
+    sentence = too_few_sentence(n_val, int(cv.get("images") or fe.metrics.get("n_val") or n_val), bool(cv))
+    want = target
+    if os.path.abspath(want) != os.path.abspath(fe.run_dir):
+        if os.path.exists(want):
+            if overwrite:
+                shutil.rmtree(want)
+            else:
+                want = unique_dir(want)
+        os.replace(fe.run_dir, want)
+    block = {
+        "winner": FE,
+        "stopped": None,
+        "too_few": {"validation_images": n_val, "needed": MIN_COMPARED},
+        "runs": {
+            FE: {"val_loss": calibrated_val_loss(compared(fe)), "seconds": fe.metrics.get("train_seconds"), "run": want}
+        },  # fmt: skip
+        "why": sentence,
+        "summary": sentence,
+    }
+    atomic_write_json(os.path.join(want, AUTO_FILE), json_safe({**block, "this_run": FE}))
+    cb.on_log(sentence)
+    return dataclasses.replace(
+        fe, run_dir=want, metrics={**fe.metrics, "auto": {**block, "this_run": FE}},
+        message=". ".join(filter(None, [checks_summary(fe.metrics.get("random_checks")), sentence])),
+    )  # fmt: skip

@@ -57,9 +57,10 @@ class HeadOutcome:
 
 def cross_fits(cfg: TrainConfig, ds: Dataset) -> bool:
     """Whether this run cross-fits: validation was carved out of the labelled images (not a val/ folder the user
-    made, which stays as given) and there are enough of them for every fold to hold a few."""
+    made, which stays as given) and there are at least two for every fold (12 labels: each judged by a head trained on
+    the other 9-10, rather than 3 held out and 9 trained on)."""
     pool = len(ds.split("train")) + len(ds.split("val"))
-    return cfg.cross_fit == "auto" and bool(ds.split("val")) and not ds.validation_given() and pool >= 4 * K_FOLDS
+    return cfg.cross_fit == "auto" and bool(ds.split("val")) and not ds.validation_given() and pool >= 2 * K_FOLDS
 
 
 def wants_depths(cfg: TrainConfig) -> bool:

@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 from engine.config import TrainConfig
-from engine.data.folder import Dataset, scan
+from engine.data.folder import NO_VAL_FOLDER, Dataset, scan
 from engine.data.known_files import KnownFiles
 from engine.data.labels import checks_summary, random_checks, read_labels, scan_labelled
 from engine.data.splits import untrained_classes
@@ -129,7 +129,7 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
         + ", ".join(f"{c} {n}" for c, n in counts.items())
     )
     for w in ds.warnings:
-        cb.on_log(f"Warning: {w}")
+        cb.on_log(f"Warning: {_as_run(cfg, ds, w)}")
     untrained = untrained_classes(ds.counts())
     if untrained:  # its validation and test images would count as errors the model cannot avoid
         raise EngineError(" ".join(untrained))
@@ -138,6 +138,21 @@ def _dataset(cfg: TrainConfig, given: Dataset | None, cb: Callbacks, cancel: Can
     if ds.excluded:
         cb.on_log(f"Left out {len(ds.excluded)} image(s) on the exclude list; see excluded.csv in the run folder")
     return ds
+
+
+def _as_run(cfg: TrainConfig, ds: Dataset, warning: str) -> str:
+    """The scan's warning about a carved validation split, said as this run uses it: feature extraction that
+    cross-fits judges every image of train/ out of fold and holds none out."""
+    if not warning.startswith(NO_VAL_FOLDER) or cfg.mode == "fine-tuning" or not feature_extraction.cross_fits(cfg, ds):
+        return warning
+    n = len(ds.split("train")) + len(ds.split("val"))
+    said = (
+        f"{NO_VAL_FOLDER}: feature extraction trains on all {n} images of train/ and judges each one out of fold "
+        "(5-fold cross-fitting)"
+    )
+    if cfg.mode == "auto":
+        said += f"; fine-tuning holds out {len(ds.split('val'))} of them ({cfg.val_split:.0%}) for validation"
+    return said + "."
 
 
 def _cache_dir(cfg: TrainConfig) -> str | None:

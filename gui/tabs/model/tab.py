@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.network.backbones import DEFAULT_BACKBONE
+from engine.train.auto import MIN_COMPARED, too_few_to_compare
 from gui.settings import load_values, save_values
 
 AUTO_TEXT = (
@@ -251,7 +252,14 @@ class ModelTab(QWidget):
             )
             return
         per_class = len(ds.samples) / max(1, len(ds.classes))
-        if self.auto.isChecked():
+        n_val = len(ds.split("val"))
+        if self.auto.isChecked() and too_few_to_compare(n_val):
+            text = (
+                f"Recommendation for this dataset: <b>Automatic</b>. With {n_val} validation images it keeps feature "
+                f"extraction without trying fine-tuning: too few to compare the two (at least {MIN_COMPARED} are "
+                "needed)."
+            )
+        elif self.auto.isChecked():
             text = (
                 f"Recommendation for this dataset: <b>Automatic</b>. With about {per_class:.0f} images per "
                 "class it "
