@@ -13,7 +13,10 @@ each iteration is two matrix products over all heads' weights side by side (ever
 then every head's gradient), so the features are read once for all of them. Each head keeps its own L-BFGS memory,
 its own step length (backtracking on its own objective) and its own stopping test; a head that has converged leaves
 the products. Weights are kept as (features + 1, classes, heads), the bias as the last row, so that neither product
-needs a copy and the softmax's sums over classes run over whole slabs.
+needs a copy and the softmax's sums over classes run over whole slabs. The solver moves each weight scaled by one over
+the square root of its curvature (a diagonal preconditioner: on principal axes the loss's curvature is nearly
+diagonal): on flowers' heads 15-36 iterations a strength instead of 46-118. A head stops when its largest gradient
+entry is under 1e-5 (at 1e-4 a weakly regularised, nearly separable head stopped with ten times the optimal loss).
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def solve(
     num_classes: int,
     *,
     max_iter: int = 300,
-    tol: float = 1e-4,
+    tol: float = 1e-5,
     cancel: CancelToken | None = None,
     observe: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     init: Solved | None = None,
@@ -96,11 +99,18 @@ def solve(
     rows = np.arange(n)
     Mn = (weights / np.maximum(weights.sum(0, keepdims=True), 1e-12)).astype(np.float32)
     lam = np.asarray(lam, np.float32)
+    # Preconditioned: the solver moves U with W = P * U, P per feature and head one over the square root of that
+    # weight's curvature (a quarter of the feature's mean square, the softmax's, plus the penalty's)
+    ms = np.append((X * X).mean(0), 1.0).astype(np.float32)
+    pen = np.append(np.ones(D, np.float32), 0.0)[:, None] * lam[None, :]
+    P = (1.0 / np.sqrt(0.25 * ms[:, None] + pen))[:, None, :].astype(np.float32)  # (D+1, 1, H)
     T = np.zeros((D + 1, C, H), np.float32)
     if init is not None:
         T[:-1] = init.weight.transpose(1, 2, 0)
         T[-1] = init.bias.T
-    f, g = _loss_grad(Xa, y, rows, Mn, lam, T)
+        T /= P
+    f, g = _loss_grad(Xa, y, rows, Mn, lam, T * P)
+    g *= P
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (s, y, rho) over the active heads
     active = np.arange(H)
     converged = np.zeros(H, bool)
@@ -124,7 +134,8 @@ def solve(
         for _ in range(MAX_HALVINGS if it > 1 else 30):
             heads = active[todo]
             trial = Ta[..., todo] + (t[todo] * d[..., todo]).astype(np.float32)
-            lf, lg = _loss_grad(Xa, y, rows, Mn[:, heads], lam[heads], trial)
+            lf, lg = _loss_grad(Xa, y, rows, Mn[:, heads], lam[heads], trial * P[..., heads])
+            lg *= P[..., heads]
             ok = lf <= fa[todo] + ARMIJO * t[todo] * slope[todo]
             idx = todo[ok]
             nT[..., idx], ng[..., idx], nf[idx] = trial[..., ok], lg[..., ok], lf[ok]
@@ -140,18 +151,19 @@ def solve(
         pairs.append((s, yv, np.where(sy > 1e-12, 1.0 / np.maximum(sy, 1e-12), 0.0).astype(np.float32)))
         if len(pairs) > MEMORY:
             pairs.pop(0)
-        flat = fa - nf <= 1e-7 * np.maximum(np.abs(nf), 1.0)
+        flat = fa - nf <= 1e-7 * np.abs(nf)
         T[..., active], g[..., active], f[active] = nT, ng, nf
-        done = stuck | flat | (np.abs(ng).max((0, 1)) <= tol)
+        done = stuck | flat | (np.abs(ng / P[..., active]).max((0, 1)) <= tol)
         converged[active[done]] = True
         if observe is not None:
-            observe(it, T, converged)
+            observe(it, T * P, converged)
         if done.any():
             keep = ~done
             active = active[keep]
             pairs = [(a[..., keep], b[..., keep], r[keep]) for a, b, r in pairs]
             if not len(active):
                 break
+    T *= P
     return Solved(np.ascontiguousarray(T[:-1].transpose(2, 0, 1)), np.ascontiguousarray(T[-1].T), it, converged, f)
 
 

@@ -8,12 +8,14 @@ C; the final features alone are kept unless the depths' out-of-fold loss is lowe
 uncertainty (:func:`prefer`): on a folder of everyday photos the depths help nothing and can hurt with few labels.
 
 The heads are exact logistic regressions (engine/train/logistic.py), all of them (fold heads, the final head and
-any extra ones, for every C) solved at once. Before that, each block of features (the final ones, each tapped
-stage) is centred and scaled to a root-mean-square of 1 per feature, so one grid of C fits every block and folder,
-and each feature set is rotated onto its ``MAX_DIMS`` leading principal axes (computed from the rows given as
-``stats``, never from the labels): the penalty leaves little weight on the axes beyond them (with 512 axes, test
-accuracy within 0.5 point of all 2,816 features on four folders; docs/benchmarks.md), and the products shrink 4-7x.
-The heads come back as ordinary linear heads on the raw features (the scaling and rotation folded in).
+any extra ones) solved at once for each strength, the strengths in a warm-started path from strong to weak that
+stops once the out-of-fold loss has risen twice. Before that, the features are standardised (the final features
+alone as one block scaled to a root-mean-square of 1 per feature, which leaves the head scikit-learn's problem on
+them as they are; with the earlier layers, every feature to a standard deviation of 1, as Head2Toe and the issue's
+own measurement did: 0.6-0.9 points better on clothing, flowers and digits than scaling by block) and each feature
+set is rotated onto its leading principal axes (``MAX_DIMS``; computed from the rows given as ``stats``, never from
+the labels): the penalty leaves little weight beyond them, and the products shrink 4-7x. The heads come back as
+ordinary linear heads on the raw features (the scaling and rotation folded in).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from engine.train.logistic import solve
 
 # The regularisation strengths tried, as scikit-learn's C on features of root-mean-square 1. On the folders
 # measured the chosen C ran from 0.03 (every label of photos) to 1 (10 labels a class of hand signs).
+FINAL, DEPTHS = "final", "final+depths"
 C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 PATH_PATIENCE = 2  # the path stops after this many strengths in a row without a lower out-of-fold loss
-MAX_DIMS = 384  # principal axes a feature set is rotated onto before the heads are solved
+# principal axes a feature set is rotated onto before the heads are solved: the final features' 1,280 lose nothing
+# measurable at 384 (flowers, clothes, hand signs, digits within 0.3 point of 768); with the earlier layers' 2,816,
+# 768 axes were 0.5-1.3 points better than 384 on clothing, flowers and hand signs (docs/benchmarks.md)
+MAX_DIMS = {FINAL: 384, DEPTHS: 768}
 STATS_ROWS = 2048  # rows the axes are computed from (a fixed draw of them when there are more)
 MAX_ITER = 200
-FINAL, DEPTHS = "final", "final+depths"
-WORDS = {FINAL: "final features", DEPTHS: "with the earlier layers"}
+WORDS = {"final": "final features", "final+depths": "with the earlier layers"}
 
 
 @dataclass
@@ -87,9 +92,16 @@ class Probe:
         )
 
 
-def _normalisers(X: np.ndarray, blocks: Blocks, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column: the centre and the scale that give each block a root-mean-square of 1 per feature (over ``rows``)."""
+def _normalisers(
+    X: np.ndarray, blocks: Blocks, rows: np.ndarray, per_feature: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the centre (over ``rows``) and a scale: each feature to a standard deviation of 1
+    (``per_feature``), else each block to a root-mean-square of 1 per feature (which leaves the final features' head
+    the problem scikit-learn solves on them as they are, up to the scale of C)."""
     centre = X[rows].mean(0).astype(np.float32)
+    if per_feature:
+        sd = X[rows].std(0).astype(np.float32)
+        return centre, (1.0 / np.maximum(sd, 1e-3 * max(float(sd.mean()), 1e-12))).astype(np.float32)
     scale = np.empty(X.shape[1], np.float32)
     for s in blocks.slices():
         d = X[rows, s] - centre[s]
@@ -230,16 +242,15 @@ def fit_probe(
 def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_classes, seed, cancel, report) -> dict:
     """One feature set: its heads for every C solved at once; the C of lowest out-of-fold loss, and its heads as
     linear heads on the raw features."""
-    centre, scale = _normalisers(stats, blocks, rows)
+    name = FINAL if blocks.total == blocks.final else DEPTHS
+    centre, scale = _normalisers(stats, blocks, rows, per_feature=name == DEPTHS)
     A = (stats[rows] - centre) * scale
-    V = principal_axes(A - A.mean(0), MAX_DIMS, seed)
-    Z = (X - centre) * scale
-    if V is not None:
-        Z = Z @ V
+    V = principal_axes(A - A.mean(0), MAX_DIMS[name], seed)
+    # ((x - centre) * scale) @ V as one product with the features as they are (no scaled copy of them)
+    Z = X @ (scale[:, None] * V) - (centre * scale) @ V if V is not None else (X - centre) * scale
     shift = Z.mean(0)
     Z -= shift  # (the bias is free: centring only helps the solver)
     per = weights.shape[1]
-    name = FINAL if blocks.total == blocks.final else DEPTHS
     best, table, solved, rising = None, [], None, 0
     for ci, c in enumerate(Cs):  # strongest first, each from the one before: a regularisation path
         lam = np.array([1.0 / (c * max(float(weights[:, h].sum()), 1e-12)) for h in range(per)], np.float32)
