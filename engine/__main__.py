@@ -49,7 +49,8 @@ class TerminalProgress(Callbacks):
         self.last = now
         rate = f"  {p.images_per_s:.1f} img/s" if p.images_per_s else ""
         eta = f"  ETA {p.eta_s:.0f}s" if p.eta_s and p.done < p.total else ""
-        self._line(f"{p.phase} {p.done}/{p.total}{rate}{eta}")
+        what = f" ({p.message})" if p.message else ""
+        self._line(f"{p.phase}{what} {p.done}/{p.total}{rate}{eta}")
 
     def on_train_batch_end(self, m: BatchMetrics) -> None:
         now = time.perf_counter()

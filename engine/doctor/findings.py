@@ -167,7 +167,9 @@ def thumbnail(path: str, size: int = 16) -> np.ndarray:
     return a / max(float(np.linalg.norm(a)), 1e-6)
 
 
-def layouts(paths: list[str], hashes: list[str] | None = None, cache_dir: str | None = None) -> np.ndarray:
+def layouts(
+    paths: list[str], hashes: list[str] | None = None, cache_dir: str | None = None, progress=None
+) -> np.ndarray:
     """:func:`thumbnail` of each path; with ``hashes`` and ``cache_dir``, kept in the cache's layout file."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -178,21 +180,29 @@ def layouts(paths: list[str], hashes: list[str] | None = None, cache_dir: str | 
     out = [cache.get(h) for h in hashes] if hashes is not None else [None] * len(paths)
     todo = [i for i, v in enumerate(out) if v is None]
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
-        for i, v in zip(todo, pool.map(thumbnail, [paths[i] for i in todo])):
+        for n, (i, v) in enumerate(zip(todo, pool.map(thumbnail, [paths[i] for i in todo]))):
             out[i] = v
             if hashes is not None and v.any():  # (an unreadable file's zeros are not kept)
                 cache.put(hashes[i], v)
+            if progress is not None and n % 256 == 255:
+                progress(n + 1, len(todo))
     cache.save()
     return np.stack(out).astype(np.float32) if paths else np.zeros((0, 256), np.float32)
 
 
 def copies(
-    ds: Dataset, hashes: list[str], feats: np.ndarray, layout: np.ndarray | None = None, cache_dir: str | None = None
+    ds: Dataset,
+    hashes: list[str],
+    feats: np.ndarray,
+    layout: np.ndarray | None = None,
+    cache_dir: str | None = None,
+    step=None,
 ) -> list[Finding]:
     """Exact and near copies: ``duplicate`` / ``near-duplicate`` in one split, ``leak`` across splits (the copy in
     validation or test is the finding; its train original is ``other_path``). Near copies are decided by
     engine/doctor/same_picture.py. ``layout``: :func:`layouts` of the samples (computed when not given); ``cache_dir``:
-    where the detail thumbnails of candidate pairs are kept."""
+    where the detail thumbnails of candidate pairs are kept; ``step(message)``: a ``(done, total)`` progress reporter
+    for each stage."""
     samples = ds.samples
     out: list[Finding] = []
     first: dict[str, int] = {}
@@ -206,11 +216,12 @@ def copies(
     lay = layouts([s.path for s in samples]) if layout is None else layout
     candidates = sorted(
         p
-        for p in same_picture.candidate_pairs(normalise(feats), lay)
+        for p in same_picture.candidate_pairs(normalise(feats), lay, progress=_report(step, "looking for copies"))
         if p not in exact and hashes[p[0]] != hashes[p[1]]
     )
     details = DetailThumbnails([s.path for s in samples], hashes, cache_dir)
-    pairs += [(i, j, v, False) for i, j, v in same_picture.same_pictures(candidates, details.get)]
+    compare = _report(step, "comparing the pictures of candidate copies")
+    pairs += [(i, j, v, False) for i, j, v in same_picture.same_pictures(candidates, details.get, progress=compare)]
     details.save()
     for i, j, sim, is_exact in pairs:
         a, b = samples[i], samples[j]
@@ -225,10 +236,10 @@ def copies(
     return out
 
 
-def outliers(feats: np.ndarray) -> tuple[np.ndarray, float]:
+def outliers(feats: np.ndarray, progress=None) -> tuple[np.ndarray, float]:
     """Each image's k-th nearest-neighbour distance to the others, and the far-out fence (what marks an image
     ``unfamiliar`` at prediction time, applied to the folder itself)."""
-    d = knn_distance(feats, feats, K, exclude_self=True)
+    d = knn_distance(feats, feats, K, exclude_self=True, progress=progress)
     return d, fence(d)
 
 
@@ -254,12 +265,17 @@ def check(
     blocks = blocks or Blocks([feats.shape[1]])
     final = feats[:, : blocks.final]
     y = np.array([s.label for s in ds.samples], dtype=np.int64)
-    _phase(progress, 0, "looking for copies")
-    found = copies(ds, hashes, final, layouts([s.path for s in ds.samples], hashes, cache_dir), cache_dir)
+    step = (lambda message: _report_to(progress, message)) if progress else None
+    paths = [s.path for s in ds.samples]
+    found = copies(ds, hashes, final, layouts(paths, hashes, cache_dir, _report(step, "reading thumbnails")), cache_dir,
+                   step)  # fmt: skip
+    if cancel is not None:
+        cancel.raise_if_cancelled()
     if len(ds.classes) >= 2 and len(y) >= 2 * FOLDS:
-        _phase(progress, 1, "judging every label out of sample")
         keys = [_key(s.path, ds.root) for s in ds.samples]
-        probs = labels.out_of_sample_probs(feats, y, len(ds.classes), seed, keys, blocks, cancel)
+        judged = _report(step, "judging every label out of sample")
+        probs = labels.out_of_sample_probs(feats, y, len(ds.classes), seed, keys, blocks, cancel,
+                                           (lambda p: judged(p.done, p.total)) if judged else None)  # fmt: skip
         result = labels.check_labels(probs, y)
         if notes is not None:
             notes.update(label_agreement=result.agreement, label_precision=result.precision,
@@ -267,19 +283,21 @@ def check(
         for i, k, score in result.listed:
             s = ds.samples[i]
             found.append(Finding("label", s.path, "", ds.classes[s.label], ds.classes[k], score, result.precision))
-    _phase(progress, 2, "looking for outliers")
-    d, fence = outliers(final)
+    d, fence = outliers(final, _report(step, "looking for outliers"))
     for i in np.flatnonzero(d > fence):
         s = ds.samples[i]
         found.append(Finding("outlier", s.path, "", ds.classes[s.label], "", float(d[i] - fence)))
-    _phase(progress, 3, "done")
     order = {k: n for n, k in enumerate(ISSUES)}
     return sorted(found, key=lambda f: (order[f.issue], -f.score, f.path))
 
 
-def _phase(progress, done: int, message: str) -> None:
-    if progress is not None:
-        progress(Progress(Phase.CHECKING, done, 3, message=message))
+def _report_to(progress, message: str):
+    """A ``(done, total)`` reporter of one step of the check, as Progress events carrying what the step does."""
+    return lambda done, total: progress(Progress(Phase.CHECKING, int(done), int(total), message=message))
+
+
+def _report(step, message: str):
+    return step(message) if step is not None else None
 
 
 def doctor(config, callbacks: Callbacks | None = None, cancel: CancelToken | None = None) -> DoctorResult:

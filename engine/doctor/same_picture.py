@@ -122,11 +122,15 @@ def aligned_detail(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) -> set[tuple[int, int]]:
+def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS, progress=None) -> set[tuple[int, int]]:
     """(i, j), i < j: each image's ``k`` nearest by embedding cosine among those whose cosine and layout correlation
     reach ``EMBEDDING_CANDIDATE`` (or whose cosine reaches ``EMBEDDING_ALONE``), and its ``k`` nearest by layout
     correlation (whole, or its 5% crop against the other whole) among those reaching ``LAYOUT_CANDIDATE``. ``emb``
-    rows unit length, ``layout`` rows as engine/doctor/findings.py's thumbnails."""
+    rows unit length, ``layout`` rows as engine/doctor/findings.py's thumbnails. Every pair is compared up to
+    engine/neighbours.py's ``EXACT_UP_TO`` images; above, each image's nearest few by either are found through its
+    partition and the same rules applied to them (the work grows as n^1.5, not n^2). ``progress(done, total)``."""
+    from engine.neighbours import EXACT_UP_TO
+
     out: set[tuple[int, int]] = set()
     n = len(emb)
     if n < 2:
@@ -134,6 +138,8 @@ def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) ->
     side = int(round(np.sqrt(layout.shape[1])))
     m = _crop_matrix(0.9, side)  # a 5%-per-side crop's layout, to match cropped copies too
     cropped = _unit(np.matmul(np.matmul(m, layout.reshape(-1, side, side)), m.T))
+    if n > EXACT_UP_TO:
+        return _partitioned_pairs(emb, layout, cropped, k, progress)
     for start in range(0, n, 1024):
         rows = np.arange(start, min(n, start + 1024))
         # this image cropped against every other one whole; the other way round is that image's own row
@@ -151,13 +157,58 @@ def candidate_pairs(emb: np.ndarray, layout: np.ndarray, k: int = NEIGHBOURS) ->
             first = np.searchsorted(r, r)  # where each row's run starts
             keep = np.arange(len(r)) - first < k
             out.update((min(a, b), max(a, b)) for a, b in zip((r[keep] + start).tolist(), c[keep].tolist()))
+        if progress is not None:
+            progress(rows[-1] + 1, n)
     return out
 
 
-def same_pictures(pairs: list[tuple[int, int]], thumbs, chunk: int = 256) -> list[tuple[int, int, float]]:
+def _partitioned_pairs(emb, layout, cropped, k, progress) -> set[tuple[int, int]]:
+    """:func:`candidate_pairs` above the exact search's size: each image's 4k nearest by embedding and by layout
+    (whole and cropped) from the partitioned search, then the same gates and the best k of each."""
+    from engine.neighbours import most_similar
+
+    n, wide = len(emb), 4 * k
+    step = (lambda done, total: progress(done, 3 * total)) if progress else None
+    sim, near = most_similar(emb, emb, wide, exclude_self=True, progress=step)
+    safe = np.maximum(near, 0)
+    lay = np.maximum(np.einsum("id,ijd->ij", layout, layout[safe]), np.einsum("id,ijd->ij", cropped, layout[safe]))
+    ok = (near >= 0) & (sim >= EMBEDDING_CANDIDATE) & ((lay >= EMBEDDING_CANDIDATE) | (sim >= EMBEDDING_ALONE))
+    out = _best_k(near, sim, ok, k)
+    whole, wi = most_similar(layout, layout, wide, exclude_self=True)
+    if progress:
+        progress(2 * n, 3 * n)
+    crop, ci = most_similar(cropped, layout, wide, exclude_self=True)
+    both_i, both_v = np.hstack([wi, ci]), np.hstack([whole, crop])
+    out |= _best_k(both_i, both_v, (both_i >= 0) & (both_v >= LAYOUT_CANDIDATE), k)
+    if progress:
+        progress(3 * n, 3 * n)
+    return out
+
+
+def _best_k(near: np.ndarray, value: np.ndarray, ok: np.ndarray, k: int) -> set[tuple[int, int]]:
+    """Each row's best ``k`` distinct neighbours among those ``ok``, as (i, j) pairs with i < j."""
+    out: set[tuple[int, int]] = set()
+    rank = np.where(ok, value, -np.inf)
+    order = np.argsort(-rank, axis=1)
+    for i, (row_j, row_v) in enumerate(zip(np.take_along_axis(near, order, 1), np.take_along_axis(rank, order, 1))):
+        seen: list[int] = []
+        for j, v in zip(row_j.tolist(), row_v.tolist()):
+            if v == -np.inf or len(seen) == k:
+                break
+            if j not in seen:
+                seen.append(j)
+                out.add((min(i, j), max(i, j)))
+    return out
+
+
+def same_pictures(
+    pairs: list[tuple[int, int]], thumbs, chunk: int = 256, progress=None
+) -> list[tuple[int, int, float]]:
     """The pairs whose aligned detail reaches SAME, with that score; ``thumbs(i)`` gives image i's thumbnail."""
     out = []
     for s in range(0, len(pairs), chunk):
+        if progress is not None:
+            progress(s, len(pairs))
         part = pairs[s : s + chunk]
         a = np.stack([thumbs(i) for i, _ in part])
         b = np.stack([thumbs(j) for _, j in part])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine.data.labels import CHECK_SHARE
+from engine.neighbours import kmeans
 from engine.trust.familiarity import normalise
 
 NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours in the cluster
@@ -35,47 +36,14 @@ UNFAMILIAR_GROUP = 0.02
 
 
 def _clusters(X: np.ndarray, k: int, seed: int, iterations: int = 50) -> np.ndarray:
-    """Each row's cluster of ``k`` (k-means: greedy k-means++ start, then Lloyd's iterations), copies of one row
-    always in one cluster (so a folder with fewer distinct pictures than ``k`` gets fewer clusters).
+    """Each row's cluster of ``k`` (engine/neighbours.py's k-means), copies of one row always in one cluster (so a
+    folder with fewer distinct pictures than ``k`` gets fewer clusters).
 
     scikit-learn's ``KMeans(n_init=1)`` does the same (its inertia and ours within 1% on four folders, three seeds,
     at 10 and 310 clusters, in the same time), but importing ``sklearn.cluster`` took 1.1-1.6 s: most of a ``python
     -m engine label`` round on 5,000 cached images (2.3-2.4 s against the issue's 2 s)."""
     X, inverse, weight = _distinct(np.asarray(X, np.float32))
-    n = len(X)
-    k = max(1, min(k, n))
-    rng = np.random.default_rng(seed)
-    sq = np.einsum("ij,ij->i", X, X)
-    trials = 2 + int(np.log(k))  # greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's choice): best of a few
-    centres = np.empty((k, X.shape[1]), np.float32)
-    first = int(rng.choice(n, p=weight / weight.sum()))
-    centres[0] = X[first]
-    d2 = np.maximum(sq - 2 * (X @ X[first]) + sq[first], 0)  # each row's squared distance to its nearest centre
-    for j in range(1, k):
-        pot = d2 * weight
-        total = float(pot.sum())
-        cand = rng.choice(n, size=trials, p=pot / total) if total > 0 else rng.integers(n, size=1)
-        dc = np.minimum(d2[None], np.maximum(sq[None] - 2 * (X[cand] @ X.T) + sq[cand, None], 0))
-        best = int((dc * weight).sum(1).argmin())
-        centres[j], d2 = X[cand[best]], dc[best]
-    rows = np.arange(n)
-    tol = 1e-4 * float(X.var(0).mean())  # (scikit-learn's: stop once the centres move less than this in all)
-    for _ in range(iterations):
-        dist = (X @ centres.T) * -2 + np.einsum("ij,ij->i", centres, centres)[None]  # (less each row's own |x|^2)
-        lab = dist.argmin(1)
-        members = np.zeros((k, n), np.float32)
-        members[lab, rows] = weight
-        counts = members.sum(1)
-        present = counts > 0
-        moved = centres.copy()
-        centres[present] = (members[present] @ X) / counts[present, None]
-        empty = np.flatnonzero(~present)
-        if len(empty):  # an empty cluster starts again at the rows farthest from their own centre
-            centres[empty] = X[np.argsort(-(dist[rows, lab] + sq))[: len(empty)]]
-        if float(((centres - moved) ** 2).sum()) <= tol:
-            break
-    lab = ((X @ centres.T) * -2 + np.einsum("ij,ij->i", centres, centres)[None]).argmin(1)
-    return lab[inverse]
+    return kmeans(X, k, seed, iterations, weight)[inverse]
 
 
 def _distinct(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

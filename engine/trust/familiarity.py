@@ -34,20 +34,18 @@ def normalise(features: np.ndarray) -> np.ndarray:
 
 
 def knn_distance(
-    queries: np.ndarray, reference: np.ndarray, k: int = K, exclude_self: bool = False, chunk: int = 1024
+    queries: np.ndarray, reference: np.ndarray, k: int = K, exclude_self: bool = False, progress=None
 ) -> np.ndarray:
     """Distance (1 - cosine) from each query to its k-th nearest reference embedding (both normalised).
-    ``exclude_self``: queries are the reference itself (each image's own zero distance is skipped)."""
+    ``exclude_self``: queries are the reference itself (each image's own zero distance is skipped). Exact up to
+    engine/neighbours.py's ``EXACT_UP_TO`` references, through its k-means partition above (a far image's
+    distance can come out larger, never smaller)."""
+    from engine.neighbours import most_similar
+
     q, r = normalise(queries), normalise(reference)
     k = max(1, min(k, len(r) - (1 if exclude_self else 0)))
-    out = np.empty(len(q), dtype=np.float32)
-    for s in range(0, len(q), chunk):
-        sim = q[s : s + chunk] @ r.T
-        if exclude_self:
-            sim[np.arange(len(sim)), np.arange(s, s + len(sim))] = -np.inf
-        kth = np.partition(-sim, k - 1, axis=1)[:, k - 1]  # -(k-th largest similarity)
-        out[s : s + chunk] = 1.0 + kth
-    return out
+    sims, _ = most_similar(q, r, k, exclude_self=exclude_self, progress=progress)
+    return np.where(np.isfinite(sims[:, k - 1]), 1.0 - sims[:, k - 1], 2.0).astype(np.float32)
 
 
 def threshold(distances: np.ndarray, quantile: float = QUANTILE) -> float:

@@ -269,11 +269,14 @@ class DatasetTab(QWidget):
             self.check_btn.setText("Stop checking")
         self.scan_progress.setVisible(True)
         self.scan_progress.setRange(0, 0)
+        self.scan_progress.setFormat("%p%")
 
     def scan_progress_update(self, p) -> None:
         if p.total:
             self.scan_progress.setRange(0, p.total)
             self.scan_progress.setValue(p.done)
+        if p.message:  # (the check's steps say what they are doing)
+            self.scan_progress.setFormat(f"{p.message}: %p%")
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_clicked(self) -> None:
