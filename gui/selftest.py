@@ -81,21 +81,21 @@ def run_self_test(timeout_s: float = 600.0) -> int:
             raise RuntimeError("the bundled EfficientNet-Lite0 is not available")
         win.scan_folder(data)
         # The same notion of "scan finished" that Start training uses.
-        wait(lambda: not win.dataset_tab.scanning or bool(win.last_error), "the folder scan")
+        wait(lambda: not win.session.scanning or bool(win.last_error), "the folder scan")
         if win.last_error:
             raise RuntimeError(win.last_error)
         runs = {}
         for mode, epochs in (("feature-extraction", 10), ("fine-tuning", 1)):
-            win.model_tab.set_mode(mode)
-            win.training_tab.epochs.setValue(epochs)
             # feature extraction through ONNX Runtime int8 (the fastest CPU path must work in the bundle too)
-            win.training_tab.set_values(
+            win.session.update(
                 {
+                    "mode": mode,
+                    "epochs": epochs,
                     "engine": "onnxruntime" if mode == "feature-extraction" else "auto",
                     "precision": "int8" if mode == "feature-extraction" else "auto",
                 }
             )
-            win.last_result = None
+            win.session.last_result = None
             win.start_training()
             wait(lambda: (not win.busy() and win.last_result is not None) or bool(win.last_error), f"{mode}")
             if win.last_error:

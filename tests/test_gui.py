@@ -68,7 +68,7 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path,
     assert w.model_tab.backbone() == "efficientnet_lite0"
     assert "feature extraction" in w.model_tab.advice.text()
     w.model_tab.fe.setChecked(True)
-    w.training_tab.epochs.setValue(20)
+    w.training_tab.form.epochs.setValue(20)
     w.start_training()
     qtbot.waitUntil(lambda: w.training_tab.plots.point_count() > 0, timeout=120000)
     wait_job(qtbot, w)
@@ -108,6 +108,7 @@ def test_dataset_model_training_results_flow(qtbot, window, flat_data, tmp_path,
 def test_automatic_mode_is_the_default_and_races_both_strategies_on_one_plot(qtbot, window, flat_data, tmp_path):
     w = window
     assert w.model_tab.mode() == "auto"  # the window's default (the command line keeps feature-extraction)
+    w.dataset_tab.val_pct.setValue(60)  # (about 25 validation images: enough for the two to be compared at all)
     open_folder(qtbot, w, flat_data)
     assert "Fine-tuning estimate: about" in w.model_tab.estimate.text() and w.model_tab.budget.value() >= 1
     w.model_tab.budget.setValue(30)
@@ -133,9 +134,9 @@ def test_automatic_mode_is_the_default_and_races_both_strategies_on_one_plot(qtb
 def start_fine_tuning(qtbot, w, data, epochs: int, batch: int | None = 8) -> None:
     open_folder(qtbot, w, data)
     w.model_tab.ft.setChecked(True)
-    w.training_tab.epochs.setValue(epochs)
+    w.training_tab.form.epochs.setValue(epochs)
     if batch:
-        w.training_tab.batch.setValue(batch)
+        w.training_tab.form.batch.setValue(batch)
     w.start_training()
 
 
@@ -184,7 +185,7 @@ def test_engine_errors_are_clear_messages_and_app_stays_usable(qtbot, window, tm
     open_folder(qtbot, w, flat_data)  # still usable
     assert w.dataset_tab.class_table.rowCount() == 3
     # a bad folder opened after a good one: the good one stays loaded, and the Dataset tab says which it is
-    w.last_error = ""
+    w.session.last_error = ""
     w.scan_folder(str(tmp_path / "one"))
     qtbot.waitUntil(lambda: "Only one class" in w.last_error, timeout=30000)
     assert "Still loaded" in w.dataset_tab.status.text() and str(flat_data) in w.dataset_tab.status.text()
@@ -239,7 +240,7 @@ def test_export_model_from_the_app(qtbot, window, fe_run, tmp_path, fmt):
     out = tmp_path / f"m.{fmt}"
     from engine.config import ExportConfig
 
-    w.export_model(ExportConfig(fe_run.run_dir, fmt, str(out)))
+    w.predict_tab.export_model(ExportConfig(fe_run.run_dir, fmt, str(out)))
     wait_job(qtbot, w)
     assert out.is_file() and out.stat().st_size > 1_000_000
     assert json.loads(Path(str(out) + ".json").read_text())["format"] == fmt
@@ -273,16 +274,16 @@ def test_open_broken_run_shows_message(qtbot, window, tmp_path):
 def test_settings_persist_between_launches(qtbot, settings, tmp_path):
     w = MainWindow(settings)
     qtbot.addWidget(w)
-    w.training_tab.epochs.setValue(17)
+    w.training_tab.form.epochs.setValue(17)
     w.dataset_tab.val_pct.setValue(30)
     w.model_tab.ft.setChecked(True)
-    w.dataset_tab.remember(str(tmp_path))
+    w.session.add_recent(str(tmp_path))
     w.close()
     if w.discovery is not None:
         w.discovery.wait(60000)
     w2 = MainWindow(QSettings(settings.fileName(), QSettings.IniFormat))
     qtbot.addWidget(w2)
-    assert w2.training_tab.epochs.value() == 17
+    assert w2.training_tab.form.epochs.value() == 17
     assert w2.dataset_tab.val_pct.value() == 30
     assert w2.model_tab.mode() == "fine-tuning"
     assert w2.dataset_tab.recent.itemData(0) == str(tmp_path)
@@ -304,11 +305,10 @@ def test_settings_saved_before_auto_existed_give_small_pictures_their_recipe(qtb
         return w
 
     def chosen(w: MainWindow) -> tuple:
-        values = w.model_tab.values() | w.training_tab.values()
-        return values["unfreeze"], values["backbone_lr_mult"]
+        return w.session.get("unfreeze"), w.session.get("backbone_lr_mult")
 
     old_defaults = window("unfreeze=3\nbackbone_lr_mult=0.1\nepochs=9\n")
-    assert chosen(old_defaults) == ("auto", None) and old_defaults.training_tab.epochs.value() == 9
+    assert chosen(old_defaults) == ("auto", None) and old_defaults.training_tab.form.epochs.value() == 9
     assert chosen(window("unfreeze=5\nbackbone_lr_mult=0.25\n")) == (5, 0.25)
     old_defaults.save_settings()  # saved again, now with the version: a later 3 / 0.1 is the user's
     current = window(
@@ -391,22 +391,22 @@ def test_every_training_setting_round_trips_through_window_settings_and_command_
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     assert changed == {f.name for f in dataclasses.fields(TrainConfig)} - {"overwrite"}  # every field is exercised
     window.apply_config(cfg)
-    qtbot.waitUntil(lambda: not window.dataset_tab.scanning and window.dataset_tab.dataset is not None, timeout=30000)
+    qtbot.waitUntil(lambda: not window.session.scanning and window.dataset_tab.dataset is not None, timeout=30000)
     assert window.train_config(out=cfg.out) == cfg
     window.save_settings()
     w2 = MainWindow(QSettings(settings.fileName(), QSettings.IniFormat))
     qtbot.addWidget(w2)
     qtbot.waitUntil(lambda: w2.model_tab.table.rowCount() > 0, timeout=60000)
     w2.scan_folder(str(flat_data))
-    qtbot.waitUntil(lambda: not w2.dataset_tab.scanning and w2.dataset_tab.dataset is not None, timeout=30000)
+    qtbot.waitUntil(lambda: not w2.session.scanning and w2.dataset_tab.dataset is not None, timeout=30000)
     again = w2.train_config(out=cfg.out)
     assert again == cfg
-    w2.training_tab.runs_dir.setText(str(tmp_path))
-    cmd = shlex.split(w2.copy_command())
+    w2.training_tab.form.runs_dir.setText(str(tmp_path))
+    cmd = shlex.split(w2.training_tab.copy_command())
     assert cmd[1:4] == ["-m", "engine", "train"] and QApplication.clipboard().text() == shlex.join(cmd)
     parsed = from_args(TrainConfig, build_parser().parse_args(cmd[3:]))
     assert dataclasses.replace(parsed, out=cfg.out) == cfg
-    w2.copy_cluster_command()
+    w2.training_tab.copy_command(cluster=True)
     cluster = shlex.split(QApplication.clipboard().text())
     assert cluster[:5] == ["torchrun", "--nproc_per_node=gpu", "-m", "engine", "train"]
     assert from_args(TrainConfig, build_parser().parse_args(cluster[4:])).device == "cuda"
@@ -564,10 +564,10 @@ def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat
     a scan runs (it would have trained the folder opened before)."""
     import time
 
-    import gui.main_window
+    import gui.tabs.dataset.tab
     from engine.events import Cancelled
 
-    real = gui.main_window.open_dataset
+    real = gui.tabs.dataset.tab.open_dataset
     started = []
 
     def slow_scan(cfg, callbacks=None, cancel=None):
@@ -578,9 +578,10 @@ def test_opening_another_folder_during_a_scan_shows_no_error(qtbot, window, flat
             raise Cancelled()
         return real(cfg, callbacks=callbacks, cancel=cancel)
 
-    monkeypatch.setattr(gui.main_window, "open_dataset", slow_scan)
+    monkeypatch.setattr(gui.tabs.dataset.tab, "open_dataset", slow_scan)
     errors = []
-    monkeypatch.setattr(window, "show_error", lambda message, details="": errors.append(message))
+    window.session.error.disconnect(window.show_error)
+    window.session.error.connect(lambda message, details="": errors.append(message))
     (tmp_path / "big").mkdir()
     open_folder(qtbot, window, flat_data)
     window.scan_folder(str(tmp_path / "big"))
@@ -676,7 +677,7 @@ def test_confidence_panel_saves_a_threshold_and_heatmaps_come_from_the_backgroun
     grid = w.results_tab.cell_grid
     grid.setCurrentIndex(grid.model().index(0, 0))
     w.results_tab.heatmap_btn.click()
-    dlg = w.heatmap_dialog
+    dlg = w.results_tab.heatmaps.dialog
     qtbot.waitUntil(lambda: dlg.result is not None or "No heatmap" in dlg.caption.text(), timeout=60000)
     assert dlg.result is not None, dlg.caption.text()
     assert "heatmap for" in dlg.caption.text()
@@ -726,7 +727,7 @@ def test_check_dataset_then_exclude_move_and_undo_from_the_panel(qtbot, window, 
     # exclude the byte copy: the folder's exclude list, and the training config, have it
     d.doctor.filter.setCurrentIndex(d.doctor.filter.findData("duplicate"))
     d.doctor.exclude_btn.click()
-    qtbot.waitUntil(lambda: not d.scanning and counts()["boxes"] == 16, timeout=30000)
+    qtbot.waitUntil(lambda: not w.session.scanning and counts()["boxes"] == 16, timeout=30000)
     cfg = w.train_config()
     assert cfg.exclude and str(root / "train" / "boxes" / "copy.jpg") in Path(cfg.exclude).read_text()
     # move the mislabelled picture where it belongs, then undo
@@ -737,8 +738,8 @@ def test_check_dataset_then_exclude_move_and_undo_from_the_panel(qtbot, window, 
     d.confirm = lambda title, text: asked.append(text) or True
     d.doctor.move_btn.click()
     assert asked and not moved.exists() and (root / "train" / "lines" / "moved.jpg").exists()
-    qtbot.waitUntil(lambda: not d.scanning and counts() == {"boxes": 16, "circles": 16, "lines": 16}, timeout=30000)
+    qtbot.waitUntil(lambda: not w.session.scanning and counts() == {"boxes": 16, "circles": 16, "lines": 16}, timeout=30000)
     d.doctor.undo_btn.click()
     assert moved.exists() and not (root / "train" / "lines" / "moved.jpg").exists()
-    qtbot.waitUntil(lambda: not d.scanning and counts()["circles"] == 17, timeout=30000)
+    qtbot.waitUntil(lambda: not w.session.scanning and counts()["circles"] == 17, timeout=30000)
     w.jobs.wait("projection", 60000)

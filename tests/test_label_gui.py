@@ -85,7 +85,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     t.train_btn.click()  # one class so far: a clear message, and the labelling stays as it was
     qtbot.waitUntil(lambda: "needs two" in w.last_error, timeout=30000)
     assert t.pile is not None and _saved(t)[first] == ("circles", "user")
-    w.last_error = ""
+    w.session.last_error = ""
     for box in w.findChildren(QMessageBox):  # the user reads the message and closes it
         box.close()
     w.tabs.setCurrentWidget(t)
@@ -143,7 +143,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
     assert all(src == "user" for p, (lab, src) in saved.items() if p not in accepted)  # kept apart
 
     out = tmp_path / "sorted"
-    w.write_sorted_folder(str(out))
+    w.label_tab.jobs.write_sorted_folder(str(out))
     qtbot.waitUntil(lambda: not w.busy(), timeout=30000)
     qtbot.wait(50)
     labelled = {p: lab for p, (lab, _) in _saved(t).items() if lab}
@@ -155,7 +155,7 @@ def test_a_labelling_session_from_an_unsorted_folder_to_a_sorted_one(qtbot, wind
         assert os.path.exists(p)  # nothing moved
 
     t.train_btn.click()  # the Dataset tab opens the folder with the labels as its classes
-    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and not w.dataset_tab.scanning, timeout=30000)
+    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and not w.session.scanning, timeout=30000)
     ds = w.dataset_tab.dataset
     assert ds.labels_file == os.path.abspath(t.labels_file) and ds.classes == sorted(KINDS)
     assert len(ds.samples) == len(labelled)
@@ -210,7 +210,7 @@ def test_answering_batches_one_image_at_a_time_every_new_batch_is_full_and_holds
     # Trained on these labels, the run leads with its accuracy on the five checks: the other labels are the images
     # the view asked about for being hard, so their cross-validated accuracy says less about the folder.
     t.train_btn.click()
-    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and not w.dataset_tab.scanning, timeout=30000)
+    qtbot.waitUntil(lambda: w.dataset_tab.dataset is not None and not w.session.scanning, timeout=30000)
     w.start_training()
     qtbot.waitUntil(lambda: w.job is not None and not w.job.is_running(), timeout=300000)
     qtbot.wait(50)

@@ -164,7 +164,7 @@ def main() -> int:
     tracer = StallTracer(float(os.environ["TS_STALL_TRACE"])) if os.environ.get("TS_STALL_TRACE") else None
     wait(lambda: backbones_listed(w))
     w.scan_folder(train)
-    wait(lambda: not w.dataset_tab.scanning)
+    wait(lambda: not w.session.scanning)
     stall = StallMeter()
     if os.environ.get("TS_MODES") == "label":  # the Label tab: a user answering one image every 150 ms
         return label_session(w, train, stall, tracer)
@@ -176,7 +176,7 @@ def main() -> int:
         modes = tuple(m for m in modes if m[0] in os.environ["TS_MODES"].split(","))
     for i, (mode, epochs) in enumerate(() if os.environ.get("TS_PREDICT_ONLY") else modes):
         w.model_tab.set_mode(mode)
-        w.training_tab.epochs.setValue(epochs)
+        w.training_tab.form.epochs.setValue(epochs)
         if i == 0:
             t0 = time.perf_counter()
             w.tabs.setCurrentWidget(w.training_tab)  # the first switch lays out the plots: its own cost
@@ -203,7 +203,7 @@ def main() -> int:
         print(f"{label}: {time.time() - t0:.1f} s, worst GUI stall during the job: {stall.stop():.0f} ms")
         if tracer:
             tracer.report(label)
-        w.last_result = None
+        w.session.last_result = None
     if os.environ.get("TS_PREDICT_ONLY"):
         from engine import TrainConfig, fit
 

@@ -115,7 +115,7 @@ def main() -> int:
     if grid.model().rowCount():
         grid.setCurrentIndex(grid.model().index(0, 0))
         w.results_tab.heatmap_btn.click()
-        dlg = w.heatmap_dialog
+        dlg = w.results_tab.heatmaps.dialog
         wait(app, lambda: dlg.result is not None or "No heatmap" in dlg.caption.text(), 120)
         for _ in range(20):
             app.processEvents()

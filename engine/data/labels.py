@@ -256,3 +256,16 @@ def open_dataset(config, callbacks: Callbacks | None = None, cancel: CancelToken
     except Cancelled:
         return ScanResult(None, cancelled=True)
     return scan_folder(config, cb, cancel)
+
+
+def is_a_pile(folder: str, message: str) -> bool:
+    """Whether a folder that failed to open as a sorted one (``message``: why) is a pile to label: images loose at its
+    top (beside at most one folder, as a pile nested by date has), or images but no class folder holding any."""
+
+    if not folder or not os.path.isdir(folder):
+        return False
+    try:
+        loose = any(is_image_name(n) and not n.startswith(".") for n in os.listdir(folder))
+        return loose or (message.startswith("No readable images") and bool(list_images(folder)))
+    except (OSError, EngineError):
+        return False

@@ -39,23 +39,30 @@ class JobController(QObject):
         done: Callable,
         failed: Callable,
         cancelled: Callable | None = None,
-        signals: dict[str, Callable] | None = None,
+        on_log: Callable[[str], None] | None = None,
+        on_progress: Callable | None = None,
+        on_batch: Callable | None = None,
+        on_epoch: Callable | None = None,
+        on_predictions: Callable | None = None,
         **kwargs: Any,
     ) -> Job:
         """Run ``fn(*args, callbacks=..., cancel=..., **kwargs)`` in a new thread.
 
         ``done(result)``, ``failed(message, details)`` and ``cancelled()`` receive its end (bound methods of
-        GUI-thread objects, never lambdas: see ``start_job``); ``signals`` connects worker progress signals
-        (``log``, ``progress``, ``batch``, ``epoch``, ``predictions``) the same way. A job still running in the lane
-        is superseded (cancelled, its end never delivered); the caller refuses first where that is wrong.
+        GUI-thread objects, never lambdas: see ``start_job``); ``on_log``, ``on_progress``, ``on_batch``, ``on_epoch``
+        and ``on_predictions`` receive the engine's reports (engine/events.py) the same way. A job still running in
+        the lane is superseded (cancelled, its end never delivered); the caller refuses first where that is wrong.
         """
+        hooks = {"log": on_log, "progress": on_progress, "batch": on_batch, "epoch": on_epoch,
+                 "predictions": on_predictions}  # fmt: skip
         old = self.lanes[lane]
         if old is not None and old.is_running():
             old.supersede()
             old.wait(5000)
         job = start_job(self, fn, *args, **kwargs)
-        for name, slot in (signals or {}).items():
-            getattr(job.worker, name).connect(slot)
+        for name, slot in hooks.items():
+            if slot is not None:
+                getattr(job.worker, name).connect(slot)
         job.finished.connect(done)
         job.failed.connect(failed)
         if cancelled is not None:

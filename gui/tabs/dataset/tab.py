@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import html
-import json
 import os
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -27,13 +26,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.config import ScanConfig, TrainConfig
-from engine.data.edits import add_to_exclude_list, exclude_list_for, move_to_class, undo_last_move
+from engine.config import ScanConfig
 from engine.data.folder import Dataset
-from engine.doctor.findings import pca_2d
-from engine.events import EngineError
+from engine.data.labels import is_a_pile, open_dataset
 from engine.train.feature_extraction import cross_fits
-from gui.settings import load_values, save_values
+from gui.jobs.controller import SCAN
+from gui.session.binding import bind_spin
+from gui.session.state import Session
+from gui.tabs.dataset.checks import DatasetChecks
 from gui.tabs.dataset.doctor_panel import DoctorPanel
 from gui.tabs.dataset.map import DatasetMap
 from gui.widgets.image_grid import ImageGrid
@@ -41,25 +41,14 @@ from gui.widgets.thumbs import ThumbnailLoader
 
 
 class DatasetTab(QWidget):
-    """Owns the TrainConfig fields ``data``, ``val_split``, ``test_split``, ``seed``; asks for scans with a
-    :class:`ScanConfig` (``scan_requested``); ``scanning`` is true from a request until its result or failure."""
+    """The open folder: its scan (the tab's own job, in the scan lane: a newer one supersedes it), the split fields
+    ``val_split``, ``test_split``, ``seed`` bound to the session, the Check and Map views (checks.py)."""
 
-    FIELDS = ["val_split", "test_split", "seed"]
-    scan_requested = Signal(object)  # ScanConfig
-    doctor_requested = Signal()
-    stop_requested = Signal()
-
-    def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+    def __init__(self, session: Session, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
         # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
         super().__init__(parent)
-        self.dataset: Dataset | None = None
+        self.session = session
         self.folder = ""
-        self.scanning = False
-        self.recent_folders: list[str] = []
-        self.excludes: dict[str, str] = {}  # folder -> its exclude list (train's --exclude)
-        self.exclude_file: str | None = None  # the loaded folder's
-        self.labels_for: dict[str, str] = {}  # folder -> the labels file its classes come from (train's --labels)
-        self.checked = None  # the last DoctorResult
         root = QVBoxLayout(self)
 
         top = QHBoxLayout()
@@ -73,6 +62,7 @@ class DatasetTab(QWidget):
         self.recent.setMinimumWidth(380)
         self.recent.setToolTip("Recently used folders")
         self.recent.activated.connect(lambda i: self.request_scan(self.recent.itemData(i)))
+        self.set_recent(session.recent)
         self.check_btn = QPushButton("Check dataset")
         self.check_btn.setToolTip(
             "Find duplicates, copies across train and validation, images probably in the "
@@ -157,9 +147,6 @@ class DatasetTab(QWidget):
         self.views = QTabWidget()
         self.views.addTab(right, "Images")
         self.doctor = DoctorPanel(loader)
-        self.doctor.exclude_requested.connect(self.exclude)
-        self.doctor.move_requested.connect(self.move)
-        self.doctor.undo_requested.connect(self.undo_move)
         self.views.addTab(self.doctor, "Check")
         self.map = DatasetMap()
         self.map.image_clicked.connect(self.select_image)
@@ -167,6 +154,12 @@ class DatasetTab(QWidget):
         splitter.addWidget(self.views)
         splitter.setSizes([520, 740])
         root.addWidget(splitter, 1)
+        self.checks = DatasetChecks(self)
+        bind_spin(session, "val_split", self.val_pct, lambda v: v / 100.0, lambda v: 100 * v)
+        bind_spin(session, "test_split", self.test_pct, lambda v: v / 100.0, lambda v: 100 * v)
+        bind_spin(session, "seed", self.seed, int)
+        session.follow(("cross_fit", "val_split", "test_split", "seed"), self._describe, dataset=False)
+        session.open_labelled.connect(self.use_labels)
 
     # ------------------------------------------------------------------------------------------------ actions
     def choose_folder(self) -> None:
@@ -176,93 +169,33 @@ class DatasetTab(QWidget):
             self.request_scan(folder)
 
     def request_scan(self, folder: str) -> None:
-        if folder:
-            v = self.values()
-            self.exclude_file = self.excludes.get(os.path.abspath(folder))
-            labels = self.labels_for.get(os.path.abspath(folder))
-            self.scan_requested.emit(
-                ScanConfig(folder, v["val_split"], v["test_split"], v["seed"], self.exclude_file, labels)
-            )
+        """Scan ``folder`` with the session's split (its exclude list and labels file remembered for it)."""
+        if not folder:
+            return
+        s = self.session
+        cfg = ScanConfig(folder, s.get("val_split"), s.get("test_split"), s.get("seed"), s.exclude_for(folder),
+                         s.labels_file_for(folder))  # fmt: skip
+        self.scan_started(folder)
+        s.show_tab.emit(self)
+        s.jobs.start(SCAN, open_dataset, cfg, done=self.scan_finished, failed=self._scan_failed,
+                     on_progress=self.scan_progress_update)  # fmt: skip
 
     def use_labels(self, folder: str, labels_file: str | None) -> None:
         """Open ``folder`` with its classes from ``labels_file`` (the labelling view's *Train on these labels*);
         None: from its class folders again."""
-        self._remember(self.labels_for, folder, labels_file)
+        self.session.remember(self.session.labels_for, folder, labels_file)
         self.request_scan(folder)
 
     def set_recent(self, folders: list[str]) -> None:
-        self.recent_folders = list(folders)[:10]
         self.recent.blockSignals(True)
         self.recent.clear()
-        for f in self.recent_folders:
+        for f in list(folders)[:10]:
             self.recent.addItem(f, f)
         self.recent.blockSignals(False)
 
-    # ------------------------------------------------------------------------------------------------ settings
-    def values(self) -> dict:
-        """This tab's part of the training config: the loaded folder (what Start trains) and the split."""
-        return {
-            "data": self.dataset.root if self.dataset else "",
-            "val_split": self.val_pct.value() / 100.0,
-            "test_split": self.test_pct.value() / 100.0,
-            "seed": self.seed.value(),
-            "exclude": self.exclude_file,
-            "labels": self.dataset.labels_file if self.dataset else None,
-        }
-
-    def set_values(self, values: dict) -> None:
-        """Show these split settings; a ``data`` folder other than the loaded one is scanned."""
-        if "val_split" in values:
-            self.val_pct.setValue(100 * values["val_split"])
-        if "test_split" in values:
-            self.test_pct.setValue(100 * values["test_split"])
-        if "seed" in values:
-            self.seed.setValue(int(values["seed"]))
-        folder = values.get("data") or (self.dataset.root if self.dataset else "")
-        if "exclude" in values and folder:
-            self._remember_exclude(folder, values["exclude"])
-        if "labels" in values and folder:
-            self._remember(self.labels_for, folder, values["labels"])
-        if values.get("data") and (self.dataset is None or values["data"] != self.dataset.root):
-            self.request_scan(values["data"])
-        elif "exclude" in values and self.dataset is not None:
-            self.exclude_file = values["exclude"]
-
-    def _remember_exclude(self, folder: str, csv_path: str | None) -> None:
-        self._remember(self.excludes, folder, csv_path)
-
-    @staticmethod
-    def _remember(table: dict[str, str], folder: str, csv_path: str | None) -> None:
-        if csv_path:
-            table[os.path.abspath(folder)] = os.path.abspath(csv_path)
-        else:
-            table.pop(os.path.abspath(folder), None)
-
-    def save_settings(self, settings) -> None:
-        save_values(settings, {k: v for k, v in self.values().items() if k in self.FIELDS})
-        settings.setValue("data/recent", self.recent_folders)
-        settings.setValue("data/excludes", json.dumps(self.excludes))
-        settings.setValue("data/labels", json.dumps(self.labels_for))
-
-    def restore_settings(self, settings) -> None:
-        try:
-            self.excludes = dict(json.loads(str(settings.value("data/excludes", "{}"))))
-        except (ValueError, TypeError):
-            self.excludes = {}
-        try:
-            self.labels_for = dict(json.loads(str(settings.value("data/labels", "{}"))))
-        except (ValueError, TypeError):
-            self.labels_for = {}
-        self.set_values(load_values(settings, self.FIELDS))
-        recent = settings.value("data/recent", []) or []
-        self.set_recent([recent] if isinstance(recent, str) else [r for r in recent if isinstance(r, str)])
-
-    def remember(self, folder: str) -> None:
-        self.set_recent([folder] + [r for r in self.recent_folders if r != folder][:9])
-
     # ------------------------------------------------------------------------------------------------ scanning
     def scan_started(self, folder: str, what: str = "Scanning") -> None:
-        self.scanning = True
+        self.session.scanning = True
         self.folder = folder
         self.status.setText(f"{what} {folder} …")
         if what == "Checking":
@@ -280,61 +213,18 @@ class DatasetTab(QWidget):
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_clicked(self) -> None:
-        (self.stop_requested if self.check_btn.text().startswith("Stop") else self.doctor_requested).emit()
+        if self.check_btn.text().startswith("Stop"):
+            self.session.stop()
+        else:
+            self.checks.start()
 
     def stopping(self) -> None:
         self.status.setText("Stopping the check…")
 
     def check_ended(self) -> None:
-        self.scanning = False
+        self.session.scanning = False
         self.scan_progress.setVisible(False)
         self.check_btn.setText("Check dataset")
-
-    def doctor_finished(self, res, leak_note: str = "") -> None:
-        self.check_ended()
-        if res.cancelled:
-            self.status.setText("Check stopped; nothing changed.")
-            return
-        self.status.setText(f"<b>{html.escape(res.dataset.root)}</b> checked: see the Check and Map views.")
-        self.doctor.show_result(res, leak_note)
-        self.views.setCurrentWidget(self.doctor)
-        self.checked = res
-        self.show_map(pca_2d(res.features), "placed by their two principal components (a finer map is computed)")
-
-    def show_map(self, coords, what: str) -> None:
-        res = self.checked
-        labels = [s.label for s in res.dataset.samples]
-        self.map.show_points(coords, res.paths, labels, res.dataset.classes, {f.path for f in res.findings}, what)
-
-    def exclude(self, paths: list[str]) -> None:
-        """Leave ``paths`` out of training: the folder's exclude list grows (files stay), the scan updates."""
-        folder = self.dataset.root
-        csv_path = self.exclude_file or exclude_list_for(folder)
-        n = add_to_exclude_list(csv_path, paths)
-        self._remember_exclude(folder, csv_path)
-        self.doctor.resolved(paths, f"{len(paths)} excluded ({n} on this folder's exclude list)")
-        self.request_scan(folder)
-
-    def move(self, path: str, cls: str) -> None:
-        if not self.confirm("Move to class", f"Move {path} into the '{cls}' folder? (Undo last move puts it back.)"):
-            return
-        try:
-            dst = move_to_class(self.dataset.root, path, cls)
-        except (EngineError, OSError) as exc:
-            self.doctor.summary.setText(f"Could not move it: {exc}")
-            return
-        self.doctor.resolved([path], f"moved to {dst}")
-        self.request_scan(self.dataset.root)
-
-    def undo_move(self) -> None:
-        try:
-            last = undo_last_move()
-        except EngineError as exc:
-            self.doctor.summary.setText(str(exc))
-            return
-        self.doctor.summary.setText("Nothing to undo." if last is None else f"Put back: {last['from']}")
-        if last is not None and self.dataset is not None:
-            self.request_scan(self.dataset.root)
 
     def confirm(self, title: str, text: str) -> bool:
         return QMessageBox.question(self, title, text) == QMessageBox.Yes
@@ -352,12 +242,31 @@ class DatasetTab(QWidget):
     def scan_finished(self, result) -> None:
         """The scan job's result (a cancelled one was superseded by a newer scan, which reports itself)."""
         if result.dataset is not None:
-            self.show_dataset(result.dataset)
+            ds = result.dataset
+            self.session.scanning = False
+            self.session.set_dataset(ds)  # (first: the views derived from it read it from the session)
+            self.show_dataset(ds)
+            self.set_recent(self.session.recent)
+            self.session.status.emit(f"{len(ds.samples)} images, {len(ds.classes)} classes")
+
+    def _scan_failed(self, message: str, details: str) -> None:
+        folder = self.folder
+        from_labels = bool(folder) and self.session.labels_file_for(folder) is not None
+        if not self.session.busy() and not from_labels and is_a_pile(folder, message):
+            # No class folders, but images: that is a folder to label, not an error.
+            self.scan_failed(
+                f"{folder} has images but no class folders: it is open in the Label tab, which asks you about the "
+                "images most worth labelling first."
+            )
+            self.session.label_requested.emit(folder)
+            return
+        self.scan_failed(message)
+        self.session.fail(message, details)
 
     def scan_failed(self, message: str) -> None:
         self.check_ended()
         self.scan_progress.setVisible(False)
-        ds = self.dataset
+        ds = self.session.dataset
         if ds is None:
             self.status.setText(message)
             return
@@ -369,9 +278,12 @@ class DatasetTab(QWidget):
         )
 
     # ------------------------------------------------------------------------------------------------ display
+    @property
+    def dataset(self) -> Dataset | None:
+        return self.session.dataset
+
     def show_dataset(self, ds: Dataset) -> None:
-        self.scanning = False
-        self.dataset = ds
+        self.session.scanning = False
         self.folder = ds.root
         self.scan_progress.setVisible(False)
         counts = ds.counts()
@@ -386,20 +298,11 @@ class DatasetTab(QWidget):
             layout = (
                 f"classes from the labels file {html.escape(ds.labels_file)} (unlabelled images left out); " + layout
             )
-        if ds.validation_given():
-            judged = " Your val/ folder is kept as given: every strategy is judged on it."
-        elif cross_fits(TrainConfig(), ds):
-            judged = (
-                f" Feature extraction cross-validates (5 folds): all {n_split['train'] + n_split['val']} labelled "
-                "images train its model and each is judged by a head that never saw it; fine-tuning validates on "
-                f"the {n_split['val']}."
-            )
-        else:
-            judged = ""
-        self.status.setText(
+        self._layout_words = (
             f"<b>{ds.root}</b><br>{total} images in {len(ds.classes)} classes, {layout}. "
-            f"Train {n_split['train']}, validation {n_split['val']}, test {n_split['test']}.{judged}"
+            f"Train {n_split['train']}, validation {n_split['val']}, test {n_split['test']}."
         )
+        self._describe(ds)
         self.warnings.setText("<br>".join(f"⚠ {w}" for w in ds.warnings))
         self.class_table.setRowCount(len(ds.classes))
         biggest = max((sum(c.values()) for c in counts.values()), default=1) or 1
@@ -428,6 +331,24 @@ class DatasetTab(QWidget):
             self.class_filter.addItem(c, i)
         self.class_filter.blockSignals(False)
         self._fill_grid()
+
+    def _describe(self, ds: Dataset | None = None) -> None:
+        """The folder's line, with how it will be judged under the session's cross-fitting setting (follows it)."""
+        ds = ds or self.dataset
+        if ds is None or self.session.scanning:
+            return
+        n_split = {s: len(ds.split(s)) for s in ("train", "val")}
+        if ds.validation_given():
+            judged = " Your val/ folder is kept as given: every strategy is judged on it."
+        elif cross_fits(self.session.train_config(out=""), ds):
+            judged = (
+                f" Feature extraction cross-validates (5 folds): all {n_split['train'] + n_split['val']} labelled "
+                "images train its model and each is judged by a head that never saw it; fine-tuning validates on "
+                f"the {n_split['val']}."
+            )
+        else:
+            judged = f" Feature extraction and fine-tuning validate on the {n_split['val']} held out."
+        self.status.setText(getattr(self, "_layout_words", "") + judged)
 
     def _fill_grid(self) -> None:
         ds = self.dataset

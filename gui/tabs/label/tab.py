@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 from PySide6.QtCore import QItemSelectionModel, Qt, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -32,7 +31,9 @@ from engine.labelling.session import ACCEPT_LEVEL
 from engine.paths import app_data_dir
 from gui.tabs.label.book import LabelBook
 from gui.tabs.label.class_bar import ClassBar
+from gui.tabs.label.controller import Labelling
 from gui.tabs.label.estimate import EstimatePlot, estimate_note
+from gui.tabs.label.keys import install_shortcuts
 from gui.tabs.label.saver import LabelSaver
 from gui.widgets.image_grid import ImageGrid
 
@@ -53,8 +54,9 @@ class LabelTab(QWidget):
     write_requested = Signal(str)  # the folder to write the sorted tree into
     train_requested = Signal(str, str)  # folder, labels file: open it in the Dataset tab to train
 
-    def __init__(self, loader, parent: QWidget | None = None) -> None:
+    def __init__(self, session, loader, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.session = session
         self.pile = None
         self.book = LabelBook()  # the labels, the classes in the order created, skips and undo
         self.labels_file = ""
@@ -136,7 +138,8 @@ class LabelTab(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         root.addWidget(self.status)
-        self._build_shortcuts()
+        self.shortcuts = install_shortcuts(self)
+        self.jobs = Labelling(self.session, self)  # the tab's own jobs (controller.py)
         self._enable()
 
     def _build_side(self) -> QWidget:
@@ -171,29 +174,6 @@ class LabelTab(QWidget):
         out.addWidget(self.train_btn)
         sl.addLayout(out)
         return side
-
-    def _build_shortcuts(self) -> None:
-        """Number keys label (0: not a class), S skips, Ctrl+Z undoes; anywhere in the tab."""
-        self.shortcuts = []
-        for n in range(10):
-            sc = QShortcut(QKeySequence(str(n)), self, context=Qt.WidgetWithChildrenShortcut)
-            sc.activated.connect(self._key_slot(n))
-            self.shortcuts.append(sc)
-        for key, slot in (("S", self.skip), (QKeySequence.Undo, self.undo)):
-            sc = QShortcut(QKeySequence(key), self, context=Qt.WidgetWithChildrenShortcut)
-            sc.activated.connect(slot)
-            self.shortcuts.append(sc)
-
-    def _key_slot(self, n: int):
-        def pressed() -> None:
-            if self.new_class.hasFocus():
-                return
-            if n == 0:
-                self.mark_not_a_class()
-            elif n <= len(self.classes):
-                self.assign(self.classes[n - 1])
-
-        return pressed
 
     def _enable(self) -> None:
         ready = self.pile is not None
@@ -255,11 +235,12 @@ class LabelTab(QWidget):
 
     # ------------------------------------------------------------------------------------------------ classes
     def _add_typed_class(self) -> None:
+        """Enter in the name field: the class is created and the field keeps the focus for the next name (a click on
+        the pictures starts labelling, where the number keys work)."""
         name = self.new_class.text().strip()
         self.new_class.clear()
         if name:
             self.add_class(name)
-            self.grid.setFocus()
 
     def add_class(self, name: str) -> None:
         if self.book.add_class(name):

@@ -21,9 +21,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.network.backbones import DEFAULT_BACKBONE
-from engine.train.auto import MIN_COMPARED, too_few_to_compare
-from gui.settings import load_values, save_values
+from gui.session.binding import bind_check
+from gui.session.state import Session
+from gui.tabs.model.advice import advice, fine_tuning_estimate
 
 AUTO_TEXT = (
     "<b>Automatic (recommended)</b> does both for you: feature extraction first (its result shows in "
@@ -44,14 +44,14 @@ FT_TEXT = (
 
 
 class ModelTab(QWidget):
-    """Owns the TrainConfig fields ``mode``, ``backbone``, ``weights``, ``download``, ``unfreeze``, ``budget``."""
+    """Which network and how to reuse it: the fields ``mode``, ``backbone``, ``weights``, ``download``,
+    ``unfreeze`` and ``budget``, bound to the session; the advice and the fine-tuning estimate follow every setting
+    they read (gui/tabs/model/advice.py)."""
 
-    FIELDS = ["mode", "backbone", "weights", "download", "unfreeze", "budget"]
-
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, session: Session, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.session = session
         self.backbones = []
-        self.wanted_backbone = DEFAULT_BACKBONE  # selected once the list arrives (start-up discovery)
         root = QVBoxLayout(self)
 
         bb = QGroupBox("Pretrained network (backbone)")
@@ -115,10 +115,50 @@ class ModelTab(QWidget):
         self.advice.setStyleSheet("background: #eef5ff; padding: 6px; border-radius: 4px;")
         ml.addWidget(self.advice)
         root.addWidget(mg, 1)
-        self.mode_group.buttonToggled.connect(self._mode_changed)
         self.unfreeze_all.toggled.connect(lambda on: self.unfreeze.setEnabled(not on))
+        self._bind()
+        session.follow(("mode",), self.recommend)
+        session.follow(("mode", "backbone", "epochs", "unfreeze", "device"), self.show_estimate)
+        self.recommend()
+        self.show_estimate()
+
+    def _bind(self) -> None:
+        s = self.session
+        show_mode = {"auto": self.auto, "fine-tuning": self.ft}
+        bind_check(s, "download", self.download)
+        self.mode_group.buttonToggled.connect(lambda *_: s.set("mode", self.mode()))
+        self.mode_group.buttonToggled.connect(self._mode_changed)
+        self.table.itemSelectionChanged.connect(lambda: self.backbones and s.set("backbone", self.backbone()))
+        self.w_file.toggled.connect(lambda *_: s.set("weights", self.weights_file()))
+        self.w_path.textChanged.connect(lambda *_: s.set("weights", self.weights_file()))
+        self.unfreeze.valueChanged.connect(lambda *_: s.set("unfreeze", self.unfreeze_value()))
+        self.unfreeze_all.toggled.connect(lambda *_: s.set("unfreeze", self.unfreeze_value()))
+        self.budget.valueChanged.connect(lambda v: s.set("budget", float(v) or None))
+
+        def show(name, value) -> None:
+            if name == "mode":
+                show_mode.get(value, self.fe).setChecked(True)
+            elif name == "backbone":
+                self.select_backbone(value)
+            elif name == "weights" and value != self.weights_file():
+                self.w_path.setText(value or "")
+                (self.w_file if value else self.w_default).setChecked(True)
+            elif name == "unfreeze" and value != self.unfreeze_value():
+                self.unfreeze_all.setChecked(value == "all")
+                if value != "all":
+                    self.unfreeze.setValue(0 if value == "auto" else int(value))
+            elif name == "budget":
+                if (value or 0) != self.budget.value():
+                    self.budget.blockSignals(True)
+                    self.budget.setValue(int(round(value or 0)))
+                    self.budget.blockSignals(False)
+                if not self.following_estimate:
+                    self.budget_set_by_user = bool(value)
+
+        s.changed.connect(show)
+        for name in ("mode", "backbone", "weights", "unfreeze", "budget"):
+            show(name, s.get(name))
         self._mode_changed()
-        self.recommend(None)
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Backbone weights", "", "Weights (*.safetensors *.pth *.pt)")
@@ -139,18 +179,26 @@ class ModelTab(QWidget):
         self.estimate.setStyleSheet("color: #555;")
         row.addWidget(self.estimate, 1)
         self.budget_set_by_user = False
-        self.budget.valueChanged.connect(lambda _v: setattr(self, "budget_set_by_user", True))
+        self.following_estimate = False  # the budget is being set from the estimate, not by the user
         return row
 
-    def show_estimate(self, text: str, minutes: float) -> None:
-        """The fine-tuning estimate for the open dataset; until the user sets a budget, it follows the estimate with
-        room to spare (twice it, at least 2 minutes more): an estimate from another folder or a quieter machine can
-        be short, and a budget that runs out before the first epoch wastes the wait."""
+    def show_estimate(self) -> None:
+        """The fine-tuning estimate for the open dataset with the current backbone, stages, epochs and device; until
+        the user sets a budget, the budget follows it with room to spare (twice it, at least 2 minutes more): an
+        estimate from another folder or a quieter machine can be short, and a budget that runs out before the first
+        epoch wastes the wait."""
+        est = fine_tuning_estimate(self.session)
+        if est is None:
+            self.estimate.setText("")
+            return
+        text, minutes = est
         self.estimate.setText(f"Fine-tuning estimate: {text}")
         if not self.budget_set_by_user:
-            self.budget.blockSignals(True)
-            self.budget.setValue(max(1, int(max(2 * minutes, minutes + 2) + 0.999)))
-            self.budget.blockSignals(False)
+            self.following_estimate = True
+            try:
+                self.session.set("budget", float(max(1, int(max(2 * minutes, minutes + 2) + 0.999))))
+            finally:
+                self.following_estimate = False
 
     def _mode_changed(self, *_args) -> None:
         ft = self.ft.isChecked() or self.auto.isChecked()
@@ -158,48 +206,13 @@ class ModelTab(QWidget):
         self.unfreeze_all.setEnabled(ft)
         self.budget.setEnabled(self.auto.isChecked())
 
-    # ------------------------------------------------------------------------------------------------ settings
-    def values(self) -> dict:
-        return {
-            "mode": self.mode(),
-            "backbone": self.backbone(),
-            "weights": self.weights_file(),
-            "download": self.download.isChecked(),
-            "unfreeze": self.unfreeze_value(),
-            "budget": float(self.budget.value()) or None,
-        }
-
-    def set_values(self, values: dict) -> None:
-        if "mode" in values:
-            self.set_mode(values["mode"])
-        if values.get("backbone"):
-            self.select_backbone(values["backbone"])
-        if "weights" in values:
-            self.w_path.setText(values["weights"] or "")
-            (self.w_file if values["weights"] else self.w_default).setChecked(True)
-        if "download" in values:
-            self.download.setChecked(bool(values["download"]))
-        if "budget" in values:
-            self.budget.blockSignals(True)
-            self.budget.setValue(int(round(values["budget"] or 0)))
-            self.budget.blockSignals(False)
-            self.budget_set_by_user = bool(values["budget"])
-        if "unfreeze" in values:
-            self.unfreeze_all.setChecked(values["unfreeze"] == "all")
-            if values["unfreeze"] != "all":
-                self.unfreeze.setValue(0 if values["unfreeze"] == "auto" else int(values["unfreeze"]))
-
-    def save_settings(self, settings) -> None:
-        save_values(settings, self.values())
-
-    def restore_settings(self, settings) -> None:
-        self.set_values(load_values(settings, self.FIELDS))
-
     def set_backbones(self, infos: list) -> None:
+        """The list from start-up's discovery; the session's backbone is selected (a name not listed stays the
+        session's, with nothing selected)."""
         self.backbones = infos
         self.loading.setVisible(False)
+        self.table.blockSignals(True)
         self.table.setRowCount(len(infos))
-        select = 0
         for r, b in enumerate(infos):
             name = QTableWidgetItem(b.title)
             name.setData(Qt.UserRole, b.name)
@@ -213,29 +226,24 @@ class ModelTab(QWidget):
                 "" if b.weights_available else "Not on this machine: pick a weights file, or allow the download"
             )
             self.table.setItem(r, 3, ok)
-            if b.name == DEFAULT_BACKBONE:
-                select = r
-        self.table.selectRow(select)
-        self.select_backbone(self.wanted_backbone)
+        self.table.clearSelection()
+        self.select_backbone(self.session.get("backbone"))
+        self.table.blockSignals(False)
 
     def backbone(self) -> str:
         rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
         if not rows:
-            return self.wanted_backbone
+            return self.session.get("backbone")
         return self.table.item(rows[0].row(), 0).data(Qt.UserRole)
 
     def select_backbone(self, name: str) -> None:
-        """Select ``name`` in the list (or remember it until the list arrives)."""
-        self.wanted_backbone = name
+        """Select ``name`` in the list (the session keeps it until the list arrives)."""
         for r in range(self.table.rowCount()):
-            if self.table.item(r, 0).data(Qt.UserRole) == name:
+            if self.table.item(r, 0).data(Qt.UserRole) == name and self.backbone() != name:
                 self.table.selectRow(r)
 
     def mode(self) -> str:
         return "auto" if self.auto.isChecked() else "fine-tuning" if self.ft.isChecked() else "feature-extraction"
-
-    def set_mode(self, mode: str) -> None:
-        {"auto": self.auto, "fine-tuning": self.ft}.get(mode, self.fe).setChecked(True)
 
     def unfreeze_value(self):
         return "all" if self.unfreeze_all.isChecked() else (self.unfreeze.value() or "auto")
@@ -243,43 +251,6 @@ class ModelTab(QWidget):
     def weights_file(self) -> str | None:
         return self.w_path.text().strip() or None if self.w_file.isChecked() else None
 
-    def recommend(self, ds) -> None:
-        """Advice from the scanned folder: few images per class -> feature extraction."""
-        if ds is None:
-            self.advice.setText(
-                "Recommendation: <b>Automatic</b>. It tries feature extraction (seconds) and then "
-                "fine-tuning, and keeps whichever gives more reliable answers on your images."
-            )
-            return
-        per_class = len(ds.samples) / max(1, len(ds.classes))
-        n_val = len(ds.split("val"))
-        if self.auto.isChecked() and too_few_to_compare(n_val):
-            text = (
-                f"Recommendation for this dataset: <b>Automatic</b>. With {n_val} validation images it keeps feature "
-                f"extraction without trying fine-tuning: too few to compare the two (at least {MIN_COMPARED} are "
-                "needed)."
-            )
-        elif self.auto.isChecked():
-            text = (
-                f"Recommendation for this dataset: <b>Automatic</b>. With about {per_class:.0f} images per "
-                "class it "
-                + (
-                    "will most likely keep feature extraction (fine-tuning has little to learn from), but checks."
-                    if per_class < 150
-                    else "has enough images for fine-tuning to pay off if your images look unlike "
-                    "everyday photos; it measures both on your validation images."
-                )
-            )
-        elif per_class < 150:
-            text = (
-                f"Recommendation for this dataset: <b>feature extraction</b>. With about {per_class:.0f} images "
-                "per class, fine-tuning has little to learn from and can overfit; try it afterwards only if "
-                "your images look unlike everyday photos."
-            )
-        else:
-            text = (
-                f"Recommendation for this dataset: start with <b>feature extraction</b> as a baseline (fast), "
-                f"then try <b>fine-tuning</b>: with about {per_class:.0f} images per class it often gains a few "
-                "points, especially on unusual images. Compare the two runs in the Results tab."
-            )
-        self.advice.setText(text)
+    def recommend(self) -> None:
+        """The advice for the open folder and the chosen mode (gui/tabs/model/advice.py)."""
+        self.advice.setText(advice(self.session.get("mode"), self.session.dataset))

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import os
 
-from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer, Signal
-from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QHeaderView,
     QLabel,
@@ -27,161 +24,28 @@ from PySide6.QtWidgets import (
 )
 
 from engine.config import ExportConfig, PredictConfig
-from engine.events import PredictionRow
-from engine.predict.predictions import predictions_csv
-from engine.predict.sorting import SortConfig
-from engine.runs import atomic_write_text
+from engine.events import EngineError, PredictionRow
+from engine.predict.export import export_model
+from engine.predict.predictions import predict_folder, predictions_csv
+from engine.predict.sorting import SortConfig, sort_into
+from engine.runs import atomic_write_text, read_json
+from gui.session.state import Session
+from gui.tabs.predict.table import ExportDialog, PredictionFilter, PredictionModel
+from gui.tabs.results.heatmap_view import Heatmaps
 from gui.widgets.thumbs import ThumbnailLoader
-
-COLUMNS = ["", "Path", "Prediction", "Confidence", "Status", "Top-k", "Error"]
-STATUS_TEXT = {"ok": "", "unsure": "not sure", "unfamiliar": "unfamiliar", "error": ""}
-STATUS_TIP = {
-    "unsure": "The model's confidence is below the threshold saved with it: check this one yourself "
-    "(the best guess is kept)",
-    "unfamiliar": "Unlike every training image: the answer may be meaningless whatever its confidence",
-}
-
-
-class PredictionModel(QStandardItemModel):
-    """The streamed prediction rows, stored as Qt items so that painting and sorting the table stay in C++.
-
-    A Python ``data()`` would be called for every visible cell and role on each repaint; each of those calls has to
-    take the GIL back from the busy job thread, which stalled the window by ~100 ms while predicting on 2 cores.
-    ``rows`` keeps the engine's PredictionRow objects (CSV export, filtering); thumbnails are set on column 0 when
-    the view asks for them (``request_thumb``) and when they arrive.
-    """
-
-    def __init__(self, loader: ThumbnailLoader, parent=None) -> None:
-        super().__init__(0, len(COLUMNS), parent)
-        self.setHorizontalHeaderLabels(COLUMNS)
-        self.loader = loader
-        self.rows: list[PredictionRow] = []
-        self.classes: list[str] = []
-        self.top_k = 3
-        self.row_of: dict[str, int] = {}
-        loader.ready.connect(self._thumb)
-
-    def reset(self, classes: list[str], top_k: int) -> None:
-        self.removeRows(0, self.rowCount())
-        self.rows, self.classes, self.top_k, self.row_of = [], list(classes), top_k, {}
-
-    def topk_text(self, r: PredictionRow) -> str:
-        if r.error or not r.probabilities:
-            return ""
-        order = sorted(range(len(r.probabilities)), key=lambda i: -r.probabilities[i])[: self.top_k]
-        return ", ".join(f"{self.classes[i]} {r.probabilities[i]:.0%}" for i in order)
-
-    def _items(self, n: int, r: PredictionRow) -> list[QStandardItem]:
-        conf = f"{r.confidence:.3f}" if not r.error else ""
-        texts = ["", r.path, r.prediction, conf, STATUS_TEXT.get(r.status, r.status), self.topk_text(r), r.error]
-        keys = [n, r.path, r.prediction, r.confidence if not r.error else -1.0, r.status, "", r.error]  # sort keys
-        items = []
-        for text, key in zip(texts, keys):
-            it = QStandardItem(text)
-            it.setData(key, Qt.UserRole)
-            it.setFlags(Qt.ItemIsSelectable | Qt.ItemIsEnabled)
-            items.append(it)
-        items[1].setToolTip(r.path)
-        if r.status in STATUS_TIP:
-            items[4].setToolTip(STATUS_TIP[r.status])
-        items[0].setIcon(self.loader.placeholder)
-        return items
-
-    def append(self, rows: list[PredictionRow]) -> None:
-        for r in rows:
-            n = len(self.rows)
-            self.row_of[r.path] = n
-            self.rows.append(r)
-            self.appendRow(self._items(n, r))
-
-    def request_thumb(self, row: int) -> None:
-        """Ask for row ``row``'s thumbnail (the view calls this for the rows on screen)."""
-        it = self.item(row, 0)
-        if it is not None and it.data(Qt.UserRole + 1) is None:
-            icon = self.loader.icon(self.rows[row].path)
-            if icon is not self.loader.placeholder:
-                it.setData(True, Qt.UserRole + 1)  # has its real thumbnail
-                it.setIcon(icon)
-
-    def _thumb(self, path: str) -> None:
-        row = self.row_of.get(path)
-        if row is not None:
-            self.request_thumb(row)  # now cached: sets it
-
-
-class PredictionFilter(QSortFilterProxyModel):
-    """Filter by predicted class and a minimum confidence; errors stay visible unless a class is chosen."""
-
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.cls: str | None = None
-        self.min_conf = 0.0
-        self.status: str | None = None
-        self.setSortRole(Qt.UserRole)
-
-    def set_filter(self, cls: str | None, min_conf: float, status: str | None = None) -> None:
-        self.cls, self.min_conf, self.status = cls, min_conf, status
-        self.invalidateFilter()
-
-    def filterAcceptsRow(self, row, parent) -> bool:
-        r = self.sourceModel().rows[row]
-        if self.status is not None and r.status != self.status:
-            return False
-        if r.error:
-            return self.cls is None and self.min_conf <= 0
-        if self.cls is not None and r.prediction != self.cls:
-            return False
-        return r.confidence >= self.min_conf
-
-
-class ExportDialog(QDialog):
-    def __init__(self, parent=None, start_dir: str = "") -> None:
-        super().__init__(parent)
-        self.setWindowTitle("Export model")
-        form = QFormLayout(self)
-        self.fmt = QComboBox()
-        self.fmt.addItem("ONNX (.onnx) — ONNX Runtime, OpenCV, TensorRT…", "onnx")
-        self.fmt.addItem("TorchScript (.pt) — PyTorch / LibTorch without Python code", "torchscript")
-        self.path = QLineEdit(os.path.join(start_dir, "model.onnx"))
-        browse = QPushButton("…")
-        browse.clicked.connect(self._browse)
-        self.fmt.currentIndexChanged.connect(self._fmt_changed)
-        row = QHBoxLayout()
-        row.addWidget(self.path)
-        row.addWidget(browse)
-        form.addRow("Format", self.fmt)
-        form.addRow("File", row)
-        note = QLabel(
-            "The exported network takes a normalised float image tensor and returns logits; the classes "
-            "and preprocessing are written next to it as .json."
-        )
-        note.setWordWrap(True)
-        form.addRow(note)
-        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        bb.accepted.connect(self.accept)
-        bb.rejected.connect(self.reject)
-        form.addRow(bb)
-
-    def _fmt_changed(self) -> None:
-        base, _ = os.path.splitext(self.path.text())
-        self.path.setText(base + (".onnx" if self.fmt.currentData() == "onnx" else ".pt"))
-
-    def _browse(self) -> None:
-        p, _ = QFileDialog.getSaveFileName(self, "Export model", self.path.text())
-        if p:
-            self.path.setText(p)
 
 
 class PredictTab(QWidget):
-    predict_requested = Signal(object)  # PredictConfig (the window fills in the device)
-    heatmap_requested = Signal(str, str)  # run folder, image
-    sort_requested = Signal(object)  # SortConfig
-    SEP = "; "  # between several dropped paths in the field
-    stop_requested = Signal()
-    export_requested = Signal(object)  # ExportConfig
+    """Predict a folder with the open run, and sort, export the CSV or the model: the tab's own jobs, through the
+    session (the device and engine are the session's)."""
 
-    def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+    SEP = "; "  # between several dropped paths in the field
+
+    def __init__(self, session: Session, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.session = session
+        self.heatmaps = Heatmaps(session, self)
+        session.run_changed.connect(self._run_changed)
         self.run_dir: str | None = None
         self.classes: list[str] = []
         self.sorting_into = ""
@@ -202,7 +66,7 @@ class PredictTab(QWidget):
         self.stop_btn.setEnabled(False)
         self.start_btn.clicked.connect(self.request_prediction)
         self.folder.returnPressed.connect(self.request_prediction)  # Enter in the field predicts, as Predict does
-        self.stop_btn.clicked.connect(self.stop_requested)
+        self.stop_btn.clicked.connect(session.stop)
         for w in (self.folder, browse, QLabel("Top-k"), self.top_k, self.start_btn, self.stop_btn):
             top.addWidget(w, 1 if w is self.folder else 0)
         root.addLayout(top)
@@ -293,17 +157,34 @@ class PredictTab(QWidget):
             self.model.request_thumb(self.proxy.mapToSource(self.proxy.index(r, 0)).row())
 
     def request_prediction(self, paths: list[str] | None = None) -> None:
-        """Ask for the field's paths (or ``paths``) to be predicted with the loaded model."""
-        if self.run_dir and self.start_btn.isEnabled():
-            self.predict_requested.emit(
-                PredictConfig(self.run_dir, list(paths or self.paths()), top_k=self.top_k.value())
-            )
+        """Predict the field's paths (or ``paths``) with the loaded model, in the background."""
+        if not (self.run_dir and self.start_btn.isEnabled()):
+            return
+        s = self.session
+        cfg = PredictConfig(self.run_dir, list(paths or self.paths()), top_k=self.top_k.value(),
+                            device=s.get("device"), engine=s.get("engine"))  # fmt: skip
+        if not cfg.images or not all(p and os.path.exists(p) for p in cfg.images):
+            s.fail("Choose a folder of images, type the path of one image, or drop photos here to classify.")
+            return
+        started = s.start_main(
+            predict_folder, cfg, done=self.prediction_finished, failed=self.job_failed, stopping=self.stopping,
+            on_progress=self.on_progress, on_predictions=self.add_rows,
+        )  # fmt: skip
+        if started:
+            self.job_started(cfg.top_k)
 
     def _enable(self, has_model: bool) -> None:
         self.start_btn.setEnabled(has_model)
         self.export_model_btn.setEnabled(has_model)
         self.export_csv_btn.setEnabled(bool(self.model.rows))
         self.sort_btn.setEnabled(bool(self.model.rows))
+
+    def _run_changed(self, run_dir: str) -> None:
+        try:
+            classes = read_json(os.path.join(run_dir, "model.json")).get("classes", [])
+        except EngineError:
+            return
+        self.set_run(run_dir, classes)
 
     def set_run(self, run_dir: str, classes: list[str]) -> None:
         self.run_dir, self.classes = run_dir, list(classes)
@@ -333,7 +214,7 @@ class PredictTab(QWidget):
     def _heatmap(self) -> None:
         path = self.selected_path()
         if self.run_dir and path:
-            self.heatmap_requested.emit(self.run_dir, path)
+            self.heatmaps.explain(self.run_dir, path)
 
     def job_started(self, top_k: int | None = None) -> None:
         """A prediction (``top_k`` given: the table restarts) or an export started."""
@@ -348,10 +229,12 @@ class PredictTab(QWidget):
     def stopping(self) -> None:
         self.status.setText("Stopping…")
 
-    def job_failed(self, message: str) -> None:
+    def job_failed(self, message: str, details: str = "") -> None:
         self.job_ended("Failed: " + message)
+        self.session.fail(message, details)
 
     def prediction_finished(self, res) -> None:
+        self.session.finished(res)
         if res.cancelled:
             self.job_ended(f"Stopped after {len(res.rows)} files.")
         else:
@@ -409,7 +292,12 @@ class PredictTab(QWidget):
             self.sort_into(folder)
 
     def sort_into(self, folder: str) -> None:
-        self.sort_requested.emit(SortConfig(list(self.model.rows), folder))
+        """Hard-link (or copy) each predicted image into a folder per class (engine/predict/sorting.py)."""
+        self.sorting_into = folder
+        if self.session.start_main(sort_into, SortConfig(list(self.model.rows), folder), done=self.sort_finished,
+                                   failed=self.job_failed, stopping=self.stopping):  # fmt: skip
+            self.job_started()
+            self.status.setText(f"Sorting into {folder} …")
 
     def sort_finished(self, res) -> None:
         self.job_ended("Sorting stopped." if res.cancelled else res.summary(self.sorting_into))
@@ -429,4 +317,10 @@ class PredictTab(QWidget):
     def _export_model_dialog(self) -> None:
         dlg = ExportDialog(self, os.path.expanduser("~"))
         if dlg.exec() == QDialog.Accepted and dlg.path.text().strip():
-            self.export_requested.emit(ExportConfig(self.run_dir, dlg.fmt.currentData(), dlg.path.text().strip()))
+            self.export_model(ExportConfig(self.run_dir, dlg.fmt.currentData(), dlg.path.text().strip()))
+
+    def export_model(self, cfg: ExportConfig) -> None:
+        """Write the open run's network as ONNX or TorchScript (engine/predict/export.py), in the background."""
+        if self.session.start_main(export_model, cfg, done=self.export_finished, failed=self.job_failed,
+                                   stopping=self.stopping):  # fmt: skip
+            self.job_started()

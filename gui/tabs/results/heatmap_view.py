@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QObject, Qt
 from PySide6.QtGui import QImage, QPixmap
 from PySide6.QtWidgets import QCheckBox, QDialog, QLabel, QVBoxLayout
 
@@ -74,3 +74,23 @@ class HeatmapDialog(QDialog):
         rgb = self.shown_image()
         if rgb is not None:
             self.picture.setPixmap(to_pixmap(rgb, 448))
+
+
+class Heatmaps(QObject):
+    """*Where it looked…* for a tab: one dialog, the heatmap computed in its own lane (training or prediction may be
+    running), on the session's device."""
+
+    def __init__(self, session, parent) -> None:
+        super().__init__(parent)
+        self.session, self.parent_widget = session, parent
+        self.dialog: HeatmapDialog | None = None
+
+    def explain(self, run_dir: str, path: str) -> None:
+        from engine.predict.heatmap import HeatmapConfig, heatmap
+        from gui.jobs.controller import HEATMAP
+
+        if self.dialog is None:
+            self.dialog = HeatmapDialog(self.parent_widget.window())
+        self.dialog.computing(path)
+        cfg = HeatmapConfig(run_dir, path, device=self.session.get("device"))
+        self.session.jobs.start(HEATMAP, heatmap, cfg, done=self.dialog.show_result, failed=self.dialog.show_failure)

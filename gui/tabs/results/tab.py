@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -26,6 +26,8 @@ from engine.data.labels import MIN_CHECKS
 from engine.events import EngineError
 from engine.runs import list_runs, read_history, read_json, read_metrics, read_predictions
 from engine.trust.calibration import set_unsure_threshold
+from gui.session.state import Session
+from gui.tabs.results.heatmap_view import Heatmaps
 from gui.tabs.results.trust_panel import TrustPanel
 from gui.widgets.image_grid import ImageGrid, reveal_in_file_manager
 from gui.widgets.thumbs import ThumbnailLoader
@@ -43,12 +45,14 @@ def _seconds(s: float) -> str:
 
 
 class ResultsTab(QWidget):
-    run_opened = Signal(str)
-    heatmap_requested = Signal(str, str)  # run folder, image
+    """A run's figures (the one just trained, from the job's result; a saved one, from its folder) and the runs
+    folder; the run shown is the session's open run (Predict uses it)."""
 
-    def __init__(self, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
+    def __init__(self, session: Session, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
         # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
         super().__init__(parent)
+        self.session = session
+        self.heatmaps = Heatmaps(session, self)
         self.run_dir: str | None = None
         self.classes: list[str] = []
         self.preds: list[dict] = []
@@ -148,6 +152,13 @@ class ResultsTab(QWidget):
         outer.addWidget(right)
         outer.setSizes([360, 920])
         root.addWidget(outer)
+        session.trained.connect(self._trained)
+        session.runs_dir_changed.connect(self.set_runs_dir)
+        self.set_runs_dir(session.runs_dir)
+
+    def _trained(self, res) -> None:
+        self.refresh_runs()
+        self.show_result(res)
 
     # ---------------------------------------------------------------------------------------------- runs list
     def set_runs_dir(self, path: str) -> None:
@@ -325,7 +336,7 @@ class ResultsTab(QWidget):
         self._fill_mistakes()
         self.meta = meta
         self.trust.show_run(metrics, meta)
-        self.run_opened.emit(run_dir)
+        self.session.set_run(run_dir, meta.get("data") or "")
 
     def show_cell(self, i: int, j: int) -> None:
         t, p = self.classes[i], self.classes[j]
@@ -378,7 +389,7 @@ class ResultsTab(QWidget):
     def _heatmap(self) -> None:
         path = self.selected_image()
         if self.run_dir and path:
-            self.heatmap_requested.emit(self.run_dir, path)
+            self.heatmaps.explain(self.run_dir, path)
 
     def _save_threshold(self, target: float) -> None:
         try:
@@ -388,7 +399,7 @@ class ResultsTab(QWidget):
             return
         self.meta["unsure"] = unsure
         self.trust.target_text.setText(self.trust.target_text.text() + " — saved with the model")
-        self.run_opened.emit(self.run_dir)  # Predict reloads the model's thresholds
+        self.session.set_run(self.run_dir, self.data_folder() or "")  # Predict reloads the model's thresholds
 
     def _reveal(self) -> None:
         paths = self.mistakes.selected_paths()
