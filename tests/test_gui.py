@@ -738,7 +738,8 @@ def test_check_dataset_then_exclude_move_and_undo_from_the_panel(qtbot, window, 
     d.confirm = lambda title, text: asked.append(text) or True
     d.doctor.move_btn.click()
     assert asked and not moved.exists() and (root / "train" / "lines" / "moved.jpg").exists()
-    qtbot.waitUntil(lambda: not w.session.scanning and counts() == {"boxes": 16, "circles": 16, "lines": 16}, timeout=30000)
+    back = {"boxes": 16, "circles": 16, "lines": 16}
+    qtbot.waitUntil(lambda: not w.session.scanning and counts() == back, timeout=30000)
     d.doctor.undo_btn.click()
     assert moved.exists() and not (root / "train" / "lines" / "moved.jpg").exists()
     qtbot.waitUntil(lambda: not w.session.scanning and counts()["circles"] == 17, timeout=30000)
