@@ -213,12 +213,13 @@ def _square_image(path: Path, box: tuple[int, int, int, int]) -> None:
     im.save(path)
 
 
-@pytest.mark.parametrize("mode", ["feature-extraction", "fine-tuning"])
-def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["final", "depths", "fine-tuning"])
+def test_heatmap_peaks_on_the_object(flat_data, tmp_path, mode):
     from engine.predict.heatmap import HeatmapConfig, heatmap
 
-    if mode == "feature-extraction":
-        run = fe_run.run_dir
+    if mode != "fine-tuning":  # a head on the final features (Grad-CAM), one on every depth (Layer-CAM, fused)
+        run = fit(TrainConfig(data=str(flat_data), out=str(tmp_path / "fe"), features=mode)).run_dir
+        assert json.loads((Path(run) / "metrics.json").read_text())["depths"]["kept"] == (mode == "depths")
     else:
         run = fit(
             TrainConfig(
@@ -230,7 +231,7 @@ def test_heatmap_peaks_on_the_object(flat_data, fe_run, tmp_path, mode):
     res = heatmap(HeatmapConfig(run, str(tmp_path / "square.png"), target="squares"))
     # at the run's input size: 224 px, or 128 px for fine-tuning these small (96 px) pictures
     # (engine/train/fine_tuning/recipe.py)
-    size = 224 if mode == "feature-extraction" else 128
+    size = 224 if mode != "fine-tuning" else 128
     assert res.heat.shape == (size, size) and res.image.shape == (size, size, 3)
     assert res.target == "squares" and 0.99 <= res.heat.max() <= 1.0
     # The heatmap comes from the last feature map (one cell is 32 px): the peak lies within a cell of the square,

@@ -3,7 +3,7 @@
 A few lines of hooks on the backbone's last stage rather than a library (grad-cam, torchcam): the backbone's stages
 are already named (``FeatureNet.stages``), both training modes save the same classifier, and the method is the
 gradient of the class score, averaged per channel, weighting that stage's feature maps (a head that reads the
-earlier layers' features too is explained at the earliest stage it reads: :func:`explained_layer`). It runs as an
+earlier layers' features too is explained at every stage it reads: :func:`explained_layers`). It runs as an
 engine job (the window runs it in the background); the fine-tuned or feature-extraction model is explained as saved.
 """
 
@@ -42,17 +42,23 @@ class HeatmapResult:
     cancelled: bool = False
 
 
-def grad_cam(model, x, target: int, layer) -> np.ndarray:
-    """Grad-CAM of ``model`` (images -> logits) at ``layer`` for class ``target``: (h, w) float32, not normalised."""
+def grad_cam(model, x, target: int, layers: list, method: str = "grad-cam") -> list[np.ndarray]:
+    """Class-activation maps of ``model`` (images -> logits) for class ``target`` at each of ``layers``: (h, w)
+    float32 each, not normalised. ``grad-cam`` weighs each channel by its mean gradient (Selvaraju et al. 2017);
+    ``layer-cam`` weighs each position by its own positive gradient (Jiang et al. 2021), which stays on the object
+    at the early, high-resolution stages where Grad-CAM's channel means do not."""
     import torch
 
-    store = {}
+    store: dict = {}
 
-    def keep(module, inputs, output):
-        store["act"] = output
-        output.register_hook(lambda g: store.__setitem__("grad", g))
+    def keeper(i):
+        def keep(module, inputs, output):
+            store[("act", i)] = output
+            output.register_hook(lambda g: store.__setitem__(("grad", i), g))
 
-    handle = layer.register_forward_hook(keep)
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(i)) for i, layer in enumerate(layers)]
     try:
         with torch.inference_mode(False), torch.enable_grad():
             x = x.clone().requires_grad_(True)
@@ -60,35 +66,51 @@ def grad_cam(model, x, target: int, layer) -> np.ndarray:
             model.zero_grad(set_to_none=True)
             logits[0, target].backward()
     finally:
-        handle.remove()
-    act, grad = store.get("act"), store.get("grad")
-    if act is None or grad is None or act.dim() != 4:
-        raise EngineError(
-            "Heatmaps need a backbone whose last stage makes a spatial feature map (a convolutional "
-            "network); this one does not."
-        )
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * act).sum(1))[0]
-    return cam.detach().float().cpu().numpy()
+        for handle in handles:
+            handle.remove()
+    cams = []
+    for i in range(len(layers)):
+        act, grad = store.get(("act", i)), store.get(("grad", i))
+        if act is None or grad is None or act.dim() != 4:
+            raise EngineError(
+                "Heatmaps need a backbone whose last stage makes a spatial feature map (a convolutional "
+                "network); this one does not."
+            )
+        weights = grad.mean(dim=(2, 3), keepdim=True) if method == "grad-cam" else torch.relu(grad)
+        cams.append(torch.relu((weights * act).sum(1))[0].detach().float().cpu().numpy())
+    return cams
 
 
-def explained_layer(net):
-    """The layer whose maps the heatmap weighs: the last stage's; for a head that also reads earlier layers'
-    features, the earliest tapped stage's (its gradient carries every path to the class score: the later stages,
-    their taps and the final features)."""
+def explained_layers(net) -> tuple[list, str]:
+    """The layers whose maps the heatmap weighs, and how. A head on the final features: the last stage's, by
+    Grad-CAM. A head that also reads earlier layers' features: every tapped stage's and the last one's, by Layer-CAM,
+    averaged (each path to the class score is seen where it leaves the network; Grad-CAM at the earliest tapped stage
+    put a plain square's heat in a corner of the picture)."""
     stages = net.stages()
     if getattr(net, "taps", False):
         from engine.network.depths import LITE_TAPS
 
-        return stages[LITE_TAPS[0][0]][-1]
-    return stages[-1][-1]
+        return [stages[group][-1] for group, _ in LITE_TAPS] + [stages[-1][-1]], "layer-cam"
+    return [stages[-1][-1]], "grad-cam"
+
+
+def _fused(cams: list[np.ndarray], size: int) -> np.ndarray:
+    """The maps upsampled to ``size``, each scaled to a maximum of 1, averaged, and scaled to a maximum of 1."""
+    import torch
+    import torch.nn.functional as F
+
+    total = np.zeros((size, size), np.float32)
+    for cam in cams:
+        heat = F.interpolate(torch.from_numpy(cam)[None, None], size=(size, size), mode="bilinear", align_corners=False)
+        heat = heat[0, 0].numpy()
+        total += heat / heat.max() if heat.max() > 0 else heat
+    return total / total.max() if total.max() > 0 else total
 
 
 def heatmap(
     config: HeatmapConfig, callbacks: Callbacks | None = None, cancel: CancelToken | None = None
 ) -> HeatmapResult:
     import torch
-    import torch.nn.functional as F
 
     cb = callbacks or Callbacks()
     cancel = cancel or CancelToken()
@@ -112,11 +134,8 @@ def heatmap(
             raise EngineError(f"'{config.target}' is not one of this model's classes: {', '.join(loaded.classes)}.")
         target = loaded.classes.index(config.target) if config.target else pred
         cancel.raise_if_cancelled()
-        cam = grad_cam(model, x, target, explained_layer(model.backbone))
-        heat = F.interpolate(
-            torch.from_numpy(cam)[None, None], size=(pre.size, pre.size), mode="bilinear", align_corners=False
-        )[0, 0].numpy()
-        heat = heat / heat.max() if heat.max() > 0 else heat
+        layers, method = explained_layers(model.backbone)
+        heat = _fused(grad_cam(model, x, target, layers, method), pre.size)
     except Cancelled:
         return HeatmapResult(config.image, "", "", 0.0, None, None, cancelled=True)
     finally:

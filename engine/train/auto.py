@@ -382,7 +382,7 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
     if os.path.exists(target) and not cfg.overwrite:
         raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
     t0 = time.perf_counter()
-    cb.on_log("Automatic mode: feature extraction first; then fine-tuning, starting from its head")
+    cb.on_log("Automatic mode: feature extraction first; then fine-tuning")
     fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset, probe=True)
     if fe.run_dir is None or fe.cancelled:
         return fe

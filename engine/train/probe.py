@@ -83,7 +83,12 @@ class Probe:
         """One sentence for the log and the Results tab."""
         c = self.comparison
         if c is None:
-            return f"Head on the final features (C {self.C:g}, chosen out of fold)"
+            words = (
+                "the final features and the earlier layers' (as asked)"
+                if self.features == DEPTHS
+                else "the final features"
+            )
+            return f"Head on {words} (C {self.C:g}, chosen out of fold)"
         gain = 100 * (c["accuracy"][DEPTHS] - c["accuracy"][FINAL])
         words = "earlier layers' features kept" if self.features == DEPTHS else "final features alone kept"
         return (
