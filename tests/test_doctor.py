@@ -162,3 +162,48 @@ def test_on_a_folder_of_one_kind_of_picture_only_the_planted_copies_are_copies(k
     labels = [f for f in res.findings if f.issue == "label"]
     assert (res.label_note and not labels) if kind == "digits" else len(labels) <= 0.05 * len(res.dataset.samples)
     assert not res.label_note or "could not be checked" in res.label_note
+
+
+def _silhouette(rng, size: int = 28):
+    """A small light pair of trousers on black, its waist, flare, length, leg gap and shade varying continuously
+    (drawn at 4x and reduced): many such pictures share one outline, as clothing photographed at 28 px does."""
+    import numpy as np
+    from PIL import ImageDraw
+
+    big = 4 * size
+    im = Image.new("L", (big, big), 0)
+    d = ImageDraw.Draw(im)
+    c = big / 2 + rng.uniform(-3, 3)
+    top, bottom = rng.uniform(6, 12), big - rng.uniform(6, 14)
+    waist, flare, gap = rng.uniform(26, 36), rng.uniform(0, 8), rng.uniform(2, 8)
+    crotch = top + rng.uniform(20, 34)
+    shade = int(rng.uniform(170, 250))
+    d.polygon(
+        [(c - waist, top), (c + waist, top), (c + waist + flare, bottom), (c + gap, bottom), (c, crotch),
+         (c - gap, bottom), (c - waist - flare, bottom)],
+        fill=shade,
+    )  # fmt: skip
+    return np.asarray(im.resize((size, size), Image.LANCZOS))
+
+
+def test_small_pictures_of_one_outline_are_not_copies_but_a_real_copy_among_them_is(tmp_path):
+    import numpy as np
+
+    from engine.doctor.same_picture import SAME, aligned_detail, detail_thumbnail, same_pictures
+
+    rng = np.random.default_rng(3)
+    pictures = [_silhouette(rng) for _ in range(30)]
+    pictures.append(np.clip(pictures[0].astype(np.float32) * 0.85, 0, 255).astype(np.uint8))  # a darker copy of 0
+
+    thumbs = []  # as the doctor makes them, from the saved files
+    for i, picture in enumerate(pictures):
+        Image.fromarray(picture).save(tmp_path / f"{i}.png")
+        thumbs.append(detail_thumbnail(str(tmp_path / f"{i}.png")))
+    thumb = thumbs.__getitem__
+
+    pairs = [(i, j) for i in range(len(pictures)) for j in range(i + 1, len(pictures))]
+    scores = aligned_detail(np.stack([thumb(i) for i, _ in pairs]), np.stack([thumb(j) for _, j in pairs]))
+    look_alikes = sum(v >= SAME for (i, j), v in zip(pairs, scores) if (i, j) != (0, 30))
+    assert look_alikes >= 5  # different pictures of this outline reach the copy threshold: the old rule's findings
+    found = same_pictures(pairs, thumb)
+    assert [(i, j) for i, j, _ in found] == [(0, 30)]

@@ -12,8 +12,10 @@ Here the candidates are the pairs alike in embedding or in layout (each image's 
 of N images gives at most a few N pairs), and a candidate is the same picture when its band-passed 64x64 grey
 detail correlates at ``SAME`` or more once aligned: one picture's centre crop (the scale and direction whose 16x16
 layout fits best, of ``SCALES`` either way round) against the other, at the best shift up to ``MAX_SHIFT`` pixels
-(cross-correlation by FFT). Two different photos of one kind share their layout but not their detail (texture,
-noise, the exact outline); a copy keeps its detail through resizing and JPEG.
+(cross-correlation by FFT), and that score stands out from the image's other candidates (:func:`standing_out`).
+Two different photos of one kind share their layout but not their detail (texture, noise, the exact outline); a
+copy keeps its detail through resizing and JPEG. Small pictures of one outline (clothing at 28 px) have little detail
+but their outline: there, different pictures score as high as copies, and only a pair far above the rest is kept.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ NEIGHBOURS = 5  # candidates per image, by embedding and by layout
 LAYOUT_CANDIDATE = 0.90  # a layout neighbour is a candidate from this correlation on
 EMBEDDING_CANDIDATE = 0.80  # an embedding neighbour when both its cosine and its layout correlation reach this,
 EMBEDDING_ALONE = 0.95  # or its cosine this (a crop of a fine periodic texture: layout 0.50, cosine 0.97)
+RATIO = 0.35  # a copy's detail distance is at most this share of the next picture's (standing_out)
 
 
 def detail_thumbnail(path: str) -> np.ndarray:
@@ -204,15 +207,42 @@ def _best_k(near: np.ndarray, value: np.ndarray, ok: np.ndarray, k: int) -> set[
 def same_pictures(
     pairs: list[tuple[int, int]], thumbs, chunk: int = 256, progress=None
 ) -> list[tuple[int, int, float]]:
-    """The pairs whose aligned detail reaches SAME, with that score; ``thumbs(i)`` gives image i's thumbnail."""
-    out = []
+    """The candidate pairs that are the same picture, with their aligned detail; ``thumbs(i)`` gives image i's
+    thumbnail. Every pair is scored, then :func:`standing_out` keeps those that stand out."""
+    scores = np.empty(len(pairs), np.float32)
     for s in range(0, len(pairs), chunk):
         if progress is not None:
             progress(s, len(pairs))
         part = pairs[s : s + chunk]
         a = np.stack([thumbs(i) for i, _ in part])
         b = np.stack([thumbs(j) for _, j in part])
-        for (i, j), v in zip(part, aligned_detail(a, b)):
-            if v >= SAME:
-                out.append((i, j, float(v)))
-    return out
+        scores[s : s + len(part)] = aligned_detail(a, b)
+    return standing_out(pairs, scores)
+
+
+def standing_out(pairs: list[tuple[int, int]], scores: np.ndarray) -> list[tuple[int, int, float]]:
+    """The pairs whose aligned detail reaches ``SAME`` and stands out from each image's other candidates: each image's
+    copies are its best-scoring candidates up to the first gap where the detail distance (1 - score) at least
+    triples (``RATIO``), and a pair is kept when each image is among the other's copies. Where many pictures share
+    one outline (trousers on black at 28 px, where different pictures reach 0.92-0.98) nothing stands out; a copy
+    stands out from the next picture by 10 to 300 times its distance (docs/benchmarks.md, "Near copies at low
+    resolution"). An image with no other candidate is compared with a distance of 1."""
+    by_image: dict[int, list[tuple[float, int]]] = {}
+    for (i, j), v in zip(pairs, scores):
+        by_image.setdefault(i, []).append((float(v), j))
+        by_image.setdefault(j, []).append((float(v), i))
+    copies: dict[int, set[int]] = {}
+    for i, row in by_image.items():
+        row.sort(reverse=True)
+        dist = [1.0 - v for v, _ in row] + [1.0]
+        for k, (v, _) in enumerate(row):
+            if v < SAME:
+                break
+            if dist[k] <= RATIO * dist[k + 1]:
+                copies[i] = {j for _, j in row[: k + 1]}
+                break
+    return [
+        (i, j, float(v))
+        for (i, j), v in zip(pairs, scores)
+        if v >= SAME and j in copies.get(i, ()) and i in copies.get(j, ())
+    ]
