@@ -72,5 +72,19 @@ def test_planted_wrong_labels_on_an_easy_folder_are_found_and_little_else():
     given, planted = _flip(y, 24, 4)
     _, res = _judge(X, given)
     listed = {i for i, _, _ in res.listed}
-    assert len(listed & planted) >= 18 and len(listed - planted) <= 2  # (measured: 21 of 24, none else)
-    assert res.precision >= 0.5
+    assert len(listed & planted) >= 22 and len(listed - planted) <= 2  # (measured: 24 of 24, none else)
+    assert res.precision >= 0.9  # and the list says it is nearly all true
+
+
+def test_the_calibration_fits_the_share_of_wrong_labels_beside_the_temperature():
+    from engine.doctor.labels import fit_with_noise
+    from engine.train.crossfit import fold_ids
+    from engine.train.probe import Blocks, fit_probe
+
+    X, y = _clouds(separation=8.0)
+    shares = []
+    for labels in (y, _flip(y, 24, 4)[0]):
+        folds = fold_ids(labels, [str(i) for i in range(len(y))], 0)
+        probe = fit_probe(X, labels, folds, 4, Blocks([X.shape[1]]), k=5, stats=X, seed=0)
+        shares.append(fit_with_noise(probe.oof_logits, labels, 4)[1])
+    assert shares[0] < 0.004 and 0.01 <= shares[1] <= 0.03  # none planted; 24 of 1,200 (2%)
