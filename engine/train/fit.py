@@ -279,18 +279,26 @@ def _held(ds: Dataset, outcome: TrainOutcome) -> dict:
     return {split: (outcome.held_items or {}).get(split, ds.split(split)) for split in ("val", "test")}
 
 
-def _trust(cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome) -> tuple[dict, dict | None, dict | None]:
+def _trust(
+    cfg: TrainConfig, ds: Dataset, outcome: TrainOutcome, cb: Callbacks | None = None
+) -> tuple[dict, dict | None, dict | None]:
     """Calibrated probabilities per held-out split, the calibration block (None without validation images) and the
-    unfamiliar block (None without training features)."""
+    unfamiliar block (None without training features). Each step says so (at 100,000 images they take 20 s)."""
+    cb = cb or Callbacks()
     y = {split: np.array([s.label for s in items], dtype=np.int64) for split, items in _held(ds, outcome).items()}
     calibration = None
     if outcome.logits.get("val") is not None and len(outcome.logits["val"]) >= 2:
+        cb.on_progress(Progress(Phase.EVALUATING, 0, 2, message="calibrating the confidence"))
         calibration = calibrate(outcome.logits["val"], y["val"], outcome.logits.get("test"), y["test"], cfg.seed)
     t = calibration["temperature"] if calibration else 1.0
     probs = {split: None if lg is None else probabilities(lg, t) for split, lg in outcome.logits.items()}
     unfamiliar = None
     if outcome.features.get("train") is not None:
-        unfamiliar = familiarity_block(outcome.features["train"], outcome.features.get("val"), cfg.seed)
+
+        def near(done: int, total: int) -> None:
+            cb.on_progress(Progress(Phase.EVALUATING, done, total, message="finding each image's nearest neighbours"))
+
+        unfamiliar = familiarity_block(outcome.features["train"], outcome.features.get("val"), cfg.seed, near)
         unfamiliar["dim"] = int(outcome.features["train"].shape[1])
         if outcome.familiar_pretrained:
             unfamiliar["space"] = "pretrained"
@@ -309,7 +317,7 @@ def _save(
     """Calibrate and score the held-out splits, write the run folder, say where it went. ``stopped``: why automatic
     mode stopped the run early (then it is a completed run: its best epoch), "" otherwise."""
     cb.on_progress(Progress(Phase.EVALUATING, 0, 1))
-    probs, calibration, unfamiliar = _trust(cfg, ds, outcome)
+    probs, calibration, unfamiliar = _trust(cfg, ds, outcome, cb)
     held = _held(ds, outcome)
     metrics, predictions = split_report(ds.classes, held, probs)
     checks = _random_checks(ds, held["val"], probs.get("val"))

@@ -78,7 +78,9 @@ def cross_fitted_rate(distances: np.ndarray, seed: int = 0) -> float | None:
 COPY_DISTANCE = 0.01  # a training image this close to another one is a copy of it (the doctor's duplicates)
 
 
-def familiarity_block(train_features: np.ndarray, val_features: np.ndarray | None, seed: int = 0) -> dict:
+def familiarity_block(
+    train_features: np.ndarray, val_features: np.ndarray | None, seed: int = 0, progress=None
+) -> dict:
     """model.json/metrics.json's ``unfamiliar`` block: k, the threshold, and the cross-fitted flag rate.
 
     The threshold's held-out distances are the validation images' and the training images' own leave-one-out
@@ -87,10 +89,11 @@ def familiarity_block(train_features: np.ndarray, val_features: np.ndarray | Non
     splits of hymenoptera (84 validation images) it marked 5.0% of unseen same-class images on average but up to
     12.5%, and 80% of flower photos but as few as 57% in one split; with the training distances added, 4.6% (at
     most 10.0%) and 85% (at least 64%); on flowers the figures moved by under half a point (docs/benchmarks.md).
+    ``progress(done, total)`` follows the training images' neighbour search.
     """
     train_features = np.asarray(train_features, dtype=np.float32)
     loo = (
-        knn_distance(train_features, train_features, exclude_self=True)
+        knn_distance(train_features, train_features, exclude_self=True, progress=progress)
         if len(train_features) >= 2
         else np.zeros(0, np.float32)
     )
