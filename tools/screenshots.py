@@ -9,6 +9,7 @@ Also prints each job's summary line.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
@@ -36,7 +37,11 @@ def browse_and_check(app, w, browse_data, shot) -> None:
     d.check_btn.click()
     wait(app, lambda: d.doctor.summary.text().startswith("Checked") and not w.busy())  # (busy starts a moment later)
     print("check:", d.doctor.summary.text())
-    d.doctor.filter.setCurrentIndex(d.doctor.filter.findData("label"))
+    has_labels = re.search(r"<b>\d+</b> label", d.doctor.summary.text())  # (a folder may have none)
+    shown = "label" if has_labels else "near-duplicate"
+    d.doctor.filter.setCurrentIndex(d.doctor.filter.findData(shown))
+    if d.doctor.table.rowCount():
+        d.doctor.table.selectRow(0)
     wait(app, lambda: len(w.loader.pending) == 0, 60)
     shot("6-check.png")
     wait(app, lambda: "t-SNE" in d.map.caption.text(), 600)

@@ -32,8 +32,9 @@ AUTO_TEXT = (
 )
 FE_TEXT = (
     "<b>Feature extraction</b> keeps the pretrained network frozen and trains only a new final layer on "
-    "its features. Fast (each image is processed once), and the best choice when your images look like "
-    "everyday photos and you have few of them."
+    "its features: the last layer's, and its earlier layers' too where they tell your classes apart better "
+    "(strokes, textures, one kind of picture). Fast (each image is processed once), and the best choice when "
+    "you have few images, or pictures like everyday photos."
 )
 FT_TEXT = (
     "<b>Fine-tuning</b> also retrains the last stages of the network, with a lower learning rate. Slower "
