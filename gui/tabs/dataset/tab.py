@@ -45,12 +45,28 @@ class DatasetTab(QWidget):
     ``val_split``, ``test_split``, ``seed`` bound to the session, the Check and Map views (checks.py)."""
 
     def __init__(self, session: Session, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
-        # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
+        # Builds the widgets top to bottom, as they appear: each helper reads like the part of the layout it makes.
         super().__init__(parent)
         self.session = session
         self.folder = ""
         root = QVBoxLayout(self)
+        self._build_top(root)
+        self._build_split(root)
+        self._build_status(root)
+        splitter = QSplitter(Qt.Horizontal)
+        splitter.addWidget(self._build_classes())
+        splitter.addWidget(self._build_views(loader))
+        splitter.setSizes([520, 740])
+        root.addWidget(splitter, 1)
+        self.checks = DatasetChecks(self)
+        bind_spin(session, "val_split", self.val_pct, lambda v: v / 100.0, lambda v: 100 * v)
+        bind_spin(session, "test_split", self.test_pct, lambda v: v / 100.0, lambda v: 100 * v)
+        bind_spin(session, "seed", self.seed, int)
+        session.follow(("cross_fit", "val_split", "test_split", "seed"), self._describe, dataset=False)
+        session.open_labelled.connect(self.use_labels)
 
+    def _build_top(self, root: QVBoxLayout) -> None:
+        """Open folder, the recent folders and Check dataset."""
         top = QHBoxLayout()
         self.open_btn = QPushButton("Open folder…")
         self.open_btn.setToolTip(
@@ -62,7 +78,7 @@ class DatasetTab(QWidget):
         self.recent.setMinimumWidth(380)
         self.recent.setToolTip("Recently used folders")
         self.recent.activated.connect(lambda i: self.request_scan(self.recent.itemData(i)))
-        self.set_recent(session.recent)
+        self.set_recent(self.session.recent)
         self.check_btn = QPushButton("Check dataset")
         self.check_btn.setToolTip(
             "Find duplicates, copies across train and validation, images probably in the "
@@ -75,6 +91,8 @@ class DatasetTab(QWidget):
         top.addWidget(self.check_btn)
         root.addLayout(top)
 
+    def _build_split(self, root: QVBoxLayout) -> None:
+        """The validation and test shares and the seed, for folders not already split."""
         split = QGroupBox("Split (for folders that are not already split into train/ and val/)")
         sl = QHBoxLayout(split)
         self.val_pct = QDoubleSpinBox(suffix=" %", decimals=0, minimum=0, maximum=60, value=20, singleStep=5)
@@ -92,6 +110,8 @@ class DatasetTab(QWidget):
         sl.addStretch(1)
         root.addWidget(split)
 
+    def _build_status(self, root: QVBoxLayout) -> None:
+        """The folder's status line, the scan's progress and its warnings."""
         self.status = QLabel(
             "Open a folder of images to begin: one subfolder per class (e.g. photos/cats, photos/dogs)."
         )
@@ -105,7 +125,8 @@ class DatasetTab(QWidget):
         self.warnings.setStyleSheet("color: #9a5b00;")
         root.addWidget(self.warnings)
 
-        splitter = QSplitter(Qt.Horizontal)
+    def _build_classes(self) -> QWidget:
+        """The class table and the unreadable files."""
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(0, 0, 0, 0)
@@ -128,8 +149,10 @@ class DatasetTab(QWidget):
         self.skipped_table.verticalHeader().setVisible(False)
         self.skipped_table.setEditTriggers(QTableWidget.NoEditTriggers)
         ll.addWidget(self.skipped_table, 1)
-        splitter.addWidget(left)
+        return left
 
+    def _build_views(self, loader: ThumbnailLoader) -> QTabWidget:
+        """The Images, Check and Map views."""
         right = QWidget()
         rl = QVBoxLayout(right)
         rl.setContentsMargins(0, 0, 0, 0)
@@ -151,15 +174,7 @@ class DatasetTab(QWidget):
         self.map = DatasetMap()
         self.map.image_clicked.connect(self.select_image)
         self.views.addTab(self.map, "Map")
-        splitter.addWidget(self.views)
-        splitter.setSizes([520, 740])
-        root.addWidget(splitter, 1)
-        self.checks = DatasetChecks(self)
-        bind_spin(session, "val_split", self.val_pct, lambda v: v / 100.0, lambda v: 100 * v)
-        bind_spin(session, "test_split", self.test_pct, lambda v: v / 100.0, lambda v: 100 * v)
-        bind_spin(session, "seed", self.seed, int)
-        session.follow(("cross_fit", "val_split", "test_split", "seed"), self._describe, dataset=False)
-        session.open_labelled.connect(self.use_labels)
+        return self.views
 
     # ------------------------------------------------------------------------------------------------ actions
     def choose_folder(self) -> None:

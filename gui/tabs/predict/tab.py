@@ -75,6 +75,12 @@ class PredictTab(QWidget):
         self.status = QLabel("")
         root.addWidget(self.progress)
         root.addWidget(self.status)
+        root.addLayout(self._build_filters())
+        root.addWidget(self._build_table(loader), 1)
+        self._enable(False)
+
+    def _build_filters(self) -> QHBoxLayout:
+        """What the table shows (class, status, confidence) and what can be done with it."""
         fl = QHBoxLayout()
         self.class_filter = QComboBox()
         self.class_filter.addItem("All predictions", None)
@@ -117,7 +123,10 @@ class PredictTab(QWidget):
         fl.addWidget(self.sort_btn)
         fl.addWidget(self.export_csv_btn)
         fl.addWidget(self.export_model_btn)
-        root.addLayout(fl)
+        return fl
+
+    def _build_table(self, loader: ThumbnailLoader) -> QTableView:
+        """The predictions, sortable, with thumbnails for the rows on screen."""
         self.model = PredictionModel(loader, self)
         self.proxy = PredictionFilter(self)
         self.proxy.setSourceModel(self.model)
@@ -135,7 +144,6 @@ class PredictTab(QWidget):
         self.table.setColumnWidth(2, 120)
         self.table.setColumnWidth(4, 90)
         self.table.setColumnWidth(5, 260)
-        root.addWidget(self.table, 1)
         # Thumbnails only for the rows on screen, asked for shortly after the view scrolls, sorts or gets rows.
         self.thumb_timer = QTimer(self)
         self.thumb_timer.setSingleShot(True)
@@ -144,7 +152,7 @@ class PredictTab(QWidget):
         self.table.verticalScrollBar().valueChanged.connect(self.thumb_timer.start)
         self.proxy.layoutChanged.connect(self.thumb_timer.start)
         self.proxy.rowsInserted.connect(self.thumb_timer.start)
-        self._enable(False)
+        return self.table
 
     def _request_visible_thumbs(self) -> None:
         n = self.proxy.rowCount()

@@ -49,7 +49,7 @@ class ResultsTab(QWidget):
     folder; the run shown is the session's open run (Predict uses it)."""
 
     def __init__(self, session: Session, loader: ThumbnailLoader, parent: QWidget | None = None) -> None:
-        # Builds the widgets top to bottom, as they appear: one function reads like the layout it makes.
+        # Builds the widgets left to right, top to bottom: each helper reads like the part of the layout it makes.
         super().__init__(parent)
         self.session = session
         self.heatmaps = Heatmaps(session, self)
@@ -59,7 +59,25 @@ class ResultsTab(QWidget):
         self.runs_dir = ""
         root = QHBoxLayout(self)
         outer = QSplitter(Qt.Horizontal)
+        outer.addWidget(self._build_runs())
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(0, 0, 0, 0)
+        self.summary = QLabel("Train a model, or open a saved run (File ▸ Open run…).")
+        self.summary.setWordWrap(True)
+        self.summary.setTextFormat(Qt.RichText)
+        rl.addWidget(self.summary)
+        rl.addWidget(self._build_tables(), 1)
+        rl.addWidget(self._build_galleries(loader), 1)
+        outer.addWidget(right)
+        outer.setSizes([360, 920])
+        root.addWidget(outer)
+        session.trained.connect(self._trained)
+        session.runs_dir_changed.connect(self.set_runs_dir)
+        self.set_runs_dir(session.runs_dir)
 
+    def _build_runs(self) -> QWidget:
+        """The runs folder's table and the plot comparing the selected runs."""
         left = QWidget()
         ll = QVBoxLayout(left)
         ll.setContentsMargins(0, 0, 0, 0)
@@ -82,15 +100,10 @@ class ResultsTab(QWidget):
         self.compare.setLabel("bottom", "epoch")
         self.compare.addLegend(offset=(-10, -10))
         ll.addWidget(self.compare, 1)
-        outer.addWidget(left)
+        return left
 
-        right = QWidget()
-        rl = QVBoxLayout(right)
-        rl.setContentsMargins(0, 0, 0, 0)
-        self.summary = QLabel("Train a model, or open a saved run (File ▸ Open run…).")
-        self.summary.setWordWrap(True)
-        self.summary.setTextFormat(Qt.RichText)
-        rl.addWidget(self.summary)
+    def _build_tables(self) -> QSplitter:
+        """Per-class precision, recall and F1 beside the confusion matrix."""
         top = QSplitter(Qt.Horizontal)
         self.per_class = QTableWidget(0, 5)
         self.per_class.setHorizontalHeaderLabels(["Class", "Precision", "Recall", "F1", "Support"])
@@ -113,8 +126,10 @@ class ResultsTab(QWidget):
         cml.addWidget(self.cm)
         top.addWidget(cmw)
         top.setSizes([380, 420])
-        rl.addWidget(top, 1)
+        return top
 
+    def _build_galleries(self, loader: ThumbnailLoader) -> QTabWidget:
+        """The selected cell's images, the mistakes, the confidence view and Where it looked."""
         self.galleries = QTabWidget()
         cell_w = QWidget()
         cl = QVBoxLayout(cell_w)
@@ -148,13 +163,7 @@ class ResultsTab(QWidget):
         self.trust.threshold_saved.connect(self._save_threshold)
         self.galleries.addTab(self.trust, "Confidence")
         self.galleries.setCornerWidget(self.heatmap_btn)  # for the image selected in either gallery
-        rl.addWidget(self.galleries, 1)
-        outer.addWidget(right)
-        outer.setSizes([360, 920])
-        root.addWidget(outer)
-        session.trained.connect(self._trained)
-        session.runs_dir_changed.connect(self.set_runs_dir)
-        self.set_runs_dir(session.runs_dir)
+        return self.galleries
 
     def _trained(self, res) -> None:
         self.refresh_runs()
