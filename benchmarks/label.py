@@ -33,10 +33,12 @@ WITHIN = 0.02  # ... and within 2 points of every label with at most 15% of the 
 
 
 def _features(src: str):
+    """The folder embedded as the Label tab embeds a pile: the final features and the earlier layers' (``blocks``
+    says how the columns split; the rounds' head chooses between them as the app's does)."""
     ds = scan(src, val_split=0.0, test_split=0.0)
-    X = embed_dataset(TrainConfig(data=src), ds, Callbacks(), CancelToken()).features
+    emb = embed_dataset(TrainConfig(data=src), ds, Callbacks(), CancelToken(), taps=True)
     y = np.array([s.label for s in ds.samples])
-    return X, y, test_split(ds), ds.classes
+    return emb.features, y, test_split(ds), ds.classes, emb.blocks
 
 
 def test_split(ds) -> np.ndarray:
@@ -51,10 +53,10 @@ def _accuracy(head, X, y) -> float:
     return float(((X[:, : head["weight"].shape[1]] @ head["weight"].T + head["bias"]).argmax(1) == y).mean())
 
 
-def _train_on(X, y, picked, classes, seed):
+def _train_on(X, y, picked, classes, seed, blocks=None):
     known = np.full(len(y), -1)
     known[picked] = y[picked]
-    return suggest(X, known, classes, 0, seed).head
+    return suggest(X, known, classes, 0, seed, blocks=blocks).head
 
 
 def run_bench_label(a) -> int:
@@ -72,15 +74,15 @@ def run_bench_label(a) -> int:
         elif not os.path.isdir(src):
             print(f"{src}: not found, skipped")
             continue
-        X, y, test, classes = _features(src)
+        X, y, test, classes, blocks = _features(src)
         pool = np.flatnonzero(~test)
         Xp, yp, Xt, yt = X[pool], y[pool], X[test], y[test]
         C = len(classes)
         budget = max(int(a.max_share * len(pool)), PER_CLASS * C)  # (10 a class measured even past 15%)
         budget = min(budget, a.max_per_class * C, len(pool)) if a.max_per_class else min(budget, len(pool))
-        all_acc = _accuracy(_train_on(Xp, yp, np.arange(len(pool)), classes, 0), Xt, yt)
+        all_acc = _accuracy(_train_on(Xp, yp, np.arange(len(pool)), classes, 0, blocks), Xt, yt)
         stop = all_acc - WITHIN if a.seeds == 1 else None  # (several seeds: every one to the budget, then averaged)
-        runs = [_trajectory(Xp, yp, Xt, yt, classes, budget, seed, stop) for seed in range(a.seeds)]
+        runs = [_trajectory(Xp, yp, Xt, yt, classes, budget, seed, stop, blocks) for seed in range(a.seeds)]
         curve, t_round, known = runs[0]
         if a.seeds > 1:  # (by number of labels: a short batch, copies in the folder, can shift one user's rounds)
             accs = [{n: acc for n, acc, _ in r[0]} for r in runs]
@@ -91,7 +93,7 @@ def run_bench_label(a) -> int:
         for n, acc, s in curve:
             if n % (2 * ROUND) and n != curve[-1][0]:
                 continue
-            rand = _random(Xp, yp, Xt, yt, n, classes)
+            rand = _random(Xp, yp, Xt, yt, n, classes, blocks)
             est = f"{s.estimate:.3f} ({s.estimate_range[0]:.2f}-{s.estimate_range[1]:.2f}, {s.checks} checks)" if (
                 s.estimate is not None) else f"- ({s.checks} checks)"  # fmt: skip
             print(f"{n:7d} {n / C:9.1f} {acc:6.3f} {np.nanmean(rand):7.3f}  {est}")
@@ -112,11 +114,11 @@ def run_bench_label(a) -> int:
             f", {right:.3f} right (the app's own estimate: {last.accept['right_so_far']}); "
             f"a round (suggest + next {ROUND}) took {np.median(t_round):.2f} s (median)"
         )
-        _verdicts(name, curve, Xp, yp, Xt, yt, classes, within, len(pool), right)
+        _verdicts(name, curve, Xp, yp, Xt, yt, classes, within, len(pool), right, blocks)
     return 0
 
 
-def _trajectory(Xp, yp, Xt, yt, classes, budget: int, seed: int, stop: float | None):
+def _trajectory(Xp, yp, Xt, yt, classes, budget: int, seed: int, stop: float | None, blocks=None):
     """A simulated user answering the app's questions (seed ``seed``) until ``budget`` labels, or until the head
     reaches ``stop`` past 10 labels a class. Returns [(labels, test accuracy, the round's Suggestions)], each
     round's seconds, and the labels given (-1: none)."""
@@ -124,28 +126,29 @@ def _trajectory(Xp, yp, Xt, yt, classes, budget: int, seed: int, stop: float | N
     curve, t_round = [], []
     while (known >= 0).sum() < budget:
         t0 = time.perf_counter()
-        s = suggest(Xp, known, classes, ROUND, seed)
+        s = suggest(Xp, known, classes, ROUND, seed, blocks=blocks)
         t_round.append(time.perf_counter() - t0)
         known[s.ask] = yp[s.ask]  # the folder's own class answers
         n = int((known >= 0).sum())
-        s = suggest(Xp, known, classes, 0, seed)
+        s = suggest(Xp, known, classes, 0, seed, blocks=blocks)
         curve.append((n, _accuracy(s.head, Xt, yt), s))
         if stop is not None and n >= PER_CLASS * len(classes) and curve[-1][1] >= stop:  # both targets' figures in
             break
     return curve, t_round, known
 
 
-def _random(Xp, yp, Xt, yt, n: int, classes) -> list[float]:
+def _random(Xp, yp, Xt, yt, n: int, classes, blocks=None) -> list[float]:
     """Test accuracy of the same trainer on ``n`` pool images drawn at random, for each of three seeds."""
-    return [_accuracy(_train_on(Xp, yp, np.random.default_rng(r).choice(len(yp), n, False), classes, r), Xt, yt)
+    return [_accuracy(_train_on(Xp, yp, np.random.default_rng(r).choice(len(yp), n, False), classes, r, blocks), Xt, yt)
             for r in range(3)]  # fmt: skip
 
 
-def _verdicts(name, curve, Xp, yp, Xt, yt, classes, within, pool: int, right: float) -> None:
+def _verdicts(name, curve, Xp, yp, Xt, yt, classes, within, pool: int, right: float, blocks=None) -> None:
     """The issue's three targets on this folder, each met or not, from the figures above."""
     C = len(classes)
     app = next((acc for n, acc, _ in curve if n == PER_CLASS * C), None)
-    rand = np.nanmean(_random(Xp, yp, Xt, yt, 2 * PER_CLASS * C, classes)) if 2 * PER_CLASS * C <= pool else None
+    twice = 2 * PER_CLASS * C
+    rand = np.nanmean(_random(Xp, yp, Xt, yt, twice, classes, blocks)) if twice <= pool else None
     if app is None or rand is None:
         first = "not measured (the pool or the budget is too small)"
     else:

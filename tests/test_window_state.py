@@ -201,3 +201,25 @@ def test_typing_class_names_one_after_another_never_labels(qtbot, session, tmp_p
     qtbot.keyClicks(tab.new_class, "sheep")
     qtbot.keyClick(tab.new_class, Qt.Key_Return)
     assert tab.classes == ["cats", "sheep"] and not skipped
+
+
+@pytest.mark.parametrize("strategy", ["", "feature-extraction"])
+def test_the_heads_two_feature_sets_plot_as_two_paths(qtbot, strategy):
+    """Feature extraction reports one point per strength for each feature set in turn: the plot breaks the line
+    between the sets (alone, and in automatic mode's race), and counts only real points."""
+    import math
+
+    from engine.events import EpochMetrics
+    from gui.tabs.training.plots import LivePlots
+
+    plots = LivePlots()
+    qtbot.addWidget(plots)
+    labels = ["final features, C 0.001", "final features, C 0.003", "with the earlier layers, C 0.001"]
+    for i, label in enumerate(labels):
+        plots.add_epoch(EpochMetrics(i + 1, 3, 0.5, 0.8, 0.6 - i / 10, 0.7, 0.0, 0.1, 0.0, False,
+                                     strategy=strategy, elapsed=float(i), label=f"head, {label}"))  # fmt: skip
+    key = f"race:{strategy}:loss" if strategy else "val_loss"
+    ys = plots.data[key][1]
+    assert len(ys) == 4 and math.isnan(ys[2]) and not any(math.isnan(v) for v in ys[:2] + ys[3:])
+    assert plots.point_count() == (6 if strategy else 12)  # validation loss and accuracy (and train, alone) x 3
+    plots.redraw()

@@ -31,13 +31,14 @@ class LivePlots(QWidget):
             p.addLegend(offset=(-10, 10))
             lay.addWidget(p)
         blue, orange = (31, 119, 180), (255, 127, 14)
+        line = {"symbol": "o", "symbolSize": 5, "connect": "finite"}  # (a NaN point breaks the line: _break)
         self.curves = {
             "train_loss_live": self.loss_plot.plot(pen=pg.mkPen(blue + (90,), width=1)),
-            "train_loss": self.loss_plot.plot(pen=pg.mkPen(blue, width=2), symbol="o", symbolSize=5, name="train"),
-            "val_loss": self.loss_plot.plot(pen=pg.mkPen(orange, width=2), symbol="o", symbolSize=5, name="validation"),
+            "train_loss": self.loss_plot.plot(pen=pg.mkPen(blue, width=2), name="train", **line),
+            "val_loss": self.loss_plot.plot(pen=pg.mkPen(orange, width=2), name="validation", **line),
             "train_acc_live": self.acc_plot.plot(pen=pg.mkPen(blue + (90,), width=1)),
-            "train_acc": self.acc_plot.plot(pen=pg.mkPen(blue, width=2), symbol="o", symbolSize=5, name="train"),
-            "val_acc": self.acc_plot.plot(pen=pg.mkPen(orange, width=2), symbol="o", symbolSize=5, name="validation"),
+            "train_acc": self.acc_plot.plot(pen=pg.mkPen(blue, width=2), name="train", **line),
+            "val_acc": self.acc_plot.plot(pen=pg.mkPen(orange, width=2), name="validation", **line),
         }
         self.clear()
         self.timer = QTimer(self)
@@ -61,6 +62,7 @@ class LivePlots(QWidget):
                 legend.addItem(self.curves["val" + prefix], "validation")
         self.data = {k: ([], []) for k in self.curves}
         self.race = False
+        self.group, self.group_seen = "", False
         for p in (self.loss_plot, self.acc_plot):
             p.setLabel("bottom", "epoch")
         self.dirty = True
@@ -78,8 +80,9 @@ class LivePlots(QWidget):
         for strategy, (colour, name) in self.RACE.items():
             for what, plot in (("loss", self.loss_plot), ("acc", self.acc_plot)):
                 key = f"race:{strategy}:{what}"
+                pen = pg.mkPen(colour, width=2)
                 self.curves[key] = plot.plot(
-                    pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=5, name=f"{name} (validation)"
+                    pen=pen, symbol="o", symbolSize=5, connect="finite", name=f"{name} (validation)"
                 )
                 self.data[key] = ([], [])
 
@@ -92,10 +95,25 @@ class LivePlots(QWidget):
             self.data[key][1].append(y)
         self.dirty = True
 
+    def _break(self, m: EpochMetrics, keys) -> None:
+        """Feature extraction's head reports one point per regularisation strength, for each feature set in turn
+        ("final features, C 0.01", then "with the earlier layers, C 0.0003"): a gap between the sets, so that the
+        plot shows two paths rather than one curve jumping back up."""
+        group = m.label.rsplit(", C ", 1)[0]
+        if group != getattr(self, "group", "") and self.group_seen:
+            for key in keys:
+                xs, ys = self.data[key]
+                if xs:
+                    xs.append(xs[-1])
+                    ys.append(float("nan"))
+        self.group, self.group_seen = group, True
+
     def add_epoch(self, m: EpochMetrics) -> None:
         if m.strategy:
             if not self.race:
                 self._start_race()
+            if m.label:
+                self._break(m, [f"race:{m.strategy}:{what}" for what in ("loss", "acc")])
             for what, y in (("loss", m.val_loss), ("acc", m.val_accuracy)):
                 if y == y:
                     xs, ys = self.data[f"race:{m.strategy}:{what}"]
@@ -103,6 +121,8 @@ class LivePlots(QWidget):
                     ys.append(y)
             self.dirty = True
             return
+        if m.label:
+            self._break(m, ["train_loss", "val_loss", "train_acc", "val_acc"])
         for key, y in (
             ("train_loss", m.train_loss),
             ("val_loss", m.val_loss),
@@ -115,7 +135,7 @@ class LivePlots(QWidget):
         self.dirty = True
 
     def point_count(self) -> int:
-        return sum(len(x) for x, _ in self.data.values())
+        return sum(sum(1 for v in ys if v == v) for _, ys in self.data.values())  # (not the gaps between sets)
 
     def redraw(self) -> None:
         if not self.dirty:
