@@ -294,15 +294,21 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     Z = X @ (scale[:, None] * V) - (centre * scale) @ V if V is not None else (X - centre) * scale
     shift = Z.mean(0)
     Z -= shift  # (the bias is free: centring only helps the solver)
+    # Fewer images than columns (a labelling round: 300 labels, axes from the whole pile): every head's weights lie in
+    # the span of the centred rows (the loss's gradient does, and any other part only adds to the penalty), so the
+    # heads are solved on the rows' coordinates in an orthonormal basis of that span, the same optimum in fewer
+    # columns, and turned back at the end.
+    Q = np.linalg.qr(Z.T)[0].astype(np.float32) if len(Z) < Z.shape[1] else None
+    Zs = Z @ Q if Q is not None else Z
     per = weights.shape[1]
     best, table, solved, rising = None, [], None, 0
     for ci, c in enumerate(Cs):  # strongest first, each from the one before: a regularisation path
         lam = np.array([1.0 / (c * max(float(weights[:, h].sum()), 1e-12)) for h in range(per)], np.float32)
-        solved = solve(Z, y, weights, lam, num_classes, max_iter=MAX_ITER, cancel=cancel, observe=report,
+        solved = solve(Zs, y, weights, lam, num_classes, max_iter=MAX_ITER, cancel=cancel, observe=report,
                        init=solved)  # fmt: skip
-        oof = _out_of_fold(Z, solved.weight, solved.bias, 0, folds, k)
+        oof = _out_of_fold(Zs, solved.weight, solved.bias, 0, folds, k)
         ce = per_image_ce(oof, y)
-        report.solved(name, c, Z, solved, oof, ce)
+        report.solved(name, c, Zs, solved, oof, ce)
         table.append({"C": c, "loss": float(ce[fair].mean()), "accuracy": float((oof.argmax(1) == y)[fair].mean())})
         if best is None or table[-1]["loss"] < table[best[0]]["loss"]:
             best, rising = (ci, oof, ce, solved), 0
@@ -314,6 +320,7 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     heads = []
     for h in range(per):  # logits = ((x - centre) * scale @ V - shift) @ W + b, as one linear map of x
         W, b = solved.weight[h], solved.bias[h]
+        W = Q @ W if Q is not None else W
         VW = V @ W if V is not None else W  # (cols, C)
         weight = (scale[:, None] * VW).T
         bias = b - shift @ W - (centre * scale) @ VW
