@@ -318,16 +318,11 @@ def _lite_net(body):
 
 
 def _lite_stages(body) -> list[list[str]]:
-    """Stages: stem, the block groups of the architecture (consecutive blocks with the same output width), the 1x1
-    head conv (its BatchNorm last: the final feature map, which heatmaps explain). Lite0: 1+7+1 stages."""
-    groups: list[list[str]] = []
-    last = None
-    for i, b in enumerate(body._blocks):
-        width = b._block_args.output_filters
-        if width != last:
-            groups.append([])
-            last = width
-        groups[-1].append(f"_blocks.{i}")
+    """Stages: stem, the block groups of the architecture (engine/network/depths.py ``lite_block_groups``), the
+    1x1 head conv (its BatchNorm last: the final feature map, which heatmaps explain). Lite0: 1+7+1 stages."""
+    from engine.network.depths import lite_block_groups
+
+    groups = [[f"_blocks.{i}" for i in g] for g in lite_block_groups(body)]
     return [["_conv_stem", "_bn0"], *groups, ["_conv_head", "_bn1"]]
 
 

@@ -82,9 +82,14 @@ def lite_forward(body, x, taps: bool):
 
 
 def _groups(body) -> list[list[int]]:
-    """Block indices of each stage as FeatureNet numbers them ([stem], groups 1-7): consecutive blocks with the
-    same output width."""
-    groups: list[list[int]] = [[]]
+    """Block indices of each stage as FeatureNet numbers them ([stem], groups 1-7)."""
+    return [[], *lite_block_groups(body)]
+
+
+def lite_block_groups(body) -> list[list[int]]:
+    """The block indices of each of the architecture's block groups (consecutive blocks with the same output
+    width): Lite0's seven."""
+    groups: list[list[int]] = []
     last = None
     for i, b in enumerate(body._blocks):
         width = b._block_args.output_filters
