@@ -67,7 +67,7 @@ def lite_forward(body, x, taps: bool):
     x = body._swish(body._bn0(body._conv_stem(x)))
     ends = {}
     if taps:
-        groups = _groups(body)
+        groups = [[], *lite_block_groups(body)]  # as FeatureNet numbers the stages: [stem], groups 1-7
         ends = {groups[g][-1]: pool for g, pool in LITE_TAPS}
     parts = []
     n = len(body._blocks)
@@ -79,11 +79,6 @@ def lite_forward(body, x, taps: bool):
     x = body._swish(body._bn1(body._conv_head(x)))
     final = x.mean((2, 3))
     return torch.cat([final, *parts], 1) if parts else final
-
-
-def _groups(body) -> list[list[int]]:
-    """Block indices of each stage as FeatureNet numbers them ([stem], groups 1-7)."""
-    return [[], *lite_block_groups(body)]
 
 
 def lite_block_groups(body) -> list[list[int]]:
