@@ -277,7 +277,12 @@ def test_paired_intervals_hold_on_a_handful_of_images():
     """Every interval the comparison prints has width on a few images, and matches published values."""
     import numpy as np
 
-    from engine.trust.scores import paired_accuracy_difference, paired_mean_difference, wilson_interval
+    from engine.trust.scores import (
+        paired_accuracy_difference,
+        paired_mean_difference,
+        t_quantile_975,
+        wilson_interval,
+    )
 
     for n, half in ((3, 0.5615), (10, 0.2775), (100, 0.0370)):  # both right on every image: -z^2/(n+z^2) .. +
         d = paired_accuracy_difference(np.ones(n, bool), np.ones(n, bool))
@@ -290,3 +295,5 @@ def test_paired_intervals_hold_on_a_handful_of_images():
     assert [round(v, 3) for v in wilson_interval(3, 3)] == [0.438, 1.0]
     m, (lo, hi) = paired_mean_difference(np.array([0.1, 0.3, 0.2]))  # t with 2 degrees of freedom: 4.303
     assert round(m, 3) == 0.2 and round(hi - m, 3) == round(4.303 * 0.1 / np.sqrt(3), 3)
+    # Student's t tables: 2.042 at 30 degrees of freedom, 1.984 at 100, 1.962 at 1000
+    assert [round(t_quantile_975(df), 3) for df in (2, 29, 30, 100, 1000)] == [4.303, 2.045, 2.042, 1.984, 1.962]

@@ -35,8 +35,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import gammainc
 
 from engine.events import CancelToken
 from engine.train.crossfit import K_FOLDS, fold_ids
@@ -100,6 +98,8 @@ def fit_with_noise(logits: np.ndarray, y: np.ndarray, num_classes: int) -> tuple
     the classes (products 5.6% for 5.6%, scans 4.2% for 4.2%, hand signs 1.7% for 1.7%), lower where they do not
     (flowers 0.0-0.5% for 0.5%), and 0.0% on every folder without planted labels; T sharper than one temperature
     alone where the folder is easy (scans 0.01 against 1.05), about the same where it is hard (flowers 0.84 / 0.86)."""
+    from scipy.optimize import minimize  # (here: a training run imports this module but never calls it)
+
     z = np.asarray(logits, np.float64)
     y = np.asarray(y, np.int64)
     if len(y) == 0 or num_classes < 2:
@@ -120,6 +120,8 @@ def fit_with_noise(logits: np.ndarray, y: np.ndarray, num_classes: int) -> tuple
 def check_labels(probs: np.ndarray, y: np.ndarray, min_precision: float = MIN_PRECISION) -> LabelCheck:
     """The wrong-label findings that ``probs`` (calibrated, out of sample) support, at the level of estimated
     precision ``min_precision`` (see the module docstring)."""
+    from scipy.special import gammainc
+
     n, C = probs.shape
     rows = np.arange(n)
     given = probs[rows, y]

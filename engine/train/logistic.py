@@ -53,10 +53,10 @@ def _loss_grad(Xa, y, rows, Mn, lam, T):
     n, D1 = Xa.shape
     _, C, h = T.shape
     Z = (Xa @ T.reshape(D1, C * h)).reshape(n, C, h)
-    Z -= Z.max(1, keepdims=True)
+    Z -= _over_classes(np.maximum, Z)[:, None, :]
     zy = Z[rows, y]  # (n, h): each image's own class
     np.exp(Z, out=Z)
-    s = Z.sum(1)
+    s = _over_classes(np.add, Z)
     Wp = T[:-1]
     loss = -(Mn * (zy - np.log(s))).sum(0, dtype=np.float64) + 0.5 * lam * _dot(Wp, Wp)
     Z /= s[:, None, :]
@@ -65,6 +65,17 @@ def _loss_grad(Xa, y, rows, Mn, lam, T):
     g = (Xa.T @ Z.reshape(n, C * h)).reshape(D1, C, h)
     g[:-1] += lam * Wp
     return loss, g
+
+
+def _over_classes(op: np.ufunc, Z: np.ndarray) -> np.ndarray:
+    """``op`` reduced over the classes (axis 1) of ``Z`` (n, C, h): with few classes slab by slab, 3-4x faster than
+    NumPy's reduction over a middle axis (on flowers' heads 0.1 ms against 0.45 ms a call)."""
+    if Z.shape[1] > 16:
+        return op.reduce(Z, axis=1)
+    out = Z[:, 0].copy()
+    for c in range(1, Z.shape[1]):
+        op(out, Z[:, c], out=out)
+    return out
 
 
 def solve(
@@ -111,7 +122,7 @@ def solve(
         T /= P
     f, g = _loss_grad(Xa, y, rows, Mn, lam, T * P)
     g *= P
-    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (s, y, rho) over the active heads
+    memory = _Memory(H, (D + 1) * C)  # the correction pairs of the active heads
     active = np.arange(H)
     converged = np.zeros(H, bool)
     it = 0
@@ -119,21 +130,21 @@ def solve(
         if cancel is not None:
             cancel.raise_if_cancelled()
         Ta, ga, fa = T[..., active], g[..., active], f[active]
-        d = _direction(ga, pairs)
+        d = memory.direction(ga)
         slope = _dot(ga, d)
         bad = slope >= 0  # not a descent direction (curvature lost): that head steps along its gradient
         if bad.any():
             d[..., bad] = -ga[..., bad]
             slope[bad] = -_dot(ga[..., bad], ga[..., bad])
         if it == 1:  # no curvature yet: a first step of unit length in the largest coordinate
-            t = 1.0 / np.maximum(np.abs(ga).max((0, 1)), 1e-12)
+            t = np.minimum(1.0, 1.0 / np.maximum(np.abs(ga).max((0, 1)), 1e-12))
         else:
             t = np.ones(len(active))
         nT, ng, nf = Ta.copy(), ga.copy(), fa.copy()
         todo = np.arange(len(active))
         for _ in range(MAX_HALVINGS if it > 1 else 30):
             heads = active[todo]
-            trial = Ta[..., todo] + (t[todo] * d[..., todo]).astype(np.float32)
+            trial = Ta[..., todo] + d[..., todo] * t[todo].astype(np.float32)
             lf, lg = _loss_grad(Xa, y, rows, Mn[:, heads], lam[heads], trial * P[..., heads])
             lg *= P[..., heads]
             ok = lf <= fa[todo] + ARMIJO * t[todo] * slope[todo]
@@ -146,11 +157,7 @@ def solve(
         # no decrease even for tiny steps: at its minimum to the arithmetic's precision (kept as it was)
         stuck = np.zeros(len(active), bool)
         stuck[todo] = True
-        s, yv = nT - Ta, ng - ga
-        sy = _dot(s, yv)
-        pairs.append((s, yv, np.where(sy > 1e-12, 1.0 / np.maximum(sy, 1e-12), 0.0).astype(np.float32)))
-        if len(pairs) > MEMORY:
-            pairs.pop(0)
+        memory.add(nT - Ta, ng - ga)
         flat = fa - nf <= 1e-7 * np.abs(nf)
         T[..., active], g[..., active], f[active] = nT, ng, nf
         done = stuck | flat | (np.abs(ng / P[..., active]).max((0, 1)) <= tol)
@@ -160,24 +167,69 @@ def solve(
         if done.any():
             keep = ~done
             active = active[keep]
-            pairs = [(a[..., keep], b[..., keep], r[keep]) for a, b, r in pairs]
+            memory.keep(keep)
             if not len(active):
                 break
     T *= P
     return Solved(np.ascontiguousarray(T[:-1].transpose(2, 0, 1)), np.ascontiguousarray(T[-1].T), it, converged, f)
 
 
-def _direction(g: np.ndarray, pairs: list) -> np.ndarray:
-    """L-BFGS's two-loop recursion, per head: minus the inverse-Hessian estimate times the gradient."""
-    q = g.copy()
-    alphas = []
-    for s, yv, r in reversed(pairs):
-        a = r * _dot(s, q)
-        q -= a * yv
-        alphas.append(a)
-    if pairs:
-        s, yv, r = pairs[-1]
-        q *= np.where(r > 0, _dot(s, yv) / np.maximum(_dot(yv, yv), 1e-30), 1.0).astype(np.float32)
-    for (s, yv, r), a in zip(pairs, reversed(alphas)):
-        q += (a - r * _dot(yv, q)) * s
-    return -q
+class _Memory:
+    """The L-BFGS correction pairs of every active head, and minus the inverse-Hessian estimate times a gradient in
+    the compact form of Byrd, Nocedal & Schnabel (1994, eq. 3.1): a few batched products over all pairs and heads at
+    once. The pairs sit in a ring of ``MEMORY`` slots, each head's (h, slots, N) with N = (D+1) * C, and their inner
+    products ``s_i.y_j`` and ``y_i.y_j`` are kept up to date as pairs arrive (one product with the new pair), so a
+    direction reads the pairs twice. The two-loop recursion it replaces made ~4 NumPy calls per pair and
+    iteration: with few labels (a labelling round: 300 images) those calls were 0.43 s of a 1 s solve. A pair whose
+    curvature ``s.y`` is not positive is left out for that head (it would not keep the estimate positive
+    definite)."""
+
+    def __init__(self, heads: int, N: int) -> None:
+        self.S = np.zeros((heads, MEMORY, N), np.float32)
+        self.Y = np.zeros((heads, MEMORY, N), np.float32)
+        self.SY = np.zeros((heads, MEMORY, MEMORY))  # s_i . y_j, slot by slot
+        self.YY = np.zeros((heads, MEMORY, MEMORY))
+        self.order: list[int] = []  # the filled slots, oldest first
+
+    def add(self, s: np.ndarray, y: np.ndarray) -> None:
+        """A new pair per head, ``s`` and ``y`` (D+1, C, h) as the weights are laid out."""
+        h = s.shape[-1]
+        slot = self.order.pop(0) if len(self.order) == MEMORY else len(self.order)
+        self.S[:, slot] = s.reshape(-1, h).T
+        self.Y[:, slot] = y.reshape(-1, h).T
+        self.order.append(slot)
+        sn, yn = self.S[:, slot, :, None], self.Y[:, slot, :, None]
+        self.SY[:, slot, :] = np.matmul(self.Y, sn)[..., 0]  # new s . every y
+        self.SY[:, :, slot] = np.matmul(self.S, yn)[..., 0]  # every s . new y
+        self.YY[:, slot, :] = self.YY[:, :, slot] = np.matmul(self.Y, yn)[..., 0]
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Only these heads go on."""
+        self.S, self.Y, self.SY, self.YY = self.S[mask], self.Y[mask], self.SY[mask], self.YY[mask]
+
+    def direction(self, g: np.ndarray) -> np.ndarray:
+        D1, C, h = g.shape
+        if not self.order:
+            return -g
+        o = np.array(self.order)
+        m = len(o)
+        gh = np.ascontiguousarray(g.reshape(D1 * C, h).T)[:, :, None]  # (h, N, 1)
+        a = np.matmul(self.S, gh)[:, o, 0].astype(np.float64)  # (h, m): s_i . g, oldest first
+        b = np.matmul(self.Y, gh)[:, o, 0].astype(np.float64)
+        SY = self.SY[:, o][:, :, o]
+        YY = self.YY[:, o][:, :, o]
+        sy = np.diagonal(SY, axis1=1, axis2=2)
+        good = sy > 1e-12  # (h, m)
+        both = good[:, :, None] & good[:, None, :]
+        R = np.where(both, np.triu(SY), 0.0) + (np.eye(m, dtype=bool)[None] & ~good[:, :, None])  # (left out: 1)
+        YY = np.where(both, YY, 0.0)
+        a, b = np.where(good, a, 0.0), np.where(good, b, 0.0)
+        gamma = np.where(good[:, -1], sy[:, -1] / np.maximum(YY[:, -1, -1], 1e-30), 1.0)  # H0 = gamma I
+        Ra = np.linalg.solve(R, a[:, :, None])[..., 0]  # R^-1 a
+        inner = np.where(good, sy, 0.0) * Ra + gamma[:, None] * (np.matmul(YY, Ra[:, :, None])[..., 0] - b)
+        c1 = np.zeros((h, 1, MEMORY), np.float32)
+        c2 = np.zeros((h, 1, MEMORY), np.float32)
+        c1[:, 0, o] = np.linalg.solve(R.transpose(0, 2, 1), inner[:, :, None])[..., 0]
+        c2[:, 0, o] = -gamma[:, None] * Ra
+        Hg = np.matmul(c1, self.S)[:, 0] + np.matmul(c2, self.Y)[:, 0] + gamma[:, None].astype(np.float32) * gh[..., 0]
+        return -np.ascontiguousarray(Hg.T).reshape(D1, C, h)

@@ -56,11 +56,25 @@ def paired_mean_difference(x: np.ndarray, z_or_t: float | None = None) -> tuple[
     n = len(x)
     if n < 2:
         return (float(x.mean()) if n else 0.0), (-math.inf, math.inf)
-    from scipy.stats import t as student
-
-    half = (z_or_t or float(student.ppf(0.975, n - 1))) * float(x.std(ddof=1)) / math.sqrt(n)
+    half = (z_or_t or t_quantile_975(n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
     m = float(x.mean())
     return m, (m - half, m + half)
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 97.5% quantile: from its expansion about the normal's (Abramowitz & Stegun 26.7.5; within 1e-6 of
+    the exact value from 30 degrees of freedom), from SciPy below that (importing scipy.special costs a cached
+    rerun 0.2 s)."""
+    if df < 30:
+        from scipy.special import stdtrit
+
+        return float(stdtrit(df, 0.975))
+    x = 1.959963984540054
+    g1 = (x**3 + x) / 4
+    g2 = (5 * x**5 + 16 * x**3 + 3 * x) / 96
+    g3 = (3 * x**7 + 19 * x**5 + 17 * x**3 - 15 * x) / 384
+    g4 = (79 * x**9 + 776 * x**7 + 1482 * x**5 - 1920 * x**3 - 945 * x) / 92160
+    return x + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
