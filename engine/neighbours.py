@@ -105,6 +105,9 @@ def most_similar(
 
 
 def _top(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if k == 1 and sim.shape[1]:  # (the nearest alone: argmax is 3x cheaper than a partition)
+        idx = sim.argmax(1)[:, None]
+        return np.take_along_axis(sim, idx, 1), idx
     kk = min(k, sim.shape[1])
     idx = np.argpartition(-sim, kk - 1, axis=1)[:, :kk] if kk < sim.shape[1] else np.tile(np.arange(kk), (len(sim), 1))
     val = np.take_along_axis(sim, idx, 1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -315,11 +315,15 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     Q = np.linalg.qr(Z.T)[0].astype(np.float32) if len(Z) < Z.shape[1] else None
     Zs = Z @ Q if Q is not None else Z
     per = weights.shape[1]
-    best, table, solved, rising = None, [], None, 0
+    best, table, solved, before, rising = None, [], None, None, 0
     for ci, c in enumerate(Cs):  # strongest first, each from the one before: a regularisation path
         lam = np.array([1.0 / (c * max(float(weights[:, h].sum()), 1e-12)) for h in range(per)], np.float32)
+        start = solved
+        if before is not None:  # along the path in log C, from the last two strengths' heads (-20% iterations)
+            start = replace(solved, weight=2 * solved.weight - before.weight, bias=2 * solved.bias - before.bias)
+        before = solved
         solved = solve(Zs, y, weights, lam, num_classes, max_iter=MAX_ITER, cancel=cancel, observe=report,
-                       init=solved)  # fmt: skip
+                       init=start)  # fmt: skip
         oof = _out_of_fold(Zs, solved.weight, solved.bias, 0, folds, k)
         ce = per_image_ce(oof, y)
         report.solved(name, c, Zs, solved, oof, ce)
@@ -392,7 +396,7 @@ class _Reporter:
         self.epoch += 1
         h = k if self.per > k else 0
         own = np.ones(len(y), bool) if self.per > k else self.folds != 0
-        train = Z[own] @ s.weight[h] + s.bias[h]
+        train = (Z @ s.weight[h] + s.bias[h])[own]  # (no copy of the features)
         loss = float(ce[fair].mean())
         improved = loss < self.best - 1e-6
         self.best = min(self.best, loss)
