@@ -706,6 +706,44 @@ def test_each_int8_flavour_agrees_with_fp32_on_a_synthetic_folder(flavour, flat_
         assert ob.agreement(ob.OrtForward(path, pre, "int8")(sample), exact).mean() > 0.999
 
 
+def test_int8_graph_with_taps_agrees_with_fp32_on_every_part(flat_data, tmp_path):
+    """The graph that also returns the intermediate stages' features (engine/network/depths.py) quantised as the app
+    makes it: the taps' pooling and the output's Concat stay in float (quantised, one 7-bit scale was shared by the
+    final features and the taps, and the final features agreed with fp32 at 0.93), so the final features and the
+    taps each agree with fp32 past --precision auto's thresholds, and the final features are those of the graph
+    without taps."""
+    import onnx
+
+    from engine.embed.embeddings import _sample_pixels
+    from engine.network import int8 as q
+    from engine.network import onnx_runtime as ob
+    from engine.network.backbones import load_backbone
+
+    bb = load_backbone()
+    pre, final_dim = bb.preprocessing, bb.net.final_dim
+    paths = sorted(str(p) for p in flat_data.rglob("*.jpg"))
+    calib, sample = _sample_pixels(paths, pre, ob.CALIBRATION, 0), _sample_pixels(paths, pre, ob.SAMPLE, 1)
+    batches = [ob._normalise(calib[i : i + 8], pre) for i in range(0, len(calib), 8)]
+    graphs = {}
+    for name, taps in (("plain", False), ("taps", True)):
+        bb.net.with_taps(taps)
+        fp32, path = str(tmp_path / f"{name}.fp32.onnx"), str(tmp_path / f"{name}.int8.onnx")
+        ob.export_graph(bb.net, pre, fp32)
+        info = q.quantize(fp32, path, batches, "a7")
+        graphs[name] = (ob.OrtForward(fp32, pre, "fp32")(sample), ob.OrtForward(path, pre, "int8", exact=True)(sample))
+    g = onnx.load(path).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    assert not any(producer.get(i) == "DequantizeLinear" for n in g.node if n.op_type == "Concat" for i in n.input)
+    ref, int8 = graphs["taps"]
+    assert ref.shape[1] > final_dim
+    for part in (slice(0, final_dim), slice(final_dim, None)):
+        cos = ob.agreement(int8[:, part], ref[:, part])
+        assert cos.min() >= ob.MIN_COSINE and cos.mean() >= ob.MIN_MEAN_COSINE, (part, cos.min(), cos.mean())
+    assert np.allclose(int8[:, :final_dim], graphs["plain"][1], atol=1e-5)
+    assert info["taps_pooled_in_float"] > 0
+    assert ob.graph_paths(str(tmp_path), "efficientnet_lite0", "w", taps=True)[1].endswith(".int8-a7.r2.onnx")
+
+
 def test_onnx_runtime_embedding_paths_keep_apart_and_predict_like_evaluate(flat_data, tmp_path, monkeypatch):
     """The frozen backbone through ONNX Runtime: fp32 features match PyTorch's; int8 is used only when its features
     agree with fp32 on the user's images (else it falls back and says so); each path has its own cache file; a run

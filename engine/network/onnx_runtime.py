@@ -37,6 +37,7 @@ MIN_COSINE = 0.95
 # below ~4,700 images the first run would be slower. Once made, the graph serves every later folder.
 INT8_MIN_IMAGES = 4000
 SAMPLE = 24  # images compared before int8 is used
+INT8_TAPS_REVISION = 2  # how the int8 graph with taps is made (its file name says it)
 CALIBRATION = 64  # images the int8 graph is calibrated on
 FLAVOUR_ENV = "TRANSFER_STUDIO_INT8_FLAVOUR"  # bench-onnx and the tests measure a flavour this CPU would not pick
 EXACT_ENV = "TRANSFER_STUDIO_INT8_EXACT"  # "1": int8 sessions run exactly (OrtForward), for bench-onnx
@@ -159,9 +160,12 @@ def graph_paths(cache_dir: str, backbone: str, weights_id: str, taps: bool = Fal
 
     folder = os.path.join(cache_dir, "graphs")
     stem = f"{backbone}-{weights_id}" + (f".taps{VERSION}" if taps else "")
+    # (the int8 graph with taps as made before its taps' pooling was kept in float: int8.py _tap_pooling; that file
+    # is left unread, and the graph is made again under this name)
+    revision = f".r{INT8_TAPS_REVISION}" if taps else ""
     return (
         os.path.join(folder, f"{stem}.fp32.onnx"),
-        os.path.join(folder, f"{stem}.int8-{int8_flavour()}.onnx"),
+        os.path.join(folder, f"{stem}.int8-{int8_flavour()}{revision}.onnx"),
     )
 
 
