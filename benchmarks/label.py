@@ -59,6 +59,10 @@ def _train_on(X, y, picked, classes, seed, blocks=None):
     return suggest(X, known, classes, 0, seed, blocks=blocks).head
 
 
+def _figure(v) -> str:
+    return "none yet" if v is None else f"{v:.3f}"
+
+
 def run_bench_label(a) -> int:
     from benchmarks.crossfit import digits_folder
     from tests.imagegen import ONE_KIND, make_one_kind
@@ -111,7 +115,7 @@ def run_bench_label(a) -> int:
         print(
             f"accept at {ACCEPT_LEVEL:.0%}: {len(take)} of {len(un)} unlabelled "
             f"({100 * len(take) / max(len(un), 1):.0f}%)"
-            f", {right:.3f} right (the app's own estimate: {last.accept['right_so_far']}); "
+            f", {right:.3f} right (the app's own estimate: {_figure(last.accept['right_so_far'])}); "
             f"a round (suggest + next {ROUND}) took {np.median(t_round):.2f} s (median)"
         )
         _verdicts(name, curve, Xp, yp, Xt, yt, classes, within, len(pool), right, blocks)
