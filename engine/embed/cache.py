@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.data.known_files import FILE as KNOWN_FILE
 from engine.data.known_files import KnownFiles
+from engine.embed.spaces import kept_files
 from engine.network import depths
 from engine.network.backbones import Preprocessing
 from engine.paths import default_cache_dir
@@ -270,6 +271,15 @@ def cache_contents(folder: str | None = None) -> list[dict]:
             "images": len(KnownFiles(folder).entries),
             "bytes": os.path.getsize(index),
             "files": [index],
+        }
+    spaces = kept_files(folder)  # the head's feature spaces (engine/embed/spaces.py)
+    if spaces:
+        entries[("spaces", "")] = {
+            "backbone": "(head's feature spaces)",
+            "key": "-",
+            "images": None,
+            "bytes": sum(os.path.getsize(p) for p in spaces),
+            "files": spaces,
         }
     graphs = os.path.join(folder, "graphs")  # ONNX Runtime's exported and quantised backbones
     files = sorted(

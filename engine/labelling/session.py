@@ -32,8 +32,10 @@ from engine.data.labels import (
     read_labels,
     write_labels,
 )
+from engine.embed.spaces import SpaceStore
 from engine.events import Callbacks, Cancelled, CancelToken, EngineError, Phase, Progress
 from engine.labelling.picks import next_batch
+from engine.paths import default_cache_dir
 from engine.runs import atomic_write_text
 from engine.train.crossfit import fold_ids
 from engine.train.feature_extraction import embed_dataset
@@ -110,12 +112,14 @@ def suggest(
     draws: np.ndarray | None = None,
     own: np.ndarray | None = None,
     blocks: Blocks | None = None,
+    spaces: SpaceStore | None = None,
 ) -> Suggestions:
     """``y``: each image's class index, -1 unlabelled, -2 "not a class"; ``draws``: each image's check draw
     (:func:`engine.data.labels.check_draws` of its path; default: of its row number); ``own``: which labels are
     the user's own (default: all), the only ones a random check counts on (an accepted suggestion would only agree
     with the model). ``blocks``: how ``X``'s columns split into the final features and the earlier layers' (default:
-    all final). The pure core of a round, shared by the job and the labelling benchmark."""
+    all final). ``spaces``: where the pile's feature spaces are kept (engine/embed/spaces.py; None: in memory). The
+    pure core of a round, shared by the job and the labelling benchmark."""
     labelled = np.flatnonzero(y >= 0)
     unlabelled = np.flatnonzero(y == -1)
     present = np.unique(y[labelled])
@@ -144,7 +148,7 @@ def suggest(
     # checks judge was not chosen by them either.
     res = fit_probe(
         X[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), blocks, k=k, extra=extra, stats=X, seed=seed,
-        judge=blind if "without checks" in extra else None,
+        judge=blind if "without checks" in extra else None, spaces=spaces,
     )  # fmt: skip
     Xh = X[:, : res.columns]  # what the chosen heads read
     t = fit_temperature(res.oof_logits, yl)
@@ -312,7 +316,9 @@ def label(config, callbacks: Callbacks | None = None, cancel: CancelToken | None
     classes = classes_of(given)
     y = pile.targets(given, classes)
     own = np.array([given.get(os.path.abspath(p), ("", ""))[1] == "user" for p in kept], bool)
-    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level, pile.draws(), own, pile.blocks)
+    cache_dir = (config.cache_dir or default_cache_dir()) if config.cache else None
+    s = suggest(feats, y, classes, config.next, config.seed, config.accept_level, pile.draws(), own, pile.blocks,
+                SpaceStore(cache_dir))  # fmt: skip
     ask = {i: r + 1 for r, i in enumerate(s.ask)}
     rows = []
     for i in np.flatnonzero(y == -1):

@@ -24,6 +24,7 @@ from engine.data.known_files import KnownFiles
 from engine.data.splits import _key
 from engine.embed.cache import BackboneSnapshot, FeatureCache
 from engine.embed.embeddings import embed_files, hash_files
+from engine.embed.spaces import SpaceStore
 from engine.events import Callbacks, CancelToken, EngineError, Phase, Progress
 from engine.meters import TrainOutcome
 from engine.network import depths
@@ -134,9 +135,11 @@ def train_head(
         + (" and the calibration come from those judgements)" if cross else "")
     )
     allx = np.concatenate([v[0] for v in split_X.values()])  # every image's features fix the scaling (no labels)
+    cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
     choice = fit_probe(
         X, y, folds, len(ds.classes), blocks, k=K_FOLDS, extra=extra, class_weight=weights, stats=allx,
         features=cfg.features, seed=cfg.seed, cancel=cancel, on_epoch=cb.on_train_epoch_end, on_log=cb.on_log,
+        spaces=SpaceStore(cache_dir),
     )  # fmt: skip
     head = choice.heads["final"]
     cols = choice.columns

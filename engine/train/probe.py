@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from engine.embed.spaces import SpaceStore, space_key
 from engine.events import CancelToken, EpochMetrics, Phase, Progress
 from engine.train.logistic import solve
 
@@ -99,22 +100,35 @@ class Probe:
         )
 
 
-def _normalisers(
-    X: np.ndarray, blocks: Blocks, rows: np.ndarray, per_feature: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per column: the centre (over ``rows``) and a scale: each feature to a standard deviation of 1
+def _normalisers(S: np.ndarray, blocks: Blocks, per_feature: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of the rows ``S``: the centre and a scale: each feature to a standard deviation of 1
     (``per_feature``), else each block to a root-mean-square of 1 per feature (which leaves the final features' head
     the problem scikit-learn solves on them as they are, up to the scale of C)."""
-    centre = X[rows].mean(0).astype(np.float32)
+    centre = S.mean(0).astype(np.float32)
     if per_feature:
-        sd = X[rows].std(0).astype(np.float32)
+        sd = S.std(0).astype(np.float32)
         return centre, (1.0 / np.maximum(sd, 1e-3 * max(float(sd.mean()), 1e-12))).astype(np.float32)
-    scale = np.empty(X.shape[1], np.float32)
+    scale = np.empty(S.shape[1], np.float32)
     for s in blocks.slices():
-        d = X[rows, s] - centre[s]
-        ms = float(np.einsum("ij,ij->", d, d)) / max(len(rows), 1) / max(s.stop - s.start, 1)
+        d = S[:, s] - centre[s]
+        ms = float(np.einsum("ij,ij->", d, d)) / max(len(S), 1) / max(s.stop - s.start, 1)
         scale[s] = 1.0 / math.sqrt(ms) if ms > 0 else 1.0
     return centre, scale
+
+
+def _space(S: np.ndarray, blocks: Blocks, name: str, seed: int, store: SpaceStore | None):
+    """The centre, scale and principal axes (or None) of a feature set, from its rows ``S``: kept by ``store`` (they
+    depend on these rows alone: engine/embed/spaces.py) or computed."""
+    key = space_key(name, S, MAX_DIMS[name], seed) if store is not None else ""
+    kept = store.get(key) if store is not None else None
+    if kept is not None:
+        return kept
+    centre, scale = _normalisers(S, blocks, per_feature=name == DEPTHS)
+    A = (S - centre) * scale
+    V = principal_axes(A - A.mean(0), MAX_DIMS[name], seed)
+    if store is not None:
+        store.put(key, centre, scale, V)
+    return centre, scale, V
 
 
 def principal_axes(A: np.ndarray, k: int, seed: int = 0) -> np.ndarray | None:
@@ -207,6 +221,7 @@ def fit_probe(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_log: Callable[[str], None] | None = None,
+    spaces: SpaceStore | None = None,
 ) -> Probe:
     """Choose the features and C out of fold and solve the heads (see the module docstring).
 
@@ -215,15 +230,17 @@ def fit_probe(
     (``{"final": all}`` for the model to save); ``judge``: the images whose out-of-fold loss makes the choices
     (default: every image whose class its fold's head has seen); ``stats``: features (any rows, labelled or not)
     that fix the centring, scaling and axes (default: ``X``); ``features``: "auto", or "final" / "depths" to force
-    one set. Raises :class:`Cancelled` when ``cancel`` is set (checked every iteration)."""
+    one set; ``spaces``: where those are kept between runs (engine/embed/spaces.py; None: in memory only).
+    Raises :class:`Cancelled` when ``cancel`` is set (checked every iteration)."""
     t0 = time.perf_counter()
     extra = extra or {}
+    spaces = spaces if spaces is not None else SpaceStore()  # (in memory: a labelling round's pile, the sample's)
     y = np.asarray(y, np.int64)
     X = np.asarray(X, np.float32)
     stats = X if stats is None else np.asarray(stats, np.float32)
     if len(y) > SELECT_ROWS and len(Cs) > 1:
         return _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight, judge, stats, features, Cs,
-                                   seed, cancel, on_epoch, on_progress, on_log, t0)  # fmt: skip
+                                   seed, cancel, on_epoch, on_progress, on_log, t0, spaces)  # fmt: skip
     rows = np.arange(len(stats))
     if len(rows) > STATS_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), STATS_ROWS, replace=False))
@@ -242,7 +259,7 @@ def fit_probe(
         cols = blocks.final if name == FINAL else blocks.total
         results[name] = _solve_set(X[:, :cols], stats[:, :cols], rows, y, folds, k, weights, Cs, fair,
                                    Blocks(blocks.widths[:1] if name == FINAL else blocks.widths), num_classes,
-                                   seed, cancel, report)  # fmt: skip
+                                   seed, cancel, report, spaces)  # fmt: skip
     chosen, comparison = sets[0], None
     if len(sets) == 2:
         a, b = results[FINAL], results[DEPTHS]
@@ -269,7 +286,7 @@ def fit_probe(
 
 
 def _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight, judge, stats, features, Cs, seed,
-                        cancel, on_epoch, on_progress, on_log, t0) -> Probe:  # fmt: skip
+                        cancel, on_epoch, on_progress, on_log, t0, spaces) -> Probe:  # fmt: skip
     """Above ``SELECT_ROWS`` images: the features and C chosen on a fixed sample of that many (a share of every
     class), then the heads solved at that choice on every image. The path's cost then stops growing with the folder
     (60,000 images: one strength solved on all of them instead of a dozen), and the out-of-fold judgements of every
@@ -281,12 +298,12 @@ def _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight
     chose = fit_probe(
         X[pick], y[pick], folds[pick], num_classes, blocks, k=k, class_weight=class_weight,
         judge=None if judge is None else judge[pick], stats=stats, features=features, Cs=Cs, seed=seed,
-        cancel=cancel, on_progress=on_progress,
+        cancel=cancel, on_progress=on_progress, spaces=spaces,
     )  # fmt: skip
     probe = fit_probe(
         X, y, folds, num_classes, blocks, k=k, extra=extra, class_weight=class_weight, judge=judge, stats=stats,
         features="final" if chose.features == FINAL else "depths", Cs=(chose.C,), seed=seed, cancel=cancel,
-        on_epoch=on_epoch, on_progress=on_progress,
+        on_epoch=on_epoch, on_progress=on_progress, spaces=spaces,
     )  # fmt: skip
     probe.tried = chose.tried
     if chose.comparison:
@@ -297,13 +314,12 @@ def _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight
     return probe
 
 
-def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_classes, seed, cancel, report) -> dict:
+def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_classes, seed, cancel, report,
+               spaces=None) -> dict:  # fmt: skip
     """One feature set: its heads for every C solved at once; the C of lowest out-of-fold loss, and its heads as
     linear heads on the raw features."""
     name = FINAL if blocks.total == blocks.final else DEPTHS
-    centre, scale = _normalisers(stats, blocks, rows, per_feature=name == DEPTHS)
-    A = (stats[rows] - centre) * scale
-    V = principal_axes(A - A.mean(0), MAX_DIMS[name], seed)
+    centre, scale, V = _space(stats[rows], blocks, name, seed, spaces)
     # ((x - centre) * scale) @ V as one product with the features as they are (no scaled copy of them)
     Z = X @ (scale[:, None] * V) - (centre * scale) @ V if V is not None else (X - centre) * scale
     shift = Z.mean(0)

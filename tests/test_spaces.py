@@ -1,0 +1,52 @@
+"""The head's feature spaces kept between runs (engine/embed/spaces.py): a rerun on the same features reads the kept
+space and gets the very same heads; other features miss; a damaged file is computed again; clearing the cache
+removes them."""
+
+import numpy as np
+
+from engine.embed import spaces
+from engine.embed.cache import cache_contents, clear_cache
+from engine.embed.spaces import SpaceStore
+from engine.train.probe import Blocks, fit_probe
+
+
+def _features(seed: int):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), 100)
+    X = rng.standard_normal((300, 500)).astype(np.float32)
+    X[:, :20] += y[:, None]  # the classes differ in a few final features
+    return X, y
+
+
+def _fit(X, y, store):
+    folds = np.arange(len(y)) % 5
+    p = fit_probe(X, y, folds, 3, Blocks([450, 50]), k=5, extra={"final": np.ones(len(y), bool)}, spaces=store)
+    return p.heads["final"]
+
+
+def test_a_rerun_reads_the_kept_space_and_gets_the_same_heads(tmp_path, monkeypatch):
+    X, y = _features(0)
+    first = _fit(X, y, SpaceStore(str(tmp_path)))
+    files = spaces.kept_files(str(tmp_path))
+    assert len(files) == 2  # the final features' space and the one with the earlier layers
+    spaces._MEMORY.clear()  # a new process: only the files are left
+    computed = []
+    real = spaces.SpaceStore.put
+    monkeypatch.setattr(spaces.SpaceStore, "put", lambda self, *a: computed.append(a) or real(self, *a))
+    again = _fit(X, y, SpaceStore(str(tmp_path)))
+    assert not computed  # both spaces read from the files
+    assert np.array_equal(first["weight"], again["weight"]) and np.array_equal(first["bias"], again["bias"])
+    X2 = X.copy()
+    X2[0, 0] += 1.0  # one feature of one image changed: a new space, computed
+    _fit(X2, y, SpaceStore(str(tmp_path)))
+    assert len(computed) == 2
+    spaces._MEMORY.clear()
+    for f in spaces.kept_files(str(tmp_path)):
+        with open(f, "wb") as fh:
+            fh.write(b"damaged")
+    computed.clear()
+    assert np.allclose(_fit(X, y, SpaceStore(str(tmp_path)))["weight"], first["weight"], atol=1e-5)
+    assert len(computed) == 2  # computed again, never read from a damaged file
+    assert any(e["backbone"] == "(head's feature spaces)" for e in cache_contents(str(tmp_path)))
+    clear_cache(str(tmp_path))
+    assert not spaces.kept_files(str(tmp_path))
