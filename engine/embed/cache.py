@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.data.known_files import FILE as KNOWN_FILE
 from engine.data.known_files import KnownFiles
+from engine.embed.spaces import FOLDER as SPACES
 from engine.embed.spaces import kept_files
 from engine.network import depths
 from engine.network.backbones import Preprocessing
@@ -310,4 +311,8 @@ def clear_cache(folder: str | None = None) -> int:
                 freed += size
             except OSError:
                 pass
+    try:
+        os.rmdir(os.path.join(folder or default_cache_dir(), SPACES))  # (only when empty: it holds nothing else)
+    except OSError:
+        pass
     return freed
