@@ -223,3 +223,17 @@ def test_the_heads_two_feature_sets_plot_as_two_paths(qtbot, strategy):
     assert len(ys) == 4 and math.isnan(ys[2]) and not any(math.isnan(v) for v in ys[:2] + ys[3:])
     assert plots.point_count() == (6 if strategy else 12)  # validation loss and accuracy (and train, alone) x 3
     plots.redraw()
+
+
+def test_the_results_overlay_breaks_between_the_heads_feature_sets():
+    """The Results tab's curves of saved runs: feature extraction's history is its head's strengths for each feature
+    set in turn, drawn as two paths (a gap between them); a fine-tuning history, without the column, as one line."""
+    import math
+
+    from gui.tabs.results.tab import overlay_points
+
+    fe = [{"epoch": e, "val_accuracy": a, "depths": d} for e, a, d in ((1, 0.7, 0), (2, 0.75, 0), (3, 0.72, 1))]
+    xs, ys = overlay_points(fe)
+    assert xs == [1, 2, 2, 3] and math.isnan(ys[2]) and ys[3] == 0.72
+    ft = [{"epoch": e, "val_accuracy": 0.5 + e / 10} for e in (1, 2, 3)]
+    assert overlay_points(ft) == ([1, 2, 3], [0.6, 0.7, 0.8])

@@ -88,7 +88,7 @@ class ResultsTab(QWidget):
         self.runs_table.itemSelectionChanged.connect(self._runs_selected)
         ll.addWidget(self.runs_table, 1)
         self.compare = pg.PlotWidget(title="Validation accuracy per epoch")
-        self.compare.setLabel("bottom", "epoch")
+        self.compare.setLabel("bottom", "epoch (or strength tried)")
         self.compare.addLegend(offset=(-10, -10))
         ll.addWidget(self.compare, 1)
         return left
@@ -231,12 +231,8 @@ class ResultsTab(QWidget):
                 name = f"{meta.get('backbone')} {meta.get('mode')}"
             except EngineError:
                 name = os.path.basename(p)
-            self.compare.plot(
-                [h["epoch"] for h in hist],
-                [h["val_accuracy"] for h in hist],
-                pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2),
-                name=name,
-            )
+            xs, ys = overlay_points(hist)
+            self.compare.plot(xs, ys, pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2), connect="finite", name=name)
             n += 1
         return n
 
@@ -358,3 +354,20 @@ class ResultsTab(QWidget):
         paths = self.mistakes.selected_paths()
         if paths:
             reveal_in_file_manager(paths[0])
+
+
+def overlay_points(hist: list[dict]) -> tuple[list[float], list[float]]:
+    """A run's validation accuracy per history row; feature extraction's rows are its head's strengths for each
+    feature set in turn (history.csv's ``depths`` column), and a NaN point between the sets breaks the line (as the
+    Training tab's plots do), so the second set's first strength does not read as a dip of one curve."""
+    xs: list[float] = []
+    ys: list[float] = []
+    last = None
+    for h in hist:
+        if xs and h.get("depths") is not None and h.get("depths") != last:
+            xs.append(xs[-1])
+            ys.append(float("nan"))
+        last = h.get("depths")
+        xs.append(float(h["epoch"]))
+        ys.append(float(h["val_accuracy"]))
+    return xs, ys
