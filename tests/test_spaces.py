@@ -47,6 +47,6 @@ def test_a_rerun_reads_the_kept_space_and_gets_the_same_heads(tmp_path, monkeypa
     computed.clear()
     assert np.allclose(_fit(X, y, SpaceStore(str(tmp_path)))["weight"], first["weight"], atol=1e-5)
     assert len(computed) == 2  # computed again, never read from a damaged file
-    assert any(e["backbone"] == "(head's feature spaces)" for e in cache_contents(str(tmp_path)))
+    assert any(e["backbone"] == "(head spaces)" for e in cache_contents(str(tmp_path)))
     clear_cache(str(tmp_path))
     assert not spaces.kept_files(str(tmp_path))

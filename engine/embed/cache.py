@@ -255,47 +255,26 @@ def cache_contents(folder: str | None = None) -> list[dict]:
                     e["images"] = len(json.loads(f.metadata()["keys"]))
             except Exception:
                 e["images"] = None  # damaged: the next run that uses it rebuilds it
+
+    def other(name: str, what: str, files: list[str], images: int | None = None) -> None:
+        """An entry for the cache's other files (``what`` in the backbone column), when there are any."""
+        if files:
+            size = sum(os.path.getsize(p) for p in files)
+            entries[(name, "")] = {"backbone": what, "key": "-", "images": images, "bytes": size, "files": files}
+
     thumbs = [p for p in (os.path.join(folder, LAYOUT_FILE), os.path.join(folder, DETAIL_FILE)) if os.path.isfile(p)]
-    if thumbs:
-        entries[("layouts", "")] = {
-            "backbone": "(dataset check thumbnails)",
-            "key": "-",
-            "images": None,
-            "bytes": sum(os.path.getsize(p) for p in thumbs),
-            "files": thumbs,
-        }
+    other("layouts", "(dataset check thumbnails)", thumbs)
     index = os.path.join(folder, KNOWN_FILE)  # which files were read before (engine/data/known_files.py)
     if os.path.isfile(index):
-        entries[("files", "")] = {
-            "backbone": "(files read before)",
-            "key": "-",
-            "images": len(KnownFiles(folder).entries),
-            "bytes": os.path.getsize(index),
-            "files": [index],
-        }
-    spaces = kept_files(folder)  # the head's feature spaces (engine/embed/spaces.py)
-    if spaces:
-        entries[("spaces", "")] = {
-            "backbone": "(head's feature spaces)",
-            "key": "-",
-            "images": None,
-            "bytes": sum(os.path.getsize(p) for p in spaces),
-            "files": spaces,
-        }
+        other("files", "(files read before)", [index], len(KnownFiles(folder).entries))
+    other("spaces", "(head spaces)", kept_files(folder))  # engine/embed/spaces.py
     graphs = os.path.join(folder, "graphs")  # ONNX Runtime's exported and quantised backbones
     files = sorted(
         os.path.join(graphs, n)
         for n in (os.listdir(graphs) if os.path.isdir(graphs) else [])
         if n.endswith((".onnx", ".onnx.json"))
     )
-    if files:
-        entries[("graphs", "")] = {
-            "backbone": "(onnx graphs)",
-            "key": "-",
-            "images": 0,
-            "bytes": sum(os.path.getsize(f) for f in files),
-            "files": files,
-        }
+    other("graphs", "(onnx graphs)", files, 0)
     return list(entries.values())
 
 
