@@ -14,8 +14,9 @@ alone as one block scaled to a root-mean-square of 1 per feature, which leaves t
 them as they are; with the earlier layers, every feature to a standard deviation of 1, as Head2Toe and the issue's
 own measurement did: 0.6-0.9 points better on clothing, flowers and digits than scaling by block) and each feature
 set is rotated onto its leading principal axes (``MAX_DIMS``; computed from the rows given as ``stats``, never from
-the labels): the penalty leaves little weight beyond them, and the products shrink 4-7x. The heads come back as
-ordinary linear heads on the raw features (the scaling and rotation folded in).
+the labels; kept between runs by engine/embed/spaces.py): the penalty leaves little weight beyond them, and the
+products shrink 4-7x. The heads come back as ordinary linear heads on the raw features (the scaling and rotation
+folded in).
 """
 
 from __future__ import annotations
@@ -116,18 +117,17 @@ def _normalisers(S: np.ndarray, blocks: Blocks, per_feature: bool = False) -> tu
     return centre, scale
 
 
-def _space(S: np.ndarray, blocks: Blocks, name: str, seed: int, store: SpaceStore | None):
-    """The centre, scale and principal axes (or None) of a feature set, from its rows ``S``: kept by ``store`` (they
-    depend on these rows alone: engine/embed/spaces.py) or computed."""
-    key = space_key(name, S, MAX_DIMS[name], seed) if store is not None else ""
-    kept = store.get(key) if store is not None else None
+def _space(S: np.ndarray, blocks: Blocks, name: str, seed: int, store: SpaceStore):
+    """The centre, scale and principal axes (or None) of a feature set, from its rows ``S``: as ``store`` kept them
+    (they depend on these rows alone: engine/embed/spaces.py), else computed and kept."""
+    key = space_key(name, S, MAX_DIMS[name], seed)
+    kept = store.get(key)
     if kept is not None:
         return kept
     centre, scale = _normalisers(S, blocks, per_feature=name == DEPTHS)
     A = (S - centre) * scale
     V = principal_axes(A - A.mean(0), MAX_DIMS[name], seed)
-    if store is not None:
-        store.put(key, centre, scale, V)
+    store.put(key, centre, scale, V)
     return centre, scale, V
 
 
@@ -315,7 +315,7 @@ def _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight
 
 
 def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_classes, seed, cancel, report,
-               spaces=None) -> dict:  # fmt: skip
+               spaces) -> dict:  # fmt: skip
     """One feature set: its heads for every C solved at once; the C of lowest out-of-fold loss, and its heads as
     linear heads on the raw features."""
     name = FINAL if blocks.total == blocks.final else DEPTHS
