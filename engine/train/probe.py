@@ -230,11 +230,10 @@ def fit_probe(
     (``{"final": all}`` for the model to save); ``judge``: the images whose out-of-fold loss makes the choices
     (default: every image whose class its fold's head has seen); ``stats``: features (any rows, labelled or not)
     that fix the centring, scaling and axes (default: ``X``); ``features``: "auto", or "final" / "depths" to force
-    one set; ``spaces``: where those are kept between runs (engine/embed/spaces.py; None: in memory only).
+    one set; ``spaces``: where those are kept between runs (engine/embed/spaces.py; None: this process's memory).
     Raises :class:`Cancelled` when ``cancel`` is set (checked every iteration)."""
     t0 = time.perf_counter()
     extra = extra or {}
-    spaces = spaces if spaces is not None else SpaceStore()  # (in memory: a labelling round's pile, the sample's)
     y = np.asarray(y, np.int64)
     X = np.asarray(X, np.float32)
     stats = X if stats is None else np.asarray(stats, np.float32)
@@ -259,7 +258,7 @@ def fit_probe(
         cols = blocks.final if name == FINAL else blocks.total
         results[name] = _solve_set(X[:, :cols], stats[:, :cols], rows, y, folds, k, weights, Cs, fair,
                                    Blocks(blocks.widths[:1] if name == FINAL else blocks.widths), num_classes,
-                                   seed, cancel, report, spaces)  # fmt: skip
+                                   seed, cancel, report, spaces or SpaceStore())  # fmt: skip
     chosen, comparison = sets[0], None
     if len(sets) == 2:
         a, b = results[FINAL], results[DEPTHS]
