@@ -25,6 +25,7 @@ from engine.data.splits import _draw, _key
 from engine.events import Callbacks, CancelToken
 from engine.labelling.session import ACCEPT_LEVEL, suggest
 from engine.train.feature_extraction import embed_dataset
+from engine.train.probe import mapped
 
 SHARED = os.path.join("..", "shared", "datasets")
 ROUND = 10
@@ -80,7 +81,8 @@ def run_bench_label(a) -> int:
             continue
         X, y, test, classes, blocks = _features(src)
         pool = np.flatnonzero(~test)
-        Xp, yp, Xt, yt = X[pool], y[pool], X[test], y[test]
+        # (the test images as the heads read them: the pool goes to suggest(), which maps it itself)
+        Xp, yp, Xt, yt = X[pool], y[pool], mapped(X[test], blocks.final), y[test]
         C = len(classes)
         budget = max(int(a.max_share * len(pool)), PER_CLASS * C)  # (10 a class measured even past 15%)
         budget = min(budget, a.max_per_class * C, len(pool)) if a.max_per_class else min(budget, len(pool))

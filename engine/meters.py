@@ -116,6 +116,5 @@ class TrainOutcome:
     familiar_pretrained: bool = False  # fine-tuning: "unfamiliar" on the pretrained backbone's embeddings
     held_items: dict | None = None  # the samples behind ``logits`` per split; None: the dataset's splits
     cross_fit: dict | None = None  # feature extraction, cross-fitted: how (engine/train/crossfit.py)
-    probe_head: dict | None = None  # automatic mode: a head on the training split alone
     recipe: dict | None = None  # fine-tuning: input size and stages trained (engine/train/fine_tuning/recipe.py)
     depths: dict | None = None  # feature extraction: which features the head reads and why (train/probe.py)

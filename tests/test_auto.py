@@ -56,14 +56,11 @@ def test_auto_keeps_feature_extraction_where_the_features_already_separate_the_c
     assert _metrics(str(out))["auto"] == block and _metrics(str(out))["val_accuracy"] == res.metrics["val_accuracy"]
     assert (_metrics(other)["status"], _metrics(other).get("stopped_early")) == ("completed", block["stopped"])
     assert block["runs"][FE]["val_loss"] <= block["runs"][FT]["val_loss"]  # a tie keeps the cheaper one
-    # fine-tuning starts from feature extraction's head where that head reads the final features alone; where it kept
-    # the earlier layers too, from a probe of its own, and the log says why
-    kept = (_metrics(str(out)).get("depths") or {}).get("kept")
+    # fine-tuning starts from a probe of its own (feature extraction's head reads the final features' square roots,
+    # which fine-tuning's network does not pass on), and the log says why
     text = "\n".join(log.lines)
-    if kept:
-        assert "Fine-tuning starts from its own linear probe on the final features" in text
-    else:
-        assert "Starting the head from feature extraction's" in text
+    assert "Fine-tuning starts from its own linear probe on the training split" in text
+    assert _metrics(str(out))["depths"]["final_map"] == "sqrt"
     # both halves' epochs were reported, tagged, on one clock
     fe_epochs = [m for m in log.epochs if m.strategy == FE]
     ft_epochs = [m for m in log.epochs if m.strategy == FT]

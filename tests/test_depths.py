@@ -136,3 +136,47 @@ def test_the_exact_head_matches_scikit_learn_logistic_regression():
         ref = sklearn.LogisticRegression(C=c, tol=1e-8, max_iter=5000).fit(X, y)
         assert np.abs(s.weight[h].T - ref.coef_).max() < 1e-3 * max(1.0, np.abs(ref.coef_).max())
         assert (((X @ s.weight[h]) + s.bias[h]).argmax(1) == ref.predict(X)).mean() == 1.0
+
+
+def test_the_saved_head_reads_the_final_features_square_roots_in_predict_and_in_the_network(tmp_path):
+    """The head is trained on the final features' signed square roots (engine/train/probe.py ``mapped``): the saved
+    model says so, and predict and the network itself give the probabilities of that head on those roots (a path that
+    forgot the roots would still agree with the exported graph, not with this)."""
+    import torch
+
+    from engine.config import PredictConfig
+    from engine.data.folder import scan
+    from engine.events import Callbacks, CancelToken, EngineError
+    from engine.network.model import load_model
+    from engine.predict.predictions import predict_folder
+    from engine.train.feature_extraction import embed_dataset
+    from engine.train.probe import mapped
+    from engine.trust.calibration import probabilities
+
+    data = make_flat_dataset(tmp_path / "flat", n_per_class=10)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), features="final")
+    res = fit(cfg)
+    loaded = load_model(res.run_dir)
+    assert loaded.meta["depths"]["final_map"] == "sqrt" and loaded.model.final_map.on
+    ds = scan(str(data), val_split=0.0, test_split=0.0)
+    emb = embed_dataset(cfg, ds, Callbacks(), CancelToken())
+    w, b = (loaded.model.head.weight.detach().numpy(), loaded.model.head.bias.detach().numpy())
+
+    def log_p(logits):  # (compared as log-probabilities: on these easy classes the probabilities are all near 0 or 1)
+        return np.log(np.maximum(probabilities(logits, loaded.temperature), 1e-30))
+
+    want = log_p(mapped(emb.final, 1280) @ w.T + b)
+    assert np.abs(want - log_p(emb.final @ w.T + b)).max() > 1  # (the roots matter to this head: the checks can fail)
+    pred = predict_folder(PredictConfig(run=res.run_dir, images=[str(data)], csv=str(tmp_path / "p.csv")))
+    got = {r.path: np.array(r.probabilities) for r in pred.rows}
+    got = np.log(np.maximum(np.stack([got[s.path] for s in ds.samples]), 1e-30))
+    assert np.abs(got - want).max() < 0.05
+    with torch.inference_mode():
+        assert np.abs(log_p(loaded.model.classify(torch.from_numpy(emb.final)).numpy()) - want).max() < 1e-3
+    # a run saved by a later version whose head reads its features another way is refused, not misread
+    p = Path(res.run_dir) / "model.json"
+    meta = json.loads(p.read_text())
+    meta["depths"]["final_map"] = "cube-root"
+    p.write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match="cube-root"):
+        load_model(res.run_dir)

@@ -39,7 +39,7 @@ from engine.paths import default_cache_dir
 from engine.runs import atomic_write_text
 from engine.train.crossfit import fold_ids
 from engine.train.feature_extraction import embed_dataset
-from engine.train.probe import Blocks, fit_probe
+from engine.train.probe import Blocks, fit_probe, mapped
 from engine.trust.calibration import fit_temperature, probabilities
 from engine.trust.familiarity import familiarity_block, knn_distance
 from engine.trust.scores import wilson_interval
@@ -92,7 +92,7 @@ class Suggestions:
     unfamiliar: np.ndarray | None  # (n,) bool
     ask: list[int]  # the next images to ask about, in order
     accept: dict = field(default_factory=dict)  # level, unlabelled images it would label, how often right so far
-    head: dict | None = None  # the final head ("weight", "bias") and its "temperature"
+    head: dict | None = None  # the final head ("weight", "bias": on probe.mapped features) and its "temperature"
     # accuracy on the random checks labelled so far (judged by the head trained on every other label, the one the
     # picks come from), and its 95% Wilson interval: the model's accuracy on the folder (None until MIN_CHECKS of them)
     estimate: float | None = None
@@ -146,11 +146,12 @@ def suggest(
     # centre is noisy: hymenoptera 2/cl 0.757 against 0.809 with the folder's, random labels, 4 seeds); the
     # regularisation and the features are chosen by the other labels' out-of-fold loss alone, so the head the
     # checks judge was not chosen by them either.
+    Xm = mapped(X, blocks.final)  # the features as the heads read them (final: square roots)
     res = fit_probe(
-        X[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), blocks, k=k, extra=extra, stats=X, seed=seed,
+        Xm[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), blocks, k=k, extra=extra, stats=Xm, seed=seed,
         judge=blind if "without checks" in extra else None, spaces=spaces,
     )  # fmt: skip
-    Xh = X[:, : res.columns]  # what the chosen heads read
+    Xh = Xm[:, : res.columns]  # what the chosen heads read
     t = fit_temperature(res.oof_logits, yl)
     head = res.heads["final"]
     # A suggestion's confidence is the k fold heads' mean calibrated probability: the temperature was fitted on those

@@ -45,7 +45,7 @@ class Forward:
 
         if hasattr(net, "head"):
             folded = make_classifier(fold_batchnorm(net.backbone), net.head.out_features)
-            folded.head = copy.deepcopy(net.head)
+            folded.head, folded.final_map = copy.deepcopy(net.head), copy.deepcopy(net.final_map)
         else:
             folded = fold_batchnorm(net)
         net = folded.eval().to(device)

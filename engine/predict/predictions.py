@@ -193,7 +193,8 @@ def predict_paths(
     # Folded copy (the loaded model is left as it is, on the CPU) at the embedding's CPU batch size: 1,052 images on
     # 2 cores went from 26-27 to 49-53 images/s with batch 4.
     forward = onnx or Forward.frozen(loaded.model, pre, device, batch_size)
-    head = loaded.model.head if onnx else forward.net.head
+    classifier = loaded.model if onnx else forward.net
+    head = classifier.head
     bs = forward.batch_size
     pooled: list = []  # fine-tuning runs: what "unfamiliar" compares (pretrained embeddings, or frozen stages pooled)
     hook = pretrained = None
@@ -226,7 +227,7 @@ def predict_paths(
                 pooled.extend(torch.as_tensor(pretrained(b)) for b in batches)
             # (a graph that also computes the earlier layers' features may serve a head on the final ones: they
             # come first)
-            p = probabilities(head(f[:, : head.in_features]).float().cpu().numpy(), loaded.temperature)
+            p = probabilities(classifier.classify(f).float().cpu().numpy(), loaded.temperature)
             familiar = torch.cat(pooled) if pooled else f[:, : loaded.final_dim]
             pooled.clear()
             d = knn_distance(familiar.cpu().numpy(), train_emb) if train_emb is not None and len(f) else None

@@ -1,8 +1,9 @@
-"""``--mode auto``: feature extraction first, then fine-tuning from its head within a time budget; the run with the
-lower validation loss becomes the result.
+"""``--mode auto``: feature extraction first, then fine-tuning within a time budget; the run with the lower
+validation loss becomes the result.
 
 1. Feature extraction runs as an ordinary run (seconds from cached embeddings) and is saved at once.
-2. Fine-tuning starts from its head (the linear probe is already trained: no second pass to fit one) and stops at
+2. Fine-tuning starts from its own linear probe on the training split (feature extraction's head reads the final
+   features' square roots, and maybe the earlier layers', which fine-tuning's network does not pass on) and stops at
    the budget, or as soon as its validation loss cannot reach feature extraction's: after each epoch (from the second
    on) its best loss so far is extrapolated in a straight line over the epochs the remaining budget allows, falling
    each epoch by the largest change, up or down, that one of its epochs has made so far (:func:`projected_loss`).
@@ -146,7 +147,7 @@ class Race(Tagged):
 def compared(fe):
     """Feature extraction's held-out predictions on the images fine-tuning validates on: a cross-fitted run judged
     every labelled image out of fold; the race and the verdict use only its validation split, and fine-tuning
-    starts from a head trained without those images (``FitResult.probe``), so both are out of sample there."""
+    trains (its linear probe included) without those images, so both are out of sample there."""
     return fe.held_out.get("val_split") or fe.held_out.get("val")
 
 
@@ -383,7 +384,7 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
         raise EngineError(f"{target} already exists: choose another output folder or allow overwriting.")
     t0 = time.perf_counter()
     cb.on_log("Automatic mode: feature extraction first; then fine-tuning")
-    fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset, probe=True)
+    fe = fit(dataclasses.replace(cfg, mode=FE, out=f"{target}-{FE}"), Tagged(cb, FE, t0), cancel, dataset)
     if fe.run_dir is None or fe.cancelled:
         return fe
     fe_loss = calibrated_val_loss(compared(fe))
@@ -409,14 +410,13 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
             f"Fine-tuning: {est.text}; budget " + (f"{cfg.budget:g} min" if budget else "none (its planned epochs)")
         )
         token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
-        start = fe.probe or fe.head
-        if (fe.metrics.get("depths") or {}).get("kept"):
-            start = None
-            cb.on_log(
-                "Fine-tuning starts from its own linear probe on the final features: feature extraction's head also "
-                "reads the earlier layers' features, which fine-tuning's network does not pass to its head"
-            )
-        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset, head_init=start)
+        cb.on_log(
+            "Fine-tuning starts from its own linear probe on the training split, not from feature extraction's head: "
+            "that head reads the final features' square roots"
+            + (" and the earlier layers' features" if (fe.metrics.get("depths") or {}).get("kept") else "")
+            + ", which fine-tuning's network does not pass to its head"
+        )
+        ft = fit(ft_cfg, Race(cb, token, fe_loss, epochs, t0), token, dataset)
         stop = token.early_stop_reason()
         if stop:
             cb.on_log(f"Fine-tuning stopped: {stop}")

@@ -34,7 +34,7 @@ from engine.paths import default_cache_dir
 from engine.runs import BackboneFacts
 from engine.train.crossfit import K_FOLDS, fold_ids
 from engine.train.head import balanced_class_weights
-from engine.train.probe import DEPTHS, Blocks, Probe, fit_probe
+from engine.train.probe import DEPTHS, FINAL_MAP, Blocks, Probe, fit_probe, mapped
 
 
 def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
@@ -53,7 +53,6 @@ class HeadOutcome:
     choice: Probe  # which features, which regularisation, and the out-of-fold evidence
     held_items: dict | None = None  # the samples behind ``logits`` per split; None: the dataset's own splits
     cross_fit: dict | None = None  # how the figures were judged, when cross-fitted
-    probe: dict | None = None  # automatic mode: a head on the training split alone (fine-tuning starts from it)
 
 
 def cross_fits(cfg: TrainConfig, ds: Dataset) -> bool:
@@ -74,6 +73,7 @@ def depths_record(choice: Probe, blocks: Blocks, taps: list[dict] | None) -> dic
     out = {
         "kept": choice.features == DEPTHS,
         "final_dim": blocks.final,
+        "final_map": FINAL_MAP,  # the head reads the final features' signed square roots (engine/train/probe.py)
         "C": choice.C,
         "why": choice.summary(),
         "tried": choice.tried,
@@ -92,7 +92,6 @@ def train_head(
     blocks: Blocks,
     cb: Callbacks,
     cancel: CancelToken,
-    probe: bool = False,
 ) -> HeadOutcome:
     """The head on each split's features: chosen out of fold on train + val cross-fitted when :func:`cross_fits`,
     else on the training split's own folds (a val/ folder the user made is then only scored)."""
@@ -118,8 +117,6 @@ def train_head(
         )
     folds = fold_ids(y, [_key(s.path, ds.root) for s in pool], cfg.seed)
     extra = {"final": np.ones(len(pool), bool)}
-    if probe and cross:
-        extra["probe"] = np.arange(len(pool)) < len(split_X["train"][0])
     depth_words = " and whether the earlier layers' features help" if blocks.total > blocks.final else ""
     cb.on_log(
         (
@@ -135,6 +132,8 @@ def train_head(
         + (" and the calibration come from those judgements)" if cross else "")
     )
     allx = np.concatenate([v[0] for v in split_X.values()])  # every image's features fix the scaling (no labels)
+    mapped(X, blocks.final, copy=False)  # (both new arrays: split_X keeps the features as they are)
+    mapped(allx, blocks.final, copy=False)
     cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.cache else None
     choice = fit_probe(
         X, y, folds, len(ds.classes), blocks, k=K_FOLDS, extra=extra, class_weight=weights, stats=allx,
@@ -146,7 +145,7 @@ def train_head(
 
     def scored(split):
         Xs = split_X[split][0]
-        return Xs[:, :cols] @ head["weight"].T + head["bias"] if len(Xs) else None
+        return mapped(Xs[:, :cols], blocks.final) @ head["weight"].T + head["bias"] if len(Xs) else None
 
     final = {split: split_X[split][0][:, : blocks.final] if len(split_X[split][0]) else None for split in parts}
     history, best = choice.history, len(choice.history)
@@ -157,7 +156,7 @@ def train_head(
         return HeadOutcome(
             head, history, best, {"val": choice.oof_logits, "test": scored("test")},
             {"train": final["train"] if not cross else np.concatenate([final[p] for p in parts]), "val": None},
-            choice, held_items={"val": pool, "test": ds.split("test")}, cross_fit=info, probe=choice.heads.get("probe"),
+            choice, held_items={"val": pool, "test": ds.split("test")}, cross_fit=info,
         )  # fmt: skip
     feats = {"train": final["train"], "val": split_X["val"][0][:, : blocks.final] if len(split_X["val"][0]) else None}
     return HeadOutcome(head, history, best, {"val": scored("val"), "test": scored("test")}, feats, choice)
@@ -177,7 +176,7 @@ def _remember(known: KnownFiles, ds: Dataset, hashes: list[str]) -> None:
 
 
 def from_cache(
-    cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks, cancel: CancelToken, probe: bool = False
+    cfg: TrainConfig, ds: Dataset, cache_dir: str | None, cb: Callbacks, cancel: CancelToken
 ) -> TrainOutcome | None:
     """Without PyTorch, when every image's embedding and the backbone's weights are cached; None otherwise.
 
@@ -215,7 +214,7 @@ def from_cache(
     blocks = Blocks([final_dim, *(cache.widths or [])])
     embed_s = time.perf_counter() - t0
     cb.on_log(f"Features ready in {embed_s:.1f} s (all {len(by_path)} from cache; the backbone is not run)")
-    h = train_head(cfg, ds, by_path, blocks, cb, cancel, probe)
+    h = train_head(cfg, ds, by_path, blocks, cb, cancel)
     return _outcome(
         h, blocks, {**backbone_sd, **{f"head.{k}": v for k, v in h.head.items()}},
         taps=depths.describe(cache.widths) if cache.widths else None, embed_seconds=embed_s,
@@ -227,7 +226,7 @@ def from_cache(
 def _outcome(h: HeadOutcome, blocks: Blocks, weights: dict, taps: list[dict] | None, **more) -> TrainOutcome:
     return TrainOutcome(
         weights=weights, history=h.history, best_epoch=h.best_epoch, logits=h.logits, features=h.features,
-        held_items=h.held_items, cross_fit=h.cross_fit, probe_head=h.probe,
+        held_items=h.held_items, cross_fit=h.cross_fit,
         depths=depths_record(h.choice, blocks, taps), **more,
     )  # fmt: skip
 
@@ -298,9 +297,8 @@ def run(
     cb: Callbacks,
     cancel: CancelToken,
     dist,
-    probe: bool = False,
 ) -> TrainOutcome | None:
-    """Embed (what the cache lacks), then train the head (``probe``: see ``train.fit``). None on ranks other than 0
+    """Embed (what the cache lacks), then train the head. None on ranks other than 0
     under torchrun."""
     import torch
 
@@ -318,7 +316,7 @@ def run(
     ds.drop(errors)
     if errors:
         cb.on_log(f"Skipped {len(errors)} file(s) that could not be decoded")
-    model = make_classifier(backbone.net, len(ds.classes))
+    model = make_classifier(backbone.net, len(ds.classes), final_map=FINAL_MAP)
     backbone_sd = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     if cache_dir:
         # The backbone's weights next to its embeddings: the next run on these images can then save a complete
@@ -332,10 +330,10 @@ def run(
     net = backbone.net
     widths = depths.tap_widths(net) if feats.shape[1] > net.final_dim else []
     blocks = Blocks([net.final_dim, *widths])
-    h = train_head(cfg, ds, by_path, blocks, cb, cancel, probe)
+    h = train_head(cfg, ds, by_path, blocks, cb, cancel)
     if h.choice.features == DEPTHS:  # the saved network computes what the head reads
         net.with_taps(True)
-        model = make_classifier(net, len(ds.classes))
+        model = make_classifier(net, len(ds.classes), final_map=FINAL_MAP)
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in h.head.items()})
     return _outcome(
         h, blocks, model.state_dict(), depths.describe(widths) if widths else None, features_path=features_path,

@@ -63,10 +63,8 @@ class FitResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     message: str = ""
     held_out: dict[str, HeldOut] = field(default_factory=dict)  # "val" / "test", where the split has images
-    head: dict | None = None  # the linear head ("weight", "bias") as NumPy arrays
     meta: dict = field(default_factory=dict)  # model.json as saved
     predictions: list[dict] = field(default_factory=list)  # val_predictions.csv's rows, as runs.read_predictions gives
-    probe: dict | None = None  # automatic mode, cross-fitted: a head on the training split alone (fine-tuning's start)
 
 
 def fit(
@@ -74,16 +72,11 @@ def fit(
     callbacks: Callbacks | None = None,
     cancel: CancelToken | None = None,
     dataset: Dataset | None = None,
-    head_init: dict | None = None,
-    probe: bool = False,
 ) -> FitResult:
     """Train a classifier on ``config.data`` and save a run folder.
 
     ``dataset``: that folder as already scanned (the window's Dataset tab); used when its split settings match the
     config's, instead of scanning again. Under torchrun only rank 0 reports and writes; the other ranks compute.
-    ``head_init``: fine-tuning starts its head from these weights (``weight``, ``bias``) instead of a linear probe.
-    ``probe``: a cross-fitted feature extraction also trains a head on the training split alone (``FitResult.probe``:
-    automatic mode starts fine-tuning from it, so its validation images stay unseen).
     ``mode="auto"``: both strategies, see engine/train/auto.py; the result is the winning run.
     """
     if config.mode == "auto":
@@ -96,7 +89,7 @@ def fit(
     t_start = time.perf_counter()
     try:
         ds = _dataset(cfg, dataset, cb, cancel)
-        outcome, facts = _train(cfg, ds, dist, cb, cancel, head_init, probe)
+        outcome, facts = _train(cfg, ds, dist, cb, cancel)
         if outcome is None:  # another rank under torchrun: rank 0 saves
             return FitResult(None, False, message=f"rank {dist.rank}: done (rank 0 saves)")
         stopped = cancel.early_stop_reason()  # automatic mode's budget or race, never the user
@@ -165,8 +158,6 @@ def _train(
     dist,
     cb: Callbacks,
     cancel: CancelToken,
-    head_init: dict | None = None,
-    probe: bool = False,
 ) -> tuple[TrainOutcome | None, BackboneFacts | None]:
     """The chosen strategy's outcome and what the run folder records about the backbone."""
     if cfg.mode == "fine-tuning":
@@ -174,7 +165,7 @@ def _train(
     np.random.seed(cfg.seed % (2**32))
     cache_dir = _cache_dir(cfg)
     if cfg.mode == "feature-extraction" and not dist.enabled:
-        outcome = feature_extraction.from_cache(cfg, ds, cache_dir, cb, cancel, probe)
+        outcome = feature_extraction.from_cache(cfg, ds, cache_dir, cb, cancel)
         if outcome is not None:
             return outcome, outcome.facts
     import torch
@@ -193,16 +184,10 @@ def _train(
         f"parameters, {backbone.net.feature_dim}-d features), weights from {backbone.weights_source}"
     )
     if cfg.mode == "feature-extraction":
-        outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist, probe)
+        outcome = feature_extraction.run(cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
     else:
         backbone, ft_cfg, rcp = _recipe(cfg, ds, backbone, dist, cb)
-        if rcp.small and head_init is not None:
-            cb.on_log(
-                f"Feature extraction's head fits the features of larger inputs, not of {rcp.size} px ones: "
-                "starting from a new linear probe instead"
-            )
-            head_init = None
-        outcome = fine_tuning.run(ft_cfg, ds, backbone, device, cache_dir, cb, cancel, dist, head_init=head_init)
+        outcome = fine_tuning.run(ft_cfg, ds, backbone, device, cache_dir, cb, cancel, dist)
         outcome.recipe = rcp.to_dict()
         if not dist.enabled:
             _pretrained_familiarity(cfg, ds, outcome, device, cache_dir, cb)
@@ -388,12 +373,10 @@ def _save(
     if outcome.cross_fit and "val" in held_out and carved.split("val"):
         # what automatic mode compares fine-tuning with: the same validation images, judged out of fold
         held_out["val_split"] = held_out["val"].only([s.path for s in carved.split("val")])
-    head = {k: _numpy(outcome.weights[f"head.{k}"]) for k in ("weight", "bias") if f"head.{k}" in outcome.weights}
     header = ["path", "split", "label", "prediction", "confidence"] + [f"p_{c}" for c in ds.classes]
     rows = [dict(zip(header, row)) for row in predictions]
     return FitResult(
-        run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, head or None, meta, rows,
-        outcome.probe_head,
+        run_dir, cancelled, metrics, outcome.history, ds.skipped, summary, held_out, meta, rows
     )  # fmt: skip
 
 
@@ -447,8 +430,3 @@ def _stage_figures(outcome: TrainOutcome) -> dict:
             else None
         )
     return out
-
-
-def _numpy(v) -> np.ndarray:
-    """A weight as NumPy (torch tensors from fine-tuning, arrays from a rerun that never imported torch)."""
-    return v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)

@@ -83,7 +83,7 @@ def split(model, n_frozen_stages: int):
     class Tail(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body, self.dropout, self.head = body, model.dropout, model.head
+            self.body, self.dropout, self.final_map, self.head = body, model.dropout, model.final_map, model.head
 
         def features(self, x):
             # the same computation as EfficientNet.extract_features from block n_blocks on
@@ -92,7 +92,7 @@ def split(model, n_frozen_stages: int):
             return body._swish(body._bn1(body._conv_head(x))).mean((2, 3))
 
         def forward(self, x):
-            return self.head(self.dropout(self.features(x)))
+            return self.head(self.dropout(self.final_map(self.features(x))))
 
     return Prefix(), Tail()
 

@@ -260,7 +260,6 @@ def _linear_probe(
 
 def _start_head(
     model,
-    head_init: dict | None,
     inputs: Inputs,
     ytr,
     yva,
@@ -271,14 +270,8 @@ def _start_head(
     cancel: CancelToken,
     class_weight=None,
 ) -> None:
-    """The head's first weights: ``head_init`` (--mode auto: feature extraction's head, already a linear probe), a
-    linear probe (LP-FT), or the random initialisation."""
-    import torch
-
-    if head_init is not None:
-        cb.on_log("Starting the head from feature extraction's (already a linear probe)")
-        model.head.load_state_dict({k: torch.as_tensor(v).to(model.head.weight.device) for k, v in head_init.items()})
-    elif cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
+    """The head's first weights: a linear probe (LP-FT), or the random initialisation."""
+    if cfg.linear_probe_init and dist.is_main:  # other ranks receive rank 0's weights when DDP wraps the model
         _linear_probe(model, inputs.features, ytr, yva, num_classes, cfg, cb, cancel, class_weight)
 
 
@@ -325,9 +318,8 @@ def run(
     cb: Callbacks,
     cancel: CancelToken,
     dist,
-    head_init: dict | None = None,
 ) -> TrainOutcome:
-    """Decode, freeze, probe (or start from ``head_init``), train; returns the best epoch. Raises Cancelled when no
+    """Decode, freeze, probe, train; returns the best epoch. Raises Cancelled when no
     epoch finished."""
     pre = backbone.preprocessing
     # random crops need a little more than the input size; the frozen-stages-once path only mirrors
@@ -343,7 +335,7 @@ def run(
         )
     try:
         decoded = _decode_splits(ds, pre, train_size, store, device, cb, cancel)
-        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist, head_init, cache_dir)
+        return _train(cfg, ds, backbone, device, decoded, cb, cancel, dist, cache_dir)
     finally:
         store.close()  # (the arrays die with this frame)
 
@@ -357,7 +349,6 @@ def _train(
     cb: Callbacks,
     cancel: CancelToken,
     dist,
-    head_init: dict | None = None,
     cache_dir: str | None = None,
 ) -> TrainOutcome:
     """The epochs: out-of-memory retry with a halved batch, validation, early stopping, best epoch kept."""
@@ -380,7 +371,7 @@ def _train(
     weights = balanced_class_weights(ytr.numpy(), len(ds.classes), mode=cfg.balance)
     if weights is not None:
         cb.on_log("Classes are unbalanced: the loss weights each class by the inverse of its share")
-    _start_head(model, head_init, inputs, ytr, yva, len(ds.classes), cfg, dist, cb, cancel, weights)
+    _start_head(model, inputs, ytr, yva, len(ds.classes), cfg, dist, cb, cancel, weights)
     train_model = inputs.tail if inputs.tail is not None else _distributed(model, device, dist, cfg, cb)
     opt, scaler = _optimizer(model, cfg), grad_scaler(device)
     cw = None if weights is None else torch.from_numpy(weights).to(device)
