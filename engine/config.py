@@ -80,7 +80,7 @@ class TrainConfig:
     mode: str = option(
         "feature-extraction",
         "feature-extraction (frozen backbone, new head), fine-tuning, or auto "
-        "(both, fine-tuning from feature extraction's head within --budget; "
+        "(both: feature extraction, then fine-tuning within --budget; "
         "the lower validation loss wins)",
         choices=MODES,
     )

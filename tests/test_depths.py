@@ -138,10 +138,10 @@ def test_the_exact_head_matches_scikit_learn_logistic_regression():
         assert (((X @ s.weight[h]) + s.bias[h]).argmax(1) == ref.predict(X)).mean() == 1.0
 
 
-def test_the_saved_head_reads_the_final_features_square_roots_in_predict_and_in_the_network(tmp_path):
-    """The head is trained on the final features' signed square roots (engine/train/probe.py ``mapped``): the saved
-    model says so, and predict and the network itself give the probabilities of that head on those roots (a path that
-    forgot the roots would still agree with the exported graph, not with this)."""
+def test_the_saved_head_reads_the_final_features_raised_to_its_power_in_predict_and_in_the_network(tmp_path):
+    """The head is trained on the final features raised to a power (engine/train/probe.py ``mapped``): the saved
+    model says so, and predict and the network itself give the probabilities of that head on those features (a path
+    that forgot the power would still agree with the exported graph, not with this)."""
     import torch
 
     from engine.config import PredictConfig
@@ -157,7 +157,8 @@ def test_the_saved_head_reads_the_final_features_square_roots_in_predict_and_in_
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), features="final")
     res = fit(cfg)
     loaded = load_model(res.run_dir)
-    assert loaded.meta["depths"]["final_map"] == "sqrt" and loaded.model.final_map.on
+    power = loaded.meta["depths"]["final_power"]
+    assert power < 1 and loaded.model.final_map.power == power
     ds = scan(str(data), val_split=0.0, test_split=0.0)
     emb = embed_dataset(cfg, ds, Callbacks(), CancelToken())
     w, b = (loaded.model.head.weight.detach().numpy(), loaded.model.head.bias.detach().numpy())
@@ -165,8 +166,8 @@ def test_the_saved_head_reads_the_final_features_square_roots_in_predict_and_in_
     def log_p(logits):  # (compared as log-probabilities: on these easy classes the probabilities are all near 0 or 1)
         return np.log(np.maximum(probabilities(logits, loaded.temperature), 1e-30))
 
-    want = log_p(mapped(emb.final, 1280) @ w.T + b)
-    assert np.abs(want - log_p(emb.final @ w.T + b)).max() > 1  # (the roots matter to this head: the checks can fail)
+    want = log_p(mapped(emb.final, 1280, power) @ w.T + b)
+    assert np.abs(want - log_p(emb.final @ w.T + b)).max() > 1  # (the power matters to this head: the checks can fail)
     pred = predict_folder(PredictConfig(run=res.run_dir, images=[str(data)], csv=str(tmp_path / "p.csv")))
     got = {r.path: np.array(r.probabilities) for r in pred.rows}
     got = np.log(np.maximum(np.stack([got[s.path] for s in ds.samples]), 1e-30))
@@ -176,7 +177,7 @@ def test_the_saved_head_reads_the_final_features_square_roots_in_predict_and_in_
     # a run saved by a later version whose head reads its features another way is refused, not misread
     p = Path(res.run_dir) / "model.json"
     meta = json.loads(p.read_text())
-    meta["depths"]["final_map"] = "cube-root"
+    meta["depths"]["final_power"] = "cube-root"
     p.write_text(json.dumps(meta))
     with pytest.raises(EngineError, match="cube-root"):
         load_model(res.run_dir)

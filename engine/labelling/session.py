@@ -146,7 +146,7 @@ def suggest(
     # centre is noisy: hymenoptera 2/cl 0.757 against 0.809 with the folder's, random labels, 4 seeds); the
     # regularisation and the features are chosen by the other labels' out-of-fold loss alone, so the head the
     # checks judge was not chosen by them either.
-    Xm = mapped(X, blocks.final)  # the features as the heads read them (final: square roots)
+    Xm = mapped(X, blocks.final)  # the features as the heads read them (the final ones raised to a power)
     res = fit_probe(
         Xm[labelled], yl, fold_ids(yl, keys, seed, k), len(classes), blocks, k=k, extra=extra, stats=Xm, seed=seed,
         judge=blind if "without checks" in extra else None, spaces=spaces,

@@ -9,29 +9,27 @@ from engine.events import EngineError
 from engine.network.backbones import Preprocessing, build_architecture
 from engine.runs import read_json, validate_model_json
 
-FINAL_MAPS = (None, "sqrt")  # what a head may read of the final features (engine/train/probe.py ``mapped``)
 
-
-def make_classifier(net, num_classes: int, dropout: float = 0.2, final_map: str | None = None):
-    """Backbone + linear head; ``final_map`` "sqrt": the head reads the final features' signed square roots (a
-    feature-extraction head since 2026-12-06), None: the features as they are (fine-tuning; older runs)."""
+def make_classifier(net, num_classes: int, dropout: float = 0.2, final_power: float = 1.0):
+    """Backbone + linear head; ``final_power`` below 1: the head reads the final features raised to it, sign kept (a
+    feature-extraction head since 2026-12-06: engine/train/probe.py ``mapped``), 1: as they are (fine-tuning; older
+    runs)."""
     import torch
     from torch import nn
 
     class FinalMap(nn.Module):
-        """The features as the head reads them: the first ``final`` through signed square roots (``on``), the rest
-        as they are. The same numbers as engine/train/probe.py's ``mapped``; the gradient at 0 is 0 (no NaN in a
-        heatmap)."""
+        """The features as the head reads them: the first ``final`` raised to ``power``, sign kept, the rest as they
+        are. The same numbers as engine/train/probe.py's ``mapped``; the gradient at 0 is 0 (no NaN in a heatmap)."""
 
-        def __init__(self, final: int, on: bool) -> None:
+        def __init__(self, final: int, power: float) -> None:
             super().__init__()
-            self.final, self.on = int(final), bool(on)
+            self.final, self.power = int(final), float(power)
 
         def forward(self, f: torch.Tensor) -> torch.Tensor:
-            if not self.on:
+            if self.power == 1:
                 return f
             head = f[:, : self.final]
-            head = head.sign() * head.abs().clamp_min(1e-12).sqrt()
+            head = head.sign() * head.abs().clamp_min(1e-12).pow(self.power)
             return torch.cat([head, f[:, self.final :]], 1) if f.shape[1] > self.final else head
 
     class Classifier(nn.Module):
@@ -41,7 +39,7 @@ def make_classifier(net, num_classes: int, dropout: float = 0.2, final_map: str 
             super().__init__()
             self.backbone = backbone
             self.dropout = nn.Dropout(dropout)
-            self.final_map = FinalMap(getattr(backbone, "final_dim", backbone.feature_dim), final_map == "sqrt")
+            self.final_map = FinalMap(getattr(backbone, "final_dim", backbone.feature_dim), final_power)
             self.head = nn.Linear(backbone.feature_dim, num_classes)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +50,6 @@ def make_classifier(net, num_classes: int, dropout: float = 0.2, final_map: str 
             the head does not read them: they come after the final ones)."""
             return self.head(self.final_map(f[:, : self.head.in_features]))
 
-    if final_map not in FINAL_MAPS:
-        raise ValueError(f"unknown final_map {final_map!r}")
     return Classifier(net, num_classes, dropout)
 
 
@@ -138,13 +134,13 @@ def load_model(run_dir: str) -> LoadedModel:
     pre = Preprocessing.from_dict(meta["preprocessing"])
     net = build_architecture(meta["backbone"], pre)
     _depths(net, meta, weights)
-    final_map = (meta.get("depths") or {}).get("final_map")
-    if final_map not in FINAL_MAPS:
+    power = (meta.get("depths") or {}).get("final_power", 1.0)
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power <= 1:
         raise EngineError(
-            f"{weights} has a head that reads its features as '{final_map}', which this version of Transfer Studio "
-            "does not know; update it or train the model again."
+            f"{weights} has a head that reads its final features raised to {power!r}, which this version of Transfer "
+            "Studio does not know; update it or train the model again."
         )
-    model = make_classifier(net, len(classes), final_map=final_map)
+    model = make_classifier(net, len(classes), final_power=power)
     head = sd.get("head.weight")
     if head is None or tuple(head.shape) != (len(classes), net.feature_dim):
         raise EngineError(

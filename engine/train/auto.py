@@ -3,7 +3,7 @@ validation loss becomes the result.
 
 1. Feature extraction runs as an ordinary run (seconds from cached embeddings) and is saved at once.
 2. Fine-tuning starts from its own linear probe on the training split (feature extraction's head reads the final
-   features' square roots, and maybe the earlier layers', which fine-tuning's network does not pass on) and stops at
+   features raised to a power, and maybe the earlier layers', which fine-tuning's network does not pass on) and stops at
    the budget, or as soon as its validation loss cannot reach feature extraction's: after each epoch (from the second
    on) its best loss so far is extrapolated in a straight line over the epochs the remaining budget allows, falling
    each epoch by the largest change, up or down, that one of its epochs has made so far (:func:`projected_loss`).
@@ -412,7 +412,7 @@ def fit_auto(cfg, cb: Callbacks, cancel: CancelToken, dataset, fit):
         token = BudgetToken(cancel, time.perf_counter() + budget if budget else None)
         cb.on_log(
             "Fine-tuning starts from its own linear probe on the training split, not from feature extraction's head: "
-            "that head reads the final features' square roots"
+            "that head reads the final features raised to a power"
             + (" and the earlier layers' features" if (fe.metrics.get("depths") or {}).get("kept") else "")
             + ", which fine-tuning's network does not pass to its head"
         )

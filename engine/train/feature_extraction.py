@@ -34,7 +34,7 @@ from engine.paths import default_cache_dir
 from engine.runs import BackboneFacts
 from engine.train.crossfit import K_FOLDS, fold_ids
 from engine.train.head import balanced_class_weights
-from engine.train.probe import DEPTHS, FINAL_MAP, Blocks, Probe, fit_probe, mapped
+from engine.train.probe import DEPTHS, FINAL_POWER, Blocks, Probe, fit_probe, mapped
 
 
 def labels(ds: Dataset, split: str) -> tuple[list[str], np.ndarray]:
@@ -73,7 +73,7 @@ def depths_record(choice: Probe, blocks: Blocks, taps: list[dict] | None) -> dic
     out = {
         "kept": choice.features == DEPTHS,
         "final_dim": blocks.final,
-        "final_map": FINAL_MAP,  # the head reads the final features' signed square roots (engine/train/probe.py)
+        "final_power": FINAL_POWER,  # the head reads the final features raised to it (engine/train/probe.py)
         "C": choice.C,
         "why": choice.summary(),
         "tried": choice.tried,
@@ -316,7 +316,7 @@ def run(
     ds.drop(errors)
     if errors:
         cb.on_log(f"Skipped {len(errors)} file(s) that could not be decoded")
-    model = make_classifier(backbone.net, len(ds.classes), final_map=FINAL_MAP)
+    model = make_classifier(backbone.net, len(ds.classes), final_power=FINAL_POWER)
     backbone_sd = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     if cache_dir:
         # The backbone's weights next to its embeddings: the next run on these images can then save a complete
@@ -333,7 +333,7 @@ def run(
     h = train_head(cfg, ds, by_path, blocks, cb, cancel)
     if h.choice.features == DEPTHS:  # the saved network computes what the head reads
         net.with_taps(True)
-        model = make_classifier(net, len(ds.classes), final_map=FINAL_MAP)
+        model = make_classifier(net, len(ds.classes), final_power=FINAL_POWER)
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in h.head.items()})
     return _outcome(
         h, blocks, model.state_dict(), depths.describe(widths) if widths else None, features_path=features_path,
