@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -322,6 +323,7 @@ def test_the_estimated_accuracy_comes_from_random_checks_and_matches_the_model_o
     images it never saw."""
     from engine.data.labels import CHECK_SHARE
     from engine.labelling.session import MIN_CHECKS, suggest
+    from engine.train.probe import mapped
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((4, 32)) * 0.45
@@ -342,7 +344,11 @@ def test_the_estimated_accuracy_comes_from_random_checks_and_matches_the_model_o
             assert s.estimate is None
     s = suggest(X[pool], known, list("abcd"), 0, 0, draws=draws)
     head = s.head
-    truth = float(((X[fresh] @ head["weight"].T + head["bias"]).argmax(1) == y[fresh]).mean())
+    # (the head reads the features as the rounds map them: engine/train/probe.py ``mapped``)
+    truth = float(((mapped(X[fresh], 32) @ head["weight"].T + head["bias"]).argmax(1) == y[fresh]).mean())
     lo, hi = s.estimate_range
-    assert s.checks >= 15 and lo <= truth <= hi and abs(s.estimate - truth) < 0.12, (s.estimate, truth, s.checks)
+    # within its range, and within 2.5 binomial standard errors of that many checks (20 checks: +-0.2; a fixed 0.12
+    # held for one trajectory and not the next, at 1.7 standard errors)
+    sampling = math.sqrt(truth * (1 - truth) / s.checks)
+    assert s.checks >= 15 and lo <= truth <= hi and abs(s.estimate - truth) < 2.5 * sampling, (s.estimate, truth)
     assert np.mean(hard_picks) < truth - 0.1  # (what the chosen picks' own accuracy would have said)
