@@ -50,3 +50,29 @@ def test_a_rerun_reads_the_kept_space_and_gets_the_same_heads(tmp_path, monkeypa
     assert any(e["backbone"] == "(head spaces)" for e in cache_contents(str(tmp_path)))
     clear_cache(str(tmp_path))
     assert not spaces.kept_files(str(tmp_path))
+
+
+def test_a_rerun_keeps_the_training_images_neighbour_distances_and_marks_the_same_images_unfamiliar(
+    tmp_path, monkeypatch
+):
+    """ "Unfamiliar"'s threshold reads each training image's distance to its nearest other one, which depends on the
+    features alone: a rerun on the same cached images reads it from the cache folder and saves the same block."""
+    from engine import TrainConfig, fit
+    from engine.train import fit as fit_module
+    from tests.imagegen import make_flat_dataset
+
+    data = make_flat_dataset(tmp_path / "flat", n_per_class=10)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), overwrite=True)
+    first = fit(cfg).metrics["unfamiliar"]
+    assert len(spaces.kept_files(str(tmp_path / "c"))) == 3  # two feature spaces and the neighbour distances
+    spaces._MEMORY.clear()  # a new process: only the files are left
+    calls = []
+    real = fit_module.leave_one_out
+    monkeypatch.setattr(fit_module, "leave_one_out", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = fit(cfg).metrics["unfamiliar"]
+    assert not calls and again == first  # read, not searched again: the same threshold and flag rate
+    for f in spaces.kept_files(str(tmp_path / "c")):  # damaged files are searched again, not read
+        with open(f, "wb") as fh:
+            fh.write(b"damaged")
+    spaces._MEMORY.clear()
+    assert fit(cfg).metrics["unfamiliar"] == first and calls == [1]

@@ -6,7 +6,9 @@ computing it was 0.33 s of a cached flowers rerun's 2.2 s, and 0.37 s of every l
 A space is found by a hash of everything it is computed from (the rows' bytes, the feature set, the number of axes,
 the seed and ``VERSION``), so a changed image, split or setting simply misses. Kept in memory for this process (the
 window's reruns and labelling rounds) and, given a cache folder, as small safetensors files in its ``spaces/``
-folder (8.6 MB for the earlier layers' 768 axes; the ``KEEP_FILES`` most recently used are kept)."""
+folder (8.6 MB for the earlier layers' 768 axes; the ``KEEP_FILES`` most recently used are kept). The training
+images' neighbour distances behind "unfamiliar" (engine/train/fit.py; 0.25 s of that rerun) are kept the same way
+(``get_arrays`` / ``put_arrays``)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ FOLDER = "spaces"
 VERSION = 1  # how a space is computed (probe.py's normalisers and axes): a change makes every kept one miss
 KEEP_FILES = 8
 KEEP_IN_MEMORY = 4
-_MEMORY: OrderedDict[str, tuple] = OrderedDict()
+_MEMORY: OrderedDict[str, dict] = OrderedDict()
 _LOCK = threading.Lock()  # (a labelling round and a training job may run at once in the window)
 
 
@@ -42,6 +44,18 @@ class SpaceStore:
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """(centre, scale, axes or None), or None when this space was not kept."""
+        t = self.get_arrays(key)
+        if t is None or not {"centre", "scale", "axes"} <= set(t):
+            return None
+        return t["centre"], t["scale"], t["axes"] if t["axes"].shape[1] else None
+
+    def put(self, key: str, centre: np.ndarray, scale: np.ndarray, axes: np.ndarray | None) -> None:
+        none = np.zeros((len(centre), 0), np.float32)
+        self.put_arrays(key, {"centre": centre, "scale": scale, "axes": axes if axes is not None else none})
+
+    def get_arrays(self, key: str) -> dict[str, np.ndarray] | None:
+        """Any other answer that depends on features alone, kept the same way (the training images' neighbour
+        distances behind "unfamiliar": engine/train/fit.py), by name; None when not kept."""
         with _LOCK:
             if key in _MEMORY:
                 _MEMORY.move_to_end(key)
@@ -56,19 +70,15 @@ class SpaceStore:
             os.utime(path)  # (recently used: kept when older ones are dropped)
         except Exception:  # missing or damaged: computed again
             return None
-        space = (t["centre"], t["scale"], t["axes"] if t["axes"].shape[1] else None)
-        self._remember(key, space)
-        return space
+        self._remember(key, t)
+        return t
 
-    def put(self, key: str, centre: np.ndarray, scale: np.ndarray, axes: np.ndarray | None) -> None:
-        space = (centre, scale, axes)
-        self._remember(key, space)
+    def put_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        self._remember(key, arrays)
         if self.dir is None:
             return
         from safetensors.numpy import save
 
-        arrays = {"centre": centre, "scale": scale,
-                  "axes": axes if axes is not None else np.zeros((len(centre), 0), np.float32)}  # fmt: skip
         try:
             os.makedirs(self.dir, exist_ok=True)
             atomic_write_bytes(os.path.join(self.dir, f"{key}.safetensors"),
@@ -81,9 +91,9 @@ class SpaceStore:
             pass
 
     @staticmethod
-    def _remember(key: str, space: tuple) -> None:
+    def _remember(key: str, arrays: dict) -> None:
         with _LOCK:
-            _MEMORY[key] = space
+            _MEMORY[key] = arrays
             _MEMORY.move_to_end(key)
             while len(_MEMORY) > KEEP_IN_MEMORY:
                 _MEMORY.popitem(last=False)
