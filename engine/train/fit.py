@@ -285,19 +285,24 @@ def _trust(
             cb.on_progress(Progress(Phase.EVALUATING, done, total, message="finding each image's nearest neighbours"))
 
         train = outcome.features["train"]
-        # the training images' neighbour distances depend on their features alone: a rerun on the same images keeps
-        # them beside the head's spaces (0.25 s of a cached flowers rerun's 2 s)
-        store, key = SpaceStore(_cache_dir(cfg)), space_key("neighbours", train, K, 0)
-        kept = store.get_arrays(key) or {}
-        loo = kept.get("loo")
-        if loo is None or len(loo) != (len(train) if len(train) >= 2 else 0):  # (a damaged file: computed again)
-            loo = leave_one_out(train, near)
-            store.put_arrays(key, {"loo": loo})
+        loo = _kept_leave_one_out(train, _cache_dir(cfg), near)
         unfamiliar = familiarity_block(train, outcome.features.get("val"), cfg.seed, loo=loo)
         unfamiliar["dim"] = int(outcome.features["train"].shape[1])
         if outcome.familiar_pretrained:
             unfamiliar["space"] = "pretrained"
     return probs, calibration, unfamiliar
+
+
+def _kept_leave_one_out(train: np.ndarray, cache_dir: str | None, progress) -> np.ndarray:
+    """The training images' neighbour distances behind "unfamiliar": they depend on the features alone, so a rerun on
+    the same images reads them from beside the head's spaces (0.25 s of a cached flowers rerun's 2 s); searched and
+    kept otherwise (a damaged file reads as missing)."""
+    store, key = SpaceStore(cache_dir), space_key("neighbours", train, K, 0)
+    loo = (store.get_arrays(key) or {}).get("loo")
+    if loo is None:
+        loo = leave_one_out(train, progress)
+        store.put_arrays(key, {"loo": loo})
+    return loo
 
 
 def _save(

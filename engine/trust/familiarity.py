@@ -91,7 +91,6 @@ def familiarity_block(
     train_features: np.ndarray,
     val_features: np.ndarray | None,
     seed: int = 0,
-    progress=None,
     loo: np.ndarray | None = None,
 ) -> dict:
     """model.json/metrics.json's ``unfamiliar`` block: k, the threshold, and the cross-fitted flag rate.
@@ -102,11 +101,11 @@ def familiarity_block(
     splits of hymenoptera (84 validation images) it marked 5.0% of unseen same-class images on average but up to
     12.5%, and 80% of flower photos but as few as 57% in one split; with the training distances added, 4.6% (at
     most 10.0%) and 85% (at least 64%); on flowers the figures moved by under half a point (docs/benchmarks.md).
-    ``progress(done, total)`` follows the training images' neighbour search; ``loo``: its answer
-    (:func:`leave_one_out`), when kept from an earlier run on the same features.
+    ``loo``: the training images' :func:`leave_one_out` distances, when the caller has them (a rerun keeps them:
+    engine/train/fit.py); else searched here.
     """
     train_features = np.asarray(train_features, dtype=np.float32)
-    loo = leave_one_out(train_features, progress) if loo is None else loo
+    loo = leave_one_out(train_features) if loo is None else loo
     loo = loo[loo > COPY_DISTANCE]
     if val_features is None or not len(val_features):
         d, source = loo, "training images (leave-one-out, copies left out; no validation split)"
