@@ -181,3 +181,63 @@ def test_the_saved_head_reads_the_final_features_raised_to_its_power_in_predict_
     p.write_text(json.dumps(meta))
     with pytest.raises(EngineError, match="cube-root"):
         load_model(res.run_dir)
+
+
+def _two_signals(n_per_class=100, seed=0):
+    """Three classes, each told apart a little by the 'final' 20 columns and a little, independently, by the 'earlier'
+    20: the head reading both does clearly better than the final columns alone."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n_per_class)
+    final = rng.normal(0, 1, (3, 20))[y] * 0.35 + rng.normal(0, 1, (len(y), 20))
+    earlier = rng.normal(0, 1, (3, 20))[y] * 0.35 + rng.normal(0, 1, (len(y), 20))
+    return np.concatenate([final, earlier], 1).astype(np.float32), y
+
+
+@pytest.mark.parametrize("select_rows", [None, 120])
+def test_the_saved_head_is_the_two_heads_logits_mixed_at_the_share_of_lowest_out_of_fold_loss(monkeypatch, select_rows):
+    """With the earlier layers, the head mixes the final features' head and the earlier layers' head (each at its own
+    C): the mix is one linear head, its out-of-fold judgements are the two heads' mixed the same way, and the share
+    kept is the one of lowest mixed out-of-fold loss. Above ``SELECT_ROWS`` images (the share and the strengths
+    chosen on a sample), the heads solved on every image are mixed at that share."""
+    from engine.train import probe
+    from engine.train.crossfit import fold_ids
+
+    if select_rows:
+        monkeypatch.setattr(probe, "SELECT_ROWS", select_rows)
+    X, y = _two_signals()
+    folds = fold_ids(y, [str(i) for i in range(len(y))], 0)
+    kw = dict(k=5, extra={"final": np.ones(len(y), bool)}, seed=0)
+    blocks = probe.Blocks([20, 20])
+    p = probe.fit_probe(X, y, folds, 3, blocks, shares=(0.5,), **kw)
+    assert p.features == probe.DEPTHS and p.share == 0.5 and p.columns == 40 and p.C_depths is not None
+    c = p.comparison
+    assert c["kept"] == probe.DEPTHS and c["difference"] > c["se"]
+    a = probe.fit_probe(X, y, folds, 3, blocks, features="final", Cs=(p.C,), **kw)
+    b = probe.fit_probe(X, y, folds, 3, blocks, features="depths", Cs=(p.C_depths,), **kw)
+
+    def logits(h, cols):
+        return X[:, :cols] @ h["weight"].T + h["bias"]
+
+    # (within 5e-3: the solver stops within its tolerance, from another start on a path of strengths)
+    mixed = 0.5 * logits(a.heads["final"], 20) + 0.5 * logits(b.heads["final"], 40)
+    np.testing.assert_allclose(logits(p.heads["final"], 40), mixed, atol=5e-3)
+    np.testing.assert_allclose(p.oof_logits, 0.5 * a.oof_logits + 0.5 * b.oof_logits, atol=5e-3)
+    for fh, fa, fb in zip(p.fold_heads, a.fold_heads, b.fold_heads):
+        np.testing.assert_allclose(logits(fh, 40), 0.5 * logits(fa, 20) + 0.5 * logits(fb, 40), atol=5e-3)
+    full = probe.fit_probe(X, y, folds, 3, blocks, **kw)  # every share of probe.SHARES tried
+    losses = {row["share"]: row["loss"] for row in full.comparison["shares"]}
+    assert set(losses) == set(probe.SHARES) and full.share == min(losses, key=losses.get)
+
+
+def test_the_final_features_alone_are_kept_when_no_mix_beats_them_by_a_standard_error():
+    """Earlier columns of noise alone: whatever share mixes their head in, the out-of-fold loss is no clearly lower,
+    and the head reads the final features alone."""
+    from engine.train import probe
+    from engine.train.crossfit import fold_ids
+
+    X, y = _two_signals()
+    X[:, 20:] = np.random.default_rng(1).normal(0, 1, (len(y), 20))
+    folds = fold_ids(y, [str(i) for i in range(len(y))], 0)
+    p = probe.fit_probe(X, y, folds, 3, probe.Blocks([20, 20]), k=5, extra={"final": np.ones(len(y), bool)})
+    assert p.features == probe.FINAL and p.share == 0 and p.columns == 20 and p.C_depths is None
+    assert p.heads["final"]["weight"].shape == (3, 20)

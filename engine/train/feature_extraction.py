@@ -75,9 +75,12 @@ def depths_record(choice: Probe, blocks: Blocks, taps: list[dict] | None) -> dic
         "final_dim": blocks.final,
         "final_power": FINAL_POWER,  # the head reads the final features raised to it (engine/train/probe.py)
         "C": choice.C,
+        "share": choice.share,  # the earlier layers' head's share of the logits (engine/train/probe.py SHARES)
         "why": choice.summary(),
         "tried": choice.tried,
     }
+    if choice.C_depths is not None:
+        out["C_depths"] = choice.C_depths
     if choice.comparison:
         out["comparison"] = choice.comparison
     if choice.features == DEPTHS and taps:

@@ -4,8 +4,10 @@ or with the intermediate depths: engine/network/depths.py) and how strongly regu
 Every candidate (a feature set and a regularisation strength C) is judged the way cross-fitting judges images: k
 fold heads each train on all folds but one and predict that one, and the mean out-of-fold cross-entropy over the
 images it may judge says how well that candidate's head does on images it never saw. Each feature set keeps its best
-C; the final features alone are kept unless the depths' out-of-fold loss is lower by more than a standard error of
-the comparison (:func:`prefer`): on a folder of everyday photos the depths help nothing and can hurt with few labels.
+C. With the earlier layers, the saved head mixes the two heads' logits, the earlier layers' head at the share
+(``SHARES``) of lowest mixed out-of-fold loss; the final features alone are kept unless that mix's loss is lower by
+more than a standard error of the comparison (:func:`prefer`): on a folder of everyday photos the depths help nothing
+and can hurt with few labels.
 
 The heads are exact logistic regressions (engine/train/logistic.py), all of them (fold heads, the final head and
 any extra ones) solved at once for each strength, the strengths in a warm-started path from strong to weak that
@@ -46,6 +48,12 @@ STATS_ROWS = 2048  # rows the axes are computed from (a fixed draw of them when 
 SELECT_ROWS = 8000  # above this many images the features and C are chosen on a sample of this many
 MAX_ITER = 200
 MIN_LOSS_GAIN = 1e-3  # a lower out-of-fold loss than this (nats an image) is a tie (``prefer``)
+# With the earlier layers, the saved head mixes two heads' logits: the final features' head and the earlier layers'
+# head, each at its own C, the latter's share one of these, chosen by the mixed out-of-fold loss (a mix of linear heads
+# is one linear head). Measured against the hard choice between the two (share 1 only), the same one-standard-error
+# rule, 6-12 random splits a folder at 20 labels a class (docs/benchmarks.md, "Mixing the two heads"): clothing +0.9
+# points, hand signs +0.8, flowers +0.1, small photos +0.2, hymenoptera and scans unchanged (final alone kept).
+SHARES = (0.25, 0.5, 0.75, 1.0)
 WORDS = {"final": "final features", "final+depths": "with the earlier layers"}
 # What the heads read of the final features: each raised to this power, sign kept (power normalisation, Perronnin et
 # al. 2010: the final features are averages of ReLU6 maps, a few large values among many small ones). Measured with
@@ -96,7 +104,7 @@ class Probe:
 
     features: str  # FINAL or DEPTHS
     columns: int  # the raw feature columns the heads read (the final features, or all)
-    C: float
+    C: float  # the final features' head's (the earlier layers' head's when its share is 1 or it was forced)
     oof_logits: np.ndarray  # (n, C) each image judged by the fold head that never saw it (the chosen candidate)
     heads: dict[str, dict[str, np.ndarray]]  # the extra heads by name, on the raw features' first ``columns``
     fold_heads: list[dict[str, np.ndarray]]
@@ -104,6 +112,8 @@ class Probe:
     comparison: dict | None = None  # final alone vs with depths: loss difference, its standard error, the verdict
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    share: float = 0.0  # the earlier layers' head's share of the saved head's logits (0: the final features alone)
+    C_depths: float | None = None  # the earlier layers' head's C, when it has a share
 
     def summary(self) -> str:
         """One sentence for the log and the Results tab."""
@@ -116,11 +126,17 @@ class Probe:
             )
             return f"Head on {words} (C {self.C:g}, chosen out of fold)"
         gain = 100 * (c["accuracy"][DEPTHS] - c["accuracy"][FINAL])
-        words = "earlier layers' features kept" if self.features == DEPTHS else "final features alone kept"
+        if self.features != DEPTHS:
+            words = "final features alone kept"
+        elif self.share < 1:
+            words = f"earlier layers' head mixed in at {self.share:g}"
+        else:
+            words = "earlier layers' features kept"
+        Cs = f"C {self.C:g}" + (f", {self.C_depths:g} with the earlier layers" if self.C_depths is not None else "")
         return (
             f"Head: {words} (out-of-fold loss {c['loss'][FINAL]:.3f} final alone, {c['loss'][DEPTHS]:.3f} with "
-            f"the earlier layers, difference {c['difference']:+.3f} +- {c['se']:.3f}; accuracy {gain:+.1f} points "
-            f"with them); C {self.C:g}"
+            f"the earlier layers' head at {c['share']:g}, difference {c['difference']:+.3f} +- {c['se']:.3f}; "
+            f"accuracy {gain:+.1f} points with it); {Cs}"
         )
 
 
@@ -240,13 +256,15 @@ def fit_probe(
     judge: np.ndarray | None = None,
     stats: np.ndarray | None = None,
     features: str = "auto",
-    Cs: tuple[float, ...] = C_GRID,
+    Cs: tuple[float, ...] | dict[str, tuple[float, ...]] = C_GRID,
     seed: int = 0,
     cancel: CancelToken | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_log: Callable[[str], None] | None = None,
     spaces: SpaceStore | None = None,
+    shares: tuple[float, ...] = SHARES,
+    fixed_share: float | None = None,
 ) -> Probe:
     """Choose the features and C out of fold and solve the heads (see the module docstring).
 
@@ -255,16 +273,19 @@ def fit_probe(
     (``{"final": all}`` for the model to save); ``judge``: the images whose out-of-fold loss makes the choices
     (default: every image whose class its fold's head has seen); ``stats``: features (any rows, labelled or not)
     that fix the centring, scaling and axes (default: ``X``); ``features``: "auto", or "final" / "depths" to force
-    one set; ``spaces``: where those are kept between runs (engine/embed/spaces.py; None: this process's memory).
+    one set; ``spaces``: where those are kept between runs (engine/embed/spaces.py; None: this process's memory);
+    ``shares``: the earlier layers' head's shares of the logits tried (``(1.0,)``: a choice between the two heads);
+    ``fixed_share``: that share, already chosen (no comparison decides it); ``Cs``: the strengths tried, or per
+    feature set.
     Raises :class:`Cancelled` when ``cancel`` is set (checked every iteration)."""
     t0 = time.perf_counter()
     extra = extra or {}
     y = np.asarray(y, np.int64)
     X = np.asarray(X, np.float32)
     stats = X if stats is None else np.asarray(stats, np.float32)
-    if len(y) > SELECT_ROWS and len(Cs) > 1:
+    if len(y) > SELECT_ROWS and not isinstance(Cs, dict) and len(Cs) > 1:
         return _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight, judge, stats, features, Cs,
-                                   seed, cancel, on_epoch, on_progress, on_log, t0, spaces)  # fmt: skip
+                                   seed, cancel, on_epoch, on_progress, on_log, t0, spaces, shares)  # fmt: skip
     rows = np.arange(len(stats))
     if len(rows) > STATS_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), STATS_ROWS, replace=False))
@@ -281,36 +302,67 @@ def fit_probe(
     results = {}
     for name in sets:
         cols = blocks.final if name == FINAL else blocks.total
-        results[name] = _solve_set(X[:, :cols], stats[:, :cols], rows, y, folds, k, weights, Cs, fair,
+        grid = Cs[name] if isinstance(Cs, dict) else Cs
+        results[name] = _solve_set(X[:, :cols], stats[:, :cols], rows, y, folds, k, weights, grid, fair,
                                    Blocks(blocks.widths[:1] if name == FINAL else blocks.widths), num_classes,
                                    seed, cancel, report, spaces or SpaceStore())  # fmt: skip
-    chosen, comparison = sets[0], None
-    if len(sets) == 2:
-        a, b = results[FINAL], results[DEPTHS]
-        better, diff, se = prefer(a["ce"][fair], b["ce"][fair])
-        chosen = DEPTHS if better else FINAL
-        comparison = {
-            "loss": {n: float(results[n]["ce"][fair].mean()) for n in sets},
-            "accuracy": {n: float((results[n]["oof"].argmax(1) == y)[fair].mean()) for n in sets},
-            "difference": diff,
-            "se": se,
-            "images": int(fair.sum()),
-            "kept": chosen,
-        }
+    chosen, comparison, share = sets[0], None, float(sets[0] == DEPTHS)
     r = results[chosen]
+    if len(sets) == 2:
+        tried_shares = shares if fixed_share is None else (fixed_share,)
+        r, share, comparison = _mixed(results[FINAL], results[DEPTHS], y, fair, tried_shares, fixed_share is not None)
+        chosen = DEPTHS if share else FINAL
     probe = Probe(
         features=chosen, columns=r["cols"], C=r["C"], oof_logits=r["oof"],
         heads={name: r["heads"][k + i] for i, name in enumerate(extra)}, fold_heads=r["heads"][:k],
         tried=[row for n in sets for row in results[n]["table"]], comparison=comparison, history=report.history,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, share=share,
+        C_depths=results[DEPTHS]["C"] if len(sets) == 2 and 0 < share < 1 else None,
     )  # fmt: skip
     if on_log is not None:
         on_log(probe.summary() + f" ({probe.seconds:.1f} s)")
     return probe
 
 
+def _mixed(a: dict, b: dict, y: np.ndarray, fair: np.ndarray, shares: tuple[float, ...],
+           fixed: bool = False) -> tuple[dict, float, dict]:  # fmt: skip
+    """The final features' head ``a`` and the earlier layers' head ``b`` (each at its own C, out-of-fold logits,
+    heads): the share of ``b``'s logits (from ``shares``) whose mixed out-of-fold loss is lowest, kept when it beats
+    the final features alone by more than a standard error (:func:`prefer`; ``fixed``: kept), else share 0. Returns
+    the mixed candidate as :func:`_solve_set` returns one (its heads on every column), the share and the comparison."""
+    rows = []
+    for s in shares:
+        oof = (1 - s) * a["oof"] + s * b["oof"]
+        ce = per_image_ce(oof, y)
+        rows.append({"share": s, "loss": float(ce[fair].mean()), "accuracy": float((oof.argmax(1) == y)[fair].mean()),
+                     "oof": oof, "ce": ce})  # fmt: skip
+    best = min(rows, key=lambda row: row["loss"])
+    better, diff, se = prefer(a["ce"][fair], best["ce"][fair])
+    share = best["share"] if better or fixed else 0.0
+    comparison = {
+        "loss": {FINAL: float(a["ce"][fair].mean()), DEPTHS: best["loss"]},
+        "accuracy": {FINAL: float((a["oof"].argmax(1) == y)[fair].mean()), DEPTHS: best["accuracy"]},
+        "difference": diff,
+        "se": se,
+        "images": int(fair.sum()),
+        "share": best["share"],
+        "shares": [{k: row[k] for k in ("share", "loss", "accuracy")} for row in rows],
+        "kept": DEPTHS if share else FINAL,
+    }
+    if not share:
+        return a, 0.0, comparison
+    if share == 1:
+        return b, 1.0, comparison
+    heads = []
+    for ha, hb in zip(a["heads"], b["heads"]):
+        weight = share * hb["weight"]
+        weight[:, : ha["weight"].shape[1]] += (1 - share) * ha["weight"]
+        heads.append({"weight": weight, "bias": (share * hb["bias"] + (1 - share) * ha["bias"]).astype(np.float32)})
+    return dict(C=a["C"], oof=best["oof"], ce=best["ce"], heads=heads, cols=b["cols"]), share, comparison
+
+
 def _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight, judge, stats, features, Cs, seed,
-                        cancel, on_epoch, on_progress, on_log, t0, spaces) -> Probe:  # fmt: skip
+                        cancel, on_epoch, on_progress, on_log, t0, spaces, shares) -> Probe:  # fmt: skip
     """Above ``SELECT_ROWS`` images: the features and C chosen on a fixed sample of that many (a share of every
     class), then the heads solved at that choice on every image. The path's cost then stops growing with the folder
     (60,000 images: one strength solved on all of them instead of a dozen), and the out-of-fold judgements of every
@@ -322,12 +374,15 @@ def _chosen_on_a_sample(X, y, folds, num_classes, blocks, k, extra, class_weight
     chose = fit_probe(
         X[pick], y[pick], folds[pick], num_classes, blocks, k=k, class_weight=class_weight,
         judge=None if judge is None else judge[pick], stats=stats, features=features, Cs=Cs, seed=seed,
-        cancel=cancel, on_progress=on_progress, spaces=spaces,
+        cancel=cancel, on_progress=on_progress, spaces=spaces, shares=shares,
     )  # fmt: skip
+    if 0 < chose.share < 1:  # both heads at their strengths, mixed at the chosen share
+        how = dict(features="auto", Cs={FINAL: (chose.C,), DEPTHS: (chose.C_depths,)}, fixed_share=chose.share)
+    else:
+        how = dict(features="final" if chose.features == FINAL else "depths", Cs=(chose.C,))
     probe = fit_probe(
         X, y, folds, num_classes, blocks, k=k, extra=extra, class_weight=class_weight, judge=judge, stats=stats,
-        features="final" if chose.features == FINAL else "depths", Cs=(chose.C,), seed=seed, cancel=cancel,
-        on_epoch=on_epoch, on_progress=on_progress, spaces=spaces,
+        seed=seed, cancel=cancel, on_epoch=on_epoch, on_progress=on_progress, spaces=spaces, **how,
     )  # fmt: skip
     probe.tried = chose.tried
     if chose.comparison:

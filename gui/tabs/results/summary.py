@@ -87,15 +87,24 @@ def head_line(d: dict) -> str:
     """What a feature-extraction head reads and why, in words (metrics.json's ``depths``)."""
     c = d.get("comparison")
     tried = len({row.get("C") for row in d.get("tried") or []})
-    reg = f"regularisation C {d.get('C', 0):g}, chosen out of fold" + (f" of {tried} tried" if tried > 1 else "")
+    Cs = f"C {d.get('C', 0):g}" + (f" and {d['C_depths']:g} (the earlier layers' head)" if "C_depths" in d else "")
+    reg = f"regularisation {Cs}, chosen out of fold" + (f" of {tried} tried" if tried > 1 else "")
     if not c:
         return f"The head reads the network's final features ({reg})."
     gain = 100 * (c["accuracy"]["final+depths"] - c["accuracy"]["final"])
+    mix = c.get("share", 1)  # (runs saved before the heads were mixed: 1)
     evidence = (
-        f"out of fold {gain:+.1f} points of accuracy with them, loss {c['loss']['final']:.3f} without and "
-        f"{c['loss']['final+depths']:.3f} with (difference {c['difference']:+.3f} ± {c['se']:.3f}, "
-        f"{c['images']} images)"
+        f"out of fold {gain:+.1f} points of accuracy with them"
+        + (f" (their head mixed in at {100 * mix:.0f}%)" if mix < 1 else "")
+        + f", loss {c['loss']['final']:.3f} without and {c['loss']['final+depths']:.3f} with (difference "
+        f"{c['difference']:+.3f} ± {c['se']:.3f}, {c['images']} images)"
     )
+    share = d.get("share", 1)
+    if d.get("kept") and share < 1:
+        return (
+            f"The head mixes two: one on the network's final features and one on its earlier layers as well, "
+            f"{100 * share:.0f}% of the logits: {evidence}; {reg}."
+        )
     if d.get("kept"):
         return f"The head reads the network's earlier layers as well as its final features: {evidence}; {reg}."
     return (
