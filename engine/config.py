@@ -94,9 +94,9 @@ class TrainConfig:
     )
     features: str = option(
         "auto",
-        "feature extraction: which of the frozen network's features the head reads: auto (the final ones, and the "
-        "earlier layers' too when they do clearly better out of fold), final, or depths (both); the "
-        "regularisation is always chosen out of fold",
+        "feature extraction: which of the frozen network's features the head reads: auto (the final ones, with a "
+        "head on the earlier layers' mixed in when that does clearly better out of fold), final, or depths (both, "
+        "one head); the regularisation is always chosen out of fold",
         choices=FEATURES,
     )
     epochs: int | None = option(
