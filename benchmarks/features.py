@@ -10,7 +10,7 @@ every label. The app's heads are engine/train/probe.py's ``fit_probe`` with cros
 feature-extraction run trains them; its time is reported per folder. One run prints every figure the issue asks for.
 
 Folders: ``../shared/datasets`` (hymenoptera, flowers: everyday photos), folders given on the command line, or one
-kind of picture drawn here (tests/imagegen.py: hands, scans, texture, product; ``digits``: scikit-learn's 8x8
+kind of picture drawn here (tests/imagegen.py: hands, scans, xray, texture, product; ``digits``: scikit-learn's 8x8
 digits upscaled).
 """
 
