@@ -241,3 +241,22 @@ def test_the_final_features_alone_are_kept_when_no_mix_beats_them_by_a_standard_
     p = probe.fit_probe(X, y, folds, 3, probe.Blocks([20, 20]), k=5, extra={"final": np.ones(len(y), bool)})
     assert p.features == probe.FINAL and p.share == 0 and p.columns == 20 and p.C_depths is None
     assert p.heads["final"]["weight"].shape == (3, 20)
+
+
+def test_the_results_tab_says_how_the_two_heads_were_mixed_and_what_it_was_worth():
+    """metrics.json's ``depths`` for a mixed head carries the share and both strengths, and the Results tab's line
+    says them with the out-of-fold evidence."""
+    from engine.train import probe
+    from engine.train.crossfit import fold_ids
+    from engine.train.feature_extraction import depths_record
+    from gui.tabs.results.summary import head_line
+
+    X, y = _two_signals()
+    folds = fold_ids(y, [str(i) for i in range(len(y))], 0)
+    blocks = probe.Blocks([20, 20])
+    p = probe.fit_probe(X, y, folds, 3, blocks, k=5, extra={"final": np.ones(len(y), bool)}, shares=(0.5,))
+    d = json.loads(json.dumps(depths_record(p, blocks, None)))  # (as metrics.json keeps it)
+    assert d["kept"] and d["share"] == 0.5 and d["C_depths"] == p.C_depths and d["comparison"]["share"] == 0.5
+    line = head_line(d)
+    assert "two heads mixed" in line and "50% of the logits" in line
+    assert f"C {p.C:g}" in line and f"C {p.C_depths:g}" in line and f"{d['comparison']['images']} images" in line

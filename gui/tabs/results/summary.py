@@ -87,23 +87,25 @@ def head_line(d: dict) -> str:
     """What a feature-extraction head reads and why, in words (metrics.json's ``depths``)."""
     c = d.get("comparison")
     tried = len({row.get("C") for row in d.get("tried") or []})
-    Cs = f"C {d.get('C', 0):g}" + (f" and {d['C_depths']:g} (the earlier layers' head)" if "C_depths" in d else "")
-    reg = f"regularisation {Cs}, chosen out of fold" + (f" of {tried} tried" if tried > 1 else "")
+    reg = f"regularisation C {d.get('C', 0):g}, chosen out of fold" + (f" of {tried} tried" if tried > 1 else "")
     if not c:
         return f"The head reads the network's final features ({reg})."
     gain = 100 * (c["accuracy"]["final+depths"] - c["accuracy"]["final"])
-    mix = c.get("share", 1)  # (runs saved before the heads were mixed: 1)
+    mix = c.get("share", 1)  # the best mix tried (runs saved before the heads were mixed: 1, a head on them alone)
+    words = "with them" if mix >= 1 else f"with a head on them as {100 * mix:.0f}% of the logits"
     evidence = (
-        f"out of fold {gain:+.1f} points of accuracy with them"
-        + (f" (their head mixed in at {100 * mix:.0f}%)" if mix < 1 else "")
-        + f", loss {c['loss']['final']:.3f} without and {c['loss']['final+depths']:.3f} with (difference "
-        f"{c['difference']:+.3f} ± {c['se']:.3f}, {c['images']} images)"
+        f"out of fold {gain:+.1f} points of accuracy {words}, loss {c['loss']['final']:.3f} without and "
+        f"{c['loss']['final+depths']:.3f} with (difference {c['difference']:+.3f} ± {c['se']:.3f}, "
+        f"{c['images']} images)"
     )
-    share = d.get("share", 1)
-    if d.get("kept") and share < 1:
+    if d.get("kept") and "C_depths" in d:  # a mix of two heads
+        loss = f"loss {c['loss']['final']:.3f} -> {c['loss']['final+depths']:.3f}"
         return (
-            f"The head mixes two: one on the network's final features and one on its earlier layers as well, "
-            f"{100 * share:.0f}% of the logits: {evidence}; {reg}."
+            f"The head reads the network's final features and its earlier layers, as two heads mixed: one on the "
+            f"final features (C {d['C']:g}) and one on the earlier layers as well (C {d['C_depths']:g}), the second "
+            f"giving {100 * d.get('share', 1):.0f}% of the logits. Out of fold {gain:+.1f} points of accuracy over "
+            f"the final features alone, {loss} (difference {c['difference']:+.3f} ± {c['se']:.3f}, "
+            f"{c['images']} images); each C and the mix chosen out of fold."
         )
     if d.get("kept"):
         return f"The head reads the network's earlier layers as well as its final features: {evidence}; {reg}."
