@@ -5,7 +5,8 @@
 Kinds (tests/imagegen.py ``ONE_KIND``): scans (4 classes of "MRI" slices), xray (chest X-rays, 4 faint findings),
 digits (scikit-learn's digits upscaled with noise and shifts), texture (one woven material, 3 defect classes),
 product (one object on one background, 3 shapes), hands (10 hand signs: which fingers are raised, frames of six
-people, each with their own skin, background and pose). Train/val 80/20; no two pictures are copies of each other (the benchmark plants its own).
+people, each with their own skin, background and pose). Train/val 80/20; no two pictures are copies of each other
+(the benchmark plants its own).
 """
 
 from __future__ import annotations
