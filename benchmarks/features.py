@@ -29,7 +29,7 @@ from engine.data.folder import scan
 from engine.events import Callbacks, CancelToken
 from engine.train.crossfit import fold_ids
 from engine.train.feature_extraction import embed_dataset
-from engine.train.probe import fit_probe, mapped
+from engine.train.probe import FINAL_POWER, fit_probe, mapped
 
 BUDGETS = (10, 20, None)  # labels a class; None: every pool image
 
@@ -79,11 +79,12 @@ def _peer_cv(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, folds: np.ndarray) ->
 def _app(X, y, Xt, blocks, C, seed, features):
     folds = fold_ids(y, [str(i) for i in range(len(y))], seed)
     t0 = time.perf_counter()
-    X, Xt = mapped(X, blocks.final), mapped(Xt, blocks.final)  # as the app's heads read them
-    pr = fit_probe(X, y, folds, C, blocks, k=5, extra={"final": np.ones(len(y), bool)}, stats=X, features=features,
-                   seed=seed)  # fmt: skip
+    Xm = mapped(X, blocks.final)  # as the app's heads read them
+    pr = fit_probe(Xm, y, folds, C, blocks, k=5, extra={"final": np.ones(len(y), bool)}, stats=Xm, features=features,
+                   seed=seed, power=FINAL_POWER)  # fmt: skip
     h = pr.heads["final"]
-    return (Xt[:, : pr.columns] @ h["weight"].T + h["bias"]).argmax(1), pr, time.perf_counter() - t0, folds
+    Xt = mapped(Xt[:, : pr.columns], blocks.final, pr.power)  # (the power the head kept)
+    return (Xt @ h["weight"].T + h["bias"]).argmax(1), pr, time.perf_counter() - t0, folds
 
 
 def run_bench_features(a) -> int:

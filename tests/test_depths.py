@@ -260,3 +260,37 @@ def test_the_results_tab_says_how_the_two_heads_were_mixed_and_what_it_was_worth
     line = head_line(d)
     assert "two heads mixed" in line and "50% of the logits" in line
     assert f"C {p.C:g}" in line and f"C {p.C_depths:g}" in line and f"{d['comparison']['images']} images" in line
+
+
+@pytest.mark.parametrize("select_rows", [None, 150])
+def test_the_final_features_are_read_as_they_are_where_that_judges_clearly_better_out_of_fold(monkeypatch, select_rows):
+    """Where the classes are a straight line through the final features as they are (the sum of two features that
+    span two orders of magnitude), the power bends that line: the head at the chosen C on the features as they are
+    has the clearly lower out-of-fold loss, is kept, and says so (``power`` 1); where they are noise, the power
+    stays. Above ``SELECT_ROWS`` images (checked on the sample) the heads on every image read them as they are."""
+    from engine.train import probe
+    from engine.train.crossfit import fold_ids
+
+    if select_rows:
+        monkeypatch.setattr(probe, "SELECT_ROWS", select_rows)
+
+    rng = np.random.default_rng(0)
+    X = np.exp(rng.uniform(-3, 2, (400, 20))).astype(np.float32)
+    s = X[:, 0] + X[:, 1]
+    y = (s > np.median(s)).astype(np.int64)
+    folds = fold_ids(y, [str(i) for i in range(len(y))], 0)
+    kw = dict(k=5, extra={"final": np.ones(len(y), bool)}, seed=0)
+    Xm = probe.mapped(X, 20, 0.65)
+    p = probe.fit_probe(Xm, y, folds, 2, probe.Blocks([20]), power=0.65, **kw)
+    check = p.power_check
+    assert p.power == 1 and check["kept"] == 1 and check["difference"] > check["se"]
+    assert "as they are" in p.summary()
+    raw = probe.fit_probe(X, y, folds, 2, probe.Blocks([20]), Cs=(p.C,), **kw)  # (the same head, solved alone)
+    h, r = p.heads["final"], raw.heads["final"]
+    np.testing.assert_allclose(X @ h["weight"].T + h["bias"], X @ r["weight"].T + r["bias"], atol=5e-3)
+    assert ((X @ h["weight"].T + h["bias"]).argmax(1) == y).mean() >= 0.95
+    without = probe.fit_probe(Xm, y, folds, 2, probe.Blocks([20]), **kw)  # (no power given: nothing to check)
+    assert without.power == 1 and without.power_check is None
+    noise = probe.mapped(np.exp(rng.uniform(-3, 2, (400, 20))).astype(np.float32), 20, 0.65)
+    q = probe.fit_probe(noise, y, folds, 2, probe.Blocks([20]), power=0.65, **kw)
+    assert q.power == 0.65 and q.power_check["kept"] == 0.65

@@ -64,7 +64,9 @@ def test_a_rerun_keeps_the_training_images_neighbour_distances_and_marks_the_sam
     data = make_flat_dataset(tmp_path / "flat", n_per_class=10)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), overwrite=True)
     first = fit(cfg).metrics["unfamiliar"]
-    assert len(spaces.kept_files(str(tmp_path / "c"))) == 3  # two feature spaces and the neighbour distances
+    # the two feature sets' spaces, the final features' as they are (checked against raised to the power: the final
+    # features alone were kept), and the neighbour distances
+    assert len(spaces.kept_files(str(tmp_path / "c"))) == 4
     spaces._MEMORY.clear()  # a new process: only the files are left
     calls = []
     real = fit_module.leave_one_out

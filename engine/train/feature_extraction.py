@@ -73,7 +73,7 @@ def depths_record(choice: Probe, blocks: Blocks, taps: list[dict] | None) -> dic
     out = {
         "kept": choice.features == DEPTHS,
         "final_dim": blocks.final,
-        "final_power": FINAL_POWER,  # the head reads the final features raised to it (engine/train/probe.py)
+        "final_power": choice.power,  # the head reads the final features raised to it (engine/train/probe.py)
         "C": choice.C,
         "share": choice.share,  # the earlier layers' head's share of the logits (engine/train/probe.py SHARES)
         "why": choice.summary(),
@@ -83,6 +83,8 @@ def depths_record(choice: Probe, blocks: Blocks, taps: list[dict] | None) -> dic
         out["C_depths"] = choice.C_depths
     if choice.comparison:
         out["comparison"] = choice.comparison
+    if choice.power_check:
+        out["power_check"] = choice.power_check
     if choice.features == DEPTHS and taps:
         out["taps"] = taps
     return out
@@ -141,14 +143,14 @@ def train_head(
     choice = fit_probe(
         X, y, folds, len(ds.classes), blocks, k=K_FOLDS, extra=extra, class_weight=weights, stats=allx,
         features=cfg.features, seed=cfg.seed, cancel=cancel, on_epoch=cb.on_train_epoch_end, on_log=cb.on_log,
-        spaces=SpaceStore(cache_dir),
+        spaces=SpaceStore(cache_dir), power=FINAL_POWER,
     )  # fmt: skip
     head = choice.heads["final"]
     cols = choice.columns
 
     def scored(split):
         Xs = split_X[split][0]
-        return mapped(Xs[:, :cols], blocks.final) @ head["weight"].T + head["bias"] if len(Xs) else None
+        return mapped(Xs[:, :cols], blocks.final, choice.power) @ head["weight"].T + head["bias"] if len(Xs) else None
 
     final = {split: split_X[split][0][:, : blocks.final] if len(split_X[split][0]) else None for split in parts}
     history, best = choice.history, len(choice.history)
@@ -334,9 +336,9 @@ def run(
     widths = depths.tap_widths(net) if feats.shape[1] > net.final_dim else []
     blocks = Blocks([net.final_dim, *widths])
     h = train_head(cfg, ds, by_path, blocks, cb, cancel)
-    if h.choice.features == DEPTHS:  # the saved network computes what the head reads
-        net.with_taps(True)
-        model = make_classifier(net, len(ds.classes), final_power=FINAL_POWER)
+    if h.choice.features == DEPTHS or h.choice.power != FINAL_POWER:  # the saved network computes what the head reads
+        net.with_taps(h.choice.features == DEPTHS)
+        model = make_classifier(net, len(ds.classes), final_power=h.choice.power)
     model.head.load_state_dict({k: torch.from_numpy(v) for k, v in h.head.items()})
     return _outcome(
         h, blocks, model.state_dict(), depths.describe(widths) if widths else None, features_path=features_path,

@@ -85,6 +85,18 @@ def _checks_line(checks: dict, acc: float | None) -> list[str]:
 
 def head_line(d: dict) -> str:
     """What a feature-extraction head reads and why, in words (metrics.json's ``depths``)."""
+    check = d.get("power_check")
+    if check and check.get("kept") == 1:
+        p = check["power"]
+        return _head_line(d) + (
+            f" The final features are read as they are, not raised to the power {p:g}: out of fold their loss is "
+            f"{check['loss']['1']:.3f} against {check['loss'][str(p)]:.3f} (difference {check['difference']:+.3f} ± "
+            f"{check['se']:.3f})."
+        )
+    return _head_line(d)
+
+
+def _head_line(d: dict) -> str:
     c = d.get("comparison")
     tried = len({row.get("C") for row in d.get("tried") or []})
     reg = f"regularisation C {d.get('C', 0):g}, chosen out of fold" + (f" of {tried} tried" if tried > 1 else "")
