@@ -285,6 +285,12 @@ def test_the_final_features_are_read_as_they_are_where_that_judges_clearly_bette
     check = p.power_check
     assert p.power == 1 and check["kept"] == 1 and check["difference"] > check["se"]
     assert "as they are" in p.summary()
+    from engine.train.feature_extraction import depths_record
+    from gui.tabs.results.summary import head_line
+
+    d = json.loads(json.dumps(depths_record(p, probe.Blocks([20]), None)))  # (as model.json keeps it)
+    assert d["final_power"] == 1 and d["power_check"]["kept"] == 1
+    assert "read as they are, not raised to the power 0.65" in head_line(d)
     raw = probe.fit_probe(X, y, folds, 2, probe.Blocks([20]), Cs=(p.C,), **kw)  # (the same head, solved alone)
     h, r = p.heads["final"], raw.heads["final"]
     np.testing.assert_allclose(X @ h["weight"].T + h["bias"], X @ r["weight"].T + r["bias"], atol=5e-3)
