@@ -81,7 +81,7 @@ def mapped(X: np.ndarray, final: int, power: float = FINAL_POWER, copy: bool = T
 
 def unmapped(X: np.ndarray, final: int, power: float) -> np.ndarray:
     """The first ``final`` columns of features :func:`mapped` raised to ``power``, as they were (a copy)."""
-    return np.array(mapped(X[:, :final], final, 1.0 / power), np.float32, copy=True)
+    return mapped(X[:, :final], final, 1.0 / power)  # (mapped copies)
 
 
 @dataclass
