@@ -203,7 +203,7 @@ def cross_fit(
     own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)  # (n, H)
     group = own.shape[1]  # heads per learning-rate group
     held = [np.flatnonzero(folds == f) for f in range(k)]
-    fair = _judgeable(y, folds, k, num_classes)
+    fair = judgeable(y, folds, k, num_classes)
     if judge is not None and (fair & judge).any():
         fair &= judge
     scale = np.repeat(np.array(lrs, np.float64) / lrs[0], group)
@@ -265,16 +265,20 @@ def cross_fit(
     return CrossFit(oof, named, peaked[g].best_epoch, history, folds, k, lrs[g], tried, [head(f) for f in range(k)])
 
 
-def _judgeable(y: np.ndarray, folds: np.ndarray, k: int, num_classes: int) -> np.ndarray:
+def judgeable(
+    y: np.ndarray, folds: np.ndarray, k: int, num_classes: int, within: np.ndarray | None = None
+) -> np.ndarray:
     """The images the out-of-fold loss judges (for the epoch and the rate): those whose class their fold's head has
     seen. With a few labels a class may sit wholly in one fold; its images are always wrong there and their loss
     only grows with the heads' confidence, so the loss never fell below epoch 1's (20 digits: an untrained head,
-    0.12 accuracy). All images when no class is seen across folds (one label a class)."""
+    0.12 accuracy). All images when no class is seen across folds (one label a class). ``within``: only those of
+    them it selects too, unless it selects none of them."""
     seen = np.zeros((k, num_classes), bool)
     for f in range(k):
         seen[f, np.unique(y[folds != f])] = True
     fair = seen[folds, y]
-    return fair if fair.any() else np.ones(len(y), bool)
+    fair = fair if fair.any() else np.ones(len(y), bool)
+    return fair & within if within is not None and (fair & within).any() else fair
 
 
 def _behind(curve: list[float], lead_loss: float, stopping: EarlyStopping, epochs: int) -> bool:

@@ -32,6 +32,7 @@ import numpy as np
 
 from engine.embed.spaces import SpaceStore, space_key
 from engine.events import CancelToken, EpochMetrics, Phase, Progress
+from engine.train.crossfit import judgeable
 from engine.train.logistic import solve
 
 # The regularisation strengths tried, as scikit-learn's C on features of root-mean-square 1. On the folders
@@ -313,16 +314,11 @@ def fit_probe(
     rows = np.arange(len(stats))
     if len(rows) > STATS_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(rows), STATS_ROWS, replace=False))
-    fair = _judgeable(y, folds, k, num_classes)
-    if judge is not None and (fair & judge).any():
-        fair &= judge
+    fair = judgeable(y, folds, k, num_classes, judge)
     sets = [FINAL] if blocks.total == blocks.final or features == "final" else [FINAL, DEPTHS]
-    if features == "depths" and DEPTHS in sets:
-        sets = [DEPTHS]
-    own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)  # (n, k+E)
-    cw = np.ones(num_classes, np.float32) if class_weight is None else np.asarray(class_weight, np.float32)
-    weights = own.astype(np.float32) * cw[y][:, None]
-    report = _Reporter(y, folds, k, own.shape[1], fair, len(sets), on_epoch, on_progress)
+    sets = [DEPTHS] if features == "depths" and DEPTHS in sets else sets
+    weights = _head_weights(y, folds, k, extra, class_weight, num_classes)
+    report = _Reporter(y, folds, k, weights.shape[1], fair, len(sets), on_epoch, on_progress)
     results = {}
     for name in sets:
         cols = blocks.final if name == FINAL else blocks.total
@@ -336,10 +332,8 @@ def fit_probe(
         tried_shares = shares if fixed_share is None else (fixed_share,)
         r, share, comparison = _mixed(results[FINAL], results[DEPTHS], y, fair, tried_shares, fixed_share is not None)
         chosen = DEPTHS if share else FINAL
-    kept_power, power_check = power or 1.0, None
-    if chosen == FINAL and power is not None and power != 1:
-        r, kept_power, power_check = _as_they_are(r, X, stats, rows, y, folds, k, weights, fair, blocks, num_classes,
-                                                  power, seed, cancel, spaces)  # fmt: skip
+    r, kept_power, power_check = _as_they_are(r, chosen, X, stats, rows, y, folds, k, weights, fair, blocks,
+                                              num_classes, power, seed, cancel, spaces)  # fmt: skip
     probe = Probe(
         features=chosen, columns=r["cols"], C=r["C"], oof_logits=r["oof"],
         heads={name: r["heads"][k + i] for i, name in enumerate(extra)}, fold_heads=r["heads"][:k],
@@ -353,15 +347,26 @@ def fit_probe(
     return probe
 
 
-def _as_they_are(r, X, stats, rows, y, folds, k, weights, fair, blocks, num_classes, power, seed, cancel,
-                 spaces) -> tuple[dict, float, dict]:  # fmt: skip
+def _head_weights(y, folds, k, extra, class_weight, num_classes) -> np.ndarray:
+    """(n, k + E): each image's weight in each head: the k fold heads (every fold but their own), then ``extra``'s
+    (their masks), times its class's weight."""
+    own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)
+    cw = np.ones(num_classes, np.float32) if class_weight is None else np.asarray(class_weight, np.float32)
+    return own.astype(np.float32) * cw[y][:, None]
+
+
+def _as_they_are(r, chosen, X, stats, rows, y, folds, k, weights, fair, blocks, num_classes, power, seed, cancel,
+                 spaces) -> tuple[dict, float, dict | None]:  # fmt: skip
     """The final features' head ``r`` (on them raised to ``power``) against the same head, at the same C, on the
     final features as they are: the latter kept when its out-of-fold loss is lower by more than a standard error
-    (:func:`prefer`). On photos of things ImageNet has (hymenoptera) the power cost 0.6 point at 20 labels a class;
+    (:func:`prefer`). Only when the final features alone were ``chosen`` and a power below 1 is given (else ``r`` as
+    it is, with no check). On photos of things ImageNet has (hymenoptera) the power cost 0.6 point at 20 labels a class;
     this check, made only where the earlier layers are not mixed in, took hymenoptera from -0.34 to -0.13 against
     the peer over 30 random splits (it kept the features as they are in 8; 10 a class: 4 of 20, level) and kept them
     on no split of flowers, small photos, X-rays, scans, clothing or hand signs (docs/benchmarks.md, "Mixing the two
     heads"). One more head at one C."""
+    if chosen != FINAL or power is None or power == 1:
+        return r, power or 1.0, None
     f = blocks.final
     quiet = _Reporter(y, folds, k, weights.shape[1], fair, 1, None, None)
     raw = _solve_set(unmapped(X, f, power), unmapped(stats, f, power), rows, y, folds, k, weights, (r["C"],), fair,
@@ -504,17 +509,6 @@ def _out_of_fold(Z, W, b, first, folds, k) -> np.ndarray:
         if len(rows):
             out[rows] = Z[rows] @ W[first + f] + b[first + f]
     return out
-
-
-def _judgeable(y: np.ndarray, folds: np.ndarray, k: int, num_classes: int) -> np.ndarray:
-    """The images the out-of-fold loss judges: those whose class their fold's head has seen. With a few labels a
-    class may sit wholly in one fold; its images are always wrong there and their loss only grows as the heads
-    sharpen (any regularisation would look best). All images when no class is seen across folds."""
-    seen = np.zeros((k, num_classes), bool)
-    for f in range(k):
-        seen[f, np.unique(y[folds != f])] = True
-    fair = seen[folds, y]
-    return fair if fair.any() else np.ones(len(y), bool)
 
 
 class _Reporter:
