@@ -33,7 +33,7 @@ def test_the_head_keeps_the_earlier_layers_where_only_the_grain_tells_the_classe
     assert acc["final+depths"] >= acc["final"] + 0.05  # out of fold: the earlier layers score clearly higher
     assert grain_run.metrics["val_accuracy"] == pytest.approx(acc["final+depths"])
     meta = json.loads((Path(grain_run.run_dir) / "model.json").read_text())
-    assert meta["depths"]["kept"] and meta["head"]["in_features"] == meta["feature_dim"] == 1280 + 1536
+    assert meta["depths"]["kept"] and meta["head"]["in_features"] == meta["feature_dim"] == 1280 + 3072
     assert [t["stage"] for t in meta["depths"]["taps"]] == [2, 3, 4, 5, 6, 7]
     assert "earlier layers" in meta["depths"]["why"]
 
@@ -112,13 +112,45 @@ def test_an_old_run_without_depths_and_an_old_cache_without_them_still_work(tmp_
     rows = predict_folder(PredictConfig(run=old.run_dir, images=[str(data)], csv=str(tmp_path / "p.csv"))).rows
     assert len(rows) == 30 and all(r.status in ("ok", "unsure") for r in rows)
     # that run cached the final features only (as older versions did): the next run completes the cache once
-    assert not list(cache.glob("*.depths1.safetensors"))
+    assert not list(cache.glob("*.depths2.safetensors"))
     new = fit(TrainConfig(data=str(data), out=str(tmp_path / "new"), cache_dir=str(cache)))
-    assert new.metrics["embeddings_from_cache"] == 0 and list(cache.glob("*.depths1.safetensors"))
+    assert new.metrics["embeddings_from_cache"] == 0 and list(cache.glob("*.depths2.safetensors"))
     again = fit(TrainConfig(data=str(data), out=str(tmp_path / "again"), cache_dir=str(cache)))
     assert again.metrics["embeddings_from_cache"] == 30 and "backbone not run" in again.metrics["device"]
     assert again.metrics["val_accuracy"] == new.metrics["val_accuracy"]
     assert 30 in [e["images"] for e in cache_contents(str(cache))]  # the cache counts its images as before
+
+
+def test_a_run_saved_with_the_taps_before_grids_everywhere_still_predicts_what_it_did(grain, tmp_path, monkeypatch):
+    """Runs saved with version 1's taps (groups 6-7 averaged over the whole picture) read those taps again: their
+    network computes what their head was trained on, in PyTorch and through a graph made for them."""
+    import shutil
+
+    from engine.config import PredictConfig
+    from engine.network import depths
+    from engine.network.model import load_model
+    from engine.paths import default_cache_dir
+    from engine.predict.predictions import predict_folder
+
+    with monkeypatch.context() as m:  # a program whose taps were version 1's
+        m.setitem(depths.LAYOUTS, depths.VERSION, depths.LAYOUTS[1])
+        old = fit(TrainConfig(data=str(grain), out=str(tmp_path / "old"), cache_dir=str(tmp_path / "c")))
+        pred = predict_folder(PredictConfig(run=old.run_dir, images=[str(grain)], csv=str(tmp_path / "a.csv")))
+    shutil.rmtree(tmp_path / "c")  # (and the graph it embedded with)
+    taps = json.loads((Path(old.run_dir) / "model.json").read_text())["depths"]["taps"]
+    assert [t["pool"] for t in taps] == ["2x2"] * 4 + ["mean"] * 2 and depths.version_of(taps) == 1
+    loaded = load_model(old.run_dir)
+    assert loaded.model.backbone.tap_version == 1 and loaded.model.backbone.feature_dim == 1280 + 1536
+    again = predict_folder(PredictConfig(run=old.run_dir, images=[str(grain)], csv=str(tmp_path / "b.csv")))
+    before = {r.path: r.probabilities for r in pred.rows}
+    assert len(again.rows) == len(before) == 60
+    assert max(np.abs(np.subtract(r.probabilities, before[r.path])).max() for r in again.rows) < 2e-3
+    graphs = Path(default_cache_dir()) / "graphs"  # predicted through ONNX Runtime, with a graph of version 1's taps
+    assert list(graphs.glob("*.taps1.fp32.onnx"))
+    # this version's taps are a grid on every group
+    assert depths.describe(depths.tap_widths(load_model(old.run_dir).model.backbone, 2))[-1] == {
+        "stage": 7, "pool": "2x2", "dims": 1280,
+    }  # fmt: skip
 
 
 def test_the_exact_head_matches_scikit_learn_logistic_regression():

@@ -359,7 +359,7 @@ def test_embedding_cache_is_reused_and_rebuilt_when_damaged(flat_data, tmp_path)
     assert second.metrics["embeddings_from_cache"] == 42 and second.metrics["embed_images_per_s"] is None
     assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
     (cache_file,) = [p for p in cache.glob("*.safetensors") if p.name.count(".") == 1]  # the final features'
-    assert len(list(cache.glob("*.depths1.safetensors"))) == 1  # the earlier layers' beside them
+    assert len(list(cache.glob("*.depths2.safetensors"))) == 1  # the earlier layers' beside them
     cache_file.write_bytes(cache_file.read_bytes()[:200])  # torn write
     logs = []
 

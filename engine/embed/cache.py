@@ -3,9 +3,11 @@ them, keyed by the file's content hash (renaming or moving files costs nothing; 
 embedded). Each file is a safetensors file replaced atomically; a damaged one is detected, deleted and rebuilt.
 
 Beside each file of final features (``<backbone>-<key>.safetensors``, float32) lies its file of intermediate-stage
-features (``<backbone>-<key>.depths1.safetensors``, float16: 1,536 numbers an image for Lite0, 3 KB beside the final
-features' 5 KB; engine/network/depths.py). Caches written before the depths existed still load: an image whose
-depths are missing is embedded once more when a run needs them, and both files get it.
+features (``<backbone>-<key>.depths2.safetensors``, float16: 3,072 numbers an image for Lite0, 6 KB beside the final
+features' 5 KB; engine/network/depths.py, whose ``VERSION`` the name carries). Caches written before the depths
+existed, or with another version's, still load: an image whose depths are missing is embedded once more when a run
+needs them, and both files get it (a ``.depths1`` file of the taps before is left unread; clearing the cache removes
+it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _cache_key(backbone: str, weights_id: str, pre: Preprocessing, variant: str 
 
 
 # The cache's file names: embeddings "<backbone>-<key>.safetensors", their intermediate-stage features
-# "<backbone>-<key>.depths1.safetensors", the backbone's weights "<backbone>-<key>.backbone.safetensors" (key: 16 hex
+# "<backbone>-<key>.depths2.safetensors", the backbone's weights "<backbone>-<key>.backbone.safetensors" (key: 16 hex
 # digits). cache_contents() reads them back with _CACHE_FILE.
 _SNAPSHOT = ".backbone"
 _DEPTHS = f".depths{depths.VERSION}"

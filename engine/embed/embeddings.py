@@ -59,7 +59,7 @@ def _onnx_forward(paths, backbone, backbone_name, cache_dir, precision, batch_si
 
     pre = backbone.preprocessing
     graphs_home = cache_dir or default_cache_dir()
-    fp32, int8 = ob.graph_paths(graphs_home, backbone_name, backbone.weights_id, backbone.net.taps)
+    fp32, int8 = ob.graph_paths(graphs_home, backbone_name, backbone.weights_id, ob.taps_of(backbone.net))
     calibration, small = None, False
     if not os.path.isfile(int8):
         small = precision == "auto" and len(paths) < ob.INT8_MIN_IMAGES

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from engine.events import EngineError
+from engine.network.depths import VERSION as TAPS_VERSION
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 # Shown first in the GUI and in `python -m engine backbones`; any other torchvision classification model also works.
@@ -260,21 +261,24 @@ def _feature_net_class():
             self.stage_names = stages  # attribute paths of body, first -> last
             self.kind = kind
             self.taps = False
+            self.tap_version = TAPS_VERSION  # which taps (engine/network/depths.py LAYOUTS) when they are on
 
-        def with_taps(self, on: bool = True):
+        def with_taps(self, on: bool = True, version: int | None = None):
             """Also return the intermediate stages' pooled outputs (engine/network/depths.py), after the final
-            features; returns self."""
+            features; ``version``: which taps (default: as they were; a new network computes this version's);
+            returns self."""
             from engine.network import depths
 
+            self.tap_version = version or self.tap_version
             self.taps = bool(on) and depths.supports(self)
             self.feature_dim = self.final_dim + (sum(depths.tap_widths(self)) if self.taps else 0)
             return self
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.kind == "lite":
-                from engine.network.depths import lite_forward
+                from engine.network.depths import LAYOUTS, lite_forward
 
-                return lite_forward(self.body, x, self.taps)
+                return lite_forward(self.body, x, LAYOUTS[self.tap_version] if self.taps else None)
             return self.body(x)
 
         def stages(self) -> list[list[nn.Module]]:

@@ -164,8 +164,9 @@ def _depths(net, meta: dict, where: str) -> None:
     d = meta.get("depths") or {}
     if not d.get("kept"):
         return
-    net.with_taps(True)
-    if not net.taps or depths.describe(depths.tap_widths(net)) != d.get("taps"):
+    version = depths.version_of(d.get("taps"))  # (runs saved with version 1's taps read those)
+    net.with_taps(True, version)
+    if version is None or not net.taps or depths.describe(depths.tap_widths(net), version) != d.get("taps"):
         raise EngineError(
             f"{where} reads features of the network's earlier layers that this version of Transfer Studio does not "
             "compute the same way; train the model again."

@@ -152,14 +152,15 @@ class Graphs:
     seconds: float  # one-time cost of making what was missing (0 when both were cached)
 
 
-def graph_paths(cache_dir: str, backbone: str, weights_id: str, taps: bool = False) -> tuple[str, str]:
+def graph_paths(cache_dir: str, backbone: str, weights_id: str, taps: bool | int = False) -> tuple[str, str]:
     """The fp32 graph and this CPU's int8 graph (each flavour its own file: engine/network/int8.py); ``taps``: the
-    graphs whose output also holds the intermediate stages' features (engine/network/depths.py), files of their
-    own."""
+    graphs whose output also holds the intermediate stages' features (engine/network/depths.py; True: this version's
+    taps, a number: that version's), files of their own."""
     from engine.network.depths import VERSION
 
     folder = os.path.join(cache_dir, "graphs")
-    stem = f"{backbone}-{weights_id}" + (f".taps{VERSION}" if taps else "")
+    version = VERSION if taps is True else int(taps)
+    stem = f"{backbone}-{weights_id}" + (f".taps{version}" if taps else "")
     # (the int8 graph with taps as made before its taps' pooling was kept in float: int8.py _tap_pooling; that file
     # is left unread, and the graph is made again under this name)
     revision = f".r{INT8_TAPS_REVISION}" if taps else ""
@@ -224,10 +225,15 @@ def _quantize(fp32: str, int8: str, calibration: np.ndarray, pre: Preprocessing)
     return quantize(fp32, int8, batches, int8_flavour())
 
 
+def taps_of(net) -> int:
+    """Which taps ``net``'s graph outputs: 0 for none, else their version (engine/network/depths.py)."""
+    return net.tap_version if getattr(net, "taps", False) else 0
+
+
 def ensure_graphs(cache_dir: str, backbone_name: str, backbone, calibration: np.ndarray | None, log=None) -> Graphs:
     """The fp32 and int8 graphs of ``backbone`` (made once, then reused); ``calibration``: (N,3,S,S) uint8 images
     of the user's own folder for the int8 graph (only needed when it is missing)."""
-    fp32, int8 = graph_paths(cache_dir, backbone_name, backbone.weights_id, getattr(backbone.net, "taps", False))
+    fp32, int8 = graph_paths(cache_dir, backbone_name, backbone.weights_id, taps_of(backbone.net))
     os.makedirs(os.path.dirname(fp32), exist_ok=True)
     t0 = time.perf_counter()
     if not os.path.isfile(fp32):

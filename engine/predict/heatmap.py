@@ -88,9 +88,9 @@ def explained_layers(net) -> tuple[list, str]:
     put a plain square's heat in a corner of the picture)."""
     stages = net.stages()
     if getattr(net, "taps", False):
-        from engine.network.depths import LITE_TAPS
+        from engine.network.depths import LAYOUTS
 
-        return [stages[group][-1] for group, _ in LITE_TAPS] + [stages[-1][-1]], "layer-cam"
+        return [stages[group][-1] for group, _ in LAYOUTS[net.tap_version]] + [stages[-1][-1]], "layer-cam"
     return [stages[-1][-1]], "grad-cam"
 
 

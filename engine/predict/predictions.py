@@ -111,7 +111,12 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
         return None
     if engine != "onnxruntime" and made.get("engine") != "onnxruntime":
         return None  # trained on PyTorch's features: predict with them too
-    taps = bool(loaded.meta.get("depths"))  # embedded with the earlier layers' features (the head may not read them)
+    from engine.network import depths
+
+    # embedded with the earlier layers' features (the head may not read them); which taps: those the head reads (a
+    # run saved with version 1's), else this version's (a head on the final features reads the same ones from both)
+    record = loaded.meta.get("depths")
+    taps = (depths.version_of(record.get("taps")) or depths.VERSION) if record else 0
     fp32, int8 = ob.graph_paths(default_cache_dir(), loaded.meta["backbone"], loaded.meta.get("weights_id", ""), taps)
     if made.get("graph") and os.path.isfile(made["graph"]):  # the very graph the training features came from
         if made.get("precision") == "int8":
@@ -129,11 +134,11 @@ def _onnx_features(loaded, device, engine: str, batch_size: int | None, log):
     if not os.path.isfile(fp32):
         os.makedirs(os.path.dirname(fp32), exist_ok=True)
         net = loaded.model.backbone
-        was = net.taps
+        was = (net.taps, net.tap_version)
         try:
-            ob.export_graph(net.with_taps(taps), loaded.preprocessing, fp32)
+            ob.export_graph(net.with_taps(bool(taps), taps or None), loaded.preprocessing, fp32)
         finally:
-            net.with_taps(was)
+            net.with_taps(*was)
     return ob.OrtForward(int8 if precision == "int8" else fp32, loaded.preprocessing, precision, batch_size or 16)
 
 
