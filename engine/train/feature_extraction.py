@@ -210,7 +210,7 @@ def from_cache(
             break
     else:
         return None
-    by_path = {s.path: cache.get(h) for s, h in zip(ds.samples, hashes)}
+    by_path = dict(zip((s.path for s in ds.samples), cache.stack(hashes)))
     backbone_sd = snap.load()
     if backbone_sd is None:
         return None
@@ -373,7 +373,7 @@ def embed_dataset(cfg, ds: Dataset, cb: Callbacks, cancel: CancelToken, taps: bo
             if cache.has_all(hashes) and (not taps or cache.widths):
                 cb.on_log(f"All {len(hashes)} embeddings from the cache (the backbone is not run)")
                 _remember(known, ds, hashes)
-                feats = np.stack([cache.get(h) for h in hashes]).astype(np.float32)
+                feats = cache.stack(hashes)
                 final_dim = int(cache.final.get(hashes[0]).shape[0])
                 return Embedded(feats, hashes, Blocks([final_dim, *(cache.widths or [])]))
     from engine.network.backbones import load_backbone
