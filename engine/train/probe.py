@@ -75,7 +75,11 @@ def mapped(X: np.ndarray, final: int, power: float = FINAL_POWER, copy: bool = T
         for r in range(0, len(out), 8192):  # (in slabs: no full-size temporaries at 100,000 images)
             part = out[r : r + 8192, :final]
             sign = np.sign(part)
-            np.power(np.abs(part, out=part), np.float32(power), out=part)
+            np.abs(part, out=part)
+            with np.errstate(divide="ignore"):  # (log 0 = -inf, and exp(-inf) = 0)
+                np.log(part, out=part)
+            part *= np.float32(power)
+            np.exp(part, out=part)  # (|x| ** power as exp(power log |x|): 8x faster than np.power on these features)
             part *= sign
     return out
 
