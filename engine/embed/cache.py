@@ -140,7 +140,8 @@ class FeatureCache:
 
     def stack(self, keys: list[str]) -> np.ndarray:
         """Every key's features (all cached: :meth:`has_all`) as one float32 array, row by row as :meth:`get`
-        gives them, made in one piece (a cached rerun of 4,317 images: 0.15 s less than row by row)."""
+        gives them, made in one piece (on a cached rerun of 4,317 images one profile gave 0.05 s, against 0.17 s for
+        the float32 copies row by row)."""
         final = np.stack([self.final.vectors[k] for k in keys])
         if self.depths is None:
             return final.astype(np.float32, copy=False)

@@ -9,7 +9,7 @@ label (docs/benchmarks.md, "More from the frozen network"): hand signs 0.88 -> 0
 0.82 / 0.86 -> 0.89, handwritten digits 0.87 -> 0.97 / 0.94 -> 0.98; on everyday photos they can hurt (hymenoptera at
 20 a class 0.91 -> 0.83), which is why the head chooses per folder (engine/train/probe.py).
 
-What is tapped (``LITE_TAPS``): the outputs of block groups 2-7 (24-320 channels, at 1/4 to 1/32 of the input),
+What is tapped (``LAYOUTS[VERSION]``): the outputs of block groups 2-7 (24-320 channels, at 1/4 to 1/32 of the input),
 each averaged over each quarter of the picture (a 2x2 grid, Head2Toe's pooling): 3,072 numbers beside Lite0's 1,280.
 Until version 2, groups 6 and 7 were averaged over the whole picture (1,536 numbers); with the head as it is now
 (engine/train/probe.py: two heads mixed, the final features to a power), their grid measured +0.6 point on clothing,
@@ -27,7 +27,6 @@ LAYOUTS: dict[int, tuple[tuple[int, str], ...]] = {
     2: ((2, "grid"), (3, "grid"), (4, "grid"), (5, "grid"), (6, "grid"), (7, "grid")),
 }
 VERSION = 2  # what the taps are: a cache or a graph made for other taps is never mixed with these
-LITE_TAPS = LAYOUTS[VERSION]
 
 
 def supports(net) -> bool:
