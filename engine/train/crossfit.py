@@ -203,9 +203,7 @@ def cross_fit(
     own = np.stack([folds != f for f in range(k)] + [np.asarray(m, bool) for m in extra.values()], 1)  # (n, H)
     group = own.shape[1]  # heads per learning-rate group
     held = [np.flatnonzero(folds == f) for f in range(k)]
-    fair = judgeable(y, folds, k, num_classes)
-    if judge is not None and (fair & judge).any():
-        fair &= judge
+    fair = judgeable(y, folds, k, num_classes, judge)
     scale = np.repeat(np.array(lrs, np.float64) / lrs[0], group)
     heads = _LockStep(
         X, y, np.tile(own, (1, G)), num_classes, batch_size, epochs, lrs[0], weight_decay, dropout, class_weight,
