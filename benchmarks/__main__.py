@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bf.add_argument("--seeds", type=int, default=3, help="random label draws at 10 and 20 a class (averaged)")
     bf.add_argument("--features", default="auto", choices=("auto", "final", "depths"), help="the app's choice")
+    bf.add_argument(
+        "--splits", type=int, default=1,
+        help="test splits: the fixed quarter of each class, then random quarters (differences averaged, +- a standard "
+        "error)",
+    )  # fmt: skip
     return p
 
 
