@@ -103,7 +103,8 @@ def train_head(
     split_X = {}
     for split in ("train", "val", "test"):
         p, y = labels(ds, split)
-        X = np.stack([features[q] for q in p]).astype(np.float32, copy=False) if p else np.zeros((0, blocks.total), np.float32)
+        X = np.stack([features[q] for q in p]) if p else np.zeros((0, blocks.total), np.float32)
+        X = X.astype(np.float32, copy=False)  # (the cache's rows are float32 already: no second copy)
         split_X[split] = (X, y)
     if len(split_X["train"][0]) == 0:
         raise EngineError("No training images left after skipping unreadable files.")
