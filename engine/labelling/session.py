@@ -173,12 +173,8 @@ def suggest(
     accept["temperature"] = t
     accept["features"] = res.features
     share = 1.0 if len(seen) < TYPICAL_UNTIL * len(np.unique(yl[blind])) else 0.0
-    # While the labels are few (TypiClust's rounds) the picks cover the folder's kinds of picture, on the final features
-    # as they are; after that the head's doubts are spread over the final features as the head reads them (raised to
-    # its power), where the kinds of picture are the ones it tells apart. Against the features as they are in both
-    # (docs/benchmarks.md, "Picks on the head's view"), at 10 labels a class: hand signs 0.915 -> 0.941 (6 seeds),
-    # hand signs b +1.9, X-rays +4.3, flowers +1.5 (3 seeds), digits -0.3 and clothing -1.1 (6 seeds). On the head's
-    # view in TypiClust's rounds too, fewer of a pile's unlabelled kinds were asked about (tests/test_labelling.py).
+    # TypiClust's rounds cover the pile's kinds on the features as they are; later picks spread the head's doubts over
+    # the final features as it reads them (docs/benchmarks.md, "Picks on the head's view": hand signs +2.6 points)
     view = final if share else Xm[:, : blocks.final]
     picks = next_batch(view, unlabelled, n_next, seed, margin, strange, seen, share, draws)
     estimate, interval, n_checks = _check_estimate(picker, Xh[labelled], yl, check, len(classes))
