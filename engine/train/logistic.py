@@ -30,6 +30,7 @@ from engine.events import CancelToken
 
 MEMORY = 10  # L-BFGS correction pairs per head
 ARMIJO = 1e-4  # sufficient decrease of a step
+TRANSPOSED_MAX = 2**25  # features (images x columns) the solver keeps a transposed copy of too: 128 MB at most
 MAX_HALVINGS = 4  # a step that lowers nothing at 1/16 of its length: the head is at its minimum to float precision
 
 
@@ -47,9 +48,10 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("dch,dch->h", a, b)
 
 
-def _loss_grad(Xa, y, rows, Mn, lam, T):
+def _loss_grad(Xa, XaT, y, rows, Mn, lam, T):
     """Objective and gradient of each head (``T`` (D+1, C, h), the bias last; ``Mn`` (n, h): each image's share of
-    each head's mean loss). Classes on the middle axis: the softmax's sums over a few classes run over whole slabs."""
+    each head's mean loss; ``XaT``: ``Xa.T``, a contiguous copy where one was made). Classes on the middle axis: the
+    softmax's sums over a few classes run over whole slabs."""
     n, D1 = Xa.shape
     _, C, h = T.shape
     Z = (Xa @ T.reshape(D1, C * h)).reshape(n, C, h)
@@ -62,7 +64,7 @@ def _loss_grad(Xa, y, rows, Mn, lam, T):
     Z /= s[:, None, :]
     Z[rows, y] -= 1.0
     Z *= Mn[:, None, :]
-    g = (Xa.T @ Z.reshape(n, C * h)).reshape(D1, C, h)
+    g = (XaT @ Z.reshape(n, C * h)).reshape(D1, C, h)
     g[:-1] += lam * Wp
     return loss, g
 
@@ -104,6 +106,9 @@ def solve(
     Xa = np.empty((n, D + 1), np.float32)
     Xa[:, :D] = X
     Xa[:, D] = 1.0
+    # the gradient's product reads the features transposed: from a contiguous copy it is 1.5x faster (flowers' heads,
+    # 4,317 x 769: 3.0 ms against 4.5 a call, a 2-core AVX2 EPYC), worth its memory up to TRANSPOSED_MAX numbers
+    XaT = np.ascontiguousarray(Xa.T) if Xa.size <= TRANSPOSED_MAX else Xa.T
     C = num_classes
     H = weights.shape[1]
     y = np.asarray(y, np.int64)
@@ -120,7 +125,7 @@ def solve(
         T[:-1] = init.weight.transpose(1, 2, 0)
         T[-1] = init.bias.T
         T /= P
-    f, g = _loss_grad(Xa, y, rows, Mn, lam, T * P)
+    f, g = _loss_grad(Xa, XaT, y, rows, Mn, lam, T * P)
     g *= P
     memory = _Memory(H, (D + 1) * C)  # the correction pairs of the active heads
     active = np.arange(H)
@@ -145,7 +150,7 @@ def solve(
         for _ in range(MAX_HALVINGS if it > 1 else 30):
             heads = active[todo]
             trial = Ta[..., todo] + d[..., todo] * t[todo].astype(np.float32)
-            lf, lg = _loss_grad(Xa, y, rows, Mn[:, heads], lam[heads], trial * P[..., heads])
+            lf, lg = _loss_grad(Xa, XaT, y, rows, Mn[:, heads], lam[heads], trial * P[..., heads])
             lg *= P[..., heads]
             ok = lf <= fa[todo] + ARMIJO * t[todo] * slope[todo]
             idx = todo[ok]
