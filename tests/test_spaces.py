@@ -1,6 +1,6 @@
 """The head's feature spaces kept between runs (engine/embed/spaces.py): a rerun on the same features reads the kept
 space and gets the very same heads; other features miss; a damaged file is computed again; clearing the cache
-removes them."""
+removes them. The heads a path solved are kept the same way, by the problem they solve."""
 
 import numpy as np
 
@@ -28,7 +28,7 @@ def test_a_rerun_reads_the_kept_space_and_gets_the_same_heads(tmp_path, monkeypa
     X, y = _features(0)
     first = _fit(X, y, SpaceStore(str(tmp_path)))
     files = spaces.kept_files(str(tmp_path))
-    assert len(files) == 2  # the final features' space and the one with the earlier layers
+    assert len(files) == 4  # the final features' space and the one with the earlier layers, and each one's path
     spaces._MEMORY.clear()  # a new process: only the files are left
     computed = []
     real = spaces.SpaceStore.put
@@ -65,8 +65,8 @@ def test_a_rerun_keeps_the_training_images_neighbour_distances_and_marks_the_sam
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"), overwrite=True)
     first = fit(cfg).metrics["unfamiliar"]
     # the two feature sets' spaces, the final features' as they are (checked against raised to the power: the final
-    # features alone were kept), and the neighbour distances
-    assert len(spaces.kept_files(str(tmp_path / "c"))) == 4
+    # features alone were kept), each one's path, and the neighbour distances
+    assert len(spaces.kept_files(str(tmp_path / "c"))) == 7
     spaces._MEMORY.clear()  # a new process: only the files are left
     calls = []
     real = fit_module.leave_one_out
@@ -78,3 +78,43 @@ def test_a_rerun_keeps_the_training_images_neighbour_distances_and_marks_the_sam
             fh.write(b"damaged")
     spaces._MEMORY.clear()
     assert fit(cfg).metrics["unfamiliar"] == first and calls == [1]
+
+
+def test_a_rerun_of_the_same_problem_reads_each_strengths_heads_and_a_changed_label_solves_them_again(
+    tmp_path, monkeypatch
+):
+    """The heads each strength solved are kept by a hash of everything the solve reads: the same features, labels
+    and weights read them (no solve, the very same heads and choice); one label changed solves them all again, as a
+    first run would."""
+    from engine.train import probe
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 120)
+    X = rng.standard_normal((360, 300)).astype(np.float32)
+    X[:, :20] += y[:, None]
+    X[:, 250:260] += 0.5 * y[:, None]
+    folds = np.arange(len(y)) % 5
+    solves = []
+    real = probe.solve
+    monkeypatch.setattr(probe, "solve", lambda *a, **k: solves.append(1) or real(*a, **k))
+
+    def fit(labels, folder):
+        return fit_probe(X, labels, folds, 3, Blocks([250, 50]), k=5, extra={"final": np.ones(len(y), bool)},
+                         spaces=SpaceStore(str(folder)))  # fmt: skip
+
+    first = fit(y, tmp_path / "c")
+    assert len(solves) >= 4  # (both feature sets, two strengths or more each)
+    spaces._MEMORY.clear()  # a new process: only the files are left
+    solves.clear()
+    again = fit(y, tmp_path / "c")
+    assert not solves
+    assert again.tried == first.tried and again.C == first.C and again.share == first.share
+    assert np.array_equal(again.heads["final"]["weight"], first.heads["final"]["weight"])
+    assert np.array_equal(again.oof_logits, first.oof_logits)
+    moved = y.copy()
+    moved[7] = (moved[7] + 1) % 3  # one image moved to another class
+    changed = fit(moved, tmp_path / "c")
+    assert len(solves) >= 4
+    spaces._MEMORY.clear()
+    fresh = fit(moved, tmp_path / "fresh")  # the same problem in an empty cache folder
+    assert np.array_equal(changed.heads["final"]["weight"], fresh.heads["final"]["weight"])

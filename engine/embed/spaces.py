@@ -7,8 +7,9 @@ A space is found by a hash of everything it is computed from (the rows' bytes, t
 the seed and ``VERSION``), so a changed image, split or setting simply misses. Kept in memory for this process (the
 window's reruns and labelling rounds) and, given a cache folder, as small safetensors files in its ``spaces/``
 folder (8.6 MB for the earlier layers' 768 axes; the ``KEEP_FILES`` most recently used are kept). The training
-images' neighbour distances behind "unfamiliar" (engine/train/fit.py; 0.25 s of that rerun) are kept the same way
-(``get_arrays`` / ``put_arrays``)."""
+images' neighbour distances behind "unfamiliar" (engine/train/fit.py; 0.25 s of that rerun) and the heads each
+regularisation strength solved (engine/train/probe.py ``_KeptPath``, by a hash of the problem they solve) are kept
+the same way (``get_arrays`` / ``put_arrays``)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from engine.runs import atomic_write_bytes
 
 FOLDER = "spaces"
 VERSION = 1  # how a space is computed (probe.py's normalisers and axes): a change makes every kept one miss
-KEEP_FILES = 8
-KEEP_IN_MEMORY = 4
+KEEP_FILES = 16  # (a run keeps up to 7: three spaces, three paths and the neighbour distances)
+KEEP_IN_MEMORY = 8
 _MEMORY: OrderedDict[str, dict] = OrderedDict()
 _LOCK = threading.Lock()  # (a labelling round and a training job may run at once in the window)
 

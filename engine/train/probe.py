@@ -23,6 +23,7 @@ folded in).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import numpy as np
 from engine.embed.spaces import SpaceStore, space_key
 from engine.events import CancelToken, EpochMetrics, Phase, Progress
 from engine.train.crossfit import judgeable
-from engine.train.logistic import solve
+from engine.train.logistic import Solved, solve
 
 # The regularisation strengths tried, as scikit-learn's C on features of root-mean-square 1. On the folders
 # measured the chosen C ran from 0.03 (every label of photos) to 1 (10 labels a class of hand signs).
@@ -48,6 +49,7 @@ MAX_DIMS = {FINAL: 384, DEPTHS: 768}
 STATS_ROWS = 2048  # rows the axes are computed from (a fixed draw of them when there are more)
 SELECT_ROWS = 8000  # above this many images the features and C are chosen on a sample of this many
 MAX_ITER = 200
+SOLVER = 1  # how the heads are solved (engine/train/logistic.py, MAX_ITER): a change makes every kept path miss
 MIN_LOSS_GAIN = 1e-3  # a lower out-of-fold loss than this (nats an image) is a tie (``prefer``)
 # With the earlier layers, the saved head mixes two heads' logits: the final features' head and the earlier layers'
 # head, each at its own C, the latter's share one of these, chosen by the mixed out-of-fold loss (a mix of linear heads
@@ -184,16 +186,16 @@ def _normalisers(S: np.ndarray, blocks: Blocks, per_feature: bool = False) -> tu
 
 def _space(S: np.ndarray, blocks: Blocks, name: str, seed: int, store: SpaceStore):
     """The centre, scale and principal axes (or None) of a feature set, from its rows ``S``: as ``store`` kept them
-    (they depend on these rows alone: engine/embed/spaces.py), else computed and kept."""
+    (they depend on these rows alone: engine/embed/spaces.py), else computed and kept; and the key they are kept by."""
     key = space_key(name, S, MAX_DIMS[name], seed)
     kept = store.get(key)
     if kept is not None:
-        return kept
+        return (*kept, key)
     centre, scale = _normalisers(S, blocks, per_feature=name == DEPTHS)
     A = (S - centre) * scale
     V = principal_axes(A - A.mean(0), MAX_DIMS[name], seed)
     store.put(key, centre, scale, V)
-    return centre, scale, V
+    return centre, scale, V, key
 
 
 def principal_axes(A: np.ndarray, k: int, seed: int = 0) -> np.ndarray | None:
@@ -458,7 +460,7 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     """One feature set: its heads for every C solved at once; the C of lowest out-of-fold loss, and its heads as
     linear heads on the raw features."""
     name = FINAL if blocks.total == blocks.final else DEPTHS
-    centre, scale, V = _space(stats[rows], blocks, name, seed, spaces)
+    centre, scale, V, key = _space(stats[rows], blocks, name, seed, spaces)
     # ((x - centre) * scale) @ V as one product with the features as they are (no scaled copy of them)
     Z = X @ (scale[:, None] * V) - (centre * scale) @ V if V is not None else (X - centre) * scale
     shift = Z.mean(0)
@@ -470,6 +472,7 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     Q = np.linalg.qr(Z.T)[0].astype(np.float32) if len(Z) < Z.shape[1] else None
     Zs = Z @ Q if Q is not None else Z
     per = weights.shape[1]
+    kept = _KeptPath(spaces if Q is None else None, Zs, y, weights, num_classes)
     best, table, solved, before, rising = None, [], None, None, 0
     for ci, c in enumerate(Cs):  # strongest first, each from the one before: a regularisation path
         lam = np.array([1.0 / (c * max(float(weights[:, h].sum()), 1e-12)) for h in range(per)], np.float32)
@@ -477,8 +480,8 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
         if before is not None:  # along the path in log C, from the last two strengths' heads (-20% iterations)
             start = replace(solved, weight=2 * solved.weight - before.weight, bias=2 * solved.bias - before.bias)
         before = solved
-        solved = solve(Zs, y, weights, lam, num_classes, max_iter=MAX_ITER, cancel=cancel, observe=report,
-                       init=start)  # fmt: skip
+        solved = kept.get(c) or kept.put(c, solve(Zs, y, weights, lam, num_classes, max_iter=MAX_ITER, cancel=cancel,
+                                                  observe=report, init=start))  # fmt: skip
         oof = _out_of_fold(Zs, solved.weight, solved.bias, 0, folds, k)
         ce = per_image_ce(oof, y)
         report.solved(name, c, Zs, solved, oof, ce)
@@ -492,6 +495,7 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
         # strengths are the dearest to solve (on flowers 0.5 s of the head's 2.2)
         if rising == PATH_PATIENCE or (rising and prefer(ce[fair], best[2][fair])[0]):
             break
+    kept.save()
     ci, oof, ce, solved = best
     heads = []
     for h in range(per):  # logits = ((x - centre) * scale @ V - shift) @ W + b, as one linear map of x
@@ -503,6 +507,41 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
         heads.append({"weight": np.ascontiguousarray(weight, np.float32), "bias": bias.astype(np.float32)})
     rows_out = [{"features": name, **row} for row in table]
     return dict(C=Cs[ci], oof=oof, ce=ce, heads=heads, table=rows_out, cols=X.shape[1])
+
+
+class _KeptPath:
+    """The heads a feature set's path solved for exactly this problem, kept beside the spaces: found by a hash of
+    everything a solve reads (the features on the axes, the labels, every head's weights, ``SOLVER``), so a rerun on
+    the same images, labels and settings reads each strength's heads instead of solving them again (the very same
+    heads: the solver is deterministic), and anything changed misses and is solved. A cached flowers rerun spent 1.9
+    s of its 4.0 in these solves on a 2-core AVX2 EPYC (docs/benchmarks.md). Not for a labelling round (``store``
+    None: its labelled rows change every round)."""
+
+    def __init__(self, store: SpaceStore | None, Z: np.ndarray, y: np.ndarray, weights: np.ndarray, classes: int):
+        self.store, self.new = store, {}
+        if store is None:
+            self.kept = {}
+            return
+        h = hashlib.blake2b(f"path|{SOLVER}|{Z.shape}|{weights.shape}|{classes}".encode(), digest_size=16)
+        for a in (np.ascontiguousarray(Z, np.float32), np.asarray(y, np.int64), np.asarray(weights, np.float32)):
+            h.update(np.ascontiguousarray(a).data)
+        self.key = h.hexdigest()
+        self.kept = store.get_arrays(self.key) or {}
+        self.shapes = {"weight": (weights.shape[1], Z.shape[1], classes), "bias": (weights.shape[1], classes)}
+
+    def get(self, c: float) -> Solved | None:
+        w, b = self.kept.get(f"{c:g}/weight"), self.kept.get(f"{c:g}/bias")
+        if w is None or b is None or w.shape != self.shapes["weight"] or b.shape != self.shapes["bias"]:
+            return None
+        return Solved(w, b, 0, np.ones(len(w), bool), self.kept.get(f"{c:g}/loss", np.zeros(len(w))))
+
+    def put(self, c: float, s: Solved) -> Solved:
+        self.new.update({f"{c:g}/weight": s.weight, f"{c:g}/bias": s.bias, f"{c:g}/loss": s.loss})
+        return s
+
+    def save(self) -> None:
+        if self.store is not None and self.new:
+            self.store.put_arrays(self.key, {**self.kept, **self.new})
 
 
 def _out_of_fold(Z, W, b, first, folds, k) -> np.ndarray:
