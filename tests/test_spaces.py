@@ -20,6 +20,7 @@ def _features(seed: int):
 
 def _fit(X, y, store):
     folds = np.arange(len(y)) % 5
+    store.paths = True  # (as a training run keeps them)
     p = fit_probe(X, y, folds, 3, Blocks([450, 50]), k=5, extra={"final": np.ones(len(y), bool)}, spaces=store)
     return p.heads["final"]
 
@@ -100,7 +101,7 @@ def test_a_rerun_of_the_same_problem_reads_each_strengths_heads_and_a_changed_la
 
     def fit(labels, folder):
         return fit_probe(X, labels, folds, 3, Blocks([250, 50]), k=5, extra={"final": np.ones(len(y), bool)},
-                         spaces=SpaceStore(str(folder)))  # fmt: skip
+                         spaces=SpaceStore(str(folder), paths=True))  # fmt: skip
 
     first = fit(y, tmp_path / "c")
     assert len(solves) >= 4  # (both feature sets, two strengths or more each)

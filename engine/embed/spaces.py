@@ -38,10 +38,13 @@ def space_key(name: str, rows: np.ndarray, dims: int, seed: int) -> str:
 
 
 class SpaceStore:
-    """Spaces by key: in memory, and under ``folder``/spaces when a folder is given (None: memory only)."""
+    """Spaces by key: in memory, and under ``folder``/spaces when a folder is given (None: memory only). ``paths``:
+    the heads each strength solved are kept too (a training run's; not a labelling round's, whose problem changes
+    every round: its files would push the pile's spaces out)."""
 
-    def __init__(self, folder: str | None = None) -> None:
+    def __init__(self, folder: str | None = None, paths: bool = False) -> None:
         self.dir = os.path.join(folder, FOLDER) if folder else None
+        self.paths = paths
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """(centre, scale, axes or None), or None when this space was not kept."""

@@ -146,7 +146,7 @@ def train_head(
     choice = fit_probe(
         X, y, folds, len(ds.classes), blocks, k=K_FOLDS, extra=extra, class_weight=weights, stats=allx,
         features=cfg.features, seed=cfg.seed, cancel=cancel, on_epoch=cb.on_train_epoch_end, on_log=cb.on_log,
-        spaces=SpaceStore(cache_dir), power=FINAL_POWER,
+        spaces=SpaceStore(cache_dir, paths=True), power=FINAL_POWER,
     )  # fmt: skip
     head = choice.heads["final"]
     cols = choice.columns

@@ -472,7 +472,7 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     Q = np.linalg.qr(Z.T)[0].astype(np.float32) if len(Z) < Z.shape[1] else None
     Zs = Z @ Q if Q is not None else Z
     per = weights.shape[1]
-    kept = _KeptPath(spaces if Q is None else None, Zs, y, weights, num_classes)
+    kept = _KeptPath(spaces if Q is None and spaces.paths else None, Zs, y, weights, num_classes)
     best, table, solved, before, rising = None, [], None, None, 0
     for ci, c in enumerate(Cs):  # strongest first, each from the one before: a regularisation path
         lam = np.array([1.0 / (c * max(float(weights[:, h].sum()), 1e-12)) for h in range(per)], np.float32)
@@ -514,8 +514,8 @@ class _KeptPath:
     everything a solve reads (the features on the axes, the labels, every head's weights, ``SOLVER``), so a rerun on
     the same images, labels and settings reads each strength's heads instead of solving them again (the very same
     heads: the solver is deterministic), and anything changed misses and is solved. A cached flowers rerun spent 1.9
-    s of its 4.0 in these solves on a 2-core AVX2 EPYC (docs/benchmarks.md). Not for a labelling round (``store``
-    None: its labelled rows change every round)."""
+    s of its 4.0 in these solves on a 2-core AVX2 EPYC (docs/benchmarks.md). Only where the store keeps paths (a
+    training run's: ``SpaceStore(paths=True)``) and on the principal axes (``store`` None otherwise)."""
 
     def __init__(self, store: SpaceStore | None, Z: np.ndarray, y: np.ndarray, weights: np.ndarray, classes: int):
         self.store, self.new = store, {}
