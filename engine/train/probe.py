@@ -186,16 +186,16 @@ def _normalisers(S: np.ndarray, blocks: Blocks, per_feature: bool = False) -> tu
 
 def _space(S: np.ndarray, blocks: Blocks, name: str, seed: int, store: SpaceStore):
     """The centre, scale and principal axes (or None) of a feature set, from its rows ``S``: as ``store`` kept them
-    (they depend on these rows alone: engine/embed/spaces.py), else computed and kept; and the key they are kept by."""
+    (they depend on these rows alone: engine/embed/spaces.py), else computed and kept."""
     key = space_key(name, S, MAX_DIMS[name], seed)
     kept = store.get(key)
     if kept is not None:
-        return (*kept, key)
+        return kept
     centre, scale = _normalisers(S, blocks, per_feature=name == DEPTHS)
     A = (S - centre) * scale
     V = principal_axes(A - A.mean(0), MAX_DIMS[name], seed)
     store.put(key, centre, scale, V)
-    return centre, scale, V, key
+    return centre, scale, V
 
 
 def principal_axes(A: np.ndarray, k: int, seed: int = 0) -> np.ndarray | None:
@@ -460,7 +460,7 @@ def _solve_set(X, stats, rows, y, folds, k, weights, Cs, fair, blocks, num_class
     """One feature set: its heads for every C solved at once; the C of lowest out-of-fold loss, and its heads as
     linear heads on the raw features."""
     name = FINAL if blocks.total == blocks.final else DEPTHS
-    centre, scale, V, key = _space(stats[rows], blocks, name, seed, spaces)
+    centre, scale, V = _space(stats[rows], blocks, name, seed, spaces)
     # ((x - centre) * scale) @ V as one product with the features as they are (no scaled copy of them)
     Z = X @ (scale[:, None] * V) - (centre * scale) @ V if V is not None else (X - centre) * scale
     shift = Z.mean(0)
@@ -513,8 +513,8 @@ class _KeptPath:
     """The heads a feature set's path solved for exactly this problem, kept beside the spaces: found by a hash of
     everything a solve reads (the features on the axes, the labels, every head's weights, ``SOLVER``), so a rerun on
     the same images, labels and settings reads each strength's heads instead of solving them again (the very same
-    heads: the solver is deterministic), and anything changed misses and is solved. A cached flowers rerun spent 1.9
-    s of its 4.0 in these solves on a 2-core AVX2 EPYC (docs/benchmarks.md). Only where the store keeps paths (a
+    heads: the solver is deterministic), and anything changed misses and is solved. The solves were 2.2 s of a
+    profiled 5.2 s cached flowers rerun on a 2-core AVX2 EPYC (docs/benchmarks.md). Only where the store keeps paths (a
     training run's: ``SpaceStore(paths=True)``) and on the principal axes (``store`` None otherwise)."""
 
     def __init__(self, store: SpaceStore | None, Z: np.ndarray, y: np.ndarray, weights: np.ndarray, classes: int):
