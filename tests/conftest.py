@@ -65,3 +65,19 @@ def fe_run(flat_data, tmp_path_factory):
     )
     assert res.run_dir
     return res
+
+
+@pytest.fixture
+def power_kept(monkeypatch):
+    """Feature extraction's head keeps the final features raised to the power wherever it is given one: on the small
+    synthetic folders the power check ties (a tie reads them as they are: engine/train/probe.py ``_as_they_are``),
+    and the tests that use this check what a run whose head reads the power does downstream."""
+    from engine.train import probe
+
+    check = probe._as_they_are
+
+    def raised(r, chosen, X, stats, rows, y, folds, k, weights, fair, blocks, num_classes, power, *rest):
+        got = check(r, chosen, X, stats, rows, y, folds, k, weights, fair, blocks, num_classes, power, *rest)
+        return (r, power, {**got[2], "kept": power}) if got[2] is not None and got[1] != power else got
+
+    monkeypatch.setattr(probe, "_as_they_are", raised)

@@ -170,7 +170,9 @@ def test_the_exact_head_matches_scikit_learn_logistic_regression():
         assert (((X @ s.weight[h]) + s.bias[h]).argmax(1) == ref.predict(X)).mean() == 1.0
 
 
-def test_the_saved_head_reads_the_final_features_raised_to_its_power_in_predict_and_in_the_network(tmp_path):
+def test_the_saved_head_reads_the_final_features_raised_to_its_power_in_predict_and_in_the_network(
+    tmp_path, power_kept
+):
     """The head is trained on the final features raised to a power (engine/train/probe.py ``mapped``): the saved
     model says so, and predict and the network itself give the probabilities of that head on those features (a path
     that forgot the power would still agree with the exported graph, not with this)."""
@@ -295,11 +297,14 @@ def test_the_results_tab_says_how_the_two_heads_were_mixed_and_what_it_was_worth
 
 
 @pytest.mark.parametrize("select_rows", [None, 150])
-def test_the_final_features_are_read_as_they_are_where_that_judges_clearly_better_out_of_fold(monkeypatch, select_rows):
+def test_the_final_features_are_raised_to_the_power_only_where_that_judges_clearly_better_out_of_fold(
+    monkeypatch, select_rows
+):
     """Where the classes are a straight line through the final features as they are (the sum of two features that
     span two orders of magnitude), the power bends that line: the head at the chosen C on the features as they are
-    has the clearly lower out-of-fold loss, is kept, and says so (``power`` 1); where they are noise, the power
-    stays. Above ``SELECT_ROWS`` images (checked on the sample) the heads on every image read them as they are."""
+    has the clearly lower out-of-fold loss, is kept, and says so (``power`` 1). Where the line runs through the
+    features raised to the power, the power is kept; where they are noise (a tie), the features as they are.
+    Above ``SELECT_ROWS`` images (checked on the sample) the heads on every image read them as they are."""
     from engine.train import probe
     from engine.train.crossfit import fold_ids
 
@@ -315,20 +320,62 @@ def test_the_final_features_are_read_as_they_are_where_that_judges_clearly_bette
     Xm = probe.mapped(X, 20, 0.65)
     p = probe.fit_probe(Xm, y, folds, 2, probe.Blocks([20]), power=0.65, **kw)
     check = p.power_check
-    assert p.power == 1 and check["kept"] == 1 and check["difference"] > check["se"]
+    assert p.power == 1 and check["kept"] == 1 and check["difference"] > (0 if select_rows else check["se"])
     assert "as they are" in p.summary()
     from engine.train.feature_extraction import depths_record
     from gui.tabs.results.summary import head_line
 
     d = json.loads(json.dumps(depths_record(p, probe.Blocks([20]), None)))  # (as model.json keeps it)
     assert d["final_power"] == 1 and d["power_check"]["kept"] == 1
-    assert "read as they are, not raised to the power 0.65" in head_line(d)
+    clearly = "read as they are, not raised to the power 0.65" in head_line(d)
+    assert clearly == (check["difference"] > check["se"]) and "read as they are" in head_line(d)
     raw = probe.fit_probe(X, y, folds, 2, probe.Blocks([20]), Cs=(p.C,), **kw)  # (the same head, solved alone)
     h, r = p.heads["final"], raw.heads["final"]
     np.testing.assert_allclose(X @ h["weight"].T + h["bias"], X @ r["weight"].T + r["bias"], atol=5e-3)
     assert ((X @ h["weight"].T + h["bias"]).argmax(1) == y).mean() >= 0.95
     without = probe.fit_probe(Xm, y, folds, 2, probe.Blocks([20]), **kw)  # (no power given: nothing to check)
     assert without.power == 1 and without.power_check is None
+    Xr = probe.mapped(np.exp(rng.uniform(-3, 2, (400, 20))).astype(np.float32), 20, 0.65)
+    sr = Xr[:, :5].sum(1)  # (the classes a straight line through five features raised)
+    yr = (sr > np.median(sr)).astype(np.int64)
+    fr = fold_ids(yr, [str(i) for i in range(len(yr))], 0)
+    q = probe.fit_probe(Xr, yr, fr, 2, probe.Blocks([20]), power=0.65, **kw)
+    assert q.power == 0.65 and q.power_check["kept"] == 0.65 and q.power_check["difference"] < -q.power_check["se"]
+    assert "raised to the power 0.65" in q.summary()
     noise = probe.mapped(np.exp(rng.uniform(-3, 2, (400, 20))).astype(np.float32), 20, 0.65)
-    q = probe.fit_probe(noise, y, folds, 2, probe.Blocks([20]), power=0.65, **kw)
-    assert q.power == 0.65 and q.power_check["kept"] == 0.65
+    t = probe.fit_probe(noise, y, folds, 2, probe.Blocks([20]), power=0.65, **kw)
+    tie = t.power_check
+    assert t.power == 1 and tie["kept"] == 1 and abs(tie["difference"]) <= max(tie["se"], probe.MIN_LOSS_GAIN)
+    d = json.loads(json.dumps(depths_record(t, probe.Blocks([20]), None)))
+    assert "did not do clearly better" in head_line(d) and "loss after a temperature" in head_line(d)
+
+
+def test_each_strength_is_judged_by_how_its_heads_rank_after_a_temperature_not_by_how_cautious_they_are():
+    """Few labels, some of them wrong (15%), many weak features: the out-of-fold loss as it is rewards heads whose
+    small logits hedge against the wrong labels, whatever they rank. Judged after each strength's own temperature
+    (``scale``-free, as the saved head is calibrated afterwards), the chosen heads score higher on clean images
+    over several folders, and the choice is the strength of lowest loss after a temperature among those tried."""
+    from engine.train import probe
+    from engine.train.crossfit import fold_ids
+
+    gains = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        means = rng.standard_normal((4, 200)) * 4 / np.sqrt(200)
+        y, yt = np.repeat(np.arange(4), 20), np.repeat(np.arange(4), 500)
+        X = (rng.standard_normal((80, 200)) + means[y]).astype(np.float32)
+        Xt = (rng.standard_normal((2000, 200)) + means[yt]).astype(np.float32)
+        noisy = y.copy()
+        wrong = rng.random(80) < 0.15
+        noisy[wrong] = rng.integers(0, 4, wrong.sum())
+        folds = fold_ids(noisy, [str(i) for i in range(80)], 0)
+        kw = dict(k=5, extra={"final": np.ones(80, bool)}, seed=0)
+        accuracy = {}
+        for scaled in (False, True):
+            p = probe.fit_probe(X, noisy, folds, 4, probe.Blocks([200]), scaled=scaled, **kw)
+            h = p.heads["final"]
+            accuracy[scaled] = ((Xt @ h["weight"].T + h["bias"]).argmax(1) == yt).mean()
+            if scaled:
+                assert p.C == min(p.tried, key=lambda row: row["scaled loss"])["C"]
+        gains.append(accuracy[True] - accuracy[False])
+    assert np.mean(gains) > 0.01 and min(gains) > -0.005

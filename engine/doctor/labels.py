@@ -83,10 +83,11 @@ def out_of_sample_probs(
     keys = keys if keys is not None else [str(i) for i in range(len(y))]
     blocks = blocks or Blocks([feats.shape[1]])
     folds = fold_ids(y, keys, seed)
-    # (the earlier layers' head kept or not, never mixed: the wrong-label rule was measured on that choice)
+    # (the earlier layers' head kept or not, never mixed, and every choice by the out-of-fold loss as it is: the
+    # wrong-label rule was measured on those choices)
     probe = fit_probe(
         feats, y, folds, num_classes, blocks, k=K_FOLDS, stats=feats, seed=seed, cancel=cancel, on_progress=progress,
-        shares=(1.0,),
+        shares=(1.0,), scaled=False,
     )  # fmt: skip
     temperature, _ = fit_with_noise(probe.oof_logits, y, num_classes)
     return probabilities(probe.oof_logits, temperature)

@@ -88,12 +88,25 @@ def head_line(d: dict) -> str:
     check = d.get("power_check")
     if check and check.get("kept") == 1:
         p = check["power"]
+        figures = (
+            f"{_loss(check)} {check['loss']['1']:.3f} as they are, {check['loss'][str(p)]:.3f} raised, difference "
+            f"{check['difference']:+.3f} ± {check['se']:.3f}"
+        )
+        if check["difference"] > check["se"]:
+            return _head_line(d) + (
+                f" The final features are read as they are, not raised to the power {p:g}: out of fold they do "
+                f"clearly better so ({figures})."
+            )
         return _head_line(d) + (
-            f" The final features are read as they are, not raised to the power {p:g}: out of fold their loss is "
-            f"{check['loss']['1']:.3f} against {check['loss'][str(p)]:.3f} (difference {check['difference']:+.3f} ± "
-            f"{check['se']:.3f})."
+            f" The final features are read as they are: raised to the power {p:g} they did not do clearly better "
+            f"out of fold ({figures}), and a tie goes to the simpler."
         )
     return _head_line(d)
+
+
+def _loss(record: dict) -> str:
+    """The loss a choice read (engine/train/probe.py ``loss_words``), for the sentences below."""
+    return "loss after a temperature" if record.get("scaled") else "loss"
 
 
 def _head_line(d: dict) -> str:
@@ -106,12 +119,12 @@ def _head_line(d: dict) -> str:
     mix = c.get("share", 1)  # the best mix tried (runs saved before the heads were mixed: 1, a head on them alone)
     words = "with them" if mix >= 1 else f"with a head on them as {100 * mix:.0f}% of the logits"
     evidence = (
-        f"out of fold {gain:+.1f} points of accuracy {words}, loss {c['loss']['final']:.3f} without and "
+        f"out of fold {gain:+.1f} points of accuracy {words}, {_loss(c)} {c['loss']['final']:.3f} without and "
         f"{c['loss']['final+depths']:.3f} with (difference {c['difference']:+.3f} ± {c['se']:.3f}, "
         f"{c['images']} images)"
     )
     if d.get("kept") and "C_depths" in d:  # a mix of two heads
-        loss = f"loss {c['loss']['final']:.3f} -> {c['loss']['final+depths']:.3f}"
+        loss = f"{_loss(c)} {c['loss']['final']:.3f} -> {c['loss']['final+depths']:.3f}"
         return (
             f"The head reads the network's final features and its earlier layers, as two heads mixed: one on the "
             f"final features (C {d['C']:g}) and one on the earlier layers as well (C {d['C_depths']:g}), the second "
