@@ -95,7 +95,7 @@ def head_line(d: dict) -> str:
         if check["difference"] > check["se"]:
             return _head_line(d) + (
                 f" The final features are read as they are, not raised to the power {p:g}: out of fold they do "
-                f"clearly better so ({figures})."
+                f"clearly better as they are ({figures})."
             )
         return _head_line(d) + (
             f" The final features are read as they are: raised to the power {p:g} they did not do clearly better "
