@@ -357,6 +357,7 @@ def test_each_strength_is_judged_by_how_its_heads_rank_after_a_temperature_not_b
     over several folders, and the choice is the strength of lowest loss after a temperature among those tried."""
     from engine.train import probe
     from engine.train.crossfit import fold_ids
+    from engine.trust.calibration import fit_temperature
 
     gains = []
     for seed in range(4):
@@ -377,5 +378,9 @@ def test_each_strength_is_judged_by_how_its_heads_rank_after_a_temperature_not_b
             accuracy[scaled] = ((Xt @ h["weight"].T + h["bias"]).argmax(1) == yt).mean()
             if scaled:
                 assert p.C == min(p.tried, key=lambda row: row["scaled loss"])["C"]
+                # (the loss after the very temperature the saved head's calibration would fit without its prior)
+                best = min(row["scaled loss"] for row in p.tried)
+                t = fit_temperature(p.oof_logits, noisy, prior_sd=None)
+                assert abs(best - probe.per_image_ce(p.oof_logits / t, noisy).mean()) < 1e-4
         gains.append(accuracy[True] - accuracy[False])
     assert np.mean(gains) > 0.01 and min(gains) > -0.005
