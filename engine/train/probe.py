@@ -167,10 +167,10 @@ class Probe:
         )
 
 
-def loss_words(record: dict) -> str:
+def loss_words(record: dict, prefix: str = "out-of-fold ") -> str:
     """Which out-of-fold loss a comparison or power check (as model.json keeps it) read: after each candidate's own
     temperature (``SCALED``), or as it is (runs saved before, the dataset doctor)."""
-    return "out-of-fold loss after a temperature" if record.get("scaled") else "out-of-fold loss"
+    return prefix + ("loss after a temperature" if record.get("scaled") else "loss")
 
 
 def power_words(check: dict) -> str:

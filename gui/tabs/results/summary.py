@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from engine.data.labels import MIN_CHECKS
+from engine.train.probe import loss_words
 
 
 def duration(s: float) -> str:
@@ -88,8 +89,9 @@ def head_line(d: dict) -> str:
     check = d.get("power_check")
     if check and check.get("kept") == 1:
         p = check["power"]
+        loss = loss_words(check, "")
         figures = (
-            f"{_loss(check)} {check['loss']['1']:.3f} as they are, {check['loss'][str(p)]:.3f} raised, difference "
+            f"{loss} {check['loss']['1']:.3f} as they are, {check['loss'][str(p)]:.3f} raised, difference "
             f"{check['difference']:+.3f} ± {check['se']:.3f}"
         )
         if check["difference"] > check["se"]:
@@ -104,11 +106,6 @@ def head_line(d: dict) -> str:
     return _head_line(d)
 
 
-def _loss(record: dict) -> str:
-    """The loss a choice read (engine/train/probe.py ``loss_words``), for the sentences below."""
-    return "loss after a temperature" if record.get("scaled") else "loss"
-
-
 def _head_line(d: dict) -> str:
     c = d.get("comparison")
     tried = len({row.get("C") for row in d.get("tried") or []})
@@ -118,13 +115,14 @@ def _head_line(d: dict) -> str:
     gain = 100 * (c["accuracy"]["final+depths"] - c["accuracy"]["final"])
     mix = c.get("share", 1)  # the best mix tried (runs saved before the heads were mixed: 1, a head on them alone)
     words = "with them" if mix >= 1 else f"with a head on them as {100 * mix:.0f}% of the logits"
+    loss = loss_words(c, "")
     evidence = (
-        f"out of fold {gain:+.1f} points of accuracy {words}, {_loss(c)} {c['loss']['final']:.3f} without and "
+        f"out of fold {gain:+.1f} points of accuracy {words}, {loss} {c['loss']['final']:.3f} without and "
         f"{c['loss']['final+depths']:.3f} with (difference {c['difference']:+.3f} ± {c['se']:.3f}, "
         f"{c['images']} images)"
     )
     if d.get("kept") and "C_depths" in d:  # a mix of two heads
-        loss = f"{_loss(c)} {c['loss']['final']:.3f} -> {c['loss']['final+depths']:.3f}"
+        loss = f"{loss} {c['loss']['final']:.3f} -> {c['loss']['final+depths']:.3f}"
         return (
             f"The head reads the network's final features and its earlier layers, as two heads mixed: one on the "
             f"final features (C {d['C']:g}) and one on the earlier layers as well (C {d['C_depths']:g}), the second "
